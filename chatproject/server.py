@@ -1,0 +1,205 @@
+"""Running daphne the way this project needs it (used by `manage.py serve`)."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import pprint
+import time
+
+logger = logging.getLogger("chat.server")
+
+# A socket whose reader stopped reading: the close code its application sees (RFC 6455 1008,
+# policy violation), so the audit trail says why it went.
+CLOSE_SLOW_READER = 1008
+
+
+def install_daphne_fixes() -> None:
+    """Make daphne build its WebSocket factory from our subclasses. Call before it starts.
+
+    - Close frames: the ASGI spec carries `reason` on websocket.close, but daphne passes only
+      the code to autobahn (django/daphne#374); and autobahn's sendClose() accepts only 1000 and
+      3000-4999 from applications, so a server could never say 1001 (going away), 1011 or 1013
+      (try again later), all of which RFC 6455 lets a server send. Our protocol writes the close
+      frame itself, code and reason, for open sockets (a handshake refusal stays an HTTP 403).
+    - Clean failures: autobahn's default (failByDrop) hangs up on a bad connection, e.g. a frame
+      over the size limit, so the client sees 1006 instead of the documented 1009. Ours fails
+      with a close frame.
+    - Fan-out: send_prepared() writes a frame the hub framed once (autobahn's PreparedMessage)
+      straight to the transport, instead of one ASGI message, one UTF-8 encoding and one framing
+      per recipient.
+    - Slow readers: Twisted buffers every write without limit, so a client that stops reading in
+      a busy room would grow the server's memory forever. A push producer on each transport
+      learns when its buffer is full; a socket still backed up after CHAT_SLOW_CLIENT_TIMEOUT
+      seconds, or with more than CHAT_SLOW_CLIENT_MAX_BYTES queued meanwhile, is dropped.
+    """
+    from autobahn.websocket import protocol as autobahn_protocol
+    from daphne import server, ws_protocol
+    from django.conf import settings
+    from twisted.internet import reactor
+    from twisted.internet.interfaces import IPushProducer
+    from zope.interface import implementer
+
+    if getattr(server.WebSocketFactory, "chat_fixes", False):
+        return
+
+    @implementer(IPushProducer)
+    class SlowReaderWatch:
+        """Told by the transport when its write buffer fills up and when it drains again."""
+
+        def __init__(self, protocol):
+            self.protocol = protocol
+            self.backed_up_since: float | None = None
+            self.queued = 0
+            self.timer = None
+
+        def pauseProducing(self):
+            if self.backed_up_since is None:
+                self.backed_up_since, self.queued = time.monotonic(), 0
+                self.timer = reactor.callLater(settings.CHAT_SLOW_CLIENT_TIMEOUT, self.drop)
+
+        def resumeProducing(self):
+            self.backed_up_since = None
+            self._cancel()
+
+        def stopProducing(self):
+            self._cancel()
+
+        def written(self, size: int) -> None:
+            if self.backed_up_since is not None:
+                self.queued += size
+                if self.queued > settings.CHAT_SLOW_CLIENT_MAX_BYTES:
+                    self.drop()
+
+        def drop(self):
+            self._cancel()
+            self.protocol.dropped_as_slow = True
+            self.protocol.dropConnection(abort=True)
+
+        def _cancel(self):
+            if self.timer is not None and self.timer.active():
+                self.timer.cancel()
+            self.timer = None
+
+    class ChatWebSocketProtocol(ws_protocol.WebSocketProtocol):
+        dropped_as_slow = False
+        watch = None
+
+        def onOpen(self):
+            super().onOpen()
+            self.watch = SlowReaderWatch(self)
+            try:
+                # twisted.web's HTTPChannel registered itself before daphne upgraded the
+                # connection; the socket is ours now.
+                self.transport.unregisterProducer()
+                self.transport.registerProducer(self.watch, True)
+            except Exception:
+                logger.exception("could not watch %s for slow reading", self.client_addr)
+                self.watch = None
+
+        def onClose(self, wasClean, code, reason):
+            if self.watch is not None:
+                self.watch.stopProducing()
+            super().onClose(wasClean, CLOSE_SLOW_READER if self.dropped_as_slow else code, reason)
+
+        def send_prepared(self, prepared) -> bool:
+            """Write a frame framed once for many sockets (the hub's fan-out); False if closed."""
+            if self.state != self.STATE_OPEN:
+                return False
+            data = prepared.payloadHybi
+            if self.watch is not None:
+                self.watch.written(len(data))
+            if self._perMessageCompress is not None:
+                self.sendPreparedMessage(prepared)
+                return True
+            transport = self.transport
+            if _writes_directly(transport):
+                # What asyncio's transports do: try the socket now. Twisted would register the
+                # fd for writability, write on the next loop turn and unregister it: two
+                # epoll_ctl calls and a callback per recipient, the bulk of a broadcast's cost.
+                try:
+                    sent = transport.socket.send(data)
+                except BlockingIOError:
+                    sent = 0
+                except OSError:
+                    return False  # the connection is going; Twisted will notice it
+                if sent == len(data):
+                    return True
+                data = data[sent:]
+            transport.write(data)  # Twisted queues the rest, in order
+            return True
+
+        def serverSend(self, content, binary=False):
+            if self.watch is not None:
+                self.watch.written(len(content))
+            super().serverSend(content, binary)
+
+        def handle_reply(self, message):
+            if message.get("type") == "websocket.close" and self.state != self.STATE_CONNECTING:
+                code = message.get("code") or 1000
+                if not 1000 <= code <= 4999 or code in (1004, 1005, 1006, 1015):
+                    code = 1011  # never put a reserved or invalid code on the wire
+                reason = (message.get("reason") or "").encode("utf-8")[:123]  # RFC 6455 limit
+                reason = reason.decode("utf-8", "ignore").encode("utf-8") or None
+                self.sendCloseFrame(code=code, reasonUtf8=reason, isReply=False)
+                return
+            super().handle_reply(message)
+
+    class ChatWebSocketFactory(ws_protocol.WebSocketFactory):
+        chat_fixes = True
+        protocol = ChatWebSocketProtocol
+
+        def resetProtocolOptions(self):  # autobahn's name
+            super().resetProtocolOptions()
+            self.failByDrop = False
+
+    # autobahn pretty-prints those options for a debug line at every connection, logging on or
+    # off; format them only if the line is written.
+    autobahn_protocol.pformat = _LazyPformat
+
+    server.WebSocketFactory = ChatWebSocketFactory
+
+
+class _LazyPformat:
+    def __init__(self, value) -> None:
+        self.value = value
+
+    def __format__(self, spec: str) -> str:
+        return format(pprint.pformat(self.value), spec)
+
+    __str__ = __repr__ = lambda self: pprint.pformat(self.value)
+
+
+def _writes_directly(transport) -> bool:
+    """A plain TCP transport with nothing queued: writing to its socket keeps frames in order."""
+    return (
+        not getattr(transport, "TLS", True)
+        and getattr(transport, "connected", False)
+        and not getattr(transport, "disconnecting", True)
+        and not getattr(transport, "dataBuffer", True)
+        and not getattr(transport, "_tempDataBuffer", True)
+        and hasattr(transport, "socket")
+    )
+
+
+def finish_event_loop() -> None:
+    """Run after daphne's reactor stops: let every task finish, write what is queued, close.
+
+    daphne cancels the application instances at shutdown but stops waiting when the first one
+    ends, so others can be left suspended; at interpreter exit CPython 3.11 then finalizes them
+    and can crash (SIGSEGV formatting a Future's repr). Finishing them here also runs each
+    socket's cleanup, so its audit record is complete.
+    """
+    from chat.runtime import shutdown_runtime
+
+    loop = asyncio.get_event_loop_policy().get_event_loop()
+    if loop.is_closed():
+        return
+    pending = [task for task in asyncio.all_tasks(loop) if not task.done()]
+    for task in pending:
+        task.cancel()
+    if pending:
+        loop.run_until_complete(asyncio.gather(*pending, return_exceptions=True))
+    loop.run_until_complete(shutdown_runtime())
+    loop.run_until_complete(loop.shutdown_asyncgens())
+    loop.close()
