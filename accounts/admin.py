@@ -1,0 +1,119 @@
+"""The admin for users (deactivation through the service) and tickets (read-only, revocable)."""
+
+from django.contrib import admin, messages
+from django.contrib.auth.admin import UserAdmin as DjangoUserAdmin
+from django.urls import reverse
+from django.utils.html import format_html
+from django.utils.http import urlencode
+
+from accounts.models import Ticket, TicketQuerySet, User
+from accounts.services import tickets_revoke
+from chat import services as chat_services
+from chat.admin import ReadOnlyMixin
+
+
+@admin.register(User)
+class UserAdmin(DjangoUserAdmin):
+    # is_active changes only through the actions: the services audit them and close sockets.
+    readonly_fields = ("is_active", "last_login", "date_joined")
+    actions = ["deactivate", "reactivate"]
+
+    @admin.action(
+        description="Deactivate selected users (closes their sockets)", permissions=["change"]
+    )
+    def deactivate(self, request, queryset):
+        done = 0
+        for user in queryset.filter(is_active=True).exclude(pk=request.user.pk):
+            chat_services.user_deactivate(
+                actor=request.user, user=user, reason="deactivated in the admin"
+            )
+            done += 1
+        self.message_user(request, f"Deactivated {done} users.", messages.SUCCESS)
+        if queryset.filter(pk=request.user.pk, is_active=True).exists():
+            self.message_user(request, "You cannot deactivate yourself.", messages.WARNING)
+
+    @admin.action(description="Reactivate selected users", permissions=["change"])
+    def reactivate(self, request, queryset):
+        done = 0
+        for user in queryset.filter(is_active=False):
+            chat_services.user_reactivate(actor=request.user, user=user)
+            done += 1
+        self.message_user(request, f"Reactivated {done} users.", messages.SUCCESS)
+
+
+class TicketStateFilter(admin.SimpleListFilter):
+    """The states of Ticket.state, as queries."""
+
+    title = "state"
+    parameter_name = "state"
+
+    def lookups(self, request, model_admin):
+        return [
+            ("issued", "Issued (still usable)"),
+            ("used", "Used"),
+            ("expired", "Expired unused"),
+            ("revoked", "Revoked"),
+        ]
+
+    def queryset(self, request, queryset):
+        if self.value() not in TicketQuerySet.state_conditions():
+            return queryset
+        return queryset.in_state(self.value())
+
+
+@admin.register(Ticket)
+class TicketAdmin(ReadOnlyMixin, admin.ModelAdmin):
+    """Tickets as issued and spent. The ticket string is never stored; its binding stays unshown."""
+
+    list_display = (
+        "jti",
+        "user",
+        "room",
+        "state",
+        "ip",
+        "issued_at",
+        "expires_at",
+        "used_at",
+        "revoked_at",
+        "connections",
+    )
+    list_filter = (TicketStateFilter, "room", "issued_at")
+    search_fields = ("=jti", "user__username", "=ip")
+    search_help_text = "Username, or an exact ticket id (jti) or IP."
+    date_hierarchy = "issued_at"
+    list_select_related = ("user", "room")
+    show_full_result_count = False
+    fields = (
+        "jti",
+        "connections",
+        "user",
+        "room",
+        "state",
+        "ip",
+        "user_agent",
+        "issued_at",
+        "expires_at",
+        "used_at",
+        "used_ip",
+        "revoked_at",
+    )
+    actions = ["revoke"]
+
+    def has_revoke_permission(self, request) -> bool:
+        return request.user.has_perm("accounts.change_ticket")
+
+    @admin.display(description="state")
+    def state(self, obj: Ticket) -> str:
+        return obj.state
+
+    @admin.display(description="connection log")
+    def connections(self, obj: Ticket) -> str:
+        url = reverse("admin:chat_connectionlog_changelist")
+        return format_html('<a href="{}?{}">Connections</a>', url, urlencode({"jti": obj.jti}))
+
+    @admin.action(description="Revoke selected unused tickets (audited)", permissions=["revoke"])
+    def revoke(self, request, queryset):
+        # A plain queryset: the changelist's may carry ordering and joins that FOR UPDATE refuses.
+        tickets = Ticket.objects.filter(pk__in=list(queryset.values_list("pk", flat=True)))
+        count = tickets_revoke(actor=request.user, tickets=tickets)
+        self.message_user(request, f"Revoked {count} tickets.", messages.SUCCESS)

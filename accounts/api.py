@@ -1,0 +1,165 @@
+"""Accounts API: JWT login, refresh and logout, and WebSocket tickets."""
+
+from django.db import transaction
+from drf_spectacular.utils import OpenApiResponse, extend_schema
+from rest_framework import status
+from rest_framework.exceptions import NotFound, PermissionDenied, ValidationError
+from rest_framework.permissions import AllowAny, IsAuthenticated
+from rest_framework.response import Response
+from rest_framework.views import APIView
+from rest_framework.views import exception_handler as drf_exception_handler
+from rest_framework_simplejwt import views as jwt_views
+from rest_framework_simplejwt.exceptions import InvalidToken, TokenError
+from rest_framework_simplejwt.tokens import RefreshToken
+
+from accounts import serializers, services
+from accounts.ip import client_ip_from_request
+from accounts.throttling import LoginIPThrottle, LoginUsernameThrottle, TicketThrottle
+from accounts.tokens import FAMILY_CLAIM
+from chat import audit, permissions, selectors
+from chat import services as chat_services
+
+
+def exception_handler(exc, context):
+    """DRF's handler, with a machine-readable `code` beside every `detail`."""
+    response = drf_exception_handler(exc, context)
+    if response is not None and isinstance(response.data, dict) and "detail" in response.data:
+        codes = exc.get_codes() if hasattr(exc, "get_codes") else None
+        response.data = {
+            "detail": str(response.data["detail"]),
+            "code": codes if isinstance(codes, str) else "error",
+        }
+    return response
+
+
+class LoginView(jwt_views.TokenObtainPairView):
+    """Exchange a username and password for an access and a refresh token."""
+
+    throttle_classes = [LoginIPThrottle, LoginUsernameThrottle]
+
+    def post(self, request, *args, **kwargs):
+        response = super().post(request, *args, **kwargs)
+        if response.status_code == status.HTTP_200_OK:
+            user = selectors.user_get(username=request.data.get("username"))
+            audit.security_event(
+                event=audit.Event.LOGIN_SUCCEEDED,
+                actor=user,
+                target=user,
+                ip=client_ip_from_request(request),
+                details={"method": "jwt"},
+            )
+        return response
+
+
+class RefreshView(jwt_views.TokenRefreshView):
+    """Exchange a refresh token for a new access and a new refresh token (the old one dies)."""
+
+
+class LogoutView(APIView):
+    """Blacklist a refresh token and close the sockets its login opened."""
+
+    permission_classes = [AllowAny]
+    authentication_classes = []
+
+    def get_authenticate_header(self, request):
+        # Without a challenge DRF turns an invalid token's 401 into a 403.
+        return 'Bearer realm="api"'
+
+    @extend_schema(
+        request=serializers.LogoutSerializer,
+        responses={
+            200: OpenApiResponse(description="Logged out"),
+            401: serializers.ErrorSerializer,
+        },
+    )
+    def post(self, request):
+        data = serializers.LogoutSerializer(data=request.data)
+        data.is_valid(raise_exception=True)
+        try:
+            refresh = RefreshToken(data.validated_data["refresh"])
+        except TokenError as error:
+            raise InvalidToken(str(error)) from error
+        user = selectors.user_by_id(refresh.get("user_id"))
+        with transaction.atomic():
+            refresh.blacklist()
+            if user is not None:
+                audit.security_event(
+                    event=audit.Event.LOGOUT,
+                    actor=user,
+                    target=user,
+                    ip=client_ip_from_request(request),
+                    details={"method": "jwt"},
+                )
+                if refresh.get(FAMILY_CLAIM):
+                    chat_services.user_sockets_close(
+                        user_id=user.pk,
+                        credential=services.credential_for_jwt(refresh[FAMILY_CLAIM]),
+                        reason="logged out",
+                    )
+        return Response({"detail": "logged out"})
+
+
+class TicketCreateView(APIView):
+    """Issue a single-use ticket to open one WebSocket to one room, from this IP, within seconds."""
+
+    permission_classes = [IsAuthenticated]
+    throttle_classes = [TicketThrottle]
+
+    @extend_schema(
+        request=serializers.TicketRequestSerializer,
+        responses={
+            201: serializers.TicketSerializer,
+            401: serializers.ErrorSerializer,
+            403: serializers.ErrorSerializer,
+            404: serializers.ErrorSerializer,
+            429: serializers.ErrorSerializer,
+        },
+    )
+    def post(self, request):
+        data = serializers.TicketRequestSerializer(data=request.data)
+        data.is_valid(raise_exception=True)
+        slug = data.validated_data["room"]
+        room = selectors.room_get(slug=slug)
+        if room is None or room.archived_at is not None:
+            raise NotFound("no such room")
+        user, ip = request.user, client_ip_from_request(request)
+        if not permissions.can_view(user, room, selectors.membership_get(room=room, user=user)):
+            audit.security_event(
+                event=audit.Event.TICKET_REFUSED,
+                actor=user,
+                target=user,
+                room=room,
+                ip=ip,
+                reason="no access to the room",
+            )
+            raise PermissionDenied("you have no access to this room")
+        if ip is None:
+            raise ValidationError("cannot determine the client address")
+        try:
+            issued = services.ticket_issue(
+                user=user,
+                room=room,
+                ip=ip,
+                user_agent=request.headers.get("User-Agent", ""),
+                credential=self._credential(request),
+            )
+        except services.TicketRefused as refused:
+            raise PermissionDenied(refused.detail) from refused
+        body = serializers.TicketSerializer(
+            {
+                "ticket": issued.token,
+                "expires_at": issued.row.expires_at,
+                "ws_url": f"/ws/rooms/{room.slug}/",
+            }
+        ).data
+        # Tickets are credentials: never cache them anywhere.
+        return Response(body, status=status.HTTP_201_CREATED, headers={"Cache-Control": "no-store"})
+
+    @staticmethod
+    def _credential(request) -> str:
+        token = request.auth
+        if token is not None and token.get(FAMILY_CLAIM):
+            return services.credential_for_jwt(token[FAMILY_CLAIM])
+        if request.session.session_key:
+            return services.credential_for_session(request.session.session_key)
+        return ""

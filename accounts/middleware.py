@@ -1,0 +1,227 @@
+"""WebSocket handshake checks: a strict Origin allow-list, then the single-use ticket."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import Awaitable, Callable
+from typing import Any
+from urllib.parse import parse_qs, urlsplit
+
+from channels.db import database_sync_to_async
+from django.conf import settings
+from django.contrib.auth.models import AnonymousUser
+
+from accounts import services
+from accounts.ip import client_ip_from_scope
+from chat import audit
+from chat.protocol import SUBPROTOCOL, TICKET_SUBPROTOCOL_PREFIX
+from chat.routing import room_slug_from_path
+from chat.runtime import get_runtime
+from chat.state import StateUnavailable
+
+Scope = dict[str, Any]
+Receive = Callable[[], Awaitable[dict[str, Any]]]
+Send = Callable[[dict[str, Any]], Awaitable[None]]
+
+_DEFAULT_PORTS = {"http": 80, "https": 443, "ws": 80, "wss": 443}
+
+
+def normalise_origin(value: str) -> str | None:
+    """`scheme://host[:port]` in canonical form (lowercase, default port dropped), or None."""
+    try:
+        parts = urlsplit(value.strip())
+        port = parts.port
+    except ValueError:
+        return None
+    if parts.scheme not in _DEFAULT_PORTS or not parts.hostname:
+        return None
+    if parts.path not in ("", "/") or parts.query or parts.fragment or parts.username:
+        return None
+    host = parts.hostname.lower()
+    if ":" in host:
+        host = f"[{host}]"
+    if port is None or port == _DEFAULT_PORTS[parts.scheme]:
+        return f"{parts.scheme}://{host}"
+    return f"{parts.scheme}://{host}:{port}"
+
+
+def origin_allowed(origin: str | None, allowed: list[str]) -> bool:
+    if not origin or origin == "null":
+        return False
+    canonical = normalise_origin(origin)
+    return canonical is not None and canonical in {normalise_origin(a) for a in allowed}
+
+
+def _header(scope: Scope, name: bytes) -> str | None:
+    for key, value in scope.get("headers", []):
+        if key == name:
+            return value.decode("latin1")
+    return None
+
+
+class StrictOriginMiddleware:
+    """Refuses (HTTP 403) a WebSocket handshake unless its Origin is exactly an allowed origin.
+
+    Exact scheme, host and port, unlike channels' AllowedHostsOriginValidator, which ignores scheme
+    and port. A missing or `null` Origin is refused: browsers always send one, and cross-site
+    WebSocket hijacking is exactly a browser sending someone else's cookies from another origin.
+    The refusal happens before any ticket is looked at, so none is consumed.
+    """
+
+    def __init__(self, inner, allowed_origins: list[str] | None = None) -> None:
+        self.inner = inner
+        self.allowed_origins = allowed_origins
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "websocket":
+            return await self.inner(scope, receive, send)
+        allowed = (
+            self.allowed_origins
+            if self.allowed_origins is not None
+            else settings.CHAT_ALLOWED_ORIGINS
+        )
+        if origin_allowed(_header(scope, b"origin"), allowed):
+            return await self.inner(scope, receive, send)
+        scope = dict(scope, client_ip=client_ip_from_scope(scope))
+        runtime = get_runtime()
+        record = audit.ConnectionAudit(scope, room_slug=room_slug_from_path(scope["path"]))
+        await record.decide(
+            runtime, outcome=audit.Outcome.REJECTED, reason=audit.Reason.ORIGIN_DENIED
+        )
+        # Closing before accepting makes the server answer the handshake with HTTP 403.
+        message = await receive()
+        if message["type"] == "websocket.connect":
+            await send({"type": "websocket.close", "code": 4403})
+        record.close(runtime, code=403)
+        return None
+
+
+@database_sync_to_async
+def _redeem(token: str, room_slug: str, ip: str | None) -> services.Redemption:
+    return services.ticket_redeem(token=token, room_slug=room_slug, ip=ip)
+
+
+def ticket_from_handshake(scope: Scope) -> tuple[str | None, str]:
+    """The ticket and how it came: subprotocol first, then query string; else the first frame."""
+    for offered in scope.get("subprotocols", []):
+        if offered.startswith(TICKET_SUBPROTOCOL_PREFIX):
+            return offered[len(TICKET_SUBPROTOCOL_PREFIX) :], audit.Transport.SUBPROTOCOL
+    query = parse_qs(scope.get("query_string", b"").decode("latin1"))
+    if query.get("ticket"):
+        return query["ticket"][0], audit.Transport.QUERY
+    return None, audit.Transport.FIRST_FRAME
+
+
+def chosen_subprotocol(scope: Scope) -> str | None:
+    # Answer with our protocol if offered, never with the ticket: a browser fails the handshake when
+    # the server picks nothing it offered, and an echoed ticket would sit in every proxy log.
+    return SUBPROTOCOL if SUBPROTOCOL in scope.get("subprotocols", []) else None
+
+
+class TicketAuthMiddleware:
+    """Authenticates a WebSocket by its single-use ticket; the consumer acts on the result.
+
+    Sets scope["user"] and scope["ticket"] on success; on failure scope["user"] is anonymous and
+    scope["auth_error"] holds the precise reason (for the audit trail, never for the client). With
+    no ticket in the handshake it accepts the socket and waits CHAT_AUTH_TIMEOUT for a first frame
+    {"type": "auth", "ticket": ...}; the inner application then sees an ordinary connect.
+    """
+
+    def __init__(self, inner) -> None:
+        self.inner = inner
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "websocket":
+            return await self.inner(scope, receive, send)
+        scope = dict(scope, user=AnonymousUser(), ticket=None, auth_error="")
+        scope["client_ip"] = client_ip_from_scope(scope)
+        scope["room_slug"] = room_slug_from_path(scope["path"])
+        token, transport = ticket_from_handshake(scope)
+        scope["ticket_transport"] = transport
+        runtime = get_runtime()
+
+        try:
+            allowed = not scope["client_ip"] or await runtime.state.take_token(
+                f"connect:{scope['client_ip']}",
+                settings.CHAT_CONNECT_RATE_PER_IP / 60.0,
+                settings.CHAT_CONNECT_RATE_PER_IP,
+            )
+        except StateUnavailable:
+            scope["auth_error"] = audit.Reason.UNAVAILABLE
+            return await self.inner(scope, receive, send)
+        if not allowed:
+            scope["auth_error"] = audit.Reason.TOO_MANY_CONNECTIONS
+            return await self.inner(scope, receive, send)
+
+        if transport == audit.Transport.FIRST_FRAME:
+            token, receive, send = await self._first_frame(scope, receive, send)
+            if token is None:
+                return await self.inner(scope, receive, send)
+
+        if not token:
+            scope["auth_error"] = audit.Reason.TICKET_MISSING
+        else:
+            result = await _redeem(token, scope["room_slug"], scope["client_ip"])
+            scope["ticket_jti"] = result.jti
+            if result.error:
+                scope["auth_error"] = result.error
+            else:
+                scope["user"], scope["ticket"] = result.user, result.ticket
+        return await self.inner(scope, receive, send)
+
+    async def _first_frame(
+        self, scope: Scope, receive: Receive, send: Send
+    ) -> tuple[str | None, Receive, Send]:
+        """Accept, await the auth frame, hand the inner app a replayed, accept-free stream."""
+        replay: list[dict[str, Any]] = []
+        connect = await receive()
+        replay.append(connect)
+        token: str | None = None
+        if connect["type"] == "websocket.connect":
+            await send({"type": "websocket.accept", "subprotocol": chosen_subprotocol(scope)})
+            try:
+                first = await asyncio.wait_for(receive(), timeout=settings.CHAT_AUTH_TIMEOUT)
+            except TimeoutError:
+                scope["auth_error"] = audit.Reason.AUTH_TIMEOUT
+            else:
+                if first["type"] == "websocket.receive":
+                    token = _auth_frame_ticket(first.get("text"))
+                    if token is None:
+                        scope["auth_error"] = audit.Reason.TICKET_MISSING
+                else:
+                    scope["auth_error"] = audit.Reason.TICKET_MISSING
+                    replay.append(first)
+        scope["socket_accepted"] = True
+
+        async def replaying_receive() -> dict[str, Any]:
+            if replay:
+                return replay.pop(0)
+            return await receive()
+
+        async def accept_free_send(message: dict[str, Any]) -> None:
+            if message["type"] != "websocket.accept":
+                await send(message)
+
+        return token, replaying_receive, accept_free_send
+
+
+def _auth_frame_ticket(text: str | None) -> str | None:
+    if not text or len(text) > 8192:
+        return None
+    try:
+        frame = json.loads(text)
+    except ValueError:
+        return None
+    if (
+        isinstance(frame, dict)
+        and frame.get("type") == "auth"
+        and isinstance(frame.get("ticket"), str)
+    ):
+        return frame["ticket"]
+    return None
+
+
+def TicketAuthMiddlewareStack(inner):
+    """The WebSocket guard, outermost first: Origin allow-list, then ticket."""
+    return StrictOriginMiddleware(TicketAuthMiddleware(inner))

@@ -1,0 +1,88 @@
+"""Users and the server-side record of WebSocket tickets."""
+
+from django.contrib.auth.models import AbstractUser
+from django.db import models
+from django.utils import timezone
+
+
+class User(AbstractUser):
+    """A person who can sign in. Deactivate (is_active=False) rather than delete."""
+
+    class Meta(AbstractUser.Meta):
+        swappable = "AUTH_USER_MODEL"
+
+
+class TicketQuerySet(models.QuerySet):
+    """A ticket's life, written once: issued (usable), then used, revoked or expired."""
+
+    @staticmethod
+    def state_conditions(now=None) -> dict[str, models.Q]:
+        now = now or timezone.now()
+        unused = models.Q(used_at__isnull=True, revoked_at__isnull=True)
+        return {
+            "issued": unused & models.Q(expires_at__gt=now),
+            "used": models.Q(used_at__isnull=False, revoked_at__isnull=True),
+            "expired": unused & models.Q(expires_at__lte=now),
+            "revoked": models.Q(revoked_at__isnull=False),
+        }
+
+    def in_state(self, state: str, now=None) -> "TicketQuerySet":
+        return self.filter(self.state_conditions(now)[state])
+
+    def unused(self) -> "TicketQuerySet":
+        """Neither used nor revoked (usable, or expired unused)."""
+        return self.filter(used_at__isnull=True, revoked_at__isnull=True)
+
+    def usable(self, now=None) -> "TicketQuerySet":
+        return self.in_state("issued", now)
+
+    def spent(self, now=None) -> "TicketQuerySet":
+        return self.exclude(self.state_conditions(now)["issued"])
+
+
+class Ticket(models.Model):
+    """One single-use WebSocket ticket issued to a user for one room from one IP.
+
+    The ticket string is never stored: this row holds its id (jti) and what it is bound to, and
+    `used_at` is set exactly once by the conditional UPDATE that redeems it.
+    """
+
+    jti = models.CharField("ticket id (jti)", max_length=64, unique=True)
+    user = models.ForeignKey(
+        User, on_delete=models.CASCADE, related_name="tickets", verbose_name="user"
+    )
+    room = models.ForeignKey(
+        "chat.Room", on_delete=models.CASCADE, related_name="tickets", verbose_name="room"
+    )
+    ip = models.GenericIPAddressField("issued to IP")
+    user_agent = models.CharField("user agent", max_length=256, blank=True)
+    # What authenticated the request for the ticket: "session:<hash>" or "jwt:<family id>".
+    # Open sockets are closed when that credential ends (logout, refresh blacklisted).
+    credential = models.CharField("credential", max_length=80, blank=True)
+    issued_at = models.DateTimeField("issued at", default=timezone.now)
+    expires_at = models.DateTimeField("expires at", db_index=True)
+    used_at = models.DateTimeField("used at", null=True, blank=True)
+    used_ip = models.GenericIPAddressField("used from IP", null=True, blank=True)
+    revoked_at = models.DateTimeField("revoked at", null=True, blank=True)
+
+    objects = TicketQuerySet.as_manager()
+
+    class Meta:
+        verbose_name = "ticket"
+        verbose_name_plural = "tickets"
+        ordering = ["-issued_at"]
+        indexes = [models.Index(fields=["used_at"], name="ticket_used_idx")]
+
+    def __str__(self) -> str:
+        return f"ticket {self.jti[:8]}… for {self.user_id} in room {self.room_id}"
+
+    @property
+    def state(self) -> str:
+        """The row's state, by the same rules as TicketQuerySet.state_conditions."""
+        if self.revoked_at:
+            return "revoked"
+        if self.used_at:
+            return "used"
+        if self.expires_at <= timezone.now():
+            return "expired"
+        return "issued"

@@ -1,0 +1,142 @@
+"""Ticket issue and redemption: the only code that creates or consumes Ticket rows."""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+
+from django.contrib.auth import get_user_model
+from django.db import transaction
+from django.utils import timezone
+from rest_framework_simplejwt.exceptions import ExpiredTokenError, TokenError
+from rest_framework_simplejwt.settings import api_settings as jwt_settings
+from rest_framework_simplejwt.utils import datetime_from_epoch
+
+from accounts.models import Ticket
+from accounts.tokens import WebSocketTicket
+from chat import audit
+
+User = get_user_model()
+Reason = audit.Reason
+
+
+class TicketRefused(Exception):
+    def __init__(self, detail: str):
+        super().__init__(detail)
+        self.detail = detail
+
+
+@dataclass(frozen=True, slots=True)
+class IssuedTicket:
+    token: str
+    row: Ticket
+
+
+@dataclass(frozen=True, slots=True)
+class Redemption:
+    """What presenting a ticket came to: a user and ticket row, or the precise reason it failed."""
+
+    user: object | None = None
+    ticket: Ticket | None = None
+    error: str = ""
+    jti: str = ""
+
+
+def credential_for_session(session_key: str) -> str:
+    return "session:" + hashlib.sha256(session_key.encode()).hexdigest()[:32]
+
+
+def credential_for_jwt(family_id: str) -> str:
+    return f"jwt:{family_id}"
+
+
+def ticket_issue(
+    *, user, room, ip: str, user_agent: str = "", credential: str = ""
+) -> IssuedTicket:
+    """Issue a ticket for `user` to open one socket to `room` from `ip`.
+
+    Whether the user may view the room is the caller's check (chat.permissions).
+    """
+    if not user.is_active:
+        raise TicketRefused("inactive users get no tickets")
+    token = WebSocketTicket()
+    token[jwt_settings.USER_ID_CLAIM] = str(user.pk)
+    token["room"] = room.slug
+    token["ip"] = ip
+    row = Ticket.objects.create(
+        jti=token[jwt_settings.JTI_CLAIM],
+        user=user,
+        room=room,
+        ip=ip,
+        user_agent=(user_agent or "")[:256],
+        credential=credential,
+        issued_at=token.current_time,
+        expires_at=datetime_from_epoch(token["exp"]),
+    )
+    return IssuedTicket(str(token), row)
+
+
+def ticket_redeem(*, token: str, room_slug: str, ip: str | None) -> Redemption:
+    """Check a presented ticket, in order, and consume it atomically if everything holds.
+
+    Order: signature, type, expiry (no leeway), room, IP, user, then the single-use UPDATE. Every
+    check before the UPDATE leaves the ticket unused, so a stolen ticket presented from elsewhere
+    does not burn the owner's.
+    """
+    try:
+        ticket = WebSocketTicket(token)
+    except ExpiredTokenError:
+        return Redemption(error=Reason.TICKET_EXPIRED)
+    except TokenError:
+        return Redemption(error=Reason.TICKET_INVALID)
+    jti = str(ticket.get(jwt_settings.JTI_CLAIM, ""))
+    if ticket.get("room") != room_slug:
+        return Redemption(error=Reason.ROOM_MISMATCH, jti=jti)
+    if ip is None or ticket.get("ip") != ip:
+        return Redemption(error=Reason.IP_MISMATCH, jti=jti)
+    # One query for the ticket row, its user and its room.
+    row = Ticket.objects.filter(jti=jti).select_related("user", "room").first()
+    if row is None or str(row.user_id) != str(ticket.get(jwt_settings.USER_ID_CLAIM)):
+        return Redemption(error=Reason.TICKET_INVALID, jti=jti)
+    user = row.user
+    if not user.is_active:
+        return Redemption(error=Reason.USER_INACTIVE, jti=jti)
+    if row.room.slug != room_slug:
+        return Redemption(error=Reason.TICKET_INVALID, jti=jti)
+    now = timezone.now()
+    # The single-use guarantee: one conditional UPDATE, atomic in the database.
+    consumed = Ticket.objects.filter(pk=row.pk).usable(now).update(used_at=now, used_ip=ip)
+    if consumed != 1:
+        row.refresh_from_db()
+        if row.revoked_at is not None:
+            reason = Reason.TICKET_REVOKED
+        elif row.used_at is not None:
+            reason = Reason.TICKET_REUSED
+        else:
+            reason = Reason.TICKET_EXPIRED
+        return Redemption(error=reason, jti=jti)
+    row.used_at, row.used_ip = now, ip
+    return Redemption(user=user, ticket=row, jti=jti)
+
+
+def tickets_revoke(*, actor, tickets) -> int:
+    """Revoke unused tickets (admin action); each revocation is audited."""
+    now = timezone.now()
+    revoked = 0
+    with transaction.atomic():
+        for row in tickets.select_for_update().unused():
+            row.revoked_at = now
+            row.save(update_fields=["revoked_at"])
+            audit.security_event(
+                event=audit.Event.TICKET_REVOKED,
+                actor=actor,
+                target=row.user,
+                room=row.room,
+                details={"jti": row.jti},
+            )
+            revoked += 1
+    return revoked
+
+
+def token_digest(token: str) -> str:
+    return "sha256:" + hashlib.sha256(token.encode()).hexdigest()

@@ -1,0 +1,107 @@
+"""Audit Django's own authentication events (logins through any path, session logouts)."""
+
+from django.contrib.auth import get_user_model
+from django.contrib.auth.signals import user_logged_in, user_logged_out, user_login_failed
+from django.db.models.signals import post_save, pre_save
+from django.dispatch import receiver
+from rest_framework_simplejwt.token_blacklist.models import OutstandingToken
+
+from accounts.ip import client_ip_from_request
+from accounts.services import credential_for_session, token_digest
+from chat import audit
+from chat import services as chat_services
+
+
+def _ip(request):
+    return client_ip_from_request(request) if request is not None else None
+
+
+@receiver(user_logged_in, dispatch_uid="audit-login-succeeded")
+def audit_login(sender, request, user, **kwargs):
+    audit.security_event(
+        event=audit.Event.LOGIN_SUCCEEDED,
+        actor=user,
+        target=user,
+        ip=_ip(request),
+        details={"method": "session"},
+    )
+
+
+@receiver(user_login_failed, dispatch_uid="audit-login-failed")
+def audit_login_failed(sender, credentials, request=None, **kwargs):
+    # Django has already masked the password in `credentials`; we keep only the username tried.
+    username = str(credentials.get("username", ""))[:150]
+    audit.security_event(
+        event=audit.Event.LOGIN_FAILED,
+        ip=_ip(request),
+        details={"username": username},
+        reason="bad credentials",
+    )
+
+
+@receiver(user_logged_out, dispatch_uid="audit-logout")
+def audit_logout(sender, request, user, **kwargs):
+    if user is None:
+        return
+    audit.security_event(
+        event=audit.Event.LOGOUT,
+        actor=user,
+        target=user,
+        ip=_ip(request),
+        details={"method": "session"},
+    )
+    session_key = getattr(getattr(request, "session", None), "session_key", None)
+    if session_key:
+        chat_services.user_sockets_close(
+            user_id=user.pk, credential=credential_for_session(session_key), reason="logged out"
+        )
+
+
+@receiver(pre_save, sender=OutstandingToken, dispatch_uid="outstanding-token-digest")
+def store_refresh_token_digest(sender, instance, **kwargs):
+    """simplejwt keeps each refresh token in clear for its blacklist; keep a digest instead.
+
+    Only the jti is ever looked up, so the digest loses nothing and a database leak yields no
+    usable refresh tokens.
+    """
+    if instance.token and not instance.token.startswith("sha256:"):
+        instance.token = token_digest(instance.token)
+
+
+# A password change or a deactivation must end the user's sockets however it happens: through
+# the admin's forms, `manage.py changepassword`, Django's password views or the shell. The
+# services that deactivate users do it themselves (queryset updates send no signals).
+_CREDENTIAL_FIELDS = ("password", "is_active", "is_staff", "is_superuser")
+
+
+@receiver(pre_save, sender=get_user_model(), dispatch_uid="user-credentials-before")
+def remember_credentials(sender, instance, update_fields=None, **kwargs):
+    if instance._state.adding or (
+        update_fields and not set(_CREDENTIAL_FIELDS) & set(update_fields)
+    ):
+        return
+    instance._credentials_before = (
+        sender.objects.filter(pk=instance.pk).values(*_CREDENTIAL_FIELDS).first()
+    )
+
+
+@receiver(post_save, sender=get_user_model(), dispatch_uid="user-credentials-after")
+def credentials_changed(sender, instance, created, **kwargs):
+    before = instance.__dict__.pop("_credentials_before", None)
+    if created or before is None:
+        return
+    password_changed = before["password"] != instance.password
+    deactivated = before["is_active"] and not instance.is_active
+    if password_changed or deactivated:
+        chat_services.user_credentials_changed(
+            user=instance, password_changed=password_changed, deactivated=deactivated
+        )
+    privileges = {
+        name: [before[name], getattr(instance, name)]
+        for name in ("is_staff", "is_superuser")
+        if before[name] != getattr(instance, name)
+    }
+    if privileges:
+        audit.security_event(
+            event=audit.Event.PRIVILEGES_CHANGED, target=instance, details=privileges
+        )
