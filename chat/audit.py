@@ -1,0 +1,753 @@
+"""The single writer of audit rows: each row becomes a link in one HMAC chain (chat/models.py)."""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import hashlib
+import hmac
+import ipaddress
+import json
+import logging
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any
+from uuid import UUID
+
+from channels.db import database_sync_to_async
+from django.conf import settings
+from django.db import IntegrityError, transaction
+from django.utils import timezone
+
+from chat import metrics, sql
+from chat.models import (
+    AuditChainHead,
+    AuditCheckpoint,
+    ChainedRow,
+    ConnectionLog,
+    MessageLog,
+    SecurityEvent,
+)
+
+logger = logging.getLogger("chat.audit")
+
+GENESIS_HASH = "0" * 64
+
+# Link kinds, part of every link's hash.
+KIND_CONNECTION_OPEN = "connection.open"
+KIND_CONNECTION_CLOSE = "connection.close"
+KIND_MESSAGE = "message"
+KIND_SECURITY = "security"
+
+_KIND_BY_MODEL = {
+    ConnectionLog: KIND_CONNECTION_OPEN,
+    MessageLog: KIND_MESSAGE,
+    SecurityEvent: KIND_SECURITY,
+}
+
+# Re-exported names, so callers write audit.Reason.TICKET_EXPIRED and never a bare string.
+Reason = ConnectionLog.Reason
+Outcome = ConnectionLog.Outcome
+Transport = ConnectionLog.Transport
+MessageEvent = MessageLog.Event
+MessageReason = MessageLog.Reason
+Event = SecurityEvent.Event
+
+
+@dataclass(frozen=True, slots=True)
+class ConnectionClose:
+    """The closing facts of a ConnectionLog row, appended to the chain as its own link."""
+
+    connection_id: UUID
+    closed_at: datetime
+    close_code: int | None
+    messages_received: int
+    messages_sent: int
+
+
+AuditItem = ConnectionLog | MessageLog | SecurityEvent | ConnectionClose
+
+
+# --- hashing -------------------------------------------------------------------------------------
+
+
+def _canonical_value(value: Any) -> Any:
+    if isinstance(value, datetime):
+        return value.astimezone(UTC).isoformat(timespec="microseconds")
+    if isinstance(value, UUID):
+        return str(value)
+    return value
+
+
+def canonical_content(values: Iterable[Any]) -> str:
+    return json.dumps(
+        [_canonical_value(v) for v in values],
+        ensure_ascii=False,
+        separators=(",", ":"),
+        sort_keys=True,
+    )
+
+
+def link_hash(prev_hash: str, seq: int, kind: str, content: str) -> str:
+    message = f"{prev_hash}|{seq}|{kind}|{content}".encode()
+    return hmac.new(settings.CHAT_AUDIT_HMAC_KEY.encode(), message, hashlib.sha256).hexdigest()
+
+
+def row_content(row: ChainedRow | ConnectionLog, *, close: bool = False) -> str:
+    fields = row.CLOSE_CHAIN_FIELDS if close else row.CHAIN_FIELDS
+    return canonical_content(getattr(row, f) for f in fields)
+
+
+def checkpoint_signature(seq: int, row_hash: str, created_at: datetime, rows_pruned: int) -> str:
+    return link_hash(row_hash, seq, "checkpoint", canonical_content([created_at, rows_pruned]))
+
+
+# --- normalising what goes in --------------------------------------------------------------------
+
+
+def _clean_text(value: str | None, max_length: int) -> str:
+    # PostgreSQL refuses NUL in text, and a value must hash the same before and after storage.
+    return (value or "").replace("\x00", "")[:max_length]
+
+
+def _clean_ip(value: str | None) -> str | None:
+    if not value:
+        return None
+    try:
+        return str(ipaddress.ip_address(value))
+    except ValueError:
+        return None
+
+
+@functools.cache
+def _cleaning_plan(model) -> tuple[tuple[str, str, int | None], ...]:
+    """(attribute, kind, max_length) of the fields to clean before hashing, per model."""
+    plan = []
+    for field in model._meta.concrete_fields:
+        kind = field.get_internal_type()
+        if field.name in ("chain_seq", "prev_hash", "row_hash", "close_prev_hash", "close_hash"):
+            continue
+        if kind in ("GenericIPAddressField", "CharField"):
+            plan.append((field.attname, kind, field.max_length))
+    return tuple(plan)
+
+
+def _normalise(row: ChainedRow) -> None:
+    for attname, kind, max_length in _cleaning_plan(type(row)):
+        value = getattr(row, attname)
+        if kind == "GenericIPAddressField":
+            setattr(row, attname, _clean_ip(value))
+        elif isinstance(value, str):
+            setattr(row, attname, _clean_text(value, max_length))
+    # Databases keep microseconds; never more.
+    for name in ("opened_at", "created_at"):
+        if hasattr(row, name) and getattr(row, name) is None:
+            setattr(row, name, timezone.now())
+
+
+# --- the writer ----------------------------------------------------------------------------------
+
+
+def append(items: list[AuditItem]) -> None:
+    """Append `items` to the chain, in order, inside the caller's transaction (or a new one).
+
+    This is the only code that inserts or seals audit rows.
+    """
+    if not items:
+        return
+    with transaction.atomic():
+        head = _locked_head()
+        closes = [i for i in items if isinstance(i, ConnectionClose)]
+        open_ids: set[UUID] = set()
+        if closes:
+            # Seal only rows that exist (stored, or opened earlier in this batch) and are still
+            # open: a chain position is never allocated for nothing.
+            open_ids = {i.id for i in items if isinstance(i, ConnectionLog)}
+            open_ids |= set(
+                ConnectionLog.objects.filter(
+                    id__in=[c.connection_id for c in closes], close_chain_seq__isnull=True
+                ).values_list("id", flat=True)
+            )
+        inserts: dict[type, list[ChainedRow]] = {
+            ConnectionLog: [],
+            MessageLog: [],
+            SecurityEvent: [],
+        }
+        sealed: list[ConnectionLog] = []
+        seq, prev = head.last_seq, head.last_hash
+        for item in items:
+            if isinstance(item, ConnectionClose):
+                if item.connection_id not in open_ids:
+                    continue
+                open_ids.discard(item.connection_id)
+                row = ConnectionLog(
+                    id=item.connection_id,
+                    closed_at=item.closed_at,
+                    close_code=item.close_code,
+                    messages_received=item.messages_received,
+                    messages_sent=item.messages_sent,
+                )
+                seq += 1
+                row.close_chain_seq, row.close_prev_hash = seq, prev
+                row.close_hash = prev = link_hash(
+                    prev, seq, KIND_CONNECTION_CLOSE, row_content(row, close=True)
+                )
+                sealed.append(row)
+                continue
+            _normalise(item)
+            seq += 1
+            item.chain_seq, item.prev_hash = seq, prev
+            item.row_hash = prev = link_hash(
+                prev, seq, _KIND_BY_MODEL[type(item)], row_content(item)
+            )
+            inserts[type(item)].append(item)
+        # Connections first: message rows of the same batch refer to them.
+        for rows in inserts.values():
+            sql.insert_many(rows)
+        if sealed:
+            _seal(sealed)
+        AuditChainHead.objects.filter(pk=1).update(last_seq=seq, last_hash=prev)
+
+
+class ChainHeadMissing(RuntimeError):
+    pass
+
+
+def _locked_head() -> AuditChainHead:
+    found = sql.select_in(AuditChainHead, ["last_seq", "last_hash"], pk=[1], for_update=True)
+    if found:
+        return found[0]
+    # The migration creates the head; only a trail with no rows at all may start over (a flushed
+    # test database). Rows without a head mean someone removed it: refuse to write.
+    if any(m.objects.exists() for m in (ConnectionLog, MessageLog, SecurityEvent)):
+        raise ChainHeadMissing("the audit chain head is missing while audit rows exist")
+    AuditChainHead.objects.get_or_create(pk=1, defaults={"last_seq": 0, "last_hash": GENESIS_HASH})
+    return AuditChainHead.objects.select_for_update().get(pk=1)
+
+
+_SEAL_FIELDS = (
+    "closed_at",
+    "close_code",
+    "messages_received",
+    "messages_sent",
+    "close_chain_seq",
+    "close_prev_hash",
+    "close_hash",
+)
+
+
+def _seal(rows: list[ConnectionLog]) -> None:
+    """Write the close columns of connection rows (bulk_update would cost more than the rows)."""
+    sql.update_many(
+        ConnectionLog,
+        _SEAL_FIELDS,
+        ((row.pk, [getattr(row, f) for f in _SEAL_FIELDS]) for row in rows),
+    )
+
+
+def security_event(**fields) -> SecurityEvent:
+    """Record a moderation or account event now, in the caller's transaction.
+
+    Takes the keyword arguments of security_event_row().
+    """
+    row = security_event_row(**fields)
+    append([row])
+    return row
+
+
+def security_event_row(
+    *,
+    event: str,
+    actor=None,
+    target=None,
+    room=None,
+    ip: str | None = None,
+    reason: str = "",
+    details: dict | None = None,
+) -> SecurityEvent:
+    """Build (not write) a SecurityEvent row; for AuditBuffer.add() on the socket path."""
+    return SecurityEvent(
+        event=event,
+        actor_id=getattr(actor, "pk", None),
+        actor_name=getattr(actor, "username", "") or "",
+        target_id=getattr(target, "pk", None),
+        target_name=getattr(target, "username", "") or "",
+        room_id=getattr(room, "pk", None),
+        room_slug=getattr(room, "slug", "") or "",
+        ip=ip,
+        reason=reason,
+        details=details or {},
+        created_at=timezone.now(),
+    )
+
+
+def message_log(
+    *,
+    event: str,
+    user=None,
+    room=None,
+    seq: int | None = None,
+    reason: str = "",
+    connection_id: UUID | None = None,
+    ip: str | None = None,
+) -> MessageLog:
+    """Build (not write) a MessageLog row; pass it to append() or AuditBuffer.add()."""
+    metrics.MESSAGE_EVENTS.labels(event, reason).inc()
+    return MessageLog(
+        event=event,
+        reason=reason,
+        user_id=getattr(user, "pk", None),
+        username=getattr(user, "username", "") or "",
+        room_id=getattr(room, "pk", None),
+        room_slug=getattr(room, "slug", "") or "",
+        seq=seq,
+        connection_id=connection_id,
+        ip=ip,
+        created_at=timezone.now(),
+    )
+
+
+# --- batching for the socket path ----------------------------------------------------------------
+
+
+class AuditBuffer:
+    """Collects audit rows from sockets in this process and appends them in batches, in order.
+
+    A row waits at most CHAT_AUDIT_FLUSH_INTERVAL; `flush()` (called on every socket's exit and at
+    shutdown) writes everything queued, so a clean shutdown loses nothing.
+    """
+
+    def __init__(self) -> None:
+        self._items: list[AuditItem] = []
+        self._lock = asyncio.Lock()
+        self._scheduled: asyncio.TimerHandle | None = None
+        self._tasks: set[asyncio.Task] = set()
+
+    def add(self, item: AuditItem) -> None:
+        self._items.append(item)
+        if self._scheduled is None:
+            loop = asyncio.get_running_loop()
+            self._scheduled = loop.call_later(settings.CHAT_AUDIT_FLUSH_INTERVAL, self._flush_soon)
+
+    def _flush_soon(self) -> None:
+        self._scheduled = None
+        task = asyncio.get_running_loop().create_task(self.flush())
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    @property
+    def pending(self) -> int:
+        return len(self._items)
+
+    async def flush(self) -> None:
+        async with self._lock:
+            while self._items:
+                items, self._items = self._items, []
+                try:
+                    await database_sync_to_async(append)(items)
+                except IntegrityError:
+                    # A row the database refuses (a duplicate) must not hold back the others:
+                    # write them one by one, and report what could not be written.
+                    await database_sync_to_async(_append_each)(items)
+                except Exception:
+                    # The database is unavailable: keep them, in order, ahead of anything
+                    # queued meanwhile, and retry shortly.
+                    self._items[:0] = items
+                    logger.exception("audit flush failed; %d rows kept for retry", len(items))
+                    if self._scheduled is None:
+                        self._scheduled = asyncio.get_running_loop().call_later(
+                            1.0, self._flush_soon
+                        )
+                    return
+
+
+def _append_each(items: list[AuditItem]) -> None:
+    for item in items:
+        try:
+            append([item])
+        except IntegrityError:
+            logger.error("audit row refused by the database and not written: %r", item)
+
+
+# --- reading the chain back ----------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Link:
+    seq: int
+    kind: str
+    prev_hash: str
+    row_hash: str
+    content: str
+    label: str
+
+
+def iter_links(after_seq: int = 0) -> Iterator[Link]:
+    """Every link after `after_seq`, in chain order, recomputing content from the stored rows."""
+    import heapq
+
+    def conn_open() -> Iterator[Link]:
+        rows = ConnectionLog.objects.filter(chain_seq__gt=after_seq).order_by("chain_seq")
+        for r in rows.iterator(chunk_size=2000):
+            yield Link(
+                r.chain_seq,
+                KIND_CONNECTION_OPEN,
+                r.prev_hash,
+                r.row_hash,
+                row_content(r),
+                f"ConnectionLog {r.id} (opening)",
+            )
+
+    def conn_close() -> Iterator[Link]:
+        rows = ConnectionLog.objects.filter(close_chain_seq__gt=after_seq).order_by(
+            "close_chain_seq"
+        )
+        for r in rows.iterator(chunk_size=2000):
+            yield Link(
+                r.close_chain_seq,
+                KIND_CONNECTION_CLOSE,
+                r.close_prev_hash,
+                r.close_hash,
+                row_content(r, close=True),
+                f"ConnectionLog {r.id} (close)",
+            )
+
+    def simple(model, kind) -> Iterator[Link]:
+        rows = model.objects.filter(chain_seq__gt=after_seq).order_by("chain_seq")
+        for r in rows.iterator(chunk_size=2000):
+            yield Link(
+                r.chain_seq,
+                kind,
+                r.prev_hash,
+                r.row_hash,
+                row_content(r),
+                f"{model.__name__} {r.pk}",
+            )
+
+    yield from heapq.merge(
+        conn_open(),
+        conn_close(),
+        simple(MessageLog, KIND_MESSAGE),
+        simple(SecurityEvent, KIND_SECURITY),
+        key=lambda link: link.seq,
+    )
+
+
+@dataclass(frozen=True, slots=True)
+class VerifyResult:
+    ok: bool
+    links_checked: int
+    first_bad_seq: int | None = None
+    problem: str = ""
+
+
+def verify_chain() -> VerifyResult:
+    """Walk the chain from the newest checkpoint (or the start) and report the first broken link."""
+    checkpoint = AuditCheckpoint.objects.order_by("-seq").first()
+    expected_seq, prev = 0, GENESIS_HASH
+    if checkpoint is not None:
+        signature = checkpoint_signature(
+            checkpoint.seq, checkpoint.row_hash, checkpoint.created_at, checkpoint.rows_pruned
+        )
+        if not hmac.compare_digest(signature, checkpoint.signature):
+            return VerifyResult(False, 0, checkpoint.seq, "checkpoint signature is invalid")
+        expected_seq, prev = checkpoint.seq, checkpoint.row_hash
+        # Connections kept across a prune (their close came later) still hold an opening link
+        # below the checkpoint: its neighbours are gone, but its own hash must still match.
+        kept = ConnectionLog.objects.filter(chain_seq__lte=checkpoint.seq).order_by("chain_seq")
+        for row in kept.iterator(chunk_size=2000):
+            content = row_content(row)
+            if (
+                link_hash(row.prev_hash, row.chain_seq, KIND_CONNECTION_OPEN, content)
+                != row.row_hash
+            ):
+                return VerifyResult(
+                    False, 0, row.chain_seq, f"ConnectionLog {row.id} (opening) was altered"
+                )
+    checked = 0
+    for link in iter_links(after_seq=expected_seq):
+        expected_seq += 1
+        if link.seq != expected_seq:
+            if link.seq > expected_seq:
+                problem = f"link {expected_seq} is missing (next stored link is {link.label})"
+            else:
+                problem = f"{link.label} repeats chain position {link.seq}"
+            return VerifyResult(False, checked, expected_seq, problem)
+        if link.prev_hash != prev:
+            return VerifyResult(
+                False, checked, link.seq, f"{link.label} does not follow the previous link"
+            )
+        computed = link_hash(prev, link.seq, link.kind, link.content)
+        if not hmac.compare_digest(computed, link.row_hash):
+            return VerifyResult(False, checked, link.seq, f"{link.label} was altered")
+        prev = link.row_hash
+        checked += 1
+    head = AuditChainHead.objects.filter(pk=1).first()
+    if head is None:
+        if expected_seq == 0:
+            return VerifyResult(True, 0)
+        return VerifyResult(False, checked, expected_seq, "the chain head is missing")
+    if head.last_seq != expected_seq or head.last_hash != prev:
+        return VerifyResult(
+            False,
+            checked,
+            expected_seq + 1,
+            f"the chain ends at {expected_seq} but its head says {head.last_seq}: "
+            "links were removed from the end",
+        )
+    return VerifyResult(True, checked)
+
+
+# --- one connection's record ---------------------------------------------------------------------
+
+security_logger = logging.getLogger("chat.security")
+
+
+def _header(scope, name: bytes) -> str:
+    for key, value in scope.get("headers", []):
+        if key == name:
+            return value.decode("latin1")
+    return ""
+
+
+class ConnectionAudit:
+    """The audit record of one WebSocket connection attempt, from its decision to its close."""
+
+    def __init__(self, scope, *, room_slug: str = "") -> None:
+        import uuid
+
+        self.id = uuid.uuid4()
+        self.ip: str | None = scope.get("client_ip")
+        self.origin = _header(scope, b"origin")
+        self.user_agent = _header(scope, b"user-agent")
+        self.room_slug = room_slug
+        self.opened_at = timezone.now()
+        self.decided = self.accepted = False
+        self.closed = False
+
+    async def decide(
+        self,
+        runtime,
+        *,
+        outcome: str,
+        reason: str = "",
+        user=None,
+        room=None,
+        jti: str = "",
+        transport: str = Transport.NONE,
+    ) -> None:
+        if self.decided:  # one row per attempt: a later failure shows in the close code
+            return
+        self.decided = True
+        self.accepted = outcome == Outcome.ACCEPTED
+        metrics.CONNECTION_ATTEMPTS.labels(outcome, reason).inc()
+        if outcome == Outcome.ACCEPTED:
+            metrics.CONNECTIONS_OPEN.inc()
+        runtime.audit.add(
+            ConnectionLog(
+                id=self.id,
+                jti=jti,
+                user_id=getattr(user, "pk", None),
+                username=getattr(user, "username", "") or "",
+                room_id=getattr(room, "pk", None),
+                room_slug=getattr(room, "slug", None) or self.room_slug,
+                ip=self.ip,
+                origin=self.origin,
+                user_agent=self.user_agent,
+                transport=transport,
+                outcome=outcome,
+                reason=reason,
+                opened_at=self.opened_at,
+                instance=settings.CHAT_INSTANCE_NAME,
+            )
+        )
+        if outcome == Outcome.REJECTED and self.ip:
+            await _count_rejection(runtime, self.ip)
+
+    def close(self, runtime, *, code: int | None, received: int = 0, sent: int = 0) -> None:
+        if not self.decided or self.closed:
+            return
+        self.closed = True
+        if self.accepted:
+            metrics.CONNECTIONS_OPEN.dec()
+        runtime.audit.add(
+            ConnectionClose(
+                connection_id=self.id,
+                closed_at=timezone.now(),
+                close_code=code,
+                messages_received=received,
+                messages_sent=sent,
+            )
+        )
+
+
+async def _count_rejection(runtime, ip: str) -> None:
+    """Warn (log + audit) when one IP's rejected attempts cross the threshold within the window."""
+    count = await runtime.state.count_hit(f"rejections:{ip}", settings.CHAT_SECURITY_ALERT_WINDOW)
+    if count == settings.CHAT_SECURITY_ALERT_THRESHOLD:
+        security_logger.warning(
+            "IP %s had %d rejected WebSocket attempts within %ds",
+            ip,
+            count,
+            settings.CHAT_SECURITY_ALERT_WINDOW,
+        )
+        runtime.audit.add(
+            SecurityEvent(
+                event=Event.ALERT,
+                ip=ip,
+                reason="rejected connection attempts over threshold",
+                details={"count": count, "window_seconds": settings.CHAT_SECURITY_ALERT_WINDOW},
+                created_at=timezone.now(),
+            )
+        )
+
+
+# --- retention -----------------------------------------------------------------------------------
+
+
+class AuditChainBroken(RuntimeError):
+    """Pruning refused: the chain does not verify, and a prune must never launder tampering."""
+
+    def __init__(self, result: VerifyResult) -> None:
+        super().__init__(
+            f"the audit chain is broken at position {result.first_bad_seq}: {result.problem}"
+        )
+        self.result = result
+
+
+@dataclass(frozen=True, slots=True)
+class PruneResult:
+    """What prune_before did (or, on a dry run, would do)."""
+
+    cutoff: datetime
+    dry_run: bool
+    # Last pruned chain position; None when no row can go.
+    seq: int | None = None
+    rows: dict[str, int] | None = None
+    checkpoint: AuditCheckpoint | None = None
+
+    @property
+    def rows_pruned(self) -> int:
+        return sum((self.rows or {}).values())
+
+
+def stored_link_hash(seq: int) -> str | None:
+    """The hash stored for chain position `seq`, whichever row holds it (None if none does)."""
+    for model in (MessageLog, SecurityEvent, ConnectionLog):
+        found = model.objects.filter(chain_seq=seq).values_list("row_hash", flat=True).first()
+        if found:
+            return found
+    return (
+        ConnectionLog.objects.filter(close_chain_seq=seq)
+        .values_list("close_hash", flat=True)
+        .first()
+    )
+
+
+def _first_link_since(cutoff: datetime, *, after_seq: int) -> int | None:
+    """The lowest chain position after `after_seq` whose link was written at or after `cutoff`."""
+    candidates = [
+        ConnectionLog.objects.filter(chain_seq__gt=after_seq, opened_at__gte=cutoff)
+        .order_by("chain_seq")
+        .values_list("chain_seq", flat=True)
+        .first(),
+        ConnectionLog.objects.filter(close_chain_seq__gt=after_seq, closed_at__gte=cutoff)
+        .order_by("close_chain_seq")
+        .values_list("close_chain_seq", flat=True)
+        .first(),
+        *(
+            model.objects.filter(chain_seq__gt=after_seq, created_at__gte=cutoff)
+            .order_by("chain_seq")
+            .values_list("chain_seq", flat=True)
+            .first()
+            for model in (MessageLog, SecurityEvent)
+        ),
+    ]
+    found = [c for c in candidates if c is not None]
+    return min(found) if found else None
+
+
+def prune_before(*, cutoff: datetime, dry_run: bool = False) -> PruneResult:
+    """Delete the audit rows of the longest chain prefix older than `cutoff`, under a checkpoint.
+
+    The prefix ends at S, the largest position such that every link up to S is older than
+    `cutoff`. A row goes when all its links are at or below S: a connection whose close link is
+    later stays, and so does one without a close that may still be open (younger than
+    CHAT_MAX_CONNECTION_AGE), or its close would find no row to seal. A signed AuditCheckpoint
+    for S and an AUDIT_PRUNED event are written in the same transaction, so verify_chain()
+    resumes at S.
+
+    The chain is verified first, without the head lock (writers are held up only by the deletes),
+    and only the verified part can be pruned: a broken chain raises AuditChainBroken and keeps
+    every row, since pruning it would sign a checkpoint over the tampering.
+    """
+    from datetime import timedelta
+
+    from django.db.models import Q
+
+    verified_upto = AuditChainHead.objects.filter(pk=1).values_list("last_seq", flat=True).first()
+    verified = verify_chain()
+    if not verified.ok:
+        raise AuditChainBroken(verified)
+    with transaction.atomic():
+        head = _locked_head()
+        previous = AuditCheckpoint.objects.order_by("-seq").first()
+        start = previous.seq if previous is not None else 0
+        first_recent = _first_link_since(cutoff, after_seq=start)
+        seq = head.last_seq if first_recent is None else first_recent - 1
+        seq = min(seq, verified_upto or 0)
+        if seq <= start:
+            return PruneResult(cutoff=cutoff, dry_run=dry_run)
+        live_since = timezone.now() - timedelta(seconds=settings.CHAT_MAX_CONNECTION_AGE)
+        closed = Q(close_chain_seq__lte=seq)
+        dead = Q(close_chain_seq__isnull=True, opened_at__lt=live_since)
+        doomed = {
+            "connection logs": ConnectionLog.objects.filter(closed | dead, chain_seq__lte=seq),
+            "message logs": MessageLog.objects.filter(chain_seq__lte=seq),
+            "security events": SecurityEvent.objects.filter(chain_seq__lte=seq),
+        }
+        if dry_run:
+            rows = {name: qs.count() for name, qs in doomed.items()}
+            would = seq if sum(rows.values()) else None
+            return PruneResult(cutoff=cutoff, dry_run=True, seq=would, rows=rows)
+        row_hash = stored_link_hash(seq)
+        if row_hash is None:  # removed since it was verified a moment ago
+            raise AuditChainBroken(VerifyResult(False, 0, seq, f"link {seq} is missing"))
+        rows = {name: qs.delete()[0] for name, qs in doomed.items()}
+        total = sum(rows.values())
+        if not total:
+            # Only connections still open (or closed after the cutoff) reach back that far.
+            return PruneResult(cutoff=cutoff, dry_run=False, rows=rows)
+        created_at = timezone.now()
+        checkpoint = AuditCheckpoint.objects.create(
+            seq=seq,
+            row_hash=row_hash,
+            created_at=created_at,
+            rows_pruned=total,
+            signature=checkpoint_signature(seq, row_hash, created_at, total),
+        )
+        security_event(
+            event=Event.AUDIT_PRUNED,
+            reason=f"audit rows up to chain position {seq} older than the cutoff",
+            details={"seq": seq, "cutoff": _canonical_value(cutoff), "rows": rows},
+        )
+    return PruneResult(cutoff=cutoff, dry_run=False, seq=seq, rows=rows, checkpoint=checkpoint)
+
+
+@dataclass(frozen=True, slots=True)
+class ChainState:
+    """Where the chain stands: its head (to anchor outside the database) and newest checkpoint."""
+
+    head_seq: int
+    head_hash: str
+    checkpoint: AuditCheckpoint | None
+
+
+def chain_state() -> ChainState:
+    head = AuditChainHead.objects.filter(pk=1).first()
+    return ChainState(
+        head_seq=head.last_seq if head else 0,
+        head_hash=head.last_hash if head else GENESIS_HASH,
+        checkpoint=AuditCheckpoint.objects.order_by("-seq").first(),
+    )

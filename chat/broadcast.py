@@ -1,0 +1,103 @@
+"""Events for the per-process hubs (chat/hub.py), published on the channel layer after commit."""
+
+import logging
+import time
+from typing import Any
+
+from asgiref.sync import async_to_sync
+from channels.layers import get_channel_layer
+from django.db import transaction
+
+logger = logging.getLogger("chat.broadcast")
+
+
+def room_group(room_id: int) -> str:
+    return f"room.{room_id}"
+
+
+def user_group(user_id: int) -> str:
+    return f"user.{user_id}"
+
+
+def _send(group: str, event: dict[str, Any]) -> None:
+    layer = get_channel_layer()
+    try:
+        async_to_sync(layer.group_send)(group, event)
+    except Exception:
+        # The database already holds the truth; clients catch up through history and gap filling.
+        logger.exception("could not publish %s to %s", event.get("type"), group)
+
+
+def publish(group: str, event: dict[str, Any]) -> None:
+    """Publish once the current transaction commits (at once when there is none)."""
+    transaction.on_commit(lambda: _send(group, event), robust=True)
+
+
+async def apublish(group: str, event: dict[str, Any]) -> None:
+    """Publish from async code that holds no transaction (typing, presence)."""
+    await get_channel_layer().group_send(group, event)
+
+
+# Event constructors: the hub is the only reader of these shapes.
+
+
+def messages_event(room_id: int, items: list[tuple[int, str]]) -> dict[str, Any]:
+    # `ts` (publication time) lets every hub measure delivery latency.
+    return {
+        "type": "hub.messages",
+        "room": room_id,
+        "items": [list(i) for i in items],
+        "ts": time.time(),
+    }
+
+
+def frame_event(
+    room_id: int, text: str, *, exclude_user: int | None = None, only_user: int | None = None
+) -> dict[str, Any]:
+    """A ready frame for the room's sockets (all, all but one user's, or one user's)."""
+    return {
+        "type": "hub.frame",
+        "room": room_id,
+        "text": text,
+        "exclude_user": exclude_user,
+        "user": only_user,
+    }
+
+
+def membership_event(
+    room_id: int,
+    user_id: int,
+    state: dict[str, Any] | None,
+    text: str | None,
+    close: tuple[int, str] | None = None,
+) -> dict[str, Any]:
+    return {
+        "type": "hub.membership",
+        "room": room_id,
+        "user": user_id,
+        "state": state,
+        "text": text,
+        "close": list(close) if close else None,
+    }
+
+
+def room_state_event(room_id: int, state: dict[str, Any]) -> dict[str, Any]:
+    return {"type": "hub.room", "room": room_id, "state": state}
+
+
+def revoke_event(
+    *,
+    code: int,
+    reason: str,
+    user_id: int | None = None,
+    room_id: int | None = None,
+    credential: str | None = None,
+) -> dict[str, Any]:
+    return {
+        "type": "hub.revoke",
+        "user": user_id,
+        "room": room_id,
+        "credential": credential,
+        "code": code,
+        "reason": reason,
+    }

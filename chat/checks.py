@@ -1,0 +1,335 @@
+"""Security system checks of our own (chat.E0xx, chat.W0xx); docs/security.md lists them all."""
+
+from __future__ import annotations
+
+import ipaddress
+import re
+from importlib.metadata import PackageNotFoundError, version
+from typing import Any
+
+from django.conf import settings
+from django.core.checks import CheckMessage, Error, Warning
+from django.utils.module_loading import import_string
+
+# daphne 4.2.2 fixed CVE-2026-44545 (it passed no frame or message size limit to autobahn) and
+# CVE-2026-44546 (header injection through a parser differential with autobahn).
+DAPHNE_MIN_VERSION = (4, 2, 2)
+# Far above any chat frame; above this a "limit" no longer protects the server's memory.
+MAX_FRAME_BYTES_CEILING = 16 * 1024 * 1024
+MIN_KEY_LENGTH = 32
+IN_MEMORY_LAYER = "channels.layers.InMemoryChannelLayer"
+
+Messages = list[CheckMessage]
+
+
+def _production() -> bool:
+    return not settings.DEBUG
+
+
+def check_websocket_guard(app_configs=None, **kwargs: Any) -> Messages:
+    """The WebSocket route must be StrictOriginMiddleware(TicketAuthMiddleware(...))."""
+    # Imported when the check runs: the ASGI module sets Django up and imports the consumers.
+    from channels.routing import ProtocolTypeRouter
+
+    from accounts.middleware import StrictOriginMiddleware, TicketAuthMiddleware
+
+    hint = (
+        'Route "websocket" through accounts.middleware.TicketAuthMiddlewareStack(...), which is '
+        "StrictOriginMiddleware(TicketAuthMiddleware(inner))."
+    )
+    application = import_string(settings.ASGI_APPLICATION)
+    if not isinstance(application, ProtocolTypeRouter):
+        return [
+            Error(
+                f"{settings.ASGI_APPLICATION} is not a ProtocolTypeRouter.",
+                hint=hint,
+                id="chat.E001",
+            )
+        ]
+    websocket = application.application_mapping.get("websocket")
+    if not isinstance(websocket, StrictOriginMiddleware):
+        return [
+            Error(
+                "The WebSocket route has no strict Origin check: cross-site WebSocket hijacking "
+                "is possible.",
+                hint=hint,
+                id="chat.E001",
+            )
+        ]
+    if not isinstance(websocket.inner, TicketAuthMiddleware):
+        return [
+            Error(
+                "The WebSocket route's Origin check does not wrap TicketAuthMiddleware: sockets "
+                "are not authenticated by tickets.",
+                hint=hint,
+                id="chat.E001",
+            )
+        ]
+    return []
+
+
+def _wildcard_host(host: str) -> bool:
+    return "*" in host or host.startswith(".")
+
+
+def check_allowed_hosts(app_configs=None, **kwargs: Any) -> Messages:
+    """No wildcard in ALLOWED_HOSTS in production: Host header poisoning of absolute URLs."""
+    if not _production():
+        return []
+    wildcards = [host for host in settings.ALLOWED_HOSTS if _wildcard_host(host)]
+    if not wildcards:
+        return []
+    return [
+        Error(
+            f"ALLOWED_HOSTS contains wildcards in production: {wildcards}.",
+            hint="List the exact host names the site is served under (DJANGO_ALLOWED_HOSTS).",
+            id="chat.E002",
+        )
+    ]
+
+
+def _release(text: str) -> tuple[int, ...]:
+    """The release numbers of a version: 4.2.3 -> (4, 2, 3). Suffixes (rc1, +local) are ignored."""
+    match = re.match(r"\d+(?:\.\d+)*", text)
+    return tuple(int(part) for part in match.group().split(".")) if match else ()
+
+
+def check_daphne_version(app_configs=None, **kwargs: Any) -> Messages:
+    try:
+        installed = version("daphne")
+    except PackageNotFoundError:
+        return []
+    if _release(installed) >= DAPHNE_MIN_VERSION:
+        return []
+    floor = ".".join(map(str, DAPHNE_MIN_VERSION))
+    return [
+        Error(
+            f"daphne {installed} is installed; {floor} or later is required.",
+            hint=(
+                f"Upgrade daphne (requirements.txt): before {floor} WebSocket frames had no size "
+                "limit (CVE-2026-44545) and headers could be injected (CVE-2026-44546)."
+            ),
+            id="chat.E003",
+        )
+    ]
+
+
+def _not_exact_origin(origin: str) -> bool:
+    from accounts.middleware import normalise_origin
+
+    canonical = normalise_origin(origin)
+    return canonical is None or _wildcard_host(canonical.split("://", 1)[1])
+
+
+def check_allowed_origins(app_configs=None, **kwargs: Any) -> Messages:
+    """CHAT_ALLOWED_ORIGINS in production: a non-empty list of exact scheme://host[:port]."""
+    if not _production():
+        return []
+    hint = (
+        "Set CHAT_ALLOWED_ORIGINS to the exact origins of the site, e.g. https://chat.example.com."
+    )
+    origins = list(settings.CHAT_ALLOWED_ORIGINS)
+    if not origins:
+        return [
+            Error(
+                "CHAT_ALLOWED_ORIGINS is empty in production: every WebSocket is refused.",
+                hint=hint,
+                id="chat.E004",
+            )
+        ]
+    inexact = [origin for origin in origins if _not_exact_origin(origin)]
+    if inexact:
+        return [
+            Error(
+                f"CHAT_ALLOWED_ORIGINS holds entries that are not exact origins: {inexact}.",
+                hint=hint + " No wildcards, paths or leading dots.",
+                id="chat.E004",
+            )
+        ]
+    return []
+
+
+def check_frame_limits(app_configs=None, **kwargs: Any) -> Messages:
+    errors: Messages = []
+    frame_bytes = settings.CHAT_MAX_FRAME_BYTES
+    if not isinstance(frame_bytes, int) or not 0 < frame_bytes <= MAX_FRAME_BYTES_CEILING:
+        errors.append(
+            Error(
+                f"CHAT_MAX_FRAME_BYTES is {frame_bytes!r}: the frame size limit is disabled.",
+                hint=f"Use a positive size of at most {MAX_FRAME_BYTES_CEILING} bytes "
+                "(default 65536): unbounded frames exhaust the server's memory.",
+                id="chat.E005",
+            )
+        )
+    length = settings.CHAT_MAX_MESSAGE_LENGTH
+    if not isinstance(length, int) or length <= 0:
+        errors.append(
+            Error(
+                f"CHAT_MAX_MESSAGE_LENGTH is {length!r}: message bodies have no length limit.",
+                hint="Use a positive number of characters (default 4000).",
+                id="chat.E008",
+            )
+        )
+    return errors
+
+
+def _proxy_headers_trusted() -> list[str]:
+    names = []
+    if getattr(settings, "SECURE_PROXY_SSL_HEADER", None):
+        names.append("SECURE_PROXY_SSL_HEADER")
+    names += [
+        name
+        for name in ("USE_X_FORWARDED_HOST", "USE_X_FORWARDED_PORT")
+        if getattr(settings, name, False)
+    ]
+    return names
+
+
+def check_trusted_proxies(app_configs=None, **kwargs: Any) -> Messages:
+    messages: Messages = []
+    proxies = list(settings.CHAT_TRUSTED_PROXIES)
+    trusting = _proxy_headers_trusted()
+    if trusting and not proxies:
+        messages.append(
+            Error(
+                f"{', '.join(trusting)} trusts headers from a reverse proxy, but "
+                "CHAT_TRUSTED_PROXIES is empty.",
+                hint=(
+                    "Name the proxies in CHAT_TRUSTED_PROXIES (IPs or CIDRs), or unset "
+                    "DJANGO_BEHIND_PROXY when clients connect directly."
+                ),
+                id="chat.E006",
+            )
+        )
+    networks = []
+    for entry in proxies:
+        try:
+            networks.append(ipaddress.ip_network(str(entry).strip(), strict=False))
+        except ValueError:
+            messages.append(
+                Error(
+                    f"CHAT_TRUSTED_PROXIES entry {entry!r} is not an IP address or CIDR network.",
+                    hint="Use addresses such as 127.0.0.1 or networks such as 10.0.0.0/8.",
+                    id="chat.E007",
+                )
+            )
+    if any(network.prefixlen == 0 for network in networks):
+        messages.append(
+            Warning(
+                "CHAT_TRUSTED_PROXIES trusts every address: any client can choose its own IP "
+                "with X-Forwarded-For (ticket IP binding and per-IP limits are void).",
+                hint="List only the reverse proxies' own addresses.",
+                id="chat.W002",
+            )
+        )
+    return messages
+
+
+def check_signing_keys(app_configs=None, **kwargs: Any) -> Messages:
+    """Audit and JWT keys in production: long, and the audit key apart from SECRET_KEY."""
+    if not _production():
+        return []
+    errors: Messages = []
+    audit_key = settings.CHAT_AUDIT_HMAC_KEY
+    if audit_key == settings.SECRET_KEY:
+        errors.append(
+            Error(
+                "CHAT_AUDIT_HMAC_KEY is the SECRET_KEY: whoever holds one can rewrite the audit "
+                "chain with the other.",
+                hint="Generate a separate random key for CHAT_AUDIT_HMAC_KEY.",
+                id="chat.E009",
+            )
+        )
+    if len(audit_key) < MIN_KEY_LENGTH:
+        errors.append(
+            Error(
+                f"CHAT_AUDIT_HMAC_KEY is shorter than {MIN_KEY_LENGTH} characters.",
+                hint="Use `python -c 'import secrets; print(secrets.token_urlsafe(48))'`.",
+                id="chat.E010",
+            )
+        )
+    jwt_key = settings.SIMPLE_JWT.get("SIGNING_KEY") or ""
+    if jwt_key == settings.SECRET_KEY:
+        errors.append(
+            Warning(
+                "The JWT signing key is the SECRET_KEY: rotating one forces rotating the other, "
+                "and a leak of either forges tokens.",
+                hint="Set JWT_SIGNING_KEY to its own random value.",
+                id="chat.W003",
+            )
+        )
+    if len(jwt_key) < MIN_KEY_LENGTH:
+        errors.append(
+            Error(
+                f"The JWT signing key is shorter than {MIN_KEY_LENGTH} characters: HS256 tokens "
+                "can be brute-forced offline.",
+                hint="Set JWT_SIGNING_KEY to a random value of 32+ bytes.",
+                id="chat.E011",
+            )
+        )
+    return errors
+
+
+def check_channel_layer(app_configs=None, **kwargs: Any) -> Messages:
+    """Deploy only: the in-memory layer serves one process (the embedded default still starts)."""
+    if not _production():
+        return []
+    backend = settings.CHANNEL_LAYERS.get("default", {}).get("BACKEND", "")
+    if backend != IN_MEMORY_LAYER:
+        return []
+    return [
+        Warning(
+            "The in-memory channel layer is used in production: broadcasts, presence and rate "
+            "limits stay inside one process.",
+            hint="Set REDIS_URL so that every process shares the channel layer and the limits.",
+            id="chat.W001",
+        )
+    ]
+
+
+PROXY_HEADERS_MIDDLEWARE = "chatproject.middleware.UntrustedProxyHeadersMiddleware"
+
+
+def check_proxy_headers_middleware(app_configs=None, **kwargs: Any) -> Messages:
+    """Proxy headers must be dropped before any middleware believes them: first in MIDDLEWARE."""
+    if settings.MIDDLEWARE[:1] == [PROXY_HEADERS_MIDDLEWARE]:
+        return []
+    return [
+        Error(
+            f"{PROXY_HEADERS_MIDDLEWARE} is not the first middleware: X-Forwarded-Proto/Host "
+            "from any client would be believed by what runs before it.",
+            hint="Put it first in MIDDLEWARE.",
+            id="chat.E012",
+        )
+    ]
+
+
+def check_https_origins(app_configs=None, **kwargs: Any) -> Messages:
+    """Deploy only: production pages are https, so WebSocket origins are too."""
+    if not _production():
+        return []
+    plain = [o for o in settings.CHAT_ALLOWED_ORIGINS if o.lower().startswith("http://")]
+    if not plain:
+        return []
+    return [
+        Warning(
+            f"CHAT_ALLOWED_ORIGINS allows plain-http origins in production: {', '.join(plain)}.",
+            hint="Serve the pages over https and list only https:// origins.",
+            id="chat.W004",
+        )
+    ]
+
+
+# Run by every management command (serve refuses to start on an error).
+CHECKS = [
+    check_websocket_guard,
+    check_allowed_hosts,
+    check_daphne_version,
+    check_allowed_origins,
+    check_frame_limits,
+    check_trusted_proxies,
+    check_signing_keys,
+    check_proxy_headers_middleware,
+]
+# Run by `check --deploy` only.
+DEPLOY_CHECKS = [check_channel_layer, check_https_origins]

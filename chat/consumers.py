@@ -1,0 +1,498 @@
+"""The room socket: parse a frame, check the room policy, call one service or selector, answer."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import functools
+import json
+import logging
+import time
+import uuid
+from typing import Any
+
+from channels.consumer import get_handler_name
+from channels.db import database_sync_to_async
+from channels.exceptions import StopConsumer
+from channels.generic.websocket import AsyncWebsocketConsumer
+from django.conf import settings
+from django.utils.dateparse import parse_datetime
+
+from chat import audit, frames, metrics, permissions, selectors, services
+from chat.models import Membership
+from chat.protocol import (
+    CLOSE_AUTH_TIMEOUT,
+    CLOSE_FORBIDDEN,
+    CLOSE_GOING_AWAY,
+    CLOSE_INTERNAL,
+    CLOSE_RATE_LIMITED,
+    CLOSE_REASONS,
+    CLOSE_ROOM_GONE,
+    CLOSE_TOO_BIG,
+    CLOSE_TRY_AGAIN,
+    CLOSE_UNAUTHORIZED,
+    ERR_FORBIDDEN,
+    ERR_INVALID_FRAME,
+    ERR_MUTED,
+    ERR_RATE_LIMITED,
+    ERR_TOO_LONG,
+    ERR_UNAVAILABLE,
+    ERR_UNKNOWN_TYPE,
+    SUBPROTOCOL,
+)
+from chat.runtime import get_runtime
+from chat.services import SendItem
+from chat.state import StateUnavailable
+
+logger = logging.getLogger("chat.consumers")
+
+Reason = audit.Reason
+
+_CLOSE_FOR_REASON = {
+    Reason.TOO_MANY_CONNECTIONS: CLOSE_RATE_LIMITED,
+    Reason.AUTH_TIMEOUT: CLOSE_AUTH_TIMEOUT,
+    Reason.NOT_FOUND: CLOSE_ROOM_GONE,
+    Reason.FORBIDDEN: CLOSE_FORBIDDEN,
+    Reason.UNAVAILABLE: CLOSE_TRY_AGAIN,
+}
+_MAX_SEQ = 2**63 - 1
+# Messages of one socket being stored at once; beyond this the socket stops reading frames.
+MAX_IN_FLIGHT = 32
+
+
+class FrameError(Exception):
+    def __init__(self, code: str, detail: str):
+        super().__init__(detail)
+        self.code, self.detail = code, detail
+
+
+class RoomConsumer(AsyncWebsocketConsumer):
+    # The process's hub holds the one channel-layer channel; a socket needs none of its own.
+    channel_layer_alias = None
+
+    async def __call__(self, scope, receive, send) -> None:
+        self.runtime = get_runtime()
+        # Under `manage.py serve`, daphne's send is handle_reply bound to our protocol, which can
+        # write a frame prepared once for all of a room's sockets (chatproject/server.py).
+        protocol = send.args[0] if isinstance(send, functools.partial) and send.args else None
+        self.fast_send = getattr(protocol, "send_prepared", None)
+        self.record = audit.ConnectionAudit(scope, room_slug=scope.get("room_slug", ""))
+        self.attached = self.ready = self.closing = False
+        self.close_code: int | None = None
+        self.received = self.sent = 0
+        self.opened_at = time.monotonic()
+        self.socket_id = uuid.uuid4().hex
+        self._held: list[dict[str, Any]] = []
+        self._inflight: set[asyncio.Future] = set()
+        self._abuse: list[float] = []
+        self.scope, self.base_send, self.channel_layer = scope, send, None
+        try:
+            # AsyncConsumer.__call__ wraps every event in a task and an asyncio.wait() so it can
+            # listen to a channel layer too; a socket here listens to the client only.
+            while True:
+                await self.dispatch(await receive())
+        except StopConsumer:
+            pass
+        except asyncio.CancelledError:
+            # Server shutdown: tell the client to come back, and leave a complete trail.
+            if self.close_code is None:
+                with contextlib.suppress(Exception):
+                    await self._close(CLOSE_GOING_AWAY)
+            await self._finish()
+            await self.runtime.audit.flush()
+            raise
+        except Exception:
+            # A bug: the server closes the socket with 1011. Still leave the room, the caps and
+            # presence, and record the close, or the user's socket slots would leak.
+            self.close_code = self.close_code or CLOSE_INTERNAL
+            raise
+        finally:
+            await self._finish()
+
+    async def dispatch(self, message) -> None:
+        # Channels runs close_old_connections (a thread hop) before every handler; our database
+        # work all goes through database_sync_to_async, which does that itself.
+        handler = getattr(self, get_handler_name(message), None)
+        if handler is None:
+            raise ValueError(f"No handler for message type {message['type']}")
+        await handler(message)
+
+    # --- connect -------------------------------------------------------------------------------
+
+    async def websocket_connect(self, message) -> None:
+        scope = self.scope
+        self.transport = scope.get("ticket_transport", audit.Transport.NONE)
+        if scope.get("auth_error"):
+            return await self._reject(scope["auth_error"])
+        user, ticket = scope["user"], scope["ticket"]
+        self.user, self.user_id, self.username = user, user.pk, user.username
+        self.room_id, self.credential = ticket.room_id, ticket.credential
+        try:
+            await self._join(user, ticket)
+        except Exception as error:
+            # Redis or the database failed mid-way: the client retries later (1013).
+            if not isinstance(error, StateUnavailable):
+                metrics.ERRORS.labels("consumer").inc()
+                logger.exception("socket could not join its room")
+            if not self.closing:
+                await self._reject(Reason.UNAVAILABLE)
+        return None
+
+    async def _join(self, user, ticket) -> None:
+        state = self.runtime.state
+        if not await state.socket_open(
+            self.user_id, self.socket_id, settings.CHAT_MAX_SOCKETS_PER_USER
+        ):
+            return await self._reject(Reason.TOO_MANY_CONNECTIONS)
+        self.counted = True
+        # Subscribe before reading state: a change committed after the read reaches us as an event.
+        await self.runtime.hub.attach(self)
+        self.attached = True
+        context = await database_sync_to_async(selectors.socket_context)(
+            room_id=self.room_id, user_id=self.user_id
+        )
+        if context.room is None or context.room.archived_at is not None:
+            return await self._reject(Reason.NOT_FOUND)
+        if not context.user_active:
+            return await self._reject(Reason.USER_INACTIVE)
+        self.room, self.membership = context.room, context.membership
+        if not permissions.can_view(user, self.room, self.membership):
+            return await self._reject(Reason.FORBIDDEN)
+        self.joined = True
+        first = await state.presence_join(self.room_id, self.username, self.socket_id)
+        online = await state.presence_list(self.room_id)
+        await self._accept()
+        await self.record.decide(
+            self.runtime,
+            outcome=audit.Outcome.ACCEPTED,
+            user=user,
+            room=self.room,
+            jti=ticket.jti,
+            transport=self.transport,
+        )
+        for event in self._held:
+            await self._apply_control(event)
+            if self.closing:
+                return None
+        self._held.clear()
+        last_seq = self.runtime.hub.ready(self)
+        await self.send_text(frames.dumps(self._hello(last_seq, online)))
+        if first:
+            # The joiner's own hello already lists it; tell everyone else.
+            await self._publish(
+                frames.presence(self.room.slug, joined=self.username), exclude_user=self.user_id
+            )
+        return None
+
+    def _hello(self, last_seq: int, online: list[str]) -> dict[str, Any]:
+        room, membership = self.room, self.membership
+        return {
+            "type": "hello",
+            "room": room.slug,
+            "title": room.title,
+            "visibility": room.visibility,
+            "user": self.username,
+            "staff": bool(self.user.is_staff),
+            "role": membership.role if membership else None,
+            "moderator": permissions.is_moderator(self.user, room, membership),
+            "can_post": permissions.can_post(self.user, room, membership),
+            "muted_until": frames.iso(membership.muted_until if membership else None),
+            "last_seq": last_seq,
+            "presence": online,
+            "limits": {
+                "max_length": settings.CHAT_MAX_MESSAGE_LENGTH,
+                "history_limit": settings.CHAT_HISTORY_LIMIT,
+            },
+        }
+
+    async def _accept(self) -> None:
+        if not self.scope.get("socket_accepted"):
+            subprotocol = SUBPROTOCOL if SUBPROTOCOL in self.scope.get("subprotocols", []) else None
+            await self.accept(subprotocol)
+
+    async def _reject(self, reason: str) -> None:
+        """Accept and close at once: a close code is the only answer a browser can read."""
+        code = _CLOSE_FOR_REASON.get(reason, CLOSE_UNAUTHORIZED)
+        user = self.scope.get("user")
+        await self.record.decide(
+            self.runtime,
+            outcome=audit.Outcome.REJECTED,
+            reason=reason,
+            user=user if getattr(user, "is_authenticated", False) else None,
+            room=getattr(self, "room", None),
+            jti=self.scope.get("ticket_jti", ""),
+            transport=self.transport,
+        )
+        await self._accept()
+        await self._close(code)
+
+    # --- frames --------------------------------------------------------------------------------
+
+    async def receive(self, text_data: str | None = None, bytes_data: bytes | None = None) -> None:
+        self.received += 1
+        if not self.ready or self.closing:
+            return
+        try:
+            if text_data is None:
+                raise FrameError(ERR_INVALID_FRAME, "binary frames are not supported")
+            # Daphne refuses bigger frames itself (--websocket-max-message-size); this covers any
+            # other server. Characters first: each is at least one UTF-8 byte.
+            if len(text_data) > settings.CHAT_MAX_FRAME_BYTES and (
+                len(text_data.encode("utf-8", "surrogatepass")) > settings.CHAT_MAX_FRAME_BYTES
+            ):
+                await self._audit_rejection(ERR_TOO_LONG)
+                await self._close(CLOSE_TOO_BIG)
+                return
+            frame = _parse(text_data)
+            handler = self._handlers.get(frame["type"])
+            if handler is None:
+                raise FrameError(ERR_UNKNOWN_TYPE, f"unknown frame type {frame['type'][:32]!r}")
+            await handler(self, frame)
+        except FrameError as error:
+            await self._refuse(error.code, error.detail)
+        except StateUnavailable:
+            # Not the client's fault: no abuse count; it may send again.
+            await self.send_text(
+                frames.error(ERR_UNAVAILABLE, "temporarily unavailable; try again")
+            )
+
+    async def _refuse(self, code: str, detail: str, **extra: Any) -> None:
+        """Answer a refused frame with an error frame; persistent abuse closes the socket (4429)."""
+        await self._audit_rejection(code)
+        await self.send_text(frames.error(code, detail, **extra))
+        now = time.monotonic()
+        self._abuse = [t for t in self._abuse if now - t < settings.CHAT_ABUSE_WINDOW]
+        self._abuse.append(now)
+        if len(self._abuse) > settings.CHAT_ABUSE_LIMIT:
+            self.runtime.audit.add(
+                audit.security_event_row(
+                    event=audit.Event.RATE_LIMITED,
+                    target=self.user,
+                    room=self.room,
+                    ip=self.record.ip,
+                    reason=f"{len(self._abuse)} refused frames",
+                )
+            )
+            await self._close(CLOSE_RATE_LIMITED)
+
+    async def _audit_rejection(self, code: str) -> None:
+        self.runtime.audit.add(
+            audit.message_log(
+                event=audit.MessageEvent.REJECTED,
+                reason=code,
+                user=self.user,
+                room=self.room,
+                connection_id=self.record.id,
+                ip=self.record.ip,
+            )
+        )
+
+    async def on_message(self, frame: dict[str, Any]) -> None:
+        client_id = frame.get("client_id")
+        try:
+            client_id = services.clean_client_id(client_id)
+            body = services.clean_body(frame.get("body"))
+        except services.ServiceError as error:
+            extra = (
+                {"client_id": client_id}
+                if isinstance(client_id, str) and services.CLIENT_ID_RE.match(client_id)
+                else {}
+            )
+            return await self._refuse(error.code, error.detail, **extra)
+        if not permissions.can_post(self.user, self.room, self.membership):
+            return await self._refuse(
+                ERR_FORBIDDEN, "you may not post in this room", client_id=client_id
+            )
+        if permissions.is_muted(self.membership):
+            return await self._refuse(ERR_MUTED, "you are muted in this room", client_id=client_id)
+        if not await self.runtime.state.take_token(
+            f"messages:{self.user_id}", settings.CHAT_MESSAGE_RATE, settings.CHAT_MESSAGE_BURST
+        ):
+            return await self._refuse(
+                ERR_RATE_LIMITED, "too many messages; slow down", client_id=client_id
+            )
+        item = SendItem(self.room, self.user, body, client_id, self.record.id, self.record.ip)
+        # The writer answers (ack, or the error the service found, e.g. a ban committed a moment
+        # ago) before it broadcasts the message. We read on meanwhile, up to a limit.
+        self._inflight.add(self.runtime.writer.submit(item, self.send_text))
+        self._inflight = {f for f in self._inflight if not f.done()}
+        if len(self._inflight) >= MAX_IN_FLIGHT:
+            await asyncio.wait(self._inflight, return_when=asyncio.FIRST_COMPLETED)
+        return None
+
+    async def on_history(self, frame: dict[str, Any]) -> None:
+        before, after = _seq(frame, "before"), _seq(frame, "after")
+        if before is not None and after is not None:
+            raise FrameError(ERR_INVALID_FRAME, "give before or after, not both")
+        limit = frame.get("limit", 50)
+        if type(limit) is not int or not 1 <= limit <= settings.CHAT_HISTORY_LIMIT:
+            raise FrameError(ERR_INVALID_FRAME, f"limit must be 1..{settings.CHAT_HISTORY_LIMIT}")
+        messages, has_more = await database_sync_to_async(self._history)(before, after, limit)
+        reply = {"type": "history", "messages": messages, "has_more": has_more}
+        reply.update({k: v for k, v in (("before", before), ("after", after)) if v is not None})
+        await self.send_text(frames.dumps(reply))
+
+    def _history(self, before, after, limit) -> tuple[list[dict], bool]:
+        page, has_more = selectors.messages_page(
+            room=self.room, before=before, after=after, limit=limit
+        )
+        return selectors.message_payloads(page, room=self.room), has_more
+
+    async def on_delete(self, frame: dict[str, Any]) -> None:
+        seq = _seq(frame, "seq")
+        if seq is None:
+            raise FrameError(ERR_INVALID_FRAME, "seq is required")
+        try:
+            await database_sync_to_async(services.message_delete)(
+                actor=self.user,
+                room=self.room,
+                seq=seq,
+                connection_id=self.record.id,
+                ip=self.record.ip,
+            )
+        except services.ServiceError as error:
+            raise FrameError(error.code, error.detail) from None
+
+    async def on_typing(self, frame: dict[str, Any]) -> None:
+        if not permissions.can_post(self.user, self.room, self.membership) or permissions.is_muted(
+            self.membership
+        ):
+            raise FrameError(ERR_FORBIDDEN, "you may not post in this room")
+        if not await self.runtime.state.throttle(
+            f"typing:{self.room_id}:{self.user_id}", settings.CHAT_TYPING_INTERVAL
+        ):
+            raise FrameError(ERR_RATE_LIMITED, "typing at most every few seconds")
+        await self._publish(frames.typing(self.room.slug, self.username), exclude_user=self.user_id)
+
+    async def on_ping(self, frame: dict[str, Any]) -> None:
+        await self.send_text(frames.PONG)
+
+    _handlers = {
+        "message": on_message,
+        "history": on_history,
+        "delete": on_delete,
+        "typing": on_typing,
+        "ping": on_ping,
+    }
+
+    # --- from the hub --------------------------------------------------------------------------
+
+    async def send_text(self, text: str) -> None:
+        if self.closing:
+            return
+        self.sent += 1
+        await self.base_send({"type": "websocket.send", "text": text})
+
+    async def on_control(self, event: dict[str, Any]) -> None:
+        if not self.ready:
+            self._held.append(event)
+            return
+        await self._apply_control(event)
+
+    async def _apply_control(self, event: dict[str, Any]) -> None:
+        """Apply a revocation, membership change or room change; close if access is gone."""
+        if self.closing:
+            return
+        kind = event["type"]
+        if kind == "hub.revoke":
+            if not event.get("credential") or event["credential"] == self.credential:
+                await self._close(event["code"], event.get("reason"))
+            return
+        if kind == "hub.membership":
+            self.membership = _membership(self.room_id, self.user_id, event["state"])
+            if event.get("close"):
+                code, reason = event["close"]
+                await self._close(code, reason)
+                return
+        elif kind == "hub.room":
+            state = event["state"]
+            self.room.visibility, self.room.title = state["visibility"], state["title"]
+            self.room.archived_at = _dt(state["archived_at"])
+            if self.room.archived_at is not None:
+                await self._close(CLOSE_ROOM_GONE, "room archived")
+                return
+        if not permissions.can_view(self.user, self.room, self.membership):
+            await self._close(CLOSE_FORBIDDEN)
+        elif kind == "hub.membership" and event.get("text"):
+            await self.send_text(event["text"])
+
+    # --- close ---------------------------------------------------------------------------------
+
+    async def _close(self, code: int, reason: str | None = None) -> None:
+        if self.closing:
+            return
+        self.closing = True
+        self.close_code = code
+        await self.close(code, reason or CLOSE_REASONS.get(code))
+
+    async def websocket_disconnect(self, message) -> None:
+        if self.close_code is None:
+            self.close_code = message.get("code")
+        raise StopConsumer()
+
+    async def _publish(self, text: str, *, exclude_user: int | None = None) -> None:
+        from chat import broadcast
+
+        await broadcast.apublish(
+            broadcast.room_group(self.room_id),
+            broadcast.frame_event(self.room_id, text, exclude_user=exclude_user),
+        )
+
+    async def _finish(self) -> None:
+        """Leave the hub, presence and caps, and seal the connection's audit record. Runs once."""
+        if getattr(self, "finished", False):
+            return
+        self.finished = True
+        self.closing = True
+        state = self.runtime.state
+        try:
+            if self.attached:
+                await self.runtime.hub.detach(self)
+            if getattr(self, "joined", False) and await state.presence_leave(
+                self.room_id, self.username, self.socket_id
+            ):
+                await self._publish(frames.presence(self.room.slug, left=self.username))
+            if getattr(self, "counted", False):
+                await state.socket_close(self.user_id, self.socket_id)
+        except Exception:
+            logger.exception("socket cleanup failed")
+        finally:
+            self.record.close(
+                self.runtime, code=self.close_code, received=self.received, sent=self.sent
+            )
+
+
+def _parse(text: str) -> dict[str, Any]:
+    try:
+        frame = json.loads(text)
+    except (ValueError, RecursionError):
+        raise FrameError(ERR_INVALID_FRAME, "frames must be JSON objects") from None
+    if not isinstance(frame, dict) or not isinstance(frame.get("type"), str):
+        raise FrameError(ERR_INVALID_FRAME, 'frames must be JSON objects with a string "type"')
+    return frame
+
+
+def _seq(frame: dict[str, Any], key: str) -> int | None:
+    value = frame.get(key)
+    if value is None:
+        return None
+    if type(value) is not int or not 0 <= value <= _MAX_SEQ:
+        raise FrameError(ERR_INVALID_FRAME, f"{key} must be a non-negative integer")
+    return value
+
+
+def _dt(value: str | None):
+    return parse_datetime(value) if value else None
+
+
+def _membership(room_id: int, user_id: int, state: dict[str, Any] | None) -> Membership | None:
+    """A membership rebuilt from a hub event (chat.services.membership_state), never saved."""
+    if state is None:
+        return None
+    return Membership(
+        room_id=room_id,
+        user_id=user_id,
+        role=state["role"],
+        muted_until=_dt(state["muted_until"]),
+        banned_at=_dt(state["banned_at"]),
+    )

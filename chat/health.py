@@ -1,0 +1,43 @@
+"""/healthz: is this process able to serve? Database and channel layer, 200 or 503."""
+
+import asyncio
+import time
+
+from channels.db import database_sync_to_async
+from channels.layers import get_channel_layer
+from django.db import connection
+from django.http import JsonResponse
+
+
+def _database() -> None:
+    with connection.cursor() as cursor:
+        cursor.execute("SELECT 1")
+
+
+async def _channel_layer() -> None:
+    layer = get_channel_layer()
+    channel = await layer.new_channel(prefix="health")
+    await layer.send(channel, {"type": "health.ping"})
+    await layer.receive(channel)
+
+
+async def _check(probe) -> dict:
+    started = time.perf_counter()
+    try:
+        await asyncio.wait_for(probe(), timeout=2.0)
+    except Exception as error:  # a health check reports every failure, never raises
+        return {"ok": False, "error": type(error).__name__}
+    return {"ok": True, "ms": round((time.perf_counter() - started) * 1000, 1)}
+
+
+async def healthz(request):
+    checks = {
+        "database": await _check(database_sync_to_async(_database)),
+        "channel_layer": await _check(_channel_layer),
+    }
+    healthy = all(c["ok"] for c in checks.values())
+    return JsonResponse(
+        {"status": "ok" if healthy else "unavailable", "checks": checks},
+        status=200 if healthy else 503,
+        headers={"Cache-Control": "no-store"},
+    )

@@ -1,0 +1,374 @@
+"""The per-process hub: one channel-layer channel per process, fan-out to local sockets in memory.
+
+Plain Channels gives every socket its own channel and group membership, so a broadcast to a room of
+N members costs N channel-layer deliveries, N consumer dispatches (each with a thread hop) and N
+JSON encodings. Here a process joins each room group once, receives each event once, and writes
+the frame text, serialized once by the publisher, to each of its sockets directly.
+
+Message frames are numbered (seq). The hub delivers them to a room's sockets in order and without
+gaps: a late or missing number is awaited briefly, then read from the database. A socket therefore
+sees every message after the `last_seq` of its hello exactly once, in order.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections import defaultdict
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Protocol
+
+from autobahn.websocket.protocol import PreparedMessage
+from channels.db import database_sync_to_async
+from channels.layers import get_channel_layer
+from django.conf import settings
+
+from chat import broadcast, metrics, selectors
+from chat.protocol import CLOSE_TRY_AGAIN, CLOSE_UNAUTHORIZED
+
+if TYPE_CHECKING:
+    from chat.runtime import Runtime
+
+logger = logging.getLogger("chat.hub")
+
+# How long an out-of-order message waits for the ones before it before they are read from the DB.
+GAP_WAIT = 0.2
+HEARTBEAT = 30.0
+
+
+class Socket(Protocol):
+    socket_id: str
+    sent: int
+    closing: bool
+    # Writes a frame prepared once for many sockets; None where the server offers no such path.
+    fast_send: Callable[[Any], bool] | None
+    room_id: int
+    user_id: int
+    username: str
+    credential: str
+    opened_at: float
+    ready: bool
+
+    async def send_text(self, text: str) -> None: ...
+    async def on_control(self, event: dict[str, Any]) -> None: ...
+
+
+@dataclass(eq=False)
+class RoomFeed:
+    room_id: int
+    sockets: dict[str, Socket] = field(default_factory=dict)
+    delivered: int = -1  # -1 until the room's last_seq has been read after subscribing
+    started: asyncio.Event = field(default_factory=asyncio.Event)
+    early: list[dict[str, Any]] = field(default_factory=list)  # events before `started`
+    pending: dict[int, str] = field(default_factory=dict)  # out-of-order frames by seq
+    gap_timer: asyncio.TimerHandle | None = None
+    filling: bool = False
+
+
+def _is_timeout(error: BaseException) -> bool:
+    if isinstance(error, TimeoutError):
+        return True
+    try:
+        from redis.exceptions import TimeoutError as RedisTimeoutError
+    except ImportError:  # pragma: no cover  (redis is a dependency)
+        return False
+    return isinstance(error, RedisTimeoutError)
+
+
+class Hub:
+    def __init__(self, runtime: Runtime) -> None:
+        self.runtime = runtime
+        self.layer = get_channel_layer()
+        self.channel: str | None = None
+        self.rooms: dict[int, RoomFeed] = {}
+        self.users: dict[int, set[Socket]] = defaultdict(set)
+        self._start_lock = asyncio.Lock()
+        self._tasks: set[asyncio.Task] = set()
+        self._receiver: asyncio.Task | None = None
+        self._heartbeat: asyncio.Task | None = None
+
+    # --- sockets ---------------------------------------------------------------------------------
+
+    async def attach(self, sock: Socket) -> None:
+        """Subscribe this process to the socket's room and user, then register the socket.
+
+        Until `ready()` the socket gets control events (revocation, membership changes), which the
+        consumer holds until it has loaded its state, but no frames.
+        """
+        await self._start()
+        if not self.users.get(sock.user_id):
+            await self.layer.group_add(broadcast.user_group(sock.user_id), self.channel)
+        self.users[sock.user_id].add(sock)
+        feed = self.rooms.get(sock.room_id)
+        if feed is None:
+            feed = self.rooms[sock.room_id] = RoomFeed(sock.room_id)
+            feed.sockets[sock.socket_id] = sock
+            try:
+                await self.layer.group_add(broadcast.room_group(sock.room_id), self.channel)
+                # Read after subscribing: every message numbered above this will reach us.
+                feed.delivered = await database_sync_to_async(selectors.room_last_seq)(sock.room_id)
+            except BaseException:
+                del self.rooms[sock.room_id]
+                feed.started.set()
+                raise
+            # Events that came while we read, in order; no await between the last one and set().
+            while feed.early:
+                await self._on_room_event(feed, feed.early.pop(0))
+            feed.started.set()
+        else:
+            feed.sockets[sock.socket_id] = sock
+            await feed.started.wait()
+            if self.rooms.get(sock.room_id) is not feed:
+                raise RuntimeError("could not subscribe to the room")
+
+    def ready(self, sock: Socket) -> int:
+        """Start frames for the socket; returns the seq after which it receives every message."""
+        sock.ready = True
+        return self.rooms[sock.room_id].delivered
+
+    async def detach(self, sock: Socket) -> None:
+        users = self.users.get(sock.user_id)
+        if users is not None:
+            users.discard(sock)
+            if not users:
+                del self.users[sock.user_id]
+                await self._discard(broadcast.user_group(sock.user_id))
+        feed = self.rooms.get(sock.room_id)
+        if (
+            feed is not None
+            and feed.sockets.pop(sock.socket_id, None) is not None
+            and not feed.sockets
+        ):
+            del self.rooms[sock.room_id]
+            if feed.gap_timer is not None:
+                feed.gap_timer.cancel()
+            await self._discard(broadcast.room_group(sock.room_id))
+
+    def local_sockets(self) -> list[Socket]:
+        return [s for feed in self.rooms.values() for s in feed.sockets.values()]
+
+    async def _close_all(self, code: int, reason: str) -> None:
+        for sock in self.local_sockets():
+            try:
+                await sock.on_control(
+                    broadcast.revoke_event(code=code, reason=reason, user_id=sock.user_id)
+                )
+            except Exception:
+                logger.exception("could not close socket %s", sock.socket_id)
+
+    # --- lifecycle -------------------------------------------------------------------------------
+
+    async def _start(self) -> None:
+        if self._receiver is not None:
+            return
+        async with self._start_lock:
+            if self._receiver is not None:
+                return
+            self.channel = await self.layer.new_channel(prefix="chathub")
+            loop = asyncio.get_running_loop()
+            self._receiver = loop.create_task(self._receive_loop(), name="chat-hub-receive")
+            self._heartbeat = loop.create_task(self._heartbeat_loop(), name="chat-hub-heartbeat")
+
+    async def stop(self) -> None:
+        for task in [self._receiver, self._heartbeat, *self._tasks]:
+            if task is not None:
+                task.cancel()
+        for task in [self._receiver, self._heartbeat, *self._tasks]:
+            if task is not None:
+                # Cancelled, or failed and logged; and never wait on it for ever.
+                with contextlib.suppress(BaseException):
+                    await asyncio.wait_for(task, timeout=10)
+        self._receiver = self._heartbeat = None
+
+    async def _discard(self, group: str) -> None:
+        try:
+            await self.layer.group_discard(group, self.channel)
+        except Exception:
+            logger.exception("group_discard %s failed", group)
+
+    async def _receive_loop(self) -> None:
+        while True:
+            # redis-py can swallow a CancelledError inside a blocking read; Task.cancelling()
+            # still remembers the request, so a stop is never lost.
+            if asyncio.current_task().cancelling():
+                raise asyncio.CancelledError
+            try:
+                event = await self.layer.receive(self.channel)
+            except asyncio.CancelledError:
+                raise
+            except Exception as error:
+                if asyncio.current_task().cancelling():
+                    raise
+                if _is_timeout(error):
+                    # A read that outlived the socket timeout: the layer is slow, not gone.
+                    logger.warning("hub receive timed out; retrying")
+                    continue
+                # Redis restarting, say. Our group memberships may be gone with it, so events
+                # could be missed silently: close this process's sockets (1013); clients
+                # reconnect with backoff and resume from history, losing nothing.
+                logger.exception(
+                    "hub lost the channel layer; closing %d sockets", len(self.local_sockets())
+                )
+                await self._close_all(CLOSE_TRY_AGAIN, "try again later")
+                await asyncio.sleep(1.0)
+                continue
+            try:
+                await self._dispatch(event)
+            except Exception:
+                metrics.ERRORS.labels("hub").inc()
+                logger.exception("hub could not handle %s", event.get("type"))
+
+    async def _heartbeat_loop(self) -> None:
+        while True:
+            await asyncio.sleep(HEARTBEAT)
+            try:
+                await self.heartbeat()
+            except Exception:
+                logger.exception("hub heartbeat failed")
+
+    async def heartbeat(self) -> None:
+        """Renew leases and group memberships; close sockets past their maximum age."""
+        sockets = self.local_sockets()
+        await self.runtime.state.renew(
+            [(s.user_id, s.socket_id, s.room_id, s.username) for s in sockets]
+        )
+        for room_id in list(self.rooms):
+            await self.layer.group_add(broadcast.room_group(room_id), self.channel)
+        for user_id in list(self.users):
+            await self.layer.group_add(broadcast.user_group(user_id), self.channel)
+        oldest = time.monotonic() - settings.CHAT_MAX_CONNECTION_AGE
+        for sock in sockets:
+            if sock.opened_at < oldest:
+                await sock.on_control(
+                    broadcast.revoke_event(
+                        code=CLOSE_UNAUTHORIZED, reason="session expired", user_id=sock.user_id
+                    )
+                )
+
+    # --- events ----------------------------------------------------------------------------------
+
+    async def _dispatch(self, event: dict[str, Any]) -> None:
+        kind = event.get("type")
+        if kind == "hub.revoke" and event.get("room") is None:
+            for sock in list(self.users.get(event["user"], ())):
+                await sock.on_control(event)
+            return
+        feed = self.rooms.get(event.get("room"))
+        if feed is None:
+            return
+        if not feed.started.is_set():
+            feed.early.append(event)
+            return
+        await self._on_room_event(feed, event)
+
+    async def _on_room_event(self, feed: RoomFeed, event: dict[str, Any]) -> None:
+        kind = event["type"]
+        if kind == "hub.messages":
+            for seq, text in event["items"]:
+                await self._on_message(feed, seq, text)
+            if "ts" in event:
+                metrics.DELIVERY_LATENCY.observe(max(0.0, time.time() - event["ts"]))
+        elif kind == "hub.frame":
+            await self._send_all(
+                feed,
+                event["text"],
+                exclude_user=event.get("exclude_user"),
+                only_user=event.get("user"),
+            )
+        elif kind in ("hub.membership", "hub.revoke"):
+            target = event.get("user")
+            for sock in list(feed.sockets.values()):
+                if target is None or sock.user_id == target:
+                    await sock.on_control(event)
+        elif kind == "hub.room":
+            for sock in list(feed.sockets.values()):
+                await sock.on_control(event)
+
+    async def _on_message(self, feed: RoomFeed, seq: int, text: str) -> None:
+        if seq <= feed.delivered or seq in feed.pending:
+            return
+        if seq == feed.delivered + 1 and not feed.filling:
+            feed.delivered = seq
+            await self._send_all(feed, text)
+            await self._drain_pending(feed)
+            return
+        feed.pending[seq] = text
+        if feed.gap_timer is None and not feed.filling:
+            loop = asyncio.get_running_loop()
+            feed.gap_timer = loop.call_later(GAP_WAIT, self._start_fill, feed)
+
+    async def _drain_pending(self, feed: RoomFeed) -> None:
+        while feed.delivered + 1 in feed.pending:
+            feed.delivered += 1
+            await self._send_all(feed, feed.pending.pop(feed.delivered))
+        if not feed.pending and feed.gap_timer is not None:
+            feed.gap_timer.cancel()
+            feed.gap_timer = None
+
+    def _start_fill(self, feed: RoomFeed) -> None:
+        feed.gap_timer = None
+        if not feed.pending or self.rooms.get(feed.room_id) is not feed:
+            return
+        feed.filling = True
+        task = asyncio.get_running_loop().create_task(self._fill(feed))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _fill(self, feed: RoomFeed) -> None:
+        """Read the missing messages from the database and deliver everything in order."""
+        try:
+            upto = min(feed.pending) - 1
+            missing = await database_sync_to_async(selectors.message_frames_between)(
+                feed.room_id, feed.delivered, upto
+            )
+            for seq, text in missing:
+                if seq == feed.delivered + 1:
+                    feed.delivered = seq
+                    await self._send_all(feed, text)
+            if feed.delivered < upto:
+                # Numbers that never committed cannot exist (seq is gap-free), so this is a
+                # message deleted from the database by hand; skip it rather than stall the room.
+                logger.warning(
+                    "room %s: messages %s..%s missing", feed.room_id, feed.delivered + 1, upto
+                )
+                feed.delivered = upto
+        except Exception:
+            logger.exception("gap fill failed in room %s", feed.room_id)
+        finally:
+            feed.filling = False
+        await self._drain_pending(feed)
+        if feed.pending and feed.gap_timer is None:
+            feed.gap_timer = asyncio.get_running_loop().call_later(GAP_WAIT, self._start_fill, feed)
+
+    async def _send_all(
+        self,
+        feed: RoomFeed,
+        text: str,
+        *,
+        exclude_user: int | None = None,
+        only_user: int | None = None,
+    ) -> None:
+        """Write one frame to the room's ready sockets: serialized once, framed once."""
+        prepared = None
+        sent = 0
+        for sock in list(feed.sockets.values()):
+            if not sock.ready or sock.closing or sock.user_id == exclude_user:
+                continue
+            if only_user is not None and sock.user_id != only_user:
+                continue
+            try:
+                if sock.fast_send is not None:
+                    if prepared is None:
+                        prepared = PreparedMessage(text.encode("utf-8"), False, False, False)
+                    if sock.fast_send(prepared):
+                        sock.sent += 1
+                        sent += 1
+                    continue
+                await sock.send_text(text)
+                sent += 1
+            except Exception:
+                logger.debug("send to %s failed", sock.socket_id, exc_info=True)
+        metrics.DELIVERIES.inc(sent)

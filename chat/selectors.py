@@ -1,0 +1,254 @@
+"""Every read used by views, the API, the admin and the sockets."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+
+from django.conf import settings
+from django.contrib.auth import get_user_model
+from django.db.models import (
+    Case,
+    Count,
+    Exists,
+    F,
+    IntegerField,
+    OuterRef,
+    Q,
+    QuerySet,
+    Subquery,
+    Value,
+    When,
+)
+from django.db.models.functions import Coalesce, Greatest
+from django.utils import timezone
+
+from chat import frames, permissions
+from chat.models import ConnectionLog, Membership, Message, Room, SecurityEvent
+
+User = get_user_model()
+
+
+def room_get(*, slug: str) -> Room | None:
+    return Room.objects.filter(slug=slug).first()
+
+
+def room_last_seq(room_id: int) -> int:
+    return Room.objects.filter(pk=room_id).values_list("last_seq", flat=True).first() or 0
+
+
+def membership_get(*, room: Room, user) -> Membership | None:
+    if not getattr(user, "is_authenticated", False):
+        return None
+    return Membership.objects.filter(room=room, user=user).first()
+
+
+@dataclass(slots=True)
+class SocketContext:
+    room: Room | None
+    membership: Membership | None
+    user_active: bool
+
+
+def socket_context(*, room_id: int, user_id: int) -> SocketContext:
+    """Fresh state for a socket that has just subscribed to its room's events (two queries)."""
+    room = (
+        Room.objects.filter(pk=room_id)
+        .annotate(user_active=Exists(User.objects.filter(pk=user_id, is_active=True)))
+        .first()
+    )
+    if room is None:
+        return SocketContext(None, None, False)
+    membership = Membership.objects.filter(room_id=room_id, user_id=user_id).first()
+    return SocketContext(room, membership, room.user_active)
+
+
+def rooms_visible(*, user) -> QuerySet[Room]:
+    """Rooms the user can see, with their role (`my_role`) and `unread` count, by slug."""
+    mine = Membership.objects.filter(room=OuterRef("pk"), user=user)
+    qs = Room.objects.filter(archived_at__isnull=True).annotate(
+        my_role=Subquery(mine.values("role")[:1]),
+        my_banned=Subquery(mine.values("banned_at")[:1]),
+        my_last_read=Subquery(mine.values("last_read_seq")[:1]),
+        is_member=Count("memberships", filter=Q(memberships__user=user)),
+    )
+    if not user.is_staff:
+        qs = qs.filter(my_banned__isnull=True).filter(
+            ~Q(visibility=Room.Visibility.PRIVATE) | Q(is_member__gt=0)
+        )
+    # Unread counts belong to members: a visitor of a public room has read nothing, and is
+    # told nothing (None) rather than "every message is unread".
+    unread = Greatest(
+        F("last_seq") - Coalesce("my_last_read", Value(0), output_field=IntegerField()),
+        Value(0),
+        output_field=IntegerField(),
+    )
+    return qs.annotate(
+        unread=Case(When(my_role__isnull=False, then=unread), default=Value(None))
+    ).order_by("slug")
+
+
+def room_members(*, room: Room, include_banned: bool = True) -> QuerySet[Membership]:
+    members = Membership.objects.filter(room=room).select_related("user")
+    if not include_banned:
+        members = members.filter(banned_at__isnull=True)
+    return members.order_by("user__username")
+
+
+def messages_page(
+    *, room: Room, before: int | None = None, after: int | None = None, limit: int = 50
+) -> tuple[list[Message], bool]:
+    """Up to `limit` messages before or after a seq (the newest ones if neither), oldest first."""
+    qs = Message.objects.filter(room=room).select_related("author")
+    if after is not None:
+        page = list(qs.filter(seq__gt=after).order_by("seq")[: limit + 1])
+        has_more = len(page) > limit
+        return page[:limit], has_more
+    if before is not None:
+        qs = qs.filter(seq__lt=before)
+    page = list(qs.order_by("-seq")[: limit + 1])
+    has_more = len(page) > limit
+    return list(reversed(page[:limit])), has_more
+
+
+def message_payloads(messages: list[Message], *, room: Room) -> list[dict]:
+    return [
+        frames.message_data(
+            m, room_slug=room.slug, author_name=m.author.username if m.author else None
+        )
+        for m in messages
+    ]
+
+
+def message_frames_between(room_id: int, after: int, upto: int) -> list[tuple[int, str]]:
+    """Message frames with after < seq <= upto, in order (the hub's gap filling)."""
+    room = Room.objects.get(pk=room_id)
+    rows = (
+        Message.objects.filter(room_id=room_id, seq__gt=after, seq__lte=upto)
+        .select_related("author")
+        .order_by("seq")
+    )
+    return [
+        (
+            m.seq,
+            frames.message(
+                frames.message_data(
+                    m, room_slug=room.slug, author_name=m.author.username if m.author else None
+                )
+            ),
+        )
+        for m in rows
+    ]
+
+
+def message_get(*, room: Room, seq: int) -> Message | None:
+    return Message.objects.filter(room=room, seq=seq).first()
+
+
+def user_get(*, username: str):
+    return User.objects.filter(username=username).first()
+
+
+def user_can_view_room(*, user, room: Room) -> bool:
+    return permissions.can_view(user, room, membership_get(room=room, user=user))
+
+
+def user_by_id(user_id) -> object | None:
+    if user_id in (None, ""):
+        return None
+    return User.objects.filter(pk=user_id).first()
+
+
+# --- security overview (admin) -------------------------------------------------------------------
+
+
+def connections_live(*, now: datetime) -> QuerySet[ConnectionLog]:
+    """Accepted connections not closed yet, opened within CHAT_MAX_CONNECTION_AGE.
+
+    The server ends every socket at that age, so an older row without a close is a process that
+    died before writing it, not a live socket.
+    """
+    oldest = now - timedelta(seconds=settings.CHAT_MAX_CONNECTION_AGE)
+    return ConnectionLog.objects.filter(
+        outcome=ConnectionLog.Outcome.ACCEPTED, closed_at__isnull=True, opened_at__gte=oldest
+    ).order_by("-opened_at")
+
+
+@dataclass(frozen=True, slots=True)
+class ReasonCount:
+    reason: str
+    label: str
+    count: int
+
+
+def rejections_by_reason(*, since: datetime) -> list[ReasonCount]:
+    rows = (
+        ConnectionLog.objects.filter(outcome=ConnectionLog.Outcome.REJECTED, opened_at__gte=since)
+        .values("reason")
+        .annotate(count=Count("pk"))
+        .order_by("-count", "reason")
+    )
+    labels = dict(ConnectionLog.Reason.choices)
+    return [
+        ReasonCount(r["reason"], labels.get(r["reason"], r["reason"]), r["count"]) for r in rows
+    ]
+
+
+@dataclass(frozen=True, slots=True)
+class IpRejections:
+    ip: str
+    count: int
+    # The condition chat.audit._count_rejection logs to chat.security and records as an ALERT.
+    over_threshold: bool
+
+
+def rejections_top_ips(*, since: datetime, limit: int = 10) -> list[IpRejections]:
+    rows = (
+        ConnectionLog.objects.filter(
+            outcome=ConnectionLog.Outcome.REJECTED, opened_at__gte=since, ip__isnull=False
+        )
+        .values("ip")
+        .annotate(count=Count("pk"))
+        .order_by("-count", "ip")[:limit]
+    )
+    threshold = settings.CHAT_SECURITY_ALERT_THRESHOLD
+    return [IpRejections(r["ip"], r["count"], r["count"] >= threshold) for r in rows]
+
+
+def security_alerts_recent(*, limit: int = 20) -> QuerySet[SecurityEvent]:
+    return SecurityEvent.objects.filter(event=SecurityEvent.Event.ALERT).order_by("-chain_seq")[
+        :limit
+    ]
+
+
+@dataclass(frozen=True, slots=True)
+class SecurityOverview:
+    now: datetime
+    live_count: int
+    live: list[ConnectionLog]
+    rejections_last_hour: list[ReasonCount]
+    alert_window: int
+    alert_threshold: int
+    top_ips: list[IpRejections]
+    alerts: list[SecurityEvent]
+
+    @property
+    def rejected_last_hour(self) -> int:
+        return sum(r.count for r in self.rejections_last_hour)
+
+
+def security_overview(*, now: datetime | None = None, rows: int = 100) -> SecurityOverview:
+    """What the admin's security overview shows, as of `now`."""
+    now = now or timezone.now()
+    live = connections_live(now=now)
+    window = settings.CHAT_SECURITY_ALERT_WINDOW
+    return SecurityOverview(
+        now=now,
+        live_count=live.count(),
+        live=list(live[:rows]),
+        rejections_last_hour=rejections_by_reason(since=now - timedelta(hours=1)),
+        alert_window=window,
+        alert_threshold=settings.CHAT_SECURITY_ALERT_THRESHOLD,
+        top_ips=rejections_top_ips(since=now - timedelta(seconds=window)),
+        alerts=list(security_alerts_recent()),
+    )

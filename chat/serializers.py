@@ -1,0 +1,136 @@
+"""Request and response shapes of the rooms API."""
+
+from django.conf import settings
+from rest_framework import serializers
+
+from chat.models import SLUG_RE, Membership, Room
+
+
+class RoomSerializer(serializers.ModelSerializer):
+    role = serializers.SerializerMethodField()
+    unread = serializers.SerializerMethodField()
+
+    class Meta:
+        model = Room
+        fields = [
+            "slug",
+            "title",
+            "visibility",
+            "created_at",
+            "archived_at",
+            "last_seq",
+            "role",
+            "unread",
+        ]
+        read_only_fields = ["created_at", "archived_at", "last_seq"]
+
+    def get_role(self, room) -> str | None:
+        return getattr(room, "my_role", None)
+
+    def get_unread(self, room) -> int | None:
+        return getattr(room, "unread", None)
+
+
+class RoomCreateSerializer(serializers.Serializer):
+    slug = serializers.RegexField(SLUG_RE, max_length=50)
+    title = serializers.CharField(max_length=120)
+    visibility = serializers.ChoiceField(Room.Visibility.choices, default=Room.Visibility.PUBLIC)
+
+
+class RoomUpdateSerializer(serializers.Serializer):
+    title = serializers.CharField(max_length=120, required=False)
+    visibility = serializers.ChoiceField(Room.Visibility.choices, required=False)
+
+
+class ArchiveSerializer(serializers.Serializer):
+    reason = serializers.CharField(max_length=200, required=False, default="", allow_blank=True)
+
+
+class ReadSerializer(serializers.Serializer):
+    seq = serializers.IntegerField(min_value=0)
+
+
+class MessageQuerySerializer(serializers.Serializer):
+    before = serializers.IntegerField(min_value=0, required=False)
+    after = serializers.IntegerField(min_value=0, required=False)
+    limit = serializers.IntegerField(min_value=1, default=50)
+
+    def validate_limit(self, value):
+        if value > settings.CHAT_HISTORY_LIMIT:
+            raise serializers.ValidationError(f"at most {settings.CHAT_HISTORY_LIMIT}")
+        return value
+
+    def validate(self, attrs):
+        if "before" in attrs and "after" in attrs:
+            raise serializers.ValidationError("give before or after, not both")
+        return attrs
+
+
+class MessageSerializer(serializers.Serializer):
+    """A message, or a tombstone (deleted: true, no body) if it was deleted."""
+
+    seq = serializers.IntegerField()
+    room = serializers.CharField()
+    author = serializers.CharField(allow_null=True)
+    created_at = serializers.CharField()
+    body = serializers.CharField(required=False)
+    client_id = serializers.CharField(required=False)
+    deleted = serializers.BooleanField(required=False)
+
+
+class MessagePageSerializer(serializers.Serializer):
+    messages = MessageSerializer(many=True)
+    has_more = serializers.BooleanField()
+
+
+class MessageCreateSerializer(serializers.Serializer):
+    body = serializers.CharField(trim_whitespace=False, max_length=100_000)
+    client_id = serializers.CharField(max_length=64)
+
+
+class MessageAckSerializer(serializers.Serializer):
+    seq = serializers.IntegerField()
+    client_id = serializers.CharField()
+    duplicate = serializers.BooleanField()
+
+
+class MemberSerializer(serializers.ModelSerializer):
+    username = serializers.CharField(source="user.username")
+    banned = serializers.SerializerMethodField()
+
+    class Meta:
+        model = Membership
+        fields = [
+            "username",
+            "role",
+            "joined_at",
+            "muted_until",
+            "banned",
+            "banned_at",
+            "ban_reason",
+        ]
+
+    def get_banned(self, membership) -> bool:
+        return membership.banned_at is not None
+
+
+class PublicMemberSerializer(serializers.ModelSerializer):
+    """A member as other members see them: no moderation data."""
+
+    username = serializers.CharField(source="user.username")
+
+    class Meta:
+        model = Membership
+        fields = ["username", "role", "joined_at"]
+
+
+class MemberAddSerializer(serializers.Serializer):
+    username = serializers.CharField(max_length=150)
+    role = serializers.ChoiceField(Membership.Role.choices, default=Membership.Role.MEMBER)
+
+
+class MemberUpdateSerializer(serializers.Serializer):
+    role = serializers.ChoiceField(Membership.Role.choices, required=False)
+    muted_until = serializers.DateTimeField(required=False, allow_null=True)
+    banned = serializers.BooleanField(required=False)
+    reason = serializers.CharField(max_length=200, required=False, default="", allow_blank=True)

@@ -1,0 +1,641 @@
+"""Every write: one keyword-only function per action; checked, audited, broadcast after commit."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+from uuid import UUID
+
+from django.conf import settings
+from django.contrib.auth import get_user_model
+from django.db import IntegrityError, transaction
+from django.db.models import Subquery, Value
+from django.db.models.functions import Least
+from django.utils import timezone
+
+from chat import audit, broadcast, frames, permissions, sql
+from chat.models import Membership, Message, Room
+from chat.protocol import CLOSE_FORBIDDEN, CLOSE_ROOM_GONE, CLOSE_UNAUTHORIZED
+
+User = get_user_model()
+Role = Membership.Role
+
+
+class ServiceError(Exception):
+    """A refused action. `code` is what clients see; the HTTP status is the caller's choice."""
+
+    code = "invalid"
+
+    def __init__(self, detail: str, code: str | None = None):
+        super().__init__(detail)
+        self.detail = detail
+        if code:
+            self.code = code
+
+
+class Invalid(ServiceError):
+    code = "invalid"
+
+
+class Forbidden(ServiceError):
+    code = "forbidden"
+
+
+class NotFound(ServiceError):
+    code = "not_found"
+
+
+class Conflict(ServiceError):
+    code = "conflict"
+
+
+# --- validation ----------------------------------------------------------------------------------
+
+# C0 and C1 controls other than tab and newline (a CR only in CRLF, normalised below), and the
+# bidirectional embedding/override/isolate controls that make text display differently from what
+# it says ("Trojan Source"). The marks LRM and RLM (U+200E/F) stay allowed.
+_CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f\u202a-\u202e\u2066-\u2069]")
+CLIENT_ID_RE = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
+
+
+def clean_body(body: Any) -> str:
+    """A message body as stored: a non-blank string within the length limit, valid Unicode."""
+    if not isinstance(body, str):
+        raise Invalid("body must be a string", code="invalid_frame")
+    if len(body) > settings.CHAT_MAX_MESSAGE_LENGTH:
+        raise Invalid(
+            f"body is longer than {settings.CHAT_MAX_MESSAGE_LENGTH} characters", code="too_long"
+        )
+    body = body.replace("\r\n", "\n")
+    if not body.strip():
+        raise Invalid("body is empty", code="invalid_frame")
+    if _CONTROL.search(body):
+        raise Invalid("body contains control characters", code="invalid_frame")
+    try:
+        body.encode("utf-8")
+    except UnicodeEncodeError:
+        raise Invalid("body is not valid Unicode", code="invalid_frame") from None
+    return body
+
+
+def clean_client_id(client_id: Any) -> str:
+    if not isinstance(client_id, str) or not CLIENT_ID_RE.match(client_id):
+        raise Invalid("client_id must be 1-64 characters of A-Z a-z 0-9 _ -", code="invalid_frame")
+    return client_id
+
+
+# --- messages ------------------------------------------------------------------------------------
+
+
+@dataclass(slots=True)
+class SendItem:
+    room: Room
+    author: Any
+    body: str
+    client_id: str
+    connection_id: UUID | None = None
+    ip: str | None = None
+
+
+@dataclass(slots=True)
+class SendResult:
+    seq: int | None = None
+    duplicate: bool = False
+    error: str | None = None
+    detail: str = ""
+
+    @property
+    def ok(self) -> bool:
+        return self.error is None
+
+
+def message_send(
+    *,
+    room: Room,
+    author,
+    body: str,
+    client_id: str,
+    connection_id: UUID | None = None,
+    ip: str | None = None,
+) -> SendResult:
+    return message_send_many([SendItem(room, author, body, client_id, connection_id, ip)])[0]
+
+
+Publication = tuple[str, dict[str, Any]]
+# What the room policy and the frames read of a room and a membership.
+ROOM_FIELDS = ["slug", "title", "visibility", "archived_at", "last_seq"]
+MEMBERSHIP_FIELDS = ["room", "user", "role", "muted_until", "banned_at"]
+
+
+def message_send_many(items: list[SendItem]) -> list[SendResult]:
+    """Store a batch of messages (message_store_many) and broadcast them once committed."""
+    results, publications = message_store_many(items)
+    for group, event in publications:
+        broadcast.publish(group, event)
+    return results
+
+
+def message_store_many(items: list[SendItem]) -> tuple[list[SendResult], list[Publication]]:
+    """Store a batch of messages in one transaction, in order; each gets its own result.
+
+    Returns the results and the room events to publish; the caller publishes them (the socket
+    writer does so after answering each sender, so a sender sees its ack before the broadcast).
+    Bodies and client ids must already be clean. Permissions are checked again here against
+    rows locked in this transaction, so a ban committed a moment ago stops the next message even
+    if the sender's socket has not heard of it yet. A client_id the author already used returns
+    the stored message's seq and creates nothing.
+    """
+    for attempt in range(3):
+        try:
+            return _store_batch(items)
+        except IntegrityError:
+            # Another process stored one of these client_ids between our check and our insert.
+            # Everything rolled back (seq counters included); the re-check will find it.
+            if attempt == 2:
+                raise
+    raise AssertionError("unreachable")
+
+
+def _store_batch(items: list[SendItem]) -> tuple[list[SendResult], list[Publication]]:
+    now = timezone.now()
+    results = [SendResult() for _ in items]
+    room_ids = sorted({i.room.pk for i in items})
+    author_ids = {i.author.pk for i in items}
+    published: dict[int, list[tuple[int, str]]] = {}
+    with transaction.atomic():
+        # Lock rooms in id order (no deadlock between batches); also gives their fresh state.
+        # (sql.select_in: the ORM's query compiler cost more than these queries.)
+        rooms = {
+            r.pk: r
+            for r in sql.select_in(Room, ROOM_FIELDS, pk=room_ids, for_update=True, order_by="id")
+        }
+        memberships = {
+            (m.room_id, m.user_id): m
+            for m in sql.select_in(Membership, MEMBERSHIP_FIELDS, room=room_ids, user=author_ids)
+        }
+        existing = {
+            (m.author_id, m.client_id): m
+            for m in sql.select_in(
+                Message,
+                ["author", "client_id", "room", "seq"],
+                author=author_ids,
+                client_id={i.client_id for i in items},
+            )
+        }
+        new_messages: list[Message] = []
+        logs = []
+        for item, result in zip(items, results, strict=True):
+            room = rooms.get(item.room.pk)
+            previous = existing.get((item.author.pk, item.client_id))
+            if previous is not None:
+                if room is not None and previous.room_id == room.pk:
+                    result.seq, result.duplicate = previous.seq, True
+                else:
+                    result.error, result.detail = (
+                        "invalid_frame",
+                        "client_id was used in another room",
+                    )
+                continue
+            membership = memberships.get((item.room.pk, item.author.pk))
+            if room is None or room.archived_at is not None:
+                result.error, result.detail = "not_found", "room not found"
+            elif not permissions.can_post(item.author, room, membership):
+                result.error, result.detail = "forbidden", "you may not post in this room"
+            elif permissions.is_muted(membership, now):
+                result.error, result.detail = "muted", "you are muted in this room"
+            if result.error:
+                logs.append(_rejected_log(item, room, result.error))
+                continue
+            room.last_seq += 1
+            message = Message(
+                room=room,
+                seq=room.last_seq,
+                author=item.author,
+                body=item.body,
+                client_id=item.client_id,
+                created_at=now,
+            )
+            new_messages.append(message)
+            existing[(item.author.pk, item.client_id)] = message
+            result.seq = message.seq
+            logs.append(
+                audit.message_log(
+                    event=audit.MessageEvent.SENT,
+                    user=item.author,
+                    room=room,
+                    seq=message.seq,
+                    connection_id=item.connection_id,
+                    ip=item.ip,
+                )
+            )
+            data = frames.message_data(
+                message, room_slug=room.slug, author_name=item.author.username
+            )
+            published.setdefault(room.pk, []).append((message.seq, frames.message(data)))
+        if new_messages:
+            sql.insert_many(new_messages)
+            sql.update_many(
+                Room, ["last_seq"], ((room_id, [rooms[room_id].last_seq]) for room_id in published)
+            )
+        audit.append(logs)
+    publications = [
+        (broadcast.room_group(room_id), broadcast.messages_event(room_id, room_items))
+        for room_id, room_items in published.items()
+    ]
+    return results, publications
+
+
+def _rejected_log(item: SendItem, room: Room | None, reason: str):
+    return audit.message_log(
+        event=audit.MessageEvent.REJECTED,
+        reason=reason,
+        user=item.author,
+        room=room or item.room,
+        connection_id=item.connection_id,
+        ip=item.ip,
+    )
+
+
+def message_delete(
+    *, actor, room: Room, seq: int, connection_id: UUID | None = None, ip: str | None = None
+) -> Message:
+    with transaction.atomic():
+        message = Message.objects.select_for_update().filter(room=room, seq=seq).first()
+        if message is None or message.deleted_at is not None:
+            raise NotFound("no such message")
+        membership = _membership(room, actor)
+        if not permissions.can_delete(actor, room, membership, message):
+            raise Forbidden("you may not delete this message")
+        message.deleted_at, message.deleted_by = timezone.now(), actor
+        message.save(update_fields=["deleted_at", "deleted_by"])
+        audit.append(
+            [
+                audit.message_log(
+                    event=audit.MessageEvent.DELETED,
+                    user=actor,
+                    room=room,
+                    seq=seq,
+                    connection_id=connection_id,
+                    ip=ip,
+                )
+            ]
+        )
+        _publish_frame(room, frames.deleted(room.slug, seq))
+    return message
+
+
+def message_restore(*, actor, message: Message) -> Message:
+    """Undo a soft delete (moderators and staff, e.g. from the admin)."""
+    with transaction.atomic():
+        message = (
+            # of=self: the author join is an outer join, which PostgreSQL will not lock.
+            Message.objects.select_for_update(of=("self",))
+            .select_related("room", "author")
+            .get(pk=message.pk)
+        )
+        room = message.room
+        if message.deleted_at is None:
+            return message
+        if not permissions.is_moderator(actor, room, _membership(room, actor)):
+            raise Forbidden("you may not restore messages in this room")
+        message.deleted_at, message.deleted_by = None, None
+        message.save(update_fields=["deleted_at", "deleted_by"])
+        audit.append(
+            [
+                audit.message_log(
+                    event=audit.MessageEvent.RESTORED, user=actor, room=room, seq=message.seq
+                )
+            ]
+        )
+        author = message.author.username if message.author else None
+        _publish_frame(
+            room,
+            frames.restored(frames.message_data(message, room_slug=room.slug, author_name=author)),
+        )
+    return message
+
+
+# --- rooms ---------------------------------------------------------------------------------------
+
+
+def room_create(*, actor, slug: str, title: str, visibility: str = Room.Visibility.PUBLIC) -> Room:
+    if not permissions.can_create_room(actor):
+        raise Forbidden("you may not create rooms")
+    if visibility not in Room.Visibility.values:
+        raise Invalid(f"visibility must be one of {', '.join(Room.Visibility.values)}")
+    with transaction.atomic():
+        if Room.objects.filter(slug=slug).exists():
+            raise Conflict("a room with this slug already exists")
+        room = Room.objects.create(slug=slug, title=title, visibility=visibility, created_by=actor)
+        Membership.objects.create(room=room, user=actor, role=Role.OWNER)
+        audit.security_event(
+            event=audit.Event.ROOM_CREATED,
+            actor=actor,
+            room=room,
+            details={"visibility": visibility},
+        )
+    return room
+
+
+def room_update(
+    *, actor, room: Room, title: str | None = None, visibility: str | None = None
+) -> Room:
+    with transaction.atomic():
+        room = Room.objects.select_for_update().get(pk=room.pk)
+        if not permissions.can_manage_room(actor, room, _membership(room, actor)):
+            raise Forbidden("only owners may change the room")
+        changes: dict[str, Any] = {}
+        if title is not None and title != room.title:
+            changes["title"] = [room.title, title]
+            room.title = title
+        if visibility is not None and visibility != room.visibility:
+            if visibility not in Room.Visibility.values:
+                raise Invalid(f"visibility must be one of {', '.join(Room.Visibility.values)}")
+            changes["visibility"] = [room.visibility, visibility]
+            room.visibility = visibility
+        if not changes:
+            return room
+        room.save(update_fields=["title", "visibility"])
+        audit.security_event(
+            event=audit.Event.ROOM_UPDATED, actor=actor, room=room, details=changes
+        )
+        # Sockets re-check access against the new visibility (private: non-members are closed).
+        broadcast.publish(
+            broadcast.room_group(room.pk), broadcast.room_state_event(room.pk, room_state(room))
+        )
+    return room
+
+
+def room_archive(*, actor, room: Room, reason: str = "") -> Room:
+    with transaction.atomic():
+        room = Room.objects.select_for_update().get(pk=room.pk)
+        if room.archived_at is not None:
+            return room
+        if not permissions.can_manage_room(actor, room, _membership(room, actor)):
+            raise Forbidden("only owners may archive the room")
+        room.archived_at = timezone.now()
+        room.save(update_fields=["archived_at"])
+        audit.security_event(event=audit.Event.ROOM_ARCHIVED, actor=actor, room=room, reason=reason)
+        broadcast.publish(
+            broadcast.room_group(room.pk),
+            broadcast.revoke_event(room_id=room.pk, code=CLOSE_ROOM_GONE, reason="room archived"),
+        )
+    return room
+
+
+def room_state(room: Room) -> dict[str, Any]:
+    return {
+        "visibility": room.visibility,
+        "title": room.title,
+        "archived_at": frames.iso(room.archived_at),
+    }
+
+
+def room_mark_read(*, user, room: Room, seq: int) -> None:
+    """Move the member's read marker forward to `seq` (never past the room's last message)."""
+    last_seq = Room.objects.filter(pk=room.pk).values("last_seq")
+    Membership.objects.filter(room=room, user=user, last_read_seq__lt=seq).update(
+        last_read_seq=Least(Value(seq), Subquery(last_seq))
+    )
+
+
+# --- memberships ---------------------------------------------------------------------------------
+
+
+def room_join(*, user, room: Room) -> Membership:
+    with transaction.atomic():
+        membership = _membership(room, user, lock=True)
+        if membership is not None and membership.banned_at is None:
+            return membership
+        if not permissions.can_join(user, room, membership):
+            raise Forbidden("you may not join this room")
+        membership = Membership.objects.create(room=room, user=user, role=Role.MEMBER)
+        audit.security_event(
+            event=audit.Event.MEMBER_ADDED,
+            actor=user,
+            target=user,
+            room=room,
+            details={"role": "member"},
+        )
+    return membership
+
+
+def membership_add(*, actor, room: Room, user, role: str = Role.MEMBER) -> Membership:
+    with transaction.atomic():
+        if not permissions.can_add_member(actor, room, _membership(room, actor), role):
+            raise Forbidden("you may not add members with this role")
+        if not user.is_active:
+            raise Invalid("this user is inactive")
+        membership = _membership(room, user, lock=True)
+        if membership is not None:
+            raise Conflict(
+                "this user is already a member"
+                if not membership.banned_at
+                else "this user is banned"
+            )
+        membership = Membership.objects.create(room=room, user=user, role=role)
+        audit.security_event(
+            event=audit.Event.MEMBER_ADDED,
+            actor=actor,
+            target=user,
+            room=room,
+            details={"role": role},
+        )
+    return membership
+
+
+def membership_set_role(*, actor, room: Room, user, role: str) -> Membership:
+    with transaction.atomic():
+        target = _existing_membership(room, user)
+        if not permissions.can_set_role(actor, room, _membership(room, actor), user, target, role):
+            raise Forbidden("you may not give this role to this member")
+        old = target.role
+        if old == role:
+            return target
+        target.role = role
+        target.save(update_fields=["role"])
+        audit.security_event(
+            event=audit.Event.ROLE_CHANGED,
+            actor=actor,
+            target=user,
+            room=room,
+            details={"from": old, "to": role},
+        )
+        demoted = permissions.is_demotion(old, role)
+        # A demotion ends the sockets opened under the old role: the client reconnects with a new
+        # ticket and a fresh hello. A promotion takes effect live.
+        close = (CLOSE_UNAUTHORIZED, "role changed") if demoted else None
+        _publish_membership(room, user, target, close=close)
+    return target
+
+
+def member_mute(*, actor, room: Room, user, until: datetime | None, reason: str = "") -> Membership:
+    """Mute `user` until `until` (None: unmute). A mute creates a membership in public rooms."""
+    with transaction.atomic():
+        target = _membership(room, user, lock=True)
+        if not permissions.can_moderate(actor, room, _membership(room, actor), user, target):
+            raise Forbidden("you may not mute this user")
+        if until is not None and until <= timezone.now():
+            raise Invalid("a mute must end in the future")
+        if target is None:
+            target = Membership(room=room, user=user, role=Role.MEMBER)
+        target.muted_until = until
+        target.save()
+        audit.security_event(
+            event=audit.Event.MEMBER_MUTED if until else audit.Event.MEMBER_UNMUTED,
+            actor=actor,
+            target=user,
+            room=room,
+            reason=reason,
+            details={"until": frames.iso(until)} if until else {},
+        )
+        _publish_membership(room, user, target)
+    return target
+
+
+def member_ban(*, actor, room: Room, user, reason: str = "") -> Membership:
+    with transaction.atomic():
+        target = _membership(room, user, lock=True)
+        if not permissions.can_moderate(actor, room, _membership(room, actor), user, target):
+            raise Forbidden("you may not ban this user")
+        if target is None:
+            target = Membership(room=room, user=user, role=Role.MEMBER)
+        if target.banned_at is not None:
+            return target
+        target.banned_at, target.banned_by, target.ban_reason = timezone.now(), actor, reason[:200]
+        target.save()
+        audit.security_event(
+            event=audit.Event.MEMBER_BANNED, actor=actor, target=user, room=room, reason=reason
+        )
+        _publish_membership(room, user, target, close=(CLOSE_FORBIDDEN, "banned"))
+    return target
+
+
+def member_unban(*, actor, room: Room, user) -> Membership:
+    with transaction.atomic():
+        target = _existing_membership(room, user)
+        if not permissions.can_moderate(actor, room, _membership(room, actor), user, target):
+            raise Forbidden("you may not unban this user")
+        if target.banned_at is None:
+            return target
+        target.banned_at, target.banned_by, target.ban_reason = None, None, ""
+        target.save()
+        audit.security_event(event=audit.Event.MEMBER_UNBANNED, actor=actor, target=user, room=room)
+    return target
+
+
+def member_remove(*, actor, room: Room, user, reason: str = "") -> None:
+    """Remove (kick) `user`: their membership goes and their open sockets in the room close 4403.
+
+    Members may remove themselves (leave). In a public room a kicked user may come back; ban to
+    keep them out.
+    """
+    with transaction.atomic():
+        target = _existing_membership(room, user)
+        leaving = actor.pk == user.pk and target.role != Role.OWNER
+        if not leaving and not permissions.can_moderate(
+            actor, room, _membership(room, actor), user, target
+        ):
+            raise Forbidden("you may not remove this member")
+        target.delete()
+        audit.security_event(
+            event=audit.Event.MEMBER_REMOVED,
+            actor=actor,
+            target=user,
+            room=room,
+            reason=reason,
+            details={"role": target.role, "left": leaving},
+        )
+        _publish_membership(room, user, None, close=(CLOSE_FORBIDDEN, "removed"))
+
+
+# --- users ---------------------------------------------------------------------------------------
+
+
+def user_deactivate(*, actor, user, reason: str = "") -> None:
+    """Deactivate an account: it can no longer sign in, and its open sockets close (4401)."""
+    with transaction.atomic():
+        updated = User.objects.filter(pk=user.pk, is_active=True).update(is_active=False)
+        if not updated:
+            return
+        user.is_active = False
+        audit.security_event(
+            event=audit.Event.USER_DEACTIVATED, actor=actor, target=user, reason=reason
+        )
+        user_sockets_close(user_id=user.pk, reason="account deactivated")
+
+
+def user_credentials_changed(*, user, password_changed: bool, deactivated: bool) -> None:
+    """A user's password changed or the account was deactivated by any path (admin form,
+    `changepassword`, shell): audit it and close every socket the user has open (4401)."""
+    with transaction.atomic():
+        if password_changed:
+            audit.security_event(event=audit.Event.PASSWORD_CHANGED, actor=user, target=user)
+        if deactivated:
+            audit.security_event(event=audit.Event.USER_DEACTIVATED, target=user)
+        reason = "account deactivated" if deactivated else "password changed"
+        user_sockets_close(user_id=user.pk, reason=reason)
+
+
+def user_reactivate(*, actor, user) -> None:
+    with transaction.atomic():
+        if User.objects.filter(pk=user.pk, is_active=False).update(is_active=True):
+            user.is_active = True
+            audit.security_event(event=audit.Event.USER_REACTIVATED, actor=actor, target=user)
+
+
+def user_sockets_close(*, user_id: int, reason: str, credential: str | None = None) -> None:
+    """Close the user's sockets everywhere (only those opened with `credential`, if given), 4401."""
+    broadcast.publish(
+        broadcast.user_group(user_id),
+        broadcast.revoke_event(
+            user_id=user_id, credential=credential, code=CLOSE_UNAUTHORIZED, reason=reason
+        ),
+    )
+
+
+# --- helpers -------------------------------------------------------------------------------------
+
+
+def membership_state(membership: Membership | None) -> dict[str, Any] | None:
+    if membership is None:
+        return None
+    return {
+        "role": membership.role,
+        "muted_until": frames.iso(membership.muted_until),
+        "banned_at": frames.iso(membership.banned_at),
+    }
+
+
+def _membership(room: Room, user, *, lock: bool = False) -> Membership | None:
+    qs = Membership.objects.filter(room=room, user=user)
+    if lock:
+        qs = qs.select_for_update()
+    return qs.first()
+
+
+def _existing_membership(room: Room, user) -> Membership:
+    membership = _membership(room, user, lock=True)
+    if membership is None:
+        raise NotFound("this user is not a member of the room")
+    return membership
+
+
+def _publish_frame(room: Room, text: str) -> None:
+    broadcast.publish(broadcast.room_group(room.pk), broadcast.frame_event(room.pk, text))
+
+
+def _publish_membership(
+    room: Room, user, membership: Membership | None, close: tuple[int, str] | None = None
+) -> None:
+    text = None
+    if membership is not None and close is None:
+        text = frames.membership(
+            room.slug, role=membership.role, muted_until=membership.muted_until
+        )
+    broadcast.publish(
+        broadcast.room_group(room.pk),
+        broadcast.membership_event(room.pk, user.pk, membership_state(membership), text, close),
+    )

@@ -1,0 +1,266 @@
+"""Shared, short-lived state: rate limits, connection caps and presence, global across processes.
+
+Without REDIS_URL there is one process and the state lives in memory. With it, every process
+reads and writes the same Redis keys with atomic scripts. Socket entries are leases: a process
+renews its sockets' leases (Hub heartbeat), so a crashed process's sockets expire instead of
+counting forever.
+"""
+
+from __future__ import annotations
+
+import functools
+import time
+from collections import defaultdict
+
+from django.conf import settings
+
+LEASE_SECONDS = 90.0
+
+
+class StateUnavailable(Exception):
+    """The shared state (Redis) could not be reached; the caller answers "try again later"."""
+
+
+def _guarded(method):
+    @functools.wraps(method)
+    async def wrapper(self, *args, **kwargs):
+        try:
+            return await method(self, *args, **kwargs)
+        except StateUnavailable:
+            raise
+        except (OSError, TimeoutError, self._errors) as error:
+            raise StateUnavailable(str(error)) from error
+
+    return wrapper
+
+
+class MemoryState:
+    """Single-process state: RedisState's semantics without leases (no process can outlive it)."""
+
+    def __init__(self) -> None:
+        self._buckets: dict[str, tuple[float, float]] = {}
+        self._windows: dict[str, tuple[float, int]] = {}
+        self._throttles: dict[str, float] = {}
+        self._user_sockets: dict[int, set[str]] = defaultdict(set)
+        self._presence: dict[int, dict[str, set[str]]] = defaultdict(lambda: defaultdict(set))
+
+    async def take_token(self, key: str, rate: float, burst: int) -> bool:
+        now = time.monotonic()
+        tokens, stamp = self._buckets.get(key, (float(burst), now))
+        tokens = min(float(burst), tokens + (now - stamp) * rate)
+        allowed = tokens >= 1.0
+        self._buckets[key] = (tokens - 1.0 if allowed else tokens, now)
+        return allowed
+
+    async def count_hit(self, key: str, window: float) -> int:
+        now = time.monotonic()
+        start, count = self._windows.get(key, (now, 0))
+        if now - start >= window:
+            start, count = now, 0
+        self._windows[key] = (start, count + 1)
+        return count + 1
+
+    async def throttle(self, key: str, interval: float) -> bool:
+        now = time.monotonic()
+        if self._throttles.get(key, 0.0) > now:
+            return False
+        self._throttles[key] = now + interval
+        return True
+
+    async def socket_open(self, user_id: int, socket_id: str, limit: int) -> bool:
+        sockets = self._user_sockets[user_id]
+        if len(sockets) >= limit:
+            return False
+        sockets.add(socket_id)
+        return True
+
+    async def socket_close(self, user_id: int, socket_id: str) -> None:
+        self._user_sockets[user_id].discard(socket_id)
+        if not self._user_sockets[user_id]:
+            del self._user_sockets[user_id]
+
+    async def presence_join(self, room_id: int, username: str, socket_id: str) -> bool:
+        sockets = self._presence[room_id][username]
+        first = not sockets
+        sockets.add(socket_id)
+        return first
+
+    async def presence_leave(self, room_id: int, username: str, socket_id: str) -> bool:
+        room = self._presence[room_id]
+        sockets = room.get(username)
+        if not sockets or socket_id not in sockets:
+            return False
+        sockets.discard(socket_id)
+        if sockets:
+            return False
+        del room[username]
+        if not room:
+            del self._presence[room_id]
+        return True
+
+    async def presence_list(self, room_id: int) -> list[str]:
+        return sorted(self._presence.get(room_id, {}))
+
+    async def renew(self, sockets: list[tuple[int, str, int, str]]) -> None:
+        """(user_id, socket_id, room_id, username) for every local socket; nothing to do here."""
+
+    async def close(self) -> None:
+        pass
+
+
+_BUCKET_SCRIPT = """
+local rate, burst, now = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3])
+local state = redis.call('HMGET', KEYS[1], 'tokens', 'stamp')
+local tokens, stamp = tonumber(state[1]) or burst, tonumber(state[2]) or now
+tokens = math.min(burst, tokens + math.max(0, now - stamp) * rate)
+local allowed = 0
+if tokens >= 1 then tokens = tokens - 1; allowed = 1 end
+redis.call('HSET', KEYS[1], 'tokens', tokens, 'stamp', now)
+redis.call('PEXPIRE', KEYS[1], math.ceil(burst / rate * 1000) + 1000)
+return allowed
+"""
+
+_COUNT_SCRIPT = """
+local count = redis.call('INCR', KEYS[1])
+if count == 1 then redis.call('PEXPIRE', KEYS[1], ARGV[1]) end
+return count
+"""
+
+_SOCKET_OPEN_SCRIPT = """
+local now, expires, limit = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3])
+redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now)
+if redis.call('ZCARD', KEYS[1]) >= limit then return 0 end
+redis.call('ZADD', KEYS[1], expires, ARGV[4])
+redis.call('PEXPIREAT', KEYS[1], math.ceil(expires * 1000))
+return 1
+"""
+
+# KEYS: the user's sockets in the room, the room's users. ARGV: now, lease end, socket, username.
+_PRESENCE_JOIN_SCRIPT = """
+local now, expires = tonumber(ARGV[1]), tonumber(ARGV[2])
+redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now)
+local first = redis.call('ZCARD', KEYS[1]) == 0
+redis.call('ZADD', KEYS[1], expires, ARGV[3])
+redis.call('ZADD', KEYS[2], expires, ARGV[4])
+redis.call('PEXPIREAT', KEYS[1], math.ceil(expires * 1000))
+redis.call('PEXPIREAT', KEYS[2], math.ceil(expires * 1000))
+if first then return 1 end
+return 0
+"""
+
+_PRESENCE_LEAVE_SCRIPT = """
+local now = tonumber(ARGV[1])
+if redis.call('ZREM', KEYS[1], ARGV[2]) == 0 then return 0 end
+redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now)
+if redis.call('ZCARD', KEYS[1]) > 0 then return 0 end
+redis.call('ZREM', KEYS[2], ARGV[3])
+return 1
+"""
+
+
+class RedisState:
+    """State in Redis, shared by every process of the deployment."""
+
+    def __init__(self, url: str, prefix: str, max_connections: int) -> None:
+        from redis import asyncio as aioredis
+        from redis.exceptions import RedisError
+
+        self._errors = RedisError
+
+        pool = aioredis.BlockingConnectionPool.from_url(
+            url, max_connections=max_connections, timeout=5
+        )
+        self._redis = aioredis.Redis(connection_pool=pool)
+        self._prefix = prefix
+        self._take_token = self._redis.register_script(_BUCKET_SCRIPT)
+        self._count_hit = self._redis.register_script(_COUNT_SCRIPT)
+        self._socket_open = self._redis.register_script(_SOCKET_OPEN_SCRIPT)
+        self._presence_join = self._redis.register_script(_PRESENCE_JOIN_SCRIPT)
+        self._presence_leave = self._redis.register_script(_PRESENCE_LEAVE_SCRIPT)
+
+    def _key(self, *parts: object) -> str:
+        return ":".join([self._prefix, *map(str, parts)])
+
+    @_guarded
+    async def take_token(self, key: str, rate: float, burst: int) -> bool:
+        return bool(
+            await self._take_token(keys=[self._key("tb", key)], args=[rate, burst, time.time()])
+        )
+
+    @_guarded
+    async def count_hit(self, key: str, window: float) -> int:
+        return int(await self._count_hit(keys=[self._key("win", key)], args=[int(window * 1000)]))
+
+    @_guarded
+    async def throttle(self, key: str, interval: float) -> bool:
+        # At least 1 ms: PX 0 is an error in Redis.
+        return bool(
+            await self._redis.set(
+                self._key("thr", key), 1, px=max(1, int(interval * 1000)), nx=True
+            )
+        )
+
+    @_guarded
+    async def socket_open(self, user_id: int, socket_id: str, limit: int) -> bool:
+        now = time.time()
+        return bool(
+            await self._socket_open(
+                keys=[self._key("us", user_id)], args=[now, now + LEASE_SECONDS, limit, socket_id]
+            )
+        )
+
+    @_guarded
+    async def socket_close(self, user_id: int, socket_id: str) -> None:
+        await self._redis.zrem(self._key("us", user_id), socket_id)
+
+    @_guarded
+    async def presence_join(self, room_id: int, username: str, socket_id: str) -> bool:
+        now = time.time()
+        return bool(
+            await self._presence_join(
+                keys=[self._key("pu", room_id, username), self._key("pr", room_id)],
+                args=[now, now + LEASE_SECONDS, socket_id, username],
+            )
+        )
+
+    @_guarded
+    async def presence_leave(self, room_id: int, username: str, socket_id: str) -> bool:
+        return bool(
+            await self._presence_leave(
+                keys=[self._key("pu", room_id, username), self._key("pr", room_id)],
+                args=[time.time(), socket_id, username],
+            )
+        )
+
+    @_guarded
+    async def presence_list(self, room_id: int) -> list[str]:
+        key = self._key("pr", room_id)
+        await self._redis.zremrangebyscore(key, "-inf", time.time())
+        return sorted(m.decode() for m in await self._redis.zrange(key, 0, -1))
+
+    @_guarded
+    async def renew(self, sockets: list[tuple[int, str, int, str]]) -> None:
+        expires = time.time() + LEASE_SECONDS
+        async with self._redis.pipeline(transaction=False) as pipe:
+            for user_id, socket_id, room_id, username in sockets:
+                pipe.zadd(self._key("us", user_id), {socket_id: expires}, xx=True)
+                pipe.zadd(self._key("pu", room_id, username), {socket_id: expires}, xx=True)
+                pipe.zadd(self._key("pr", room_id), {username: expires}, gt=True)
+                for key in (
+                    self._key("us", user_id),
+                    self._key("pu", room_id, username),
+                    self._key("pr", room_id),
+                ):
+                    pipe.pexpireat(key, int(expires * 1000))
+            await pipe.execute()
+
+    async def close(self) -> None:
+        await self._redis.aclose(close_connection_pool=True)
+
+
+def make_state() -> MemoryState | RedisState:
+    if settings.REDIS_URL:
+        return RedisState(
+            settings.REDIS_URL, settings.CHAT_REDIS_PREFIX, settings.REDIS_MAX_CONNECTIONS
+        )
+    return MemoryState()

@@ -1,0 +1,52 @@
+"""Pages: the room list and a room. All data after the first paint comes from the API and socket."""
+
+from django.conf import settings
+from django.contrib.auth.decorators import login_required
+from django.http import Http404
+from django.shortcuts import render
+
+from chat import permissions, selectors
+from chat.models import Membership, Room
+
+
+def _membership_from_annotations(room: Room) -> Membership | None:
+    """The user's membership as rooms_visible annotated it (my_role, my_banned), never saved."""
+    if room.my_role is None:
+        return None
+    return Membership(room=room, role=room.my_role, banned_at=room.my_banned)
+
+
+# (value, name, description) from labels like "Private: members only".
+_VISIBILITY_CHOICES = [(value, *label.split(": ", 1)) for value, label in Room.Visibility.choices]
+
+
+@login_required
+def room_list(request):
+    rooms = list(selectors.rooms_visible(user=request.user))
+    for room in rooms:
+        room.can_join = permissions.can_join(request.user, room, _membership_from_annotations(room))
+    return render(
+        request,
+        "chat/room_list.html",
+        {"rooms": rooms, "visibilities": _VISIBILITY_CHOICES},
+    )
+
+
+@login_required
+def room_page(request, slug: str):
+    room = selectors.room_get(slug=slug)
+    if room is None or room.archived_at is not None:
+        raise Http404("no such room")
+    membership = selectors.membership_get(room=room, user=request.user)
+    can_view = permissions.can_view(request.user, room, membership)
+    return render(
+        request,
+        "chat/room.html",
+        {
+            "room": room,
+            "can_view": can_view,
+            "can_join": permissions.can_join(request.user, room, membership),
+            "max_length": settings.CHAT_MAX_MESSAGE_LENGTH,
+        },
+        status=200 if can_view else 403,
+    )
