@@ -1,0 +1,62 @@
+// JSON requests to the chat's REST API with the session cookie and the CSRF token.
+
+export class ApiError extends Error {
+  constructor(status, data, retryAfter) {
+    super(describe(status, data));
+    this.status = status; // 0: the request never reached the server
+    this.data = data;
+    this.retryAfter = retryAfter; // seconds, from a 429's Retry-After header
+  }
+}
+
+// The cookie is read on every call: signing in in another tab rotates the token.
+function csrfToken() {
+  const cookie = document.cookie.split("; ").find((c) => c.startsWith("csrftoken="));
+  if (cookie) return decodeURIComponent(cookie.slice("csrftoken=".length));
+  return document.querySelector('meta[name="csrf-token"]')?.content ?? "";
+}
+
+export async function api(path, { method = "GET", body } = {}) {
+  const headers = { Accept: "application/json" };
+  if (body !== undefined) headers["Content-Type"] = "application/json";
+  if (method !== "GET") headers["X-CSRFToken"] = csrfToken();
+  let response;
+  try {
+    response = await fetch(path, {
+      method,
+      headers,
+      body: body === undefined ? undefined : JSON.stringify(body),
+      credentials: "same-origin",
+      cache: "no-store",
+    });
+  } catch {
+    throw new ApiError(0, null, null);
+  }
+  const data = response.status === 204 ? null : await response.json().catch(() => null);
+  if (!response.ok) {
+    const retryAfter = Number.parseInt(response.headers.get("Retry-After") ?? "", 10);
+    throw new ApiError(response.status, data, Number.isNaN(retryAfter) ? null : retryAfter);
+  }
+  return data;
+}
+
+// A sentence for people from DRF's error shapes: {"detail": ...} or {"field": ["..."]}.
+function describe(status, data) {
+  if (status === 0) return "The server could not be reached. Check your connection.";
+  if (data && typeof data.detail === "string") return sentence(data.detail);
+  if (data && typeof data === "object") {
+    const parts = Object.entries(data).map(([field, errors]) => {
+      const text = Array.isArray(errors) ? errors.join(" ") : String(errors);
+      return field === "non_field_errors" ? text : `${field}: ${text}`;
+    });
+    if (parts.length) return parts.join(" ");
+  }
+  return `The server answered ${status}. Please try again.`;
+}
+
+function sentence(text) {
+  const trimmed = text.trim();
+  if (!trimmed) return trimmed;
+  const capital = trimmed[0].toUpperCase() + trimmed.slice(1);
+  return /[.!?]$/.test(capital) ? capital : `${capital}.`;
+}

@@ -1,0 +1,946 @@
+// The room page: history and live messages merged by seq, the composer and its outbox, typing,
+// members with presence, and moderation. Every user-provided string goes through textContent.
+
+import { api } from "./api.js";
+import { RoomConnection } from "./connection.js";
+import { Outbox } from "./outbox.js";
+
+const root = document.getElementById("room");
+const ROOM = root.dataset.room;
+const ME = root.dataset.user;
+const byId = (id) => document.getElementById(id);
+
+const ui = {
+  title: byId("room-title"),
+  status: byId("status"),
+  statusText: byId("status-text"),
+  retry: byId("retry"),
+  log: byId("log"),
+  messages: byId("messages"),
+  pending: byId("pending"),
+  loadEarlier: byId("load-earlier"),
+  logStart: byId("log-start"),
+  jump: byId("jump"),
+  typing: byId("typing"),
+  stopped: byId("stopped"),
+  composer: byId("composer"),
+  input: byId("composer-input"),
+  send: byId("send"),
+  count: byId("composer-count"),
+  composerNotice: byId("composer-notice"),
+  memberList: byId("member-list"),
+  bannedHeading: byId("banned-heading"),
+  bannedList: byId("banned-list"),
+  onlineCount: byId("online-count"),
+  membersToggle: byId("members-toggle"),
+  announcer: byId("announcer"),
+  toast: byId("toast"),
+  confirmDialog: byId("confirm-dialog"),
+  moderateDialog: byId("moderate-dialog"),
+  messageTemplate: byId("message-template"),
+  memberTemplate: byId("member-template"),
+};
+
+const RANK = { member: 1, moderator: 2, owner: 3 };
+const STAFF_RANK = 4;
+const GROUP_WITHIN_MS = 5 * 60 * 1000; // consecutive messages by one author share a header
+const TYPING_SHOWN_MS = 5000;
+const TYPING_SENT_EVERY_MS = 3000; // the server accepts one typing frame per 2 s
+const READ_MARK_DELAY_MS = 1500;
+const NEWEST_PAGE = 50;
+const CONTROL_CHARACTERS = /[\u0000-\u0008\u000b\u000c\u000e-\u001f\u007f]/g;
+const MAX_TIMEOUT_MS = 2 ** 31 - 1;
+
+const STOPPED_TEXT = {
+  removed: ["You were removed from this room.", "A moderator removed you from this room."],
+  banned: ["You were banned from this room.", "A moderator banned you from this room."],
+  forbidden: [
+    "You no longer have access to this room.",
+    "You were removed or banned, or the room was made private.",
+  ],
+  gone: ["This room no longer exists.", "It was archived or deleted."],
+  "signed-out": ["You are signed out.", "Your session ended. Sign in again to keep chatting."],
+  closed: ["The connection was closed.", "Reload the page to connect again."],
+};
+
+const state = {
+  role: null,
+  staff: false,
+  moderator: false,
+  canPost: true,
+  mutedUntil: null,
+  visibility: "public",
+  maxLength: Number(root.dataset.maxLength) || 4000,
+  historyLimit: 100,
+  loaded: false, // the newest page has arrived once
+  caughtUp: false, // everything since the last hello has arrived: the outbox may flush
+  resumeSeq: 0, // highest seq from the room's ordered stream (message frames and history)
+  hasOlder: false,
+  loadingOlder: false,
+  stopped: null,
+  everOpen: false,
+};
+const messages = new Map(); // seq -> {data, el}
+const pendingEls = new Map(); // client_id -> element
+const members = new Map(); // username -> member, as the REST API gives it
+let online = new Set();
+const typers = new Map(); // username -> timeout id
+
+const connection = new RoomConnection(ROOM, { onFrame, onState });
+const outbox = new Outbox(`chat:outbox:${ME}:${ROOM}`, {
+  send: (frame) => state.caughtUp && connection.send(frame),
+  onChange: renderPending,
+});
+
+// --- frames --------------------------------------------------------------------------------------
+
+function onFrame(frame) {
+  switch (frame.type) {
+    case "hello":
+      return onHello(frame);
+    case "history":
+      return onHistory(frame);
+    case "message":
+      return onLiveMessage(frame);
+    case "ack":
+      return onAck(frame);
+    case "deleted":
+      return onDeleted(frame);
+    case "restored":
+      if (messages.has(frame.message.seq)) changeLog(() => upsertMessage(frame.message));
+      return undefined;
+    case "typing":
+      return onTyping(frame.user);
+    case "presence":
+      return onPresence(frame);
+    case "membership":
+      return onMembership(frame);
+    case "error":
+      return onError(frame);
+    default:
+      return undefined;
+  }
+}
+
+function onHello(hello) {
+  state.role = hello.role;
+  state.moderator = hello.moderator;
+  // Staff moderate every room without a room role.
+  state.staff = hello.moderator && !(hello.role === "owner" || hello.role === "moderator");
+  state.canPost = hello.can_post;
+  state.mutedUntil = hello.muted_until;
+  state.visibility = hello.visibility;
+  state.maxLength = hello.limits.max_length;
+  state.historyLimit = hello.limits.history_limit;
+  ui.title.textContent = hello.title;
+  document.title = `${hello.title} · Securechat`;
+  online = new Set(hello.presence);
+  state.caughtUp = false;
+  state.loadingOlder = false; // an answer the last socket never got will not come
+  outbox.requeue();
+  if (!state.loaded) {
+    // No complete first page yet: start over from the newest messages.
+    messages.clear();
+    ui.messages.replaceChildren();
+    state.resumeSeq = 0;
+    if (hello.last_seq > 0) {
+      connection.send({ type: "history", limit: Math.min(NEWEST_PAGE, state.historyLimit) });
+    } else {
+      state.loaded = true;
+      caughtUp();
+    }
+  } else if (state.resumeSeq < hello.last_seq) {
+    requestMissed();
+  } else {
+    caughtUp();
+  }
+  renderMessageControls();
+  updateComposer();
+  renderMembers();
+  loadMembers();
+}
+
+function requestMissed() {
+  connection.send({ type: "history", after: state.resumeSeq, limit: state.historyLimit });
+}
+
+function caughtUp() {
+  state.caughtUp = true;
+  ui.log.setAttribute("aria-busy", "false");
+  updateLogEdges();
+  outbox.pump();
+  markRead();
+}
+
+function onHistory(frame) {
+  const older = "before" in frame;
+  changeLog(
+    () => {
+      let added = false;
+      for (const message of frame.messages) added = receive(message) || added;
+      return added;
+    },
+    { prepend: older },
+  );
+  if (older) {
+    state.hasOlder = frame.has_more;
+    state.loadingOlder = false;
+  } else if ("after" in frame && frame.has_more) {
+    requestMissed();
+    return;
+  } else {
+    if (!("after" in frame)) state.hasOlder = frame.has_more;
+    state.loaded = true;
+    caughtUp();
+  }
+  updateLogEdges();
+}
+
+function onLiveMessage(message) {
+  const added = changeLog(() => receive(message), { own: message.author === ME });
+  if (!added) return;
+  stopTyping(message.author);
+  if (message.author !== ME) noteUnseen();
+  updateLogEdges();
+  markRead();
+}
+
+// One message from the ordered stream (live or history): merged by seq, resolving our outbox.
+function receive(message) {
+  if (message.author === ME && message.client_id) outbox.resolve(message.client_id);
+  state.resumeSeq = Math.max(state.resumeSeq, message.seq);
+  return upsertMessage(message);
+}
+
+function onAck(frame) {
+  const entry = outbox.resolve(frame.client_id);
+  // The broadcast of our own message may come before or after its ack; whichever is first shows
+  // it. The ack does not move resumeSeq: messages before it may still be on their way.
+  if (entry && !messages.has(frame.seq)) {
+    changeLog(
+      () =>
+        upsertMessage({
+          seq: frame.seq,
+          room: ROOM,
+          author: ME,
+          body: entry.body,
+          client_id: entry.clientId,
+          created_at: new Date().toISOString(),
+        }),
+      { own: true },
+    );
+    updateLogEdges();
+    markRead();
+  }
+}
+
+function onDeleted(frame) {
+  const known = messages.get(frame.seq);
+  if (!known) return;
+  const { seq, room, author, created_at } = known.data;
+  upsertMessage({ seq, room, author, created_at, deleted: true });
+}
+
+function onError(frame) {
+  if (frame.client_id && outbox.has(frame.client_id)) {
+    outbox.refuse(frame.client_id, frame.code, frame.detail);
+    if (frame.code === "muted" || frame.code === "forbidden") loadMembers();
+    return;
+  }
+  showToast(frame.detail);
+}
+
+function onMembership(frame) {
+  state.role = frame.role;
+  state.mutedUntil = frame.muted_until;
+  // Promotions take effect live; a demotion closes the socket (4401) and a new hello follows.
+  state.moderator = state.staff || frame.role === "owner" || frame.role === "moderator";
+  state.canPost = state.visibility !== "read_only" || state.moderator;
+  if (isMuted(frame.muted_until)) announce(`You are muted until ${formatTime(frame.muted_until)}.`);
+  updateComposer();
+  renderMessageControls();
+  loadMembers();
+}
+
+// --- messages ------------------------------------------------------------------------------------
+
+function newMessageElement() {
+  return ui.messageTemplate.content.firstElementChild.cloneNode(true);
+}
+
+function renderMessageInto(li, message) {
+  const author = message.author ?? "deleted user";
+  const avatar = li.querySelector(".avatar");
+  avatar.textContent = initial(author);
+  avatar.className = `avatar avatar-${colorIndex(author)}`;
+  li.querySelector(".author").textContent = author;
+  const time = li.querySelector(".time");
+  time.dateTime = message.created_at;
+  time.textContent = formatTime(message.created_at);
+  time.title = formatFull(message.created_at);
+  li.querySelector(".body").textContent = message.deleted
+    ? "This message was deleted."
+    : message.body;
+  li.classList.toggle("own", message.author === ME);
+  li.classList.toggle("deleted", Boolean(message.deleted));
+}
+
+function upsertMessage(message) {
+  const known = messages.get(message.seq);
+  if (known) {
+    known.data = message;
+    renderMessageInto(known.el, message);
+    renderDeleteControl(known);
+    return false;
+  }
+  const li = newMessageElement();
+  li.dataset.seq = String(message.seq);
+  const entry = { data: message, el: li };
+  messages.set(message.seq, entry);
+  renderMessageInto(li, message);
+  renderDeleteControl(entry);
+  // Usually the newest: walk back from the end to the first message with a lower seq.
+  let before = null;
+  for (let node = ui.messages.lastElementChild; node; node = node.previousElementSibling) {
+    if (Number(node.dataset.seq) < message.seq) break;
+    before = node;
+  }
+  ui.messages.insertBefore(li, before);
+  regroup(li);
+  if (li.nextElementSibling) regroup(li.nextElementSibling);
+  return true;
+}
+
+// A message directly after one by the same author, within minutes, drops its header.
+function regroup(li) {
+  const previous = li.previousElementSibling;
+  const current = messages.get(Number(li.dataset.seq))?.data;
+  const prior = previous ? messages.get(Number(previous.dataset.seq))?.data : null;
+  const continued =
+    Boolean(current && prior) &&
+    prior.author === current.author &&
+    new Date(current.created_at) - new Date(prior.created_at) < GROUP_WITHIN_MS;
+  li.classList.toggle("continued", continued);
+}
+
+function canDelete(message) {
+  return !message.deleted && (state.moderator || message.author === ME);
+}
+
+function renderDeleteControl(entry) {
+  const button = entry.el.querySelector(".message-delete");
+  button.hidden = !canDelete(entry.data);
+}
+
+function renderMessageControls() {
+  for (const entry of messages.values()) renderDeleteControl(entry);
+}
+
+function renderPending(entry) {
+  let li = pendingEls.get(entry.clientId);
+  if (entry.state === "done" || entry.state === "discarded") {
+    li?.remove();
+    pendingEls.delete(entry.clientId);
+    updateLogEdges();
+    return;
+  }
+  if (!li) {
+    li = newMessageElement();
+    li.classList.add("pending");
+    li.dataset.clientId = entry.clientId;
+    renderMessageInto(li, { author: ME, body: entry.body, created_at: entry.createdAt });
+    pendingEls.set(entry.clientId, li);
+    changeLog(
+      () => {
+        ui.pending.append(li);
+        return true;
+      },
+      { own: true },
+    );
+    updateLogEdges();
+  }
+  li.dataset.state = entry.state;
+  li.classList.toggle("failed", entry.state === "failed");
+  let label = "Waiting for connection…";
+  if (entry.state === "failed") label = `Not sent: ${entry.error}`;
+  else if (connection.isOpen) label = "Sending…";
+  li.querySelector(".message-state").textContent = label;
+  li.querySelector(".message-actions").hidden = entry.state !== "failed";
+}
+
+// Keep the newest message in view when the reader was already at the bottom; otherwise leave the
+// view where it is and offer a way down.
+function changeLog(mutate, { own = false, prepend = false } = {}) {
+  const log = ui.log;
+  const atBottom = log.scrollHeight - log.scrollTop - log.clientHeight < 48;
+  const fromBottom = log.scrollHeight - log.scrollTop;
+  const added = mutate();
+  if (atBottom || own) {
+    log.scrollTop = log.scrollHeight;
+  } else if (prepend) {
+    log.scrollTop = log.scrollHeight - fromBottom;
+  } else if (added) {
+    ui.jump.hidden = false;
+  }
+  return added;
+}
+
+function updateLogEdges() {
+  const empty = messages.size === 0 && pendingEls.size === 0;
+  ui.loadEarlier.hidden = !(state.loaded && state.hasOlder);
+  ui.logStart.hidden = !state.loaded || state.hasOlder;
+  ui.logStart.textContent = empty
+    ? "No messages yet. Say hello!"
+    : "This is the beginning of the room.";
+}
+
+function highestSeq() {
+  return Number(ui.messages.lastElementChild?.dataset.seq ?? 0);
+}
+
+// --- reading -------------------------------------------------------------------------------------
+
+let readSent = 0;
+let readTimer = null;
+
+function markRead() {
+  if (!state.role || document.visibilityState !== "visible" || readTimer) return;
+  readTimer = setTimeout(async () => {
+    readTimer = null;
+    const seq = highestSeq();
+    if (seq <= readSent || !state.role) return;
+    readSent = seq;
+    try {
+      await api(`/api/rooms/${ROOM}/read/`, { method: "POST", body: { seq } });
+    } catch {
+      readSent = 0;
+    }
+  }, READ_MARK_DELAY_MS);
+}
+
+let unseen = 0;
+
+function noteUnseen() {
+  if (document.visibilityState === "visible") return;
+  unseen += 1;
+  document.title = `(${unseen}) ${ui.title.textContent} · Securechat`;
+}
+
+document.addEventListener("visibilitychange", () => {
+  if (document.visibilityState !== "visible") return;
+  unseen = 0;
+  document.title = `${ui.title.textContent} · Securechat`;
+  markRead();
+});
+
+// --- typing --------------------------------------------------------------------------------------
+
+function onTyping(user) {
+  clearTimeout(typers.get(user));
+  typers.set(
+    user,
+    setTimeout(() => stopTyping(user), TYPING_SHOWN_MS),
+  );
+  renderTyping();
+}
+
+function stopTyping(user) {
+  if (!typers.has(user)) return;
+  clearTimeout(typers.get(user));
+  typers.delete(user);
+  renderTyping();
+}
+
+function renderTyping() {
+  const names = [...typers.keys()];
+  let text = "";
+  if (names.length === 1) text = `${names[0]} is typing…`;
+  else if (names.length === 2) text = `${names[0]} and ${names[1]} are typing…`;
+  else if (names.length > 2) text = "Several people are typing…";
+  ui.typing.textContent = text;
+}
+
+// --- composer ------------------------------------------------------------------------------------
+
+let lastTypingSent = 0;
+let muteTimer = null;
+
+function bodyLength(text) {
+  return [...text].length; // code points, as the server counts
+}
+
+function isMuted(until) {
+  return Boolean(until) && new Date(until) > new Date();
+}
+
+function composerBlocked() {
+  return Boolean(state.stopped) || !state.canPost || isMuted(state.mutedUntil);
+}
+
+function updateCounter() {
+  const length = bodyLength(ui.input.value);
+  const over = length > state.maxLength;
+  const count = `${length.toLocaleString()} / ${state.maxLength.toLocaleString()}`;
+  ui.count.textContent = over
+    ? `${count}: ${(length - state.maxLength).toLocaleString()} too many`
+    : count;
+  ui.count.classList.toggle("near", length > state.maxLength * 0.9 && !over);
+  ui.count.classList.toggle("over", over);
+  ui.input.setAttribute("aria-invalid", String(over));
+  ui.send.disabled = composerBlocked() || over || !ui.input.value.trim();
+}
+
+function updateComposer() {
+  clearTimeout(muteTimer);
+  const muted = isMuted(state.mutedUntil);
+  let notice = "";
+  if (!state.canPost) notice = "Only moderators can post in this read-only room.";
+  else if (muted) notice = `You are muted until ${formatTime(state.mutedUntil)}.`;
+  ui.composerNotice.textContent = notice;
+  ui.composerNotice.hidden = !notice;
+  ui.composer.hidden = Boolean(state.stopped);
+  ui.input.disabled = composerBlocked();
+  if (muted) {
+    const wait = new Date(state.mutedUntil) - new Date() + 500;
+    muteTimer = setTimeout(updateComposer, Math.min(wait, MAX_TIMEOUT_MS));
+  }
+  updateCounter();
+}
+
+function submit() {
+  const body = ui.input.value.replace(CONTROL_CHARACTERS, "");
+  if (composerBlocked() || !body.trim() || bodyLength(body) > state.maxLength) return;
+  outbox.add(body);
+  ui.input.value = "";
+  updateCounter();
+  outbox.pump();
+}
+
+ui.composer.addEventListener("submit", (event) => {
+  event.preventDefault();
+  submit();
+  ui.input.focus();
+});
+
+ui.input.addEventListener("keydown", (event) => {
+  if (event.key === "Enter" && !event.shiftKey && !event.isComposing) {
+    event.preventDefault();
+    submit();
+  }
+});
+
+ui.input.addEventListener("input", () => {
+  updateCounter();
+  const now = Date.now();
+  if (!ui.input.value.trim() || composerBlocked() || now - lastTypingSent < TYPING_SENT_EVERY_MS) {
+    return;
+  }
+  if (connection.send({ type: "typing" })) lastTypingSent = now;
+});
+
+ui.pending.addEventListener("click", (event) => {
+  const button = event.target.closest("button[data-action]");
+  const clientId = button?.closest("li")?.dataset.clientId;
+  if (!clientId) return;
+  if (button.dataset.action === "retry") {
+    outbox.retry(clientId);
+    outbox.pump();
+  } else if (button.dataset.action === "discard") {
+    outbox.discard(clientId);
+  }
+});
+
+// --- deleting ------------------------------------------------------------------------------------
+
+let deleting = null;
+
+ui.messages.addEventListener("click", (event) => {
+  const button = event.target.closest("button[data-action='delete']");
+  if (!button) return;
+  const entry = messages.get(Number(button.closest("li").dataset.seq));
+  if (!entry || !canDelete(entry.data)) return;
+  deleting = entry.data.seq;
+  byId("confirm-quote").textContent = entry.data.body;
+  ui.confirmDialog.showModal();
+});
+
+ui.confirmDialog.addEventListener("close", () => {
+  const seq = deleting;
+  deleting = null;
+  if (ui.confirmDialog.returnValue !== "confirm" || seq === null) return;
+  if (connection.send({ type: "delete", seq })) return;
+  api(`/api/rooms/${ROOM}/messages/${seq}/`, { method: "DELETE" }).then(
+    () => onDeleted({ seq }),
+    (error) => showToast(error.message),
+  );
+});
+
+// --- members -------------------------------------------------------------------------------------
+
+let membersTimer = null;
+
+async function loadMembers() {
+  clearTimeout(membersTimer);
+  try {
+    const list = await api(`/api/rooms/${ROOM}/members/`);
+    members.clear();
+    for (const member of list) members.set(member.username, member);
+    renderMembers();
+  } catch {
+    // Access lost: the socket's close says why.
+  }
+}
+
+function refreshMembersSoon() {
+  clearTimeout(membersTimer);
+  membersTimer = setTimeout(loadMembers, 300);
+}
+
+function onPresence(frame) {
+  if (frame.joined) online.add(frame.joined);
+  if (frame.left) {
+    online.delete(frame.left);
+    stopTyping(frame.left);
+  }
+  renderMembers();
+  if (frame.joined && !members.has(frame.joined)) refreshMembersSoon();
+}
+
+function myRank() {
+  return state.staff ? STAFF_RANK : (RANK[state.role] ?? 0);
+}
+
+function canModerate(username) {
+  const member = members.get(username);
+  return state.moderator && username !== ME && myRank() > (member ? RANK[member.role] : 0);
+}
+
+function memberRow(username) {
+  const member = members.get(username);
+  const li = ui.memberTemplate.content.firstElementChild.cloneNode(true);
+  li.dataset.username = username;
+  const isOnline = online.has(username);
+  li.classList.toggle("online", isOnline);
+  li.querySelector(".member-name").textContent = username;
+  const tags = [];
+  if (username === ME) tags.push(["you", ""]);
+  if (member?.banned) tags.push(["banned", "tag-danger"]);
+  else if (member && member.role !== "member") tags.push([member.role, "tag-accent"]);
+  else if (!member) tags.push(["guest", ""]);
+  if (member && isMuted(member.muted_until)) tags.push(["muted", "tag-warn"]);
+  const tagBox = li.querySelector(".member-tags");
+  const presence = document.createElement("span");
+  presence.className = "visually-hidden";
+  presence.textContent = isOnline ? "online" : "offline";
+  tagBox.append(presence);
+  for (const [text, kind] of tags) {
+    const tag = document.createElement("span");
+    tag.className = `tag ${kind}`.trim();
+    tag.textContent = text;
+    tagBox.append(tag);
+  }
+  const manage = li.querySelector(".member-manage");
+  manage.hidden = !canModerate(username);
+  manage.setAttribute("aria-label", `Manage ${username}`);
+  return li;
+}
+
+function renderMembers() {
+  // The rows are rebuilt: keep keyboard focus on the same member's button.
+  const focused = document.activeElement?.closest?.(".member")?.dataset.username;
+  const names = new Set(
+    [...members.values()].filter((member) => !member.banned).map((member) => member.username),
+  );
+  for (const name of online) names.add(name);
+  const sorted = [...names].sort(
+    (a, b) => Number(online.has(b)) - Number(online.has(a)) || a.localeCompare(b),
+  );
+  ui.memberList.replaceChildren(...sorted.map(memberRow));
+  const banned = state.moderator ? [...members.values()].filter((member) => member.banned) : [];
+  ui.bannedList.replaceChildren(...banned.map((member) => memberRow(member.username)));
+  ui.bannedHeading.hidden = ui.bannedList.hidden = banned.length === 0;
+  ui.onlineCount.textContent = String(online.size);
+  if (focused !== undefined) {
+    const rows = [...ui.memberList.children, ...ui.bannedList.children];
+    const row = rows.find((candidate) => candidate.dataset.username === focused);
+    const manage = row?.querySelector(".member-manage");
+    (manage && !manage.hidden ? manage : byId("members-heading")).focus();
+  }
+}
+
+ui.memberList.addEventListener("click", onManageClick);
+ui.bannedList.addEventListener("click", onManageClick);
+
+function onManageClick(event) {
+  const button = event.target.closest(".member-manage");
+  if (button) openModeration(button.closest("li").dataset.username);
+}
+
+function setMembersOpen(open) {
+  root.classList.toggle("members-open", open);
+  ui.membersToggle.setAttribute("aria-expanded", String(open));
+  (open ? byId("members-close") : ui.membersToggle).focus();
+}
+
+ui.membersToggle.addEventListener("click", () =>
+  setMembersOpen(!root.classList.contains("members-open")),
+);
+// The drawer's backdrop is the room's ::before: a click on it lands on the room itself.
+root.addEventListener("click", (event) => {
+  if (event.target === root && root.classList.contains("members-open")) setMembersOpen(false);
+});
+byId("members-close").addEventListener("click", () => setMembersOpen(false));
+document.addEventListener("keydown", (event) => {
+  const drawerOpen = root.classList.contains("members-open");
+  if (event.key === "Escape" && drawerOpen && !document.querySelector("dialog[open]")) {
+    setMembersOpen(false);
+  }
+});
+
+// --- moderation ----------------------------------------------------------------------------------
+
+let target = null;
+
+function openModeration(username) {
+  const member = members.get(username);
+  target = username;
+  byId("moderate-name").textContent = username;
+  let summary = "Not a member: reading as a guest.";
+  if (member?.banned) summary = "Banned from this room.";
+  else if (member) summary = `${member.role[0].toUpperCase()}${member.role.slice(1)}`;
+  if (member && isMuted(member.muted_until)) {
+    summary += `, muted until ${formatTime(member.muted_until)}`;
+  }
+  byId("moderate-summary").textContent = summary;
+  byId("moderate-unmute").hidden = !(member && isMuted(member.muted_until));
+  const ownerPowers = myRank() > RANK.moderator && member && !member.banned;
+  byId("moderate-roles").hidden = !ownerPowers;
+  byId("moderate-promote").hidden = member?.role === "moderator";
+  byId("moderate-demote").hidden = member?.role === "member";
+  byId("moderate-kick").hidden = !member || member.banned;
+  ui.moderateDialog.querySelector("[data-action='ban']").textContent = member?.banned
+    ? "Lift the ban"
+    : "Ban from room";
+  byId("moderate-reason").value = "";
+  byId("moderate-error").textContent = "";
+  ui.moderateDialog.showModal();
+}
+
+const DURATIONS = { 10: "10 minutes", 60: "1 hour", 1440: "1 day" };
+
+function moderationRequest(action, button) {
+  const member = members.get(target);
+  switch (action) {
+    case "mute": {
+      const minutes = Number(button.dataset.minutes);
+      const until = new Date(Date.now() + minutes * 60000).toISOString();
+      const done = `${target} is muted for ${DURATIONS[minutes]}.`;
+      return [{ method: "PATCH", body: { muted_until: until } }, done];
+    }
+    case "unmute":
+      return [{ method: "PATCH", body: { muted_until: null } }, `${target} is no longer muted.`];
+    case "role": {
+      const role = button.dataset.role;
+      return [{ method: "PATCH", body: { role } }, `${target} is now a ${role}.`];
+    }
+    case "kick":
+      return [{ method: "DELETE" }, `${target} was removed from the room.`];
+    case "ban": {
+      if (member?.banned) {
+        return [{ method: "PATCH", body: { banned: false } }, `${target} is no longer banned.`];
+      }
+      const reason = byId("moderate-reason").value.trim();
+      const body = reason ? { banned: true, reason } : { banned: true };
+      return [{ method: "PATCH", body }, `${target} was banned from the room.`];
+    }
+    default:
+      return [null, ""];
+  }
+}
+
+ui.moderateDialog.addEventListener("click", async (event) => {
+  const button = event.target.closest("button[data-action]");
+  if (!button || !target) return;
+  const [request, done] = moderationRequest(button.dataset.action, button);
+  if (!request) return;
+  const buttons = ui.moderateDialog.querySelectorAll("button[data-action]");
+  for (const b of buttons) b.disabled = true;
+  try {
+    await api(`/api/rooms/${ROOM}/members/${encodeURIComponent(target)}/`, request);
+    ui.moderateDialog.close();
+    showToast(done, "info");
+    loadMembers();
+  } catch (error) {
+    byId("moderate-error").textContent = error.message;
+  } finally {
+    for (const b of buttons) b.disabled = false;
+  }
+});
+
+// --- joining -------------------------------------------------------------------------------------
+
+byId("join")?.addEventListener("click", async (event) => {
+  event.currentTarget.disabled = true;
+  try {
+    const member = await api(`/api/rooms/${ROOM}/join/`, { method: "POST" });
+    state.role = member.role;
+    byId("join-banner").remove();
+    announce("You joined the room.");
+    loadMembers();
+    markRead();
+  } catch (error) {
+    event.currentTarget.disabled = false;
+    showToast(error.message);
+  }
+});
+
+// --- connection status ---------------------------------------------------------------------------
+
+let countdown = null;
+
+function onState(status) {
+  clearInterval(countdown);
+  ui.status.dataset.state = status.state;
+  ui.retry.hidden = true;
+  switch (status.state) {
+    case "connecting":
+      ui.statusText.textContent = state.everOpen ? "Reconnecting…" : "Connecting…";
+      break;
+    case "open":
+      if (state.everOpen && ui.status.dataset.announced === "lost") announce("Reconnected.");
+      ui.status.dataset.announced = "";
+      state.everOpen = true;
+      ui.statusText.textContent = "Connected";
+      break;
+    case "waiting": {
+      if (ui.status.dataset.announced !== "lost") announce("Connection lost. Reconnecting…");
+      ui.status.dataset.announced = "lost";
+      const tick = () => {
+        const seconds = Math.max(0, Math.ceil((status.retryAt - Date.now()) / 1000));
+        const prefix = navigator.onLine ? "Reconnecting" : "Offline: retrying";
+        ui.statusText.textContent = `${prefix} in ${seconds} s`;
+      };
+      tick();
+      countdown = setInterval(tick, 1000);
+      ui.retry.hidden = Boolean(status.rateLimited);
+      break;
+    }
+    case "stopped":
+      showStopped(status.reason);
+      break;
+    default:
+      break;
+  }
+  for (const entry of outbox.entries) renderPending(entry);
+}
+
+function showStopped(reason) {
+  state.stopped = reason;
+  state.caughtUp = false;
+  const [title, detail] = STOPPED_TEXT[reason] ?? STOPPED_TEXT.forbidden;
+  ui.statusText.textContent = "Disconnected";
+  byId("stopped-title").textContent = title;
+  byId("stopped-detail").textContent = detail;
+  const action = byId("stopped-action");
+  if (reason === "signed-out") {
+    action.textContent = "Sign in";
+    action.href = root.dataset.loginUrl;
+    action.hidden = false;
+  } else if (reason === "closed") {
+    action.textContent = "Reconnect";
+    action.href = location.pathname;
+    action.hidden = false;
+  }
+  ui.stopped.hidden = false;
+  online.clear();
+  for (const user of [...typers.keys()]) stopTyping(user);
+  renderMembers();
+  updateComposer();
+}
+
+ui.retry.addEventListener("click", () => connection.retryNow());
+
+// --- small helpers -------------------------------------------------------------------------------
+
+const timeFormat = new Intl.DateTimeFormat(undefined, { hour: "2-digit", minute: "2-digit" });
+const dayTimeFormat = new Intl.DateTimeFormat(undefined, {
+  month: "short",
+  day: "numeric",
+  hour: "2-digit",
+  minute: "2-digit",
+});
+const fullFormat = new Intl.DateTimeFormat(undefined, { dateStyle: "full", timeStyle: "medium" });
+
+function formatTime(iso) {
+  const date = new Date(iso);
+  if (Number.isNaN(date.getTime())) return "";
+  const today = date.toDateString() === new Date().toDateString();
+  return (today ? timeFormat : dayTimeFormat).format(date);
+}
+
+function formatFull(iso) {
+  const date = new Date(iso);
+  return Number.isNaN(date.getTime()) ? "" : fullFormat.format(date);
+}
+
+function initial(name) {
+  return ([...name][0] ?? "?").toUpperCase();
+}
+
+function colorIndex(name) {
+  let hash = 0;
+  for (const char of name) hash = (hash * 31 + char.codePointAt(0)) >>> 0;
+  return hash % 8;
+}
+
+function announce(text) {
+  ui.announcer.textContent = "";
+  setTimeout(() => {
+    ui.announcer.textContent = text;
+  }, 50);
+}
+
+let toastTimer = null;
+
+// Seen in the toast, heard through the announcer (the toast itself is hidden from screen readers).
+function showToast(text, kind = "error") {
+  clearTimeout(toastTimer);
+  announce(text);
+  ui.toast.textContent = text;
+  ui.toast.dataset.kind = kind;
+  ui.toast.hidden = false;
+  toastTimer = setTimeout(() => {
+    ui.toast.hidden = true;
+  }, 6000);
+}
+
+// A reader at the bottom stays there when the log shrinks (the composer grows, the keyboard opens).
+let pinned = true;
+ui.log.addEventListener("scroll", () => {
+  pinned = ui.log.scrollHeight - ui.log.scrollTop - ui.log.clientHeight < 48;
+  if (pinned) ui.jump.hidden = true;
+});
+new ResizeObserver(() => {
+  if (pinned) ui.log.scrollTop = ui.log.scrollHeight;
+}).observe(ui.log);
+
+ui.jump.addEventListener("click", () => {
+  ui.log.scrollTop = ui.log.scrollHeight;
+  ui.jump.hidden = true;
+  ui.input.focus();
+});
+
+ui.loadEarlier.addEventListener("click", () => {
+  const oldest = Number(ui.messages.firstElementChild?.dataset.seq ?? 0);
+  if (state.loadingOlder || oldest <= 1) return;
+  if (connection.send({ type: "history", before: oldest, limit: NEWEST_PAGE })) {
+    state.loadingOlder = true;
+  }
+});
+
+// --- start ---------------------------------------------------------------------------------------
+
+for (const entry of outbox.entries) renderPending(entry);
+updateComposer();
+renderMembers();
+connection.start();
