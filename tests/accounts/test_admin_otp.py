@@ -1,0 +1,124 @@
+"""Staff reach the admin only with a second factor when CHAT_ADMIN_REQUIRE_OTP is on."""
+
+import io
+
+import pytest
+from django.core.management import CommandError, call_command
+from django.test import Client
+from django_otp.oath import totp
+from django_otp.plugins.otp_static.models import StaticToken
+from django_otp.plugins.otp_totp.models import TOTPDevice
+
+from tests.factories import PASSWORD, make_user
+
+pytestmark = pytest.mark.django_db
+
+
+@pytest.fixture
+def staff():
+    return make_user("root", is_staff=True, is_superuser=True)
+
+
+def login(client: Client, **fields):
+    return client.post(
+        "/admin/login/?next=/admin/", {"username": "root", "password": PASSWORD, **fields}
+    )
+
+
+def enroll(*args: str) -> str:
+    out = io.StringIO()
+    call_command("enroll_totp", *args, stdout=out)
+    return out.getvalue()
+
+
+def current_token(device: TOTPDevice) -> str:
+    return f"{totp(device.bin_key, device.step, device.t0, device.digits, device.drift):06d}"
+
+
+def test_without_a_token_staff_do_not_get_in(settings, staff):
+    settings.CHAT_ADMIN_REQUIRE_OTP = True
+    enroll("root", "--no-qr")
+    client = Client()
+    response = login(client)
+    assert response.status_code == 200  # the form again, with an error
+    assert client.get("/admin/").status_code == 302
+
+
+def test_password_alone_is_not_enough_even_after_a_password_login_elsewhere(settings, staff):
+    settings.CHAT_ADMIN_REQUIRE_OTP = True
+    client = Client()
+    client.force_login(staff)  # e.g. signed in on the chat pages
+    response = client.get("/admin/")
+    assert response.status_code == 302
+    assert response["Location"].startswith("/admin/login/")
+
+
+def test_a_valid_token_lets_staff_in(settings, staff):
+    settings.CHAT_ADMIN_REQUIRE_OTP = True
+    output = enroll("root", "--no-qr")
+    device = TOTPDevice.objects.get(user=staff)
+    assert device.config_url in output
+    client = Client()
+    response = login(client, otp_device=device.persistent_id, otp_token=current_token(device))
+    assert response.status_code == 302
+    assert client.get("/admin/").status_code == 200
+
+
+def test_a_backup_code_works_once(settings, staff):
+    settings.CHAT_ADMIN_REQUIRE_OTP = True
+    enroll("root", "--no-qr", "--backup-codes", "2")
+    token = StaticToken.objects.first()
+    backup = {"otp_device": token.device.persistent_id, "otp_token": token.token}
+    first, second = Client(), Client()
+    assert login(first, **backup).status_code == 302
+    assert first.get("/admin/").status_code == 200
+    assert login(second, **backup).status_code == 200  # spent
+    assert second.get("/admin/").status_code == 302
+
+
+def test_without_the_requirement_a_password_is_enough(settings, staff):
+    settings.CHAT_ADMIN_REQUIRE_OTP = False
+    client = Client()
+    assert login(client).status_code == 302
+    assert client.get("/admin/").status_code == 200
+
+
+def test_the_requirement_is_on_by_default_in_production():
+    import subprocess
+    import sys
+
+    env = {"DJANGO_SECRET_KEY": "x" * 50, "CHAT_AUDIT_HMAC_KEY": "y" * 40, "PATH": "/usr/bin"}
+    code = (
+        "import django; django.setup(); from django.conf import settings;"
+        "print(settings.CHAT_ADMIN_REQUIRE_OTP)"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code],
+        env={**env, "DJANGO_SETTINGS_MODULE": "chatproject.settings", "DJANGO_DEBUG": "0"},
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    assert out.stdout.strip() == "True"
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["nobody"], "no user"),
+        (["plain"], "not staff"),
+        (["root", "--backup-codes", "99"], "between"),
+    ],
+)
+def test_enroll_refuses_bad_arguments(staff, args, message):
+    make_user("plain")
+    with pytest.raises(CommandError, match=message):
+        enroll(*args, "--no-qr")
+
+
+def test_enroll_twice_needs_replace(staff):
+    enroll("root", "--no-qr")
+    with pytest.raises(CommandError, match="--replace"):
+        enroll("root", "--no-qr")
+    enroll("root", "--no-qr", "--replace")
+    assert TOTPDevice.objects.filter(user=staff).count() == 1

@@ -1,0 +1,142 @@
+import pytest
+from rest_framework.test import APIClient
+from rest_framework_simplejwt.token_blacklist.models import BlacklistedToken, OutstandingToken
+
+from chat.models import SecurityEvent
+from tests.factories import PASSWORD, make_room, make_user
+
+pytestmark = pytest.mark.django_db
+
+
+@pytest.fixture
+def api():
+    return APIClient()
+
+
+def login(api, username="alice", password=PASSWORD, **extra):
+    return api.post(
+        "/api/auth/token/", {"username": username, "password": password}, format="json", **extra
+    )
+
+
+def test_login_returns_access_and_refresh_and_audits(api):
+    user = make_user("alice")
+    response = login(api)
+    assert response.status_code == 200
+    assert set(response.json()) == {"access", "refresh"}
+    event = SecurityEvent.objects.get(event=SecurityEvent.Event.LOGIN_SUCCEEDED)
+    assert event.actor_id == user.pk
+    assert event.ip == "127.0.0.1"
+
+
+def test_failed_login_is_401_and_audited_without_the_password(api):
+    make_user("alice")
+    response = login(api, password="wrong-password-123")
+    assert response.status_code == 401
+    event = SecurityEvent.objects.get(event=SecurityEvent.Event.LOGIN_FAILED)
+    assert event.details == {"username": "alice"}
+    assert "wrong-password-123" not in str(event.__dict__)
+
+
+def test_inactive_user_cannot_log_in(api):
+    make_user("alice", is_active=False)
+    assert login(api).status_code == 401
+
+
+def test_access_token_lifetime_comes_from_settings(api, settings):
+    from rest_framework_simplejwt.tokens import AccessToken
+
+    make_user("alice")
+    access = AccessToken(login(api).json()["access"])
+    assert (
+        access["exp"] - access["iat"]
+        == settings.SIMPLE_JWT["ACCESS_TOKEN_LIFETIME"].total_seconds()
+    )
+
+
+def test_refresh_rotates_and_blacklists_the_old_token(api):
+    make_user("alice")
+    first = login(api).json()["refresh"]
+    response = api.post("/api/auth/token/refresh/", {"refresh": first}, format="json")
+    assert response.status_code == 200
+    assert response.json()["refresh"] != first
+    again = api.post("/api/auth/token/refresh/", {"refresh": first}, format="json")
+    assert again.status_code == 401
+
+
+def test_logout_blacklists_the_refresh_token(api):
+    make_user("alice")
+    refresh = login(api).json()["refresh"]
+    assert api.post("/api/auth/logout/", {"refresh": refresh}, format="json").status_code == 200
+    assert BlacklistedToken.objects.count() == 1
+    assert (
+        api.post("/api/auth/token/refresh/", {"refresh": refresh}, format="json").status_code == 401
+    )
+    assert SecurityEvent.objects.filter(event=SecurityEvent.Event.LOGOUT).count() == 1
+
+
+def test_logout_with_garbage_is_401(api):
+    assert api.post("/api/auth/logout/", {"refresh": "garbage"}, format="json").status_code == 401
+
+
+def test_refresh_tokens_are_stored_as_digests_only(api):
+    make_user("alice")
+    tokens = login(api).json()
+    api.post("/api/auth/token/refresh/", {"refresh": tokens["refresh"]}, format="json")
+    stored = list(OutstandingToken.objects.values_list("token", flat=True))
+    assert stored
+    assert all(t.startswith("sha256:") for t in stored)
+    assert tokens["refresh"] not in stored
+
+
+def test_password_change_revokes_access_and_refresh_tokens(api):
+    user = make_user("alice")
+    make_room("lobby")
+    tokens = login(api).json()
+    user.set_password("a-brand-new-password-77")
+    user.save()
+    api.credentials(HTTP_AUTHORIZATION=f"Bearer {tokens['access']}")
+    assert api.post("/api/tickets/", {"room": "lobby"}, format="json").status_code == 401
+    api.credentials()
+    assert (
+        api.post(
+            "/api/auth/token/refresh/", {"refresh": tokens["refresh"]}, format="json"
+        ).status_code
+        == 401
+    )
+
+
+@pytest.mark.parametrize("kind", ["refresh", "ticket"])
+def test_only_access_tokens_are_bearer_tokens(api, kind):
+    from tests.factories import make_ticket
+
+    user = make_user("alice")
+    room = make_room("lobby")
+    token = login(api).json()["refresh"] if kind == "refresh" else make_ticket(user, room)
+    api.credentials(HTTP_AUTHORIZATION=f"Bearer {token}")
+    response = api.get("/api/rooms/")
+    assert response.status_code == 401
+
+
+@pytest.mark.parametrize(
+    ("throttle", "rate", "vary"),
+    [
+        # Same username from many IPs: the per-username throttle stops the guessing.
+        ("LoginUsernameThrottle", "login_user", "ip"),
+        # Many usernames from one IP: the per-IP throttle stops the spraying.
+        ("LoginIPThrottle", "login_ip", "username"),
+    ],
+)
+def test_login_is_throttled_with_retry_after(api, monkeypatch, throttle, rate, vary):
+    from accounts import throttling
+
+    cls = getattr(throttling, throttle)
+    monkeypatch.setattr(cls, "THROTTLE_RATES", {**cls.THROTTLE_RATES, rate: "3/min"})
+    responses = []
+    for i in range(4):
+        username = f"user{i}" if vary == "username" else "alice"
+        ip = f"198.51.100.{i}" if vary == "ip" else "203.0.113.5"
+        responses.append(login(api, username=username, password="wrong-1", REMOTE_ADDR=ip))
+    assert [r.status_code for r in responses] == [401, 401, 401, 429]
+    assert int(responses[-1]["Retry-After"]) > 0
+    assert responses[-1].json()["code"] == "throttled"

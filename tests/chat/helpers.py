@@ -1,0 +1,39 @@
+"""Socket-test helpers: connect users to rooms through the real ASGI application."""
+
+import json
+
+from channels.db import database_sync_to_async
+from channels.testing import WebsocketCommunicator
+
+from tests.factories import make_ticket
+from tests.ws import communicator, receive_until
+
+
+async def join(user, room, **kwargs) -> tuple[WebsocketCommunicator, dict]:
+    """Open an authenticated socket for `user` in `room` and return it with its hello."""
+    token = await database_sync_to_async(make_ticket)(user, room)
+    comm = communicator(f"/ws/rooms/{room.slug}/", ticket=token, **kwargs)
+    connected, _ = await comm.connect()
+    assert connected
+    return comm, await receive_until(comm, "hello")
+
+
+async def send(comm: WebsocketCommunicator, **frame) -> None:
+    await comm.send_to(text_data=json.dumps(frame))
+
+
+async def drain(comm: WebsocketCommunicator, timeout: float = 0.2) -> list[dict]:
+    """Every frame that arrives until the socket goes quiet for `timeout` seconds."""
+    frames = []
+    while not await comm.receive_nothing(timeout=timeout):
+        message = await comm.receive_output()
+        if message["type"] != "websocket.send":
+            frames.append({"type": "__close__", "code": message.get("code")})
+            break
+        frames.append(json.loads(message["text"]))
+    return frames
+
+
+def sync(fn):
+    """Run ORM code from an async test (committed: socket tests use transactional databases)."""
+    return database_sync_to_async(fn)

@@ -1,0 +1,609 @@
+"""The admin: read-only audit trail, CSV export, links, security overview, moderation (services)."""
+
+import csv
+import io
+import re
+from datetime import timedelta
+
+import pytest
+import time_machine
+from asgiref.sync import async_to_sync, sync_to_async
+from channels.layers import get_channel_layer
+from django.contrib.auth.models import Permission
+from django.http import StreamingHttpResponse
+from django.urls import reverse
+from django.utils import timezone
+
+from accounts import services as account_services
+from accounts.models import Ticket
+from chat import audit, services
+from chat.admin import ConnectionLogAdmin
+from chat.models import (
+    AuditCheckpoint,
+    ConnectionLog,
+    Membership,
+    Message,
+    MessageLog,
+    Room,
+    SecurityEvent,
+)
+from tests.chat.audit_rows import build_chain, log_close, log_connection
+from tests.factories import make_member, make_room, make_user
+
+pytestmark = pytest.mark.django_db
+
+AUDIT_MODELS = [ConnectionLog, MessageLog, SecurityEvent, AuditCheckpoint]
+OVERVIEW = "admin:chat_security_overview"
+
+
+def admin_url(model, view: str, *args) -> str:
+    return reverse(f"admin:{model._meta.app_label}_{model._meta.model_name}_{view}", args=args)
+
+
+def grant(user, *codenames: str) -> None:
+    user.user_permissions.add(*Permission.objects.filter(codename__in=codenames))
+
+
+def offered_actions(response) -> list[str]:
+    form = response.context["action_form"]  # None when the user may run no action
+    return [] if form is None else [name for name, _ in form.fields["action"].choices if name]
+
+
+def results(response) -> list:
+    assert response.status_code == 200
+    return list(response.context["cl"].result_list)
+
+
+@pytest.fixture
+def admin_user():
+    """pytest-django's admin_client signs in as this superuser (made without a fresh hash)."""
+    return make_user("admin", is_staff=True, is_superuser=True)
+
+
+@pytest.fixture
+def trail() -> dict:
+    """One row of each audit model: an old chain pruned behind a checkpoint, then a new chain.
+
+    Ask for it before admin_client: a login is an audit link, and a recent one first in the chain
+    would leave no old prefix to prune.
+    """
+    with time_machine.travel(timezone.now() - timedelta(days=40), tick=False):
+        build_chain("old-")
+    checkpoint = audit.prune_before(cutoff=timezone.now() - timedelta(days=30)).checkpoint
+    assert checkpoint is not None
+    chain = build_chain()
+    return {
+        ConnectionLog: chain.connection,
+        MessageLog: MessageLog.objects.filter(connection_id=chain.connection.pk).first(),
+        SecurityEvent: SecurityEvent.objects.filter(event=SecurityEvent.Event.LOGIN_FAILED).get(),
+        AuditCheckpoint: checkpoint,
+    }
+
+
+# --- who may see the audit trail -----------------------------------------------------------------
+
+
+AUDIT_PAGES = [
+    *(
+        pytest.param(f"admin:chat_{m._meta.model_name}_changelist", id=m._meta.model_name)
+        for m in AUDIT_MODELS
+    ),
+    pytest.param(OVERVIEW, id="overview"),
+]
+
+
+@pytest.mark.parametrize("page", AUDIT_PAGES)
+def test_audit_pages_send_non_staff_to_login(client, page):
+    client.force_login(make_user("plain"))
+
+    response = client.get(reverse(page))
+
+    assert response.status_code == 302
+    assert response.url.startswith(reverse("admin:login"))
+
+
+@pytest.mark.parametrize("page", AUDIT_PAGES)
+def test_audit_pages_refuse_staff_without_view_permission(client, page):
+    staff = make_user("staffer", is_staff=True)
+    # Every permission on the rest of the site, none to view the audit trail.
+    grant(staff, "view_message", "view_room", "view_ticket", "view_user")
+    client.force_login(staff)
+
+    assert client.get(reverse(page)).status_code == 403
+
+
+@pytest.mark.parametrize("model", AUDIT_MODELS, ids=lambda m: m._meta.model_name)
+def test_audit_lists_show_rows_to_staff_with_view_permission(trail, client, model):
+    staff = make_user("auditor", is_staff=True)
+    grant(staff, f"view_{model._meta.model_name}")
+    client.force_login(staff)
+
+    rows = results(client.get(admin_url(model, "changelist")))
+
+    assert trail[model] in rows
+
+
+def test_overview_is_linked_from_the_index_for_those_who_may_see_it(client):
+    staff = make_user("auditor", is_staff=True)
+    client.force_login(staff)
+    assert reverse(OVERVIEW) not in client.get(reverse("admin:index")).content.decode()
+
+    grant(staff, "view_connectionlog", "view_securityevent")
+
+    assert reverse(OVERVIEW) in client.get(reverse("admin:index")).content.decode()
+    assert client.get(reverse(OVERVIEW)).status_code == 200
+
+
+# --- nobody writes to the audit trail through the admin ------------------------------------------
+
+
+def row_values(row) -> dict:
+    return type(row).objects.filter(pk=row.pk).values().get()
+
+
+@pytest.mark.parametrize("model", AUDIT_MODELS, ids=lambda m: m._meta.model_name)
+@pytest.mark.parametrize(
+    ("view", "data"),
+    [
+        ("change", {"username": "mallory", "reason": "edited", "rows_pruned": "0"}),
+        ("delete", {"post": "yes"}),
+    ],
+    ids=["change", "delete"],
+)
+def test_forged_post_to_an_audit_row_is_refused_for_a_superuser(
+    trail, admin_client, model, view, data
+):
+    row = trail[model]
+    before = row_values(row)
+
+    response = admin_client.post(admin_url(model, view, row.pk), data)
+
+    assert response.status_code == 403
+    assert row_values(row) == before
+    assert audit.verify_chain().ok
+
+
+@pytest.mark.parametrize("model", AUDIT_MODELS, ids=lambda m: m._meta.model_name)
+def test_forged_add_of_an_audit_row_is_refused_for_a_superuser(trail, admin_client, model):
+    count = model.objects.count()
+
+    response = admin_client.post(admin_url(model, "add"), {"event": "login_succeeded"})
+
+    assert response.status_code == 403
+    assert model.objects.count() == count
+
+
+@pytest.mark.parametrize("model", AUDIT_MODELS, ids=lambda m: m._meta.model_name)
+def test_audit_admins_offer_no_bulk_delete(trail, admin_client, model):
+    url = admin_url(model, "changelist")
+    page = admin_client.get(url)
+    offered = offered_actions(page)
+    assert "delete_selected" not in offered
+    assert "export_csv" in offered
+
+    response = admin_client.post(
+        url, {"action": "delete_selected", "_selected_action": [trail[model].pk], "post": "yes"}
+    )
+
+    assert response.status_code == 302  # "no action selected": the choice is not on offer
+    assert model.objects.filter(pk=trail[model].pk).exists()
+
+
+@pytest.mark.parametrize("model", AUDIT_MODELS, ids=lambda m: m._meta.model_name)
+def test_audit_detail_page_is_read_only(trail, admin_client, model):
+    row = trail[model]
+
+    response = admin_client.get(admin_url(model, "change", row.pk))
+
+    assert response.status_code == 200
+    content = response.content.decode()
+    assert 'name="_save"' not in content
+    assert admin_url(model, "delete", row.pk) not in content
+    assert row.row_hash in content
+
+
+# --- CSV export ----------------------------------------------------------------------------------
+
+
+def export(client, model, rows):
+    return client.post(
+        admin_url(model, "changelist"),
+        {"action": "export_csv", "_selected_action": [r.pk for r in rows]},
+    )
+
+
+def parse_csv(body: bytes) -> list[list[str]]:
+    return list(csv.reader(io.StringIO(body.decode())))
+
+
+def test_csv_export_streams_a_header_and_the_selected_rows(admin_client):
+    chain = build_chain()
+
+    response = export(admin_client, ConnectionLog, [chain.connection, chain.rejected])
+
+    assert isinstance(response, StreamingHttpResponse)
+    assert response["Content-Type"] == "text/csv; charset=utf-8"
+    assert response["Content-Disposition"].startswith('attachment; filename="connectionlog-')
+    header, *lines = parse_csv(b"".join(response.streaming_content))
+    assert header == list(ConnectionLogAdmin.csv_fields)
+    by_id = {line[header.index("id")]: dict(zip(header, line, strict=True)) for line in lines}
+    assert set(by_id) == {str(chain.connection.pk), str(chain.rejected.pk)}
+    opened = by_id[str(chain.connection.pk)]
+    assert opened["username"] == "alice"
+    assert opened["ip"] == "198.51.100.10"
+    assert opened["row_hash"] == chain.connection.row_hash
+    assert opened["close_code"] == "1000"
+    assert by_id[str(chain.rejected.pk)]["reason"] == "ticket_expired"
+
+
+def test_csv_export_defuses_spreadsheet_formulas(admin_client):
+    row = log_connection(user_agent='=HYPERLINK("http://evil.example","x")')
+
+    response = export(admin_client, ConnectionLog, [row])
+
+    header, line = parse_csv(b"".join(response.streaming_content))
+    assert line[header.index("user_agent")] == '\'=HYPERLINK("http://evil.example","x")'
+
+
+@pytest.mark.django_db(transaction=True)
+async def test_csv_export_streams_asynchronously_under_asgi(async_client):
+    def setup():
+        build_chain()
+        return make_user("root", is_staff=True, is_superuser=True), list(
+            SecurityEvent.objects.all()
+        )
+
+    superuser, events = await sync_to_async(setup)()
+    await async_client.aforce_login(superuser)
+
+    response = await export(async_client, SecurityEvent, events)
+
+    # An async iterator: ASGI sends it as it is read, instead of buffering the whole export.
+    assert response.is_async
+    body = b"".join([chunk async for chunk in response.streaming_content])
+    header, *lines = parse_csv(body)
+    assert header[:3] == ["chain_seq", "created_at", "event"]
+    assert sorted(line[2] for line in lines) == ["login_failed", "member_added", "room_created"]
+
+
+# --- search, filters and links between rows ------------------------------------------------------
+
+
+@pytest.fixture
+def connections():
+    alice, room = make_user("alice"), make_room("lobby")
+    return {
+        "alice": log_connection(user=alice, room=room, ip="198.51.100.10", jti="jti-aaa"),
+        "near-ip": log_connection(ip="198.51.100.100", jti="jti-bbb"),
+        "rejected": log_connection(
+            outcome=audit.Outcome.REJECTED, reason=audit.Reason.ORIGIN_DENIED, ip="192.0.2.5"
+        ),
+    }
+
+
+@pytest.mark.parametrize(
+    ("query", "expected"),
+    [
+        ("alic", {"alice"}),
+        ("198.51.100.10", {"alice"}),  # exact: not 198.51.100.100
+        ("jti-bbb", {"near-ip"}),
+        ("lobby", {"alice"}),
+    ],
+)
+def test_connection_search_by_username_ip_jti_and_room(admin_client, connections, query, expected):
+    rows = results(admin_client.get(admin_url(ConnectionLog, "changelist"), {"q": query}))
+
+    assert {r.pk for r in rows} == {connections[name].pk for name in expected}
+
+
+@pytest.mark.parametrize(
+    ("filters", "expected"),
+    [
+        ({"outcome__exact": "rejected"}, {"rejected"}),
+        ({"reason__exact": "origin_denied"}, {"rejected"}),
+        ({"outcome__exact": "accepted"}, {"alice", "near-ip"}),
+    ],
+)
+def test_connection_filters(admin_client, connections, filters, expected):
+    rows = results(admin_client.get(admin_url(ConnectionLog, "changelist"), filters))
+
+    assert {r.pk for r in rows} == {connections[name].pk for name in expected}
+
+
+def test_connection_filters_by_room_and_date(admin_client, connections):
+    with time_machine.travel(timezone.now() - timedelta(days=400), tick=False):
+        log_connection(room=Room.objects.get(slug="lobby"))
+    room = Room.objects.get(slug="lobby")
+    year = timezone.now().year
+
+    rows = results(
+        admin_client.get(
+            admin_url(ConnectionLog, "changelist"),
+            {"room__id__exact": room.pk, "opened_at__year": year},
+        )
+    )
+
+    assert [r.pk for r in rows] == [connections["alice"].pk]
+
+
+def test_security_event_search_finds_a_ticket_id(admin_client):
+    alice, room = make_user("alice"), make_room()
+    issued = account_services.ticket_issue(user=alice, room=room, ip="127.0.0.1")
+    account_services.tickets_revoke(actor=alice, tickets=Ticket.objects.all())
+    audit.security_event(event=audit.Event.LOGIN_FAILED, target=alice)
+
+    rows = results(admin_client.get(admin_url(SecurityEvent, "changelist"), {"q": issued.row.jti}))
+
+    assert [r.event for r in rows] == [SecurityEvent.Event.TICKET_REVOKED]
+
+
+def test_ticket_links_to_its_connection_rows_by_jti(admin_client, connections):
+    alice = make_user("bob")
+    issued = account_services.ticket_issue(user=alice, room=make_room(), ip="127.0.0.1")
+    mine = log_connection(user=alice, jti=issued.row.jti)
+
+    page = admin_client.get(admin_url(Ticket, "change", issued.row.pk)).content.decode()
+    link = re.search(r'href="([^"]*connectionlog/\?jti=[^"]+)"', page)
+
+    assert link is not None
+    assert [r.pk for r in results(admin_client.get(link[1].replace("&amp;", "&")))] == [mine.pk]
+
+
+def test_connection_links_to_its_message_events_and_back(admin_client):
+    chain = build_chain()
+
+    page = admin_client.get(admin_url(ConnectionLog, "change", chain.connection.pk))
+    link = re.search(r'href="([^"]*messagelog/\?connection=[^"]+)"', page.content.decode())
+    events = results(admin_client.get(link[1]))
+
+    assert sorted(e.seq for e in events) == [1, 2]
+    assert {e.event for e in events} == {MessageLog.Event.SENT}
+    back = admin_client.get(admin_url(MessageLog, "change", events[0].pk)).content.decode()
+    assert admin_url(ConnectionLog, "change", chain.connection.pk) in back
+
+
+# --- security overview ---------------------------------------------------------------------------
+
+
+def test_security_overview_counts_and_flags_an_ip_over_the_threshold(admin_client, settings):
+    settings.CHAT_SECURITY_ALERT_THRESHOLD = 3
+    settings.CHAT_SECURITY_ALERT_WINDOW = 300
+    now = timezone.now()
+    log_connection(user=make_user("alice"))
+    log_connection()
+    log_close(log_connection())  # closed: not live
+    log_connection(opened_at=now - timedelta(seconds=settings.CHAT_MAX_CONNECTION_AGE + 60))
+    rejected = audit.Outcome.REJECTED
+    for _ in range(3):
+        log_connection(outcome=rejected, reason=audit.Reason.TICKET_EXPIRED, ip="192.0.2.66")
+    denied = audit.Reason.ORIGIN_DENIED
+    log_connection(outcome=rejected, reason=denied, ip="192.0.2.7")
+    log_connection(
+        outcome=rejected, reason=denied, ip="192.0.2.7", opened_at=now - timedelta(minutes=10)
+    )
+    log_connection(
+        outcome=rejected, reason=denied, ip="192.0.2.7", opened_at=now - timedelta(hours=2)
+    )
+    audit.security_event(event=audit.Event.ALERT, ip="192.0.2.66", details={"count": 3})
+
+    response = admin_client.get(reverse(OVERVIEW))
+
+    overview = response.context["overview"]
+    assert overview.live_count == 2
+    assert {(r.reason, r.count) for r in overview.rejections_last_hour} == {
+        ("ticket_expired", 3),
+        ("origin_denied", 2),
+    }
+    assert overview.rejected_last_hour == 5
+    assert [(r.ip, r.count, r.over_threshold) for r in overview.top_ips] == [
+        ("192.0.2.66", 3, True),
+        ("192.0.2.7", 1, False),
+    ]
+    assert [a.ip for a in overview.alerts] == ["192.0.2.66"]
+    flagged = re.findall(r'<tr class="over-threshold">(.*?)</tr>', response.content.decode(), re.S)
+    assert len(flagged) == 1
+    assert "192.0.2.66" in flagged[0]
+
+
+# --- moderation through the services -------------------------------------------------------------
+
+
+@pytest.fixture
+def posted():
+    alice, room = make_user("alice"), make_room("lobby")
+    services.message_send(room=room, author=alice, body="hello there", client_id="c1")
+    return Message.objects.get(room=room, seq=1)
+
+
+def test_soft_delete_action_deletes_audits_and_broadcasts(
+    admin_client, admin_user, posted, django_capture_on_commit_callbacks
+):
+    layer = get_channel_layer()
+    channel = async_to_sync(layer.new_channel)()
+    async_to_sync(layer.group_add)(f"room.{posted.room_id}", channel)
+
+    with django_capture_on_commit_callbacks(execute=True):
+        admin_client.post(
+            admin_url(Message, "changelist"),
+            {"action": "soft_delete", "_selected_action": [posted.pk]},
+        )
+
+    posted.refresh_from_db()
+    assert posted.deleted_at is not None
+    assert posted.deleted_by == admin_user
+    log = MessageLog.objects.get(event=MessageLog.Event.DELETED)
+    assert (log.username, log.room_slug, log.seq) == ("admin", "lobby", 1)
+    event = async_to_sync(layer.receive)(channel)
+    assert event["type"] == "hub.frame"
+    assert '"type":"deleted"' in event["text"].replace(" ", "")
+
+
+def test_restore_action_restores_and_audits(admin_client, posted):
+    moderator = make_user("mod")
+    make_member(posted.room, moderator, Membership.Role.MODERATOR)
+    services.message_delete(actor=moderator, room=posted.room, seq=posted.seq)
+
+    admin_client.post(
+        admin_url(Message, "changelist"), {"action": "restore", "_selected_action": [posted.pk]}
+    )
+
+    posted.refresh_from_db()
+    assert posted.deleted_at is None
+    assert MessageLog.objects.filter(event=MessageLog.Event.RESTORED, username="admin").count() == 1
+
+
+def test_moderation_actions_need_the_change_permission(client, posted):
+    staff = make_user("reader", is_staff=True)
+    grant(staff, "view_message")
+    client.force_login(staff)
+    url = admin_url(Message, "changelist")
+    assert offered_actions(client.get(url)) == []
+
+    client.post(url, {"action": "soft_delete", "_selected_action": [posted.pk]})
+
+    posted.refresh_from_db()
+    assert posted.deleted_at is None
+    assert not MessageLog.objects.filter(event=MessageLog.Event.DELETED).exists()
+
+
+def test_message_search_by_text_and_author(admin_client, posted):
+    other = make_user("bob")
+    services.message_send(room=posted.room, author=other, body="something else", client_id="c2")
+    url = admin_url(Message, "changelist")
+
+    assert [m.pk for m in results(admin_client.get(url, {"q": "hello"}))] == [posted.pk]
+    assert [m.body for m in results(admin_client.get(url, {"q": "bob"}))] == ["something else"]
+
+
+# --- tickets -------------------------------------------------------------------------------------
+
+
+def test_revoke_action_revokes_unused_tickets_and_audits(admin_client, admin_user):
+    alice, room = make_user("alice"), make_room("lobby")
+    unused = account_services.ticket_issue(user=alice, room=room, ip="127.0.0.1").row
+    used = account_services.ticket_issue(user=alice, room=room, ip="127.0.0.1")
+    account_services.ticket_redeem(token=used.token, room_slug="lobby", ip="127.0.0.1")
+
+    admin_client.post(
+        admin_url(Ticket, "changelist"),
+        {"action": "revoke", "_selected_action": [unused.pk, used.row.pk]},
+    )
+
+    unused.refresh_from_db()
+    used.row.refresh_from_db()
+    assert unused.revoked_at is not None
+    assert used.row.revoked_at is None
+    event = SecurityEvent.objects.get(event=SecurityEvent.Event.TICKET_REVOKED)
+    assert (event.actor_id, event.target_name, event.room_slug) == (admin_user.pk, "alice", "lobby")
+    assert event.details == {"jti": unused.jti}
+
+
+@pytest.mark.parametrize("state", ["issued", "used", "expired", "revoked"])
+def test_ticket_state_filter(admin_client, state):
+    alice, room = make_user("alice"), make_room("lobby")
+    by_state = {"issued": account_services.ticket_issue(user=alice, room=room, ip="127.0.0.1").row}
+    used = account_services.ticket_issue(user=alice, room=room, ip="127.0.0.1")
+    account_services.ticket_redeem(token=used.token, room_slug="lobby", ip="127.0.0.1")
+    by_state["used"] = used.row
+    with time_machine.travel(timezone.now() - timedelta(hours=1), tick=False):
+        by_state["expired"] = account_services.ticket_issue(
+            user=alice, room=room, ip="127.0.0.1"
+        ).row
+    by_state["revoked"] = account_services.ticket_issue(user=alice, room=room, ip="127.0.0.1").row
+    account_services.tickets_revoke(
+        actor=alice, tickets=Ticket.objects.filter(pk=by_state["revoked"].pk)
+    )
+
+    rows = results(admin_client.get(admin_url(Ticket, "changelist"), {"state": state}))
+
+    assert [t.pk for t in rows] == [by_state[state].pk]
+    assert rows[0].state == state
+
+
+# --- users and rooms -----------------------------------------------------------------------------
+
+
+def test_deactivate_action_deactivates_audits_and_closes_sockets(
+    admin_client, admin_user, django_capture_on_commit_callbacks
+):
+    alice = make_user("alice")
+    layer = get_channel_layer()
+    channel = async_to_sync(layer.new_channel)()
+    async_to_sync(layer.group_add)(f"user.{alice.pk}", channel)
+
+    with django_capture_on_commit_callbacks(execute=True):
+        admin_client.post(
+            admin_url(type(alice), "changelist"),
+            {"action": "deactivate", "_selected_action": [alice.pk, admin_user.pk]},
+        )
+
+    alice.refresh_from_db()
+    admin_user.refresh_from_db()
+    assert not alice.is_active
+    assert admin_user.is_active  # never oneself
+    event = SecurityEvent.objects.get(event=SecurityEvent.Event.USER_DEACTIVATED)
+    assert (event.actor_id, event.target_id) == (admin_user.pk, alice.pk)
+    revoke = async_to_sync(layer.receive)(channel)
+    assert (revoke["type"], revoke["user"], revoke["code"]) == ("hub.revoke", alice.pk, 4401)
+
+
+def test_user_form_cannot_flip_is_active_around_the_service(admin_client):
+    alice = make_user("alice")
+
+    page = admin_client.get(admin_url(type(alice), "change", alice.pk)).content.decode()
+
+    assert 'name="is_active"' not in page
+
+
+def membership_forms(room=None) -> dict:
+    """The (read-only) memberships inline's management form, which every room POST carries."""
+    ids = list(room.memberships.values_list("pk", flat=True)) if room else []
+    data = {
+        "memberships-TOTAL_FORMS": len(ids),
+        "memberships-INITIAL_FORMS": len(ids),
+        "memberships-MIN_NUM_FORMS": 0,
+        "memberships-MAX_NUM_FORMS": 1000,
+    }
+    for i, pk in enumerate(ids):
+        data |= {f"memberships-{i}-id": pk, f"memberships-{i}-room": room.pk}
+    return data
+
+
+def test_room_edit_in_the_admin_goes_through_the_service(admin_client, admin_user):
+    room = make_room("lobby", owner=make_user("alice"))
+
+    response = admin_client.post(
+        admin_url(Room, "change", room.pk),
+        {"title": "Main hall", "visibility": "private", **membership_forms(room)},
+    )
+
+    assert response.status_code == 302
+    room.refresh_from_db()
+    assert (room.title, room.visibility) == ("Main hall", "private")
+    event = SecurityEvent.objects.get(event=SecurityEvent.Event.ROOM_UPDATED)
+    assert event.actor_id == admin_user.pk
+    assert event.details == {"title": ["Lobby", "Main hall"], "visibility": ["public", "private"]}
+
+
+def test_room_created_in_the_admin_goes_through_the_service(admin_client, admin_user):
+    response = admin_client.post(
+        admin_url(Room, "add"),
+        {"slug": "news", "title": "News", "visibility": "read_only", **membership_forms()},
+    )
+
+    assert response.status_code == 302
+    room = Room.objects.get(slug="news")
+    assert Membership.objects.get(room=room).user == admin_user
+    assert SecurityEvent.objects.filter(
+        event=SecurityEvent.Event.ROOM_CREATED, room_slug="news"
+    ).exists()
+
+
+def test_csv_exports_are_themselves_audited(admin_client, admin_user):
+    chain = build_chain()
+    response = export(admin_client, ConnectionLog, [chain.connection, chain.rejected])
+    b"".join(response.streaming_content)
+    event = SecurityEvent.objects.get(event="audit_exported")
+    assert event.actor_id == admin_user.pk
+    assert event.details == {"rows_of": "connectionlog", "rows": 2}
+    assert audit.verify_chain().ok

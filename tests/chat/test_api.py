@@ -1,0 +1,319 @@
+"""The rooms REST API: same services and policy as the sockets."""
+
+from datetime import timedelta
+
+import pytest
+from django.utils import timezone
+from rest_framework.test import APIClient
+
+from chat import services
+from chat.models import Membership, Message, Room, SecurityEvent
+from tests.factories import make_member, make_room, make_user
+
+pytestmark = pytest.mark.django_db
+
+
+def client_for(user) -> APIClient:
+    api = APIClient()
+    api.force_authenticate(user)
+    return api
+
+
+@pytest.fixture
+def alice():
+    return make_user("alice")
+
+
+def test_create_room_makes_the_creator_owner_and_audits(alice):
+    response = client_for(alice).post(
+        "/api/rooms/",
+        {"slug": "dev-team", "title": "Dev team", "visibility": "private"},
+        format="json",
+    )
+    assert response.status_code == 201
+    assert response.json()["role"] == "owner"
+    room = Room.objects.get(slug="dev-team")
+    assert Membership.objects.get(room=room, user=alice).role == "owner"
+    assert SecurityEvent.objects.filter(event="room_created", room_slug="dev-team").exists()
+
+
+@pytest.mark.parametrize("slug", ["Has Caps", "-dash", "dash-", "x" * 51, "ü", "a/b", ""])
+def test_room_slugs_are_validated(alice, slug):
+    response = client_for(alice).post("/api/rooms/", {"slug": slug, "title": "t"}, format="json")
+    assert response.status_code == 400
+
+
+def test_duplicate_slug_is_409(alice):
+    make_room("lobby")
+    response = client_for(alice).post("/api/rooms/", {"slug": "lobby", "title": "t"}, format="json")
+    assert response.status_code == 409
+
+
+def test_room_list_shows_visible_rooms_with_role_and_unread(alice):
+    bob = make_user("bob")
+    lobby = make_room("lobby", owner=bob)
+    make_room("secret", visibility=Room.Visibility.PRIVATE, owner=bob)
+    mine = make_room("mine", visibility=Room.Visibility.PRIVATE, owner=alice)
+    banned = make_room("banned-here")
+    make_member(banned, alice, banned_at=timezone.now())
+    make_room("gone", archived_at=timezone.now())
+    for i in range(3):
+        services.message_send(room=lobby, author=bob, body=f"m{i}", client_id=f"m{i}")
+    make_member(lobby, alice)
+    services.room_mark_read(user=alice, room=Room.objects.get(pk=lobby.pk), seq=1)
+    rooms = {r["slug"]: r for r in client_for(alice).get("/api/rooms/").json()}
+    assert set(rooms) == {"lobby", "mine"}
+    assert (rooms["lobby"]["role"], rooms["lobby"]["unread"]) == ("member", 2)
+    assert (rooms["mine"]["role"], rooms["mine"]["unread"]) == ("owner", 0)
+    assert mine.slug in rooms
+
+
+def test_staff_see_every_active_room(alice):
+    admin = make_user("root", is_staff=True)
+    make_room("secret", visibility=Room.Visibility.PRIVATE, owner=alice)
+    assert [r["slug"] for r in client_for(admin).get("/api/rooms/").json()] == ["secret"]
+
+
+def test_owner_updates_title_and_visibility_and_others_cannot(alice):
+    bob = make_user("bob")
+    room = make_room("lobby", owner=alice)
+    make_member(room, bob, "moderator")
+    refused = client_for(bob).patch("/api/rooms/lobby/", {"title": "Mine now"}, format="json")
+    assert refused.status_code == 403
+    response = client_for(alice).patch(
+        "/api/rooms/lobby/", {"title": "Hall", "visibility": "read_only"}, format="json"
+    )
+    assert response.status_code == 200
+    assert (response.json()["title"], response.json()["visibility"]) == ("Hall", "read_only")
+    event = SecurityEvent.objects.get(event="room_updated")
+    assert event.details == {"title": ["Lobby", "Hall"], "visibility": ["public", "read_only"]}
+
+
+def test_archive_hides_the_room(alice):
+    make_room("lobby", owner=alice)
+    assert client_for(alice).post("/api/rooms/lobby/archive/", {}, format="json").status_code == 200
+    assert client_for(alice).get("/api/rooms/lobby/").status_code == 404
+    assert client_for(alice).get("/api/rooms/").json() == []
+
+
+def test_join_public_room_but_not_private_or_banned(alice):
+    bob = make_user("bob")
+    make_room("open", owner=bob)
+    make_room("closed", visibility=Room.Visibility.PRIVATE, owner=bob)
+    banned = make_room("banned-here", owner=bob)
+    make_member(banned, alice, banned_at=timezone.now())
+    api = client_for(alice)
+    assert api.post("/api/rooms/open/join/").status_code == 200
+    assert api.post("/api/rooms/open/join/").status_code == 200  # idempotent
+    assert api.post("/api/rooms/closed/join/").status_code == 403
+    assert api.post("/api/rooms/banned-here/join/").status_code == 403
+    assert Membership.objects.filter(user=alice, banned_at__isnull=True).count() == 1
+
+
+def test_messages_page_by_cursor(alice):
+    room = make_room("lobby", owner=alice)
+    for i in range(1, 8):
+        services.message_send(room=room, author=alice, body=f"m{i}", client_id=f"c{i}")
+    api = client_for(alice)
+    newest = api.get("/api/rooms/lobby/messages/?limit=3").json()
+    assert ([m["seq"] for m in newest["messages"]], newest["has_more"]) == ([5, 6, 7], True)
+    before = api.get("/api/rooms/lobby/messages/?before=5&limit=3").json()
+    assert [m["seq"] for m in before["messages"]] == [2, 3, 4]
+    after = api.get("/api/rooms/lobby/messages/?after=5").json()
+    assert ([m["seq"] for m in after["messages"]], after["has_more"]) == ([6, 7], False)
+    assert api.get("/api/rooms/lobby/messages/?after=1&before=3").status_code == 400
+    assert api.get("/api/rooms/lobby/messages/?limit=101").status_code == 400
+    assert api.get("/api/rooms/lobby/messages/?after=-1").status_code == 400
+
+
+def test_post_message_is_idempotent_by_client_id(alice):
+    make_room("lobby", owner=alice)
+    api = client_for(alice)
+    first = api.post("/api/rooms/lobby/messages/", {"body": "hi", "client_id": "k1"}, format="json")
+    again = api.post("/api/rooms/lobby/messages/", {"body": "hi", "client_id": "k1"}, format="json")
+    assert (first.status_code, first.json()["duplicate"]) == (201, False)
+    assert (again.status_code, again.json()) == (
+        200,
+        {"seq": 1, "client_id": "k1", "duplicate": True},
+    )
+    assert Message.objects.count() == 1
+
+
+def test_post_message_validation(alice):
+    make_room("lobby", owner=alice)
+    api = client_for(alice)
+    too_long = api.post(
+        "/api/rooms/lobby/messages/", {"body": "x" * 4001, "client_id": "k"}, format="json"
+    )
+    assert (too_long.status_code, too_long.json()["code"]) == (400, "too_long")
+    bad_id = api.post(
+        "/api/rooms/lobby/messages/", {"body": "x", "client_id": "no spaces"}, format="json"
+    )
+    assert bad_id.status_code == 400
+
+
+def test_deleted_message_is_a_tombstone_in_the_api(alice):
+    room = make_room("lobby", owner=alice)
+    services.message_send(room=room, author=alice, body="secret", client_id="k")
+    assert client_for(alice).delete("/api/rooms/lobby/messages/1/").status_code == 204
+    [message] = client_for(alice).get("/api/rooms/lobby/messages/").json()["messages"]
+    assert message == {
+        "seq": 1,
+        "room": "lobby",
+        "author": "alice",
+        "created_at": message["created_at"],
+        "deleted": True,
+    }
+
+
+def test_members_add_list_update_and_remove(alice):
+    bob, carol = make_user("bob"), make_user("carol")
+    make_room("team", visibility=Room.Visibility.PRIVATE, owner=alice)
+    api = client_for(alice)
+    assert (
+        api.post("/api/rooms/team/members/", {"username": "bob"}, format="json").status_code == 201
+    )
+    assert (
+        api.post("/api/rooms/team/members/", {"username": "bob"}, format="json").status_code == 409
+    )
+    assert (
+        api.post("/api/rooms/team/members/", {"username": "nobody"}, format="json").status_code
+        == 404
+    )
+    members = {m["username"]: m["role"] for m in api.get("/api/rooms/team/members/").json()}
+    assert members == {"alice": "owner", "bob": "member"}
+    assert (
+        api.patch("/api/rooms/team/members/bob/", {"role": "moderator"}, format="json").json()[
+            "role"
+        ]
+        == "moderator"
+    )
+    # A moderator may add members but not moderators, and may not touch the owner.
+    as_bob = client_for(bob)
+    assert (
+        as_bob.post("/api/rooms/team/members/", {"username": "carol"}, format="json").status_code
+        == 201
+    )
+    refused = as_bob.post(
+        "/api/rooms/team/members/", {"username": "carol", "role": "moderator"}, format="json"
+    )
+    assert refused.status_code in (403, 409)
+    assert as_bob.delete("/api/rooms/team/members/alice/").status_code == 403
+    until = (timezone.now() + timedelta(hours=1)).isoformat()
+    muted = as_bob.patch("/api/rooms/team/members/carol/", {"muted_until": until}, format="json")
+    assert muted.status_code == 200
+    assert muted.json()["muted_until"]
+    banned = api.patch(
+        "/api/rooms/team/members/carol/", {"banned": True, "reason": "spam"}, format="json"
+    )
+    assert banned.json()["banned"] is True
+    assert Membership.objects.get(user=carol).ban_reason == "spam"
+    assert api.delete("/api/rooms/team/members/bob/").status_code == 204
+    assert not Membership.objects.filter(user=bob).exists()
+    events = list(SecurityEvent.objects.order_by("chain_seq").values_list("event", flat=True))
+    assert events == [
+        "member_added",
+        "role_changed",
+        "member_added",
+        "member_muted",
+        "member_banned",
+        "member_removed",
+    ]
+
+
+def test_member_may_leave_but_owner_may_not(alice):
+    bob = make_user("bob")
+    room = make_room("lobby", owner=alice)
+    make_member(room, bob)
+    assert client_for(bob).delete("/api/rooms/lobby/members/bob/").status_code == 204
+    assert client_for(alice).delete("/api/rooms/lobby/members/alice/").status_code == 403
+
+
+def test_patch_member_needs_a_change(alice):
+    bob = make_user("bob")
+    room = make_room("lobby", owner=alice)
+    make_member(room, bob)
+    assert (
+        client_for(alice).patch("/api/rooms/lobby/members/bob/", {}, format="json").status_code
+        == 400
+    )
+
+
+def test_mark_read_updates_unread(alice):
+    room = make_room("lobby", owner=alice)
+    for i in range(4):
+        services.message_send(room=room, author=alice, body="x", client_id=f"r{i}")
+    api = client_for(alice)
+    assert api.post("/api/rooms/lobby/read/", {"seq": 3}, format="json").status_code == 204
+    assert api.get("/api/rooms/").json()[0]["unread"] == 1
+    api.post("/api/rooms/lobby/read/", {"seq": 1}, format="json")  # never moves backwards
+    assert api.get("/api/rooms/").json()[0]["unread"] == 1
+
+
+def test_unauthenticated_requests_are_401():
+    make_room("lobby")
+    for method, path in [
+        ("get", "/api/rooms/"),
+        ("get", "/api/rooms/lobby/messages/"),
+        ("post", "/api/rooms/"),
+    ]:
+        assert getattr(APIClient(), method)(path).status_code == 401
+
+
+def test_openapi_schema_and_docs_are_served(alice):
+    api = client_for(alice)
+    schema = api.get("/api/schema/", HTTP_ACCEPT="application/vnd.oai.openapi+json")
+    assert schema.status_code == 200
+    paths = schema.json()["paths"]
+    for path in [
+        "/api/tickets/",
+        "/api/rooms/",
+        "/api/rooms/{slug}/messages/",
+        "/api/rooms/{slug}/members/{username}/",
+        "/api/auth/token/",
+    ]:
+        assert path in paths
+    assert api.get("/api/docs/").status_code == 200
+
+
+def test_members_see_no_moderation_data_but_moderators_do(alice):
+    bob, carol, dave = make_user("bob"), make_user("carol"), make_user("dave")
+    room = make_room("lobby", owner=alice)
+    make_member(room, bob)
+    make_member(room, carol, muted_until=timezone.now() + timedelta(hours=1))
+    make_member(room, dave, banned_at=timezone.now(), ban_reason="spam")
+    as_member = client_for(bob).get("/api/rooms/lobby/members/").json()
+    assert [m["username"] for m in as_member] == ["alice", "bob", "carol"]
+    assert all(set(m) == {"username", "role", "joined_at"} for m in as_member)
+    as_owner = {m["username"]: m for m in client_for(alice).get("/api/rooms/lobby/members/").json()}
+    assert as_owner["dave"]["ban_reason"] == "spam"
+    assert as_owner["carol"]["muted_until"]
+
+
+def test_a_ban_may_have_no_reason(alice):
+    bob = make_user("bob")
+    room = make_room("lobby", owner=alice)
+    make_member(room, bob)
+    response = client_for(alice).patch(
+        "/api/rooms/lobby/members/bob/", {"banned": True, "reason": ""}, format="json"
+    )
+    assert response.status_code == 200
+
+
+def test_visitors_get_no_unread_count(alice):
+    bob = make_user("bob")
+    room = make_room("lobby", owner=bob)
+    services.message_send(room=room, author=bob, body="x", client_id="v1")
+    [row] = client_for(alice).get("/api/rooms/").json()
+    assert row["unread"] is None
+
+
+def test_mark_read_reads_the_room_fresh(alice):
+    room = make_room("lobby", owner=alice)
+    stale = Room.objects.get(pk=room.pk)  # last_seq 0 here
+    for i in range(3):
+        services.message_send(room=room, author=alice, body="x", client_id=f"s{i}")
+    services.room_mark_read(user=alice, room=stale, seq=2)
+    assert Membership.objects.get(user=alice).last_read_seq == 2
+    services.room_mark_read(user=alice, room=stale, seq=99)
+    assert Membership.objects.get(user=alice).last_read_seq == 3

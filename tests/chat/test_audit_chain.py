@@ -1,0 +1,369 @@
+"""The audit chain: each tampering is caught for the right reason, and pruning keeps it sound."""
+
+from datetime import timedelta
+
+import pytest
+import time_machine
+from django.db.models import F
+from django.test import override_settings
+from django.utils import timezone
+
+from chat import audit
+from chat.models import (
+    AuditChainHead,
+    AuditCheckpoint,
+    ConnectionLog,
+    MessageLog,
+    SecurityEvent,
+)
+from tests.chat.audit_rows import build_chain, log_close, log_connection
+
+pytestmark = pytest.mark.django_db
+
+LINKS = 9  # build_chain()'s links
+
+
+def head() -> AuditChainHead:
+    return AuditChainHead.objects.get(pk=1)
+
+
+def test_untouched_chain_verifies():
+    build_chain()
+
+    result = audit.verify_chain()
+
+    assert result.ok, result.problem
+    assert result.links_checked == LINKS == head().last_seq
+
+
+# --- tampering: each attack, and the position and problem it must be reported with --------------
+
+
+def edit_connection_opening(chain):
+    ConnectionLog.objects.filter(pk=chain.connection.pk).update(ip="203.0.113.66")
+    return chain.connection.chain_seq, "(opening) was altered"
+
+
+def edit_message_event(chain):
+    row = MessageLog.objects.get(event=MessageLog.Event.SENT, seq=2)
+    MessageLog.objects.filter(pk=row.pk).update(username="mallory")
+    return row.chain_seq, "was altered"
+
+
+def edit_security_event(chain):
+    row = SecurityEvent.objects.get(event=SecurityEvent.Event.MEMBER_ADDED)
+    SecurityEvent.objects.filter(pk=row.pk).update(details={"role": "owner"})
+    return row.chain_seq, "was altered"
+
+
+def edit_connection_close(chain):
+    ConnectionLog.objects.filter(pk=chain.connection.pk).update(close_code=4403)
+    return chain.connection.close_chain_seq, "(close) was altered"
+
+
+def delete_middle_row(chain):
+    row = MessageLog.objects.get(event=MessageLog.Event.DELETED)
+    row.delete()
+    return row.chain_seq, f"link {row.chain_seq} is missing"
+
+
+def insert_forged_row(chain):
+    # A plausible login at the end of the chain, with the head moved to match; the attacker
+    # lacks the HMAC key, so guesses one.
+    tip = head()
+    forged = SecurityEvent(
+        event=SecurityEvent.Event.LOGIN_SUCCEEDED,
+        actor_id=chain.alice.pk,
+        actor_name="alice",
+        ip="198.51.100.10",
+        created_at=timezone.now(),
+        chain_seq=tip.last_seq + 1,
+        prev_hash=tip.last_hash,
+    )
+    with override_settings(CHAT_AUDIT_HMAC_KEY="a-guessed-key"):
+        forged.row_hash = audit.link_hash(
+            tip.last_hash, forged.chain_seq, audit.KIND_SECURITY, audit.row_content(forged)
+        )
+    forged.save()
+    AuditChainHead.objects.filter(pk=1).update(last_seq=forged.chain_seq, last_hash=forged.row_hash)
+    return forged.chain_seq, "was altered"
+
+
+def reorder_rows(chain):
+    first = SecurityEvent.objects.get(event=SecurityEvent.Event.ROOM_CREATED)
+    second = SecurityEvent.objects.get(event=SecurityEvent.Event.MEMBER_ADDED)
+    SecurityEvent.objects.filter(pk=first.pk).update(chain_seq=10**9)
+    SecurityEvent.objects.filter(pk=second.pk).update(chain_seq=first.chain_seq)
+    SecurityEvent.objects.filter(pk=first.pk).update(chain_seq=second.chain_seq)
+    return first.chain_seq, "does not follow the previous link"
+
+
+def truncate_tail(chain):
+    SecurityEvent.objects.filter(event=SecurityEvent.Event.LOGIN_FAILED).delete()
+    ConnectionLog.objects.filter(pk=chain.rejected.pk).delete()
+    return LINKS - 1, "links were removed from the end"
+
+
+def forge_checkpoint(chain):
+    # Hide the first three links behind a checkpoint signed with a guessed key.
+    third = ConnectionLog.objects.get(pk=chain.connection.pk)
+    SecurityEvent.objects.filter(chain_seq__lt=third.chain_seq).delete()
+    created_at = timezone.now()
+    with override_settings(CHAT_AUDIT_HMAC_KEY="a-guessed-key"):
+        signature = audit.checkpoint_signature(third.chain_seq, third.row_hash, created_at, 2)
+    AuditCheckpoint.objects.create(
+        seq=third.chain_seq,
+        row_hash=third.row_hash,
+        created_at=created_at,
+        rows_pruned=2,
+        signature=signature,
+    )
+    return third.chain_seq, "checkpoint signature is invalid"
+
+
+@pytest.mark.parametrize(
+    "tamper",
+    [
+        edit_connection_opening,
+        edit_message_event,
+        edit_security_event,
+        edit_connection_close,
+        delete_middle_row,
+        insert_forged_row,
+        reorder_rows,
+        truncate_tail,
+        forge_checkpoint,
+    ],
+)
+def test_tampering_is_caught_at_its_position(tamper):
+    chain = build_chain()
+    position, problem = tamper(chain)
+
+    result = audit.verify_chain()
+
+    assert not result.ok
+    assert result.first_bad_seq == position
+    assert problem in result.problem
+
+
+# --- pruning -------------------------------------------------------------------------------------
+
+
+def long_ago(days: int = 40):
+    return time_machine.travel(timezone.now() - timedelta(days=days), tick=False)
+
+
+def cutoff(days: int = 30):
+    return timezone.now() - timedelta(days=days)
+
+
+def test_prune_deletes_old_prefix_and_chain_still_verifies():
+    with long_ago():
+        build_chain("old-")
+    recent = build_chain("new-")
+
+    result = audit.prune_before(cutoff=cutoff())
+
+    assert result.seq == LINKS
+    # Nine links, one of them a close: eight rows.
+    assert result.rows == {"connection logs": 2, "message logs": 3, "security events": 3}
+    assert not SecurityEvent.objects.filter(room_slug="old-lobby").exists()
+    assert ConnectionLog.objects.filter(pk=recent.connection.pk).exists()
+    checkpoint = AuditCheckpoint.objects.get()
+    assert (checkpoint.seq, checkpoint.rows_pruned) == (LINKS, 8)
+    pruned_event = SecurityEvent.objects.get(event=SecurityEvent.Event.AUDIT_PRUNED)
+    assert pruned_event.details["seq"] == LINKS
+    verified = audit.verify_chain()
+    assert verified.ok, verified.problem
+    # The recent chain and the audit_pruned event, nothing before the checkpoint.
+    assert verified.links_checked == LINKS + 1
+
+
+def test_prune_keeps_a_connection_whose_close_is_recent():
+    with long_ago():
+        never_closed = log_connection()  # its process died: no close will ever come
+        closed_later = log_connection()
+        closed_then = log_connection()
+        log_close(closed_then)
+    log_close(closed_later)
+
+    result = audit.prune_before(cutoff=cutoff())
+
+    # The prefix ends before closed_later's close (link 5); never_closed and closed_then go.
+    assert result.seq == 4
+    assert list(ConnectionLog.objects.values_list("pk", flat=True)) == [closed_later.pk]
+    assert {never_closed.pk, closed_then.pk}.isdisjoint(
+        ConnectionLog.objects.values_list("pk", flat=True)
+    )
+    verified = audit.verify_chain()
+    assert verified.ok, verified.problem
+
+
+def test_an_edited_opening_kept_below_the_checkpoint_is_caught():
+    with long_ago():
+        kept = log_connection()  # closes after the cutoff: kept, its opening below the checkpoint
+        log_close(log_connection())
+    log_close(kept)
+    assert audit.prune_before(cutoff=cutoff()).seq is not None
+    assert audit.verify_chain().ok
+    ConnectionLog.objects.filter(pk=kept.pk).update(username="mallory")
+    verified = audit.verify_chain()
+    assert not verified.ok
+    assert verified.problem == f"ConnectionLog {kept.pk} (opening) was altered"
+
+
+def test_prune_keeps_a_connection_that_may_still_be_open():
+    live = log_connection()
+    audit.security_event(event=audit.Event.LOGIN_FAILED, ip="192.0.2.1")
+
+    result = audit.prune_before(cutoff=timezone.now() + timedelta(seconds=1))
+
+    assert result.seq == 2
+    assert result.rows == {"connection logs": 0, "message logs": 0, "security events": 1}
+    log_close(live)
+    live.refresh_from_db()
+    assert live.close_chain_seq == 4  # after the audit_pruned event
+    verified = audit.verify_chain()
+    assert verified.ok, verified.problem
+
+
+def test_prune_dry_run_changes_nothing():
+    with long_ago():
+        build_chain("old-")
+    before = head().last_seq
+
+    result = audit.prune_before(cutoff=cutoff(), dry_run=True)
+
+    assert result.dry_run
+    assert (result.seq, result.rows_pruned) == (LINKS, 8)
+    assert head().last_seq == before
+    assert not AuditCheckpoint.objects.exists()
+    assert ConnectionLog.objects.count() + MessageLog.objects.count() == 5
+
+
+def test_prune_without_old_rows_does_nothing():
+    build_chain()
+
+    result = audit.prune_before(cutoff=cutoff())
+
+    assert result.seq is None
+    assert not AuditCheckpoint.objects.exists()
+    assert head().last_seq == LINKS
+
+
+def test_prune_refuses_a_broken_chain_and_keeps_every_row():
+    with long_ago():
+        chain = build_chain("old-")
+    ConnectionLog.objects.filter(pk=chain.connection.pk).update(username="nobody")
+
+    with pytest.raises(audit.AuditChainBroken, match="was altered"):
+        audit.prune_before(cutoff=cutoff())
+
+    assert not AuditCheckpoint.objects.exists()
+    assert SecurityEvent.objects.count() == 3
+
+
+def test_second_prune_resumes_from_the_first_checkpoint():
+    with long_ago(60):
+        build_chain("oldest-")
+    with long_ago(40):
+        build_chain("old-")
+    audit.prune_before(cutoff=cutoff(50))
+
+    result = audit.prune_before(cutoff=cutoff(30))
+
+    # Links 1-9 went first, then 10-18; the first prune's audit_pruned event (19) is recent.
+    assert result.seq == 2 * LINKS
+    assert list(AuditCheckpoint.objects.values_list("seq", flat=True)) == [18, 9]
+    verified = audit.verify_chain()
+    assert verified.ok, verified.problem
+    assert verified.links_checked == 2  # the two audit_pruned events
+
+
+# --- tampering after a prune ---------------------------------------------------------------------
+
+
+def edit_kept_row(checkpoint):
+    row = SecurityEvent.objects.get(event=SecurityEvent.Event.ROOM_CREATED)
+    SecurityEvent.objects.filter(pk=row.pk).update(actor_name="someone-else")
+    return row.chain_seq, "was altered"
+
+
+def delete_first_kept_row(checkpoint):
+    SecurityEvent.objects.filter(chain_seq=checkpoint.seq + 1).delete()
+    return checkpoint.seq + 1, f"link {checkpoint.seq + 1} is missing"
+
+
+def forge_checkpoint_signature(checkpoint):
+    AuditCheckpoint.objects.filter(pk=checkpoint.pk).update(signature="0" * 64)
+    return checkpoint.seq, "checkpoint signature is invalid"
+
+
+def move_checkpoint_forward(checkpoint):
+    # Hide the next link too, keeping the signature: the signature covers the position.
+    hidden = SecurityEvent.objects.get(chain_seq=checkpoint.seq + 1)
+    hidden.delete()
+    AuditCheckpoint.objects.filter(pk=checkpoint.pk).update(
+        seq=F("seq") + 1, row_hash=hidden.row_hash
+    )
+    return checkpoint.seq + 1, "checkpoint signature is invalid"
+
+
+def delete_checkpoint(checkpoint):
+    AuditCheckpoint.objects.all().delete()
+    return 1, "link 1 is missing"
+
+
+@pytest.mark.parametrize(
+    "tamper",
+    [
+        edit_kept_row,
+        delete_first_kept_row,
+        forge_checkpoint_signature,
+        move_checkpoint_forward,
+        delete_checkpoint,
+    ],
+)
+def test_tampering_after_a_prune_is_caught(tamper):
+    with long_ago():
+        build_chain("old-")
+    build_chain("new-")
+    checkpoint = audit.prune_before(cutoff=cutoff()).checkpoint
+    position, problem = tamper(checkpoint)
+
+    result = audit.verify_chain()
+
+    assert not result.ok
+    assert result.first_bad_seq == position
+    assert problem in result.problem
+
+
+@pytest.mark.django_db(transaction=True)
+async def test_a_row_the_database_refuses_does_not_hold_back_the_others():
+    """A duplicate in a batch is dropped (and logged); every other row of the batch is written."""
+    import uuid
+
+    from channels.db import database_sync_to_async
+    from django.utils import timezone
+
+    from chat import audit
+    from chat.models import ConnectionLog
+
+    buffer = audit.AuditBuffer()
+    first, second = uuid.uuid4(), uuid.uuid4()
+
+    def row(pk):
+        return ConnectionLog(id=pk, outcome="accepted", username="x", opened_at=timezone.now())
+
+    buffer.add(row(first))
+    await buffer.flush()
+    buffer.add(row(first))  # the same connection again: refused
+    buffer.add(row(second))
+    buffer.add(audit.ConnectionClose(second, timezone.now(), 1000, 1, 1))
+    await buffer.flush()
+    assert buffer.pending == 0
+    stored = await database_sync_to_async(
+        lambda: {r.id: r.close_code for r in ConnectionLog.objects.all()}
+    )()
+    assert stored == {first: None, second: 1000}
+    assert (await database_sync_to_async(audit.verify_chain)()).ok

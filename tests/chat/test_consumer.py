@@ -1,0 +1,580 @@
+"""The room socket: frames, errors, presence, live moderation, limits, resume and audit."""
+
+import asyncio
+import json
+from datetime import timedelta
+
+import pytest
+from django.utils import timezone
+
+from chat import broadcast, frames, services
+from chat.hub import GAP_WAIT
+from chat.models import ConnectionLog, Membership, Message, MessageLog, Room
+from chat.runtime import get_runtime
+from tests.chat.helpers import drain, join, send, sync
+from tests.factories import make_member, make_room, make_user
+from tests.ws import closed_with, receive_until
+
+pytestmark = pytest.mark.django_db(transaction=True)
+
+
+@pytest.fixture
+def people():
+    alice, bob = make_user("alice"), make_user("bob")
+    room = make_room("lobby", owner=alice)
+    make_member(room, bob)
+    return alice, bob, room
+
+
+# --- hello and messages ---------------------------------------------------------------------------
+
+
+async def test_hello_describes_room_user_and_presence(people):
+    alice, bob, room = people
+    a, hello = await join(alice, room)
+    assert hello["room"] == "lobby"
+    assert hello["user"] == "alice"
+    assert hello["role"] == "owner"
+    assert hello["last_seq"] == 0
+    assert hello["presence"] == ["alice"]
+    assert hello["limits"]["max_length"] == 4000
+    b, hello_b = await join(bob, room)
+    assert hello_b["presence"] == ["alice", "bob"]
+    assert (await receive_until(a, "presence"))["joined"] == "bob"
+    await a.disconnect()
+    await b.disconnect()
+
+
+async def test_message_is_acked_stored_and_broadcast_to_everyone(people):
+    alice, bob, room = people
+    a, _ = await join(alice, room)
+    b, _ = await join(bob, room)
+    await receive_until(a, "presence")
+    await send(a, type="message", body="hello <b>bob</b>", client_id="c-1")
+    ack = json.loads(await a.receive_from())
+    assert ack == {"type": "ack", "client_id": "c-1", "seq": 1}, (
+        "the ack comes before the broadcast"
+    )
+    mine = await receive_until(a, "message")
+    theirs = await receive_until(b, "message")
+    assert mine == theirs
+    assert theirs["seq"] == 1
+    assert theirs["author"] == "alice"
+    assert theirs["body"] == "hello <b>bob</b>"
+    assert theirs["client_id"] == "c-1"
+    assert theirs["room"] == "lobby"
+    stored = await sync(Message.objects.get)(room=room, seq=1)
+    assert stored.body == "hello <b>bob</b>"
+    await a.disconnect()
+    await b.disconnect()
+
+
+async def test_resent_client_id_acks_the_original_and_creates_nothing(people):
+    alice, bob, room = people
+    a, _ = await join(alice, room)
+    b, _ = await join(bob, room)
+    for _ in range(3):
+        await send(a, type="message", body="once", client_id="same-id")
+        assert (await receive_until(a, "ack"))["seq"] == 1
+    assert await sync(Message.objects.filter(room=room).count)() == 1
+    broadcasts = [f for f in await drain(b) if f["type"] == "message"]
+    assert [f["seq"] for f in broadcasts] == [1]
+    await a.disconnect()
+    await b.disconnect()
+
+
+async def test_seq_is_gap_free_per_room(people):
+    alice, _, room = people
+    other = await sync(make_room)("other", owner=alice)
+    a, _ = await join(alice, room)
+    o, _ = await join(alice, other)
+    for i in range(5):
+        await send(a, type="message", body=f"a{i}", client_id=f"a{i}")
+        await send(o, type="message", body=f"o{i}", client_id=f"o{i}")
+    a_acks = [(await receive_until(a, "ack"))["seq"] for _ in range(5)]
+    o_acks = [(await receive_until(o, "ack"))["seq"] for _ in range(5)]
+    assert a_acks == o_acks == [1, 2, 3, 4, 5]
+    assert (await sync(Room.objects.get)(pk=room.pk)).last_seq == 5
+    await a.disconnect()
+    await o.disconnect()
+
+
+# --- history --------------------------------------------------------------------------------------
+
+
+async def test_history_pages_after_and_before_with_tombstones(people):
+    alice, bob, room = people
+
+    def seed():
+        for i in range(1, 8):
+            services.message_send(room=room, author=alice, body=f"m{i}", client_id=f"h{i}")
+        services.message_delete(actor=alice, room=room, seq=3)
+
+    await sync(seed)()
+    b, hello = await join(bob, room)
+    assert hello["last_seq"] == 7
+    await send(b, type="history", after=1, limit=3)
+    page = await receive_until(b, "history")
+    assert [m["seq"] for m in page["messages"]] == [2, 3, 4]
+    assert page["has_more"] is True
+    assert page["after"] == 1
+    tombstone = page["messages"][1]
+    assert tombstone["deleted"] is True
+    assert "body" not in tombstone
+    await send(b, type="history", after=4, limit=100)
+    rest = await receive_until(b, "history")
+    assert [m["seq"] for m in rest["messages"]] == [5, 6, 7]
+    assert rest["has_more"] is False
+    await send(b, type="history", before=3, limit=10)
+    older = await receive_until(b, "history")
+    assert [m["seq"] for m in older["messages"]] == [1, 2]
+    await send(b, type="history")
+    newest = await receive_until(b, "history")
+    assert [m["seq"] for m in newest["messages"]] == list(range(1, 8))
+    await b.disconnect()
+
+
+# --- delete, typing, ping -------------------------------------------------------------------------
+
+
+async def test_delete_broadcasts_and_is_refused_to_others(people):
+    alice, bob, room = people
+    a, _ = await join(alice, room)
+    b, _ = await join(bob, room)
+    await send(b, type="message", body="bob's", client_id="b1")
+    await receive_until(b, "ack")
+    await send(a, type="message", body="alice's", client_id="a1")
+    await receive_until(a, "ack")
+    await send(b, type="delete", seq=2)
+    error = await receive_until(b, "error")
+    assert error["code"] == "forbidden"
+    await send(b, type="delete", seq=99)
+    assert (await receive_until(b, "error"))["code"] == "not_found"
+    await send(b, type="delete", seq=1)
+    assert await receive_until(a, "deleted") == {"type": "deleted", "room": "lobby", "seq": 1}
+    assert (await receive_until(b, "deleted"))["seq"] == 1
+    # The owner (a moderator) may delete anyone's message.
+    await send(a, type="delete", seq=2)
+    assert (await receive_until(b, "deleted"))["seq"] == 2
+    events = await sync(lambda: list(MessageLog.objects.values_list("event", "username", "seq")))()
+    assert ("deleted", "bob", 1) in events
+    assert ("deleted", "alice", 2) in events
+    await a.disconnect()
+    await b.disconnect()
+
+
+async def test_typing_reaches_others_not_the_sender_and_is_throttled(people):
+    alice, bob, room = people
+    a, _ = await join(alice, room)
+    b, _ = await join(bob, room)
+    await send(a, type="typing")
+    assert await receive_until(b, "typing") == {"type": "typing", "room": "lobby", "user": "alice"}
+    await send(a, type="typing")
+    assert (await receive_until(a, "error"))["code"] == "rate_limited"
+    assert not [f for f in await drain(a) if f["type"] == "typing"]
+    await a.disconnect()
+    await b.disconnect()
+
+
+async def test_ping_pong(people):
+    alice, _, room = people
+    a, _ = await join(alice, room)
+    await send(a, type="ping")
+    assert await receive_until(a, "pong") == {"type": "pong"}
+    await a.disconnect()
+
+
+# --- errors keep the socket open ------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("raw", "code"),
+    [
+        ("not json", "invalid_frame"),
+        ("[1, 2]", "invalid_frame"),
+        ('{"no": "type"}', "invalid_frame"),
+        ('{"type": 7}', "invalid_frame"),
+        ('{"type": "dance"}', "unknown_type"),
+        ('{"type": "auth", "ticket": "x"}', "unknown_type"),
+        ('{"type": "message", "body": "x"}', "invalid_frame"),
+        ('{"type": "message", "body": "x", "client_id": "bad id!"}', "invalid_frame"),
+        ('{"type": "message", "body": "   ", "client_id": "c"}', "invalid_frame"),
+        ('{"type": "message", "body": 5, "client_id": "c"}', "invalid_frame"),
+        ('{"type": "message", "body": "a\\u0000b", "client_id": "c"}', "invalid_frame"),
+        ('{"type": "message", "body": "\\ud800", "client_id": "c"}', "invalid_frame"),
+        ('{"type": "message", "body": "a\\rb", "client_id": "c"}', "invalid_frame"),
+        ('{"type": "message", "body": "a\\u0085b", "client_id": "c"}', "invalid_frame"),
+        ('{"type": "message", "body": "evil\\u202etxt.exe", "client_id": "c"}', "invalid_frame"),
+        ('{"type": "message", "body": "x\\u2066y", "client_id": "c"}', "invalid_frame"),
+        (json.dumps({"type": "message", "body": "x" * 4001, "client_id": "c"}), "too_long"),
+        ('{"type": "history", "after": -1}', "invalid_frame"),
+        ('{"type": "history", "after": true}', "invalid_frame"),
+        ('{"type": "history", "after": 1, "before": 5}', "invalid_frame"),
+        ('{"type": "history", "limit": 101}', "invalid_frame"),
+        ('{"type": "history", "after": 1e400}', "invalid_frame"),
+        ('{"type": "delete", "seq": "1"}', "invalid_frame"),
+    ],
+)
+async def test_bad_frame_gets_error_and_socket_stays_open(people, raw, code):
+    alice, _, room = people
+    a, _ = await join(alice, room)
+    await a.send_to(text_data=raw)
+    error = await receive_until(a, "error")
+    assert error["code"] == code
+    assert error["detail"]
+    await send(a, type="ping")
+    await receive_until(a, "pong")
+    await a.disconnect()
+    await get_runtime().audit.flush()
+    rejected = await sync(lambda: list(MessageLog.objects.filter(event="rejected")))()
+    assert [(r.reason, r.username, r.connection_id is not None) for r in rejected] == [
+        (code, "alice", True)
+    ]
+    assert await sync(Message.objects.count)() == 0
+
+
+async def test_binary_frame_is_refused(people):
+    alice, _, room = people
+    a, _ = await join(alice, room)
+    await a.send_to(bytes_data=b"\x00\x01")
+    assert (await receive_until(a, "error"))["code"] == "invalid_frame"
+    await a.disconnect()
+
+
+async def test_oversized_frame_closes_1009(people, settings):
+    settings.CHAT_MAX_FRAME_BYTES = 1024
+    alice, _, room = people
+    a, _ = await join(alice, room)
+    await send(a, type="message", body="é" * 600, client_id="big")  # 1,200 bytes in UTF-8
+    assert (await closed_with(a))[0] == 1009
+    await a.disconnect()
+
+
+async def test_crlf_is_stored_as_lf_and_direction_marks_are_kept(people):
+    alice, _, room = people
+    a, _ = await join(alice, room)
+    await send(a, type="message", body="one\r\ntwo \u200f\u05e9\u05dc\u05d5\u05dd", client_id="c")
+    await receive_until(a, "ack")
+    stored = await sync(Message.objects.get)(room=room, seq=1)
+    assert stored.body == "one\ntwo \u200f\u05e9\u05dc\u05d5\u05dd"
+    await a.disconnect()
+
+
+async def test_errors_for_messages_carry_the_client_id(people):
+    alice, _, room = people
+    a, _ = await join(alice, room)
+    await send(a, type="message", body="x" * 4001, client_id="long-one")
+    assert (await receive_until(a, "error"))["client_id"] == "long-one"
+    await a.disconnect()
+
+
+# --- presence -------------------------------------------------------------------------------------
+
+
+async def test_presence_counts_tabs(people):
+    alice, bob, room = people
+    b, _ = await join(bob, room)
+    tab1, _ = await join(alice, room)
+    tab2, hello2 = await join(alice, room)
+    assert hello2["presence"] == ["alice", "bob"]
+    joined = [f for f in await drain(b) if f["type"] == "presence"]
+    assert joined == [{"type": "presence", "room": "lobby", "joined": "alice"}]
+    await tab1.disconnect()
+    assert not [f for f in await drain(b) if f["type"] == "presence"]
+    await tab2.disconnect()
+    assert await receive_until(b, "presence") == {
+        "type": "presence",
+        "room": "lobby",
+        "left": "alice",
+    }
+    await b.disconnect()
+
+
+# --- live moderation ------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("action", "code"),
+    [
+        ("remove", 4403),
+        ("ban", 4403),
+        ("demote", 4401),
+        ("archive", 4404),
+        ("deactivate", 4401),
+        ("make_private", 4403),
+    ],
+)
+async def test_moderation_closes_open_sockets_at_once(action, code):
+    def setup():
+        owner, target = make_user("owner"), make_user("target")
+        room = make_room("lobby", owner=owner)
+        role = "moderator" if action == "demote" else "member"
+        if action != "make_private":
+            make_member(room, target, role)
+        return owner, target, room
+
+    owner, target, room = await sync(setup)()
+    t1, _ = await join(target, room)
+    t2, _ = await join(target, room)
+    o, _ = await join(owner, room)
+
+    def act():
+        if action == "remove":
+            services.member_remove(actor=owner, room=room, user=target)
+        elif action == "ban":
+            services.member_ban(actor=owner, room=room, user=target, reason="spam")
+        elif action == "demote":
+            services.membership_set_role(actor=owner, room=room, user=target, role="member")
+        elif action == "archive":
+            services.room_archive(actor=owner, room=room)
+        elif action == "deactivate":
+            services.user_deactivate(actor=owner, user=target)
+        elif action == "make_private":
+            services.room_update(actor=owner, room=room, visibility=Room.Visibility.PRIVATE)
+
+    await sync(act)()
+    for tab in (t1, t2):
+        assert (await asyncio.wait_for(closed_with(tab), 1.0))[0] == code
+        await tab.disconnect()
+    if action == "archive":
+        assert (await closed_with(o))[0] == 4404
+    else:
+        await send(o, type="ping")
+        await receive_until(o, "pong")
+    await o.disconnect()
+    await get_runtime().audit.flush()
+    closes = await sync(
+        lambda: list(
+            ConnectionLog.objects.filter(username="target").values_list("close_code", flat=True)
+        )
+    )()
+    assert closes == [code, code]
+
+
+async def test_mute_refuses_messages_until_unmuted(people):
+    alice, bob, room = people
+    b, _ = await join(bob, room)
+    until = timezone.now() + timedelta(minutes=10)
+    await sync(services.member_mute)(actor=alice, room=room, user=bob, until=until)
+    update = await receive_until(b, "membership")
+    assert update["muted_until"] is not None
+    await send(b, type="message", body="let me speak", client_id="m1")
+    assert (await receive_until(b, "error"))["code"] == "muted"
+    await sync(services.member_mute)(actor=alice, room=room, user=bob, until=None)
+    assert (await receive_until(b, "membership"))["muted_until"] is None
+    await send(b, type="message", body="thanks", client_id="m2")
+    assert (await receive_until(b, "ack"))["seq"] == 1
+    await b.disconnect()
+
+
+async def test_promotion_takes_effect_live(people):
+    alice, bob, room = people
+    b, hello = await join(bob, room)
+    assert hello["moderator"] is False
+    await sync(services.membership_set_role)(actor=alice, room=room, user=bob, role="moderator")
+    assert (await receive_until(b, "membership"))["role"] == "moderator"
+    await sync(services.message_send)(room=room, author=alice, body="x", client_id="x1")
+    await send(b, type="delete", seq=1)
+    assert (await receive_until(b, "deleted"))["seq"] == 1
+    await b.disconnect()
+
+
+async def test_a_ban_racing_an_open_socket_still_stops_the_message(people):
+    """The socket's cached membership is briefly stale; the service re-checks in its transaction."""
+    _, bob, room = people
+    b, _ = await join(bob, room)
+    await sync(Membership.objects.filter(room=room, user=bob).update)(banned_at=timezone.now())
+    await send(b, type="message", body="sneaky", client_id="s1")
+    assert (await receive_until(b, "error"))["code"] == "forbidden"
+    assert await sync(Message.objects.count)() == 0
+    await b.disconnect()
+
+
+# --- limits ---------------------------------------------------------------------------------------
+
+
+async def test_message_rate_is_limited_across_the_users_sockets(people, settings):
+    settings.CHAT_MESSAGE_RATE, settings.CHAT_MESSAGE_BURST = 0.01, 3
+    alice, _, room = people
+    tab1, _ = await join(alice, room)
+    tab2, _ = await join(alice, room)
+    for i, tab in enumerate([tab1, tab2, tab1]):
+        await send(tab, type="message", body="hi", client_id=f"ok{i}")
+        await receive_until(tab, "ack")
+    await send(tab2, type="message", body="too many", client_id="nope")
+    error = await receive_until(tab2, "error")
+    assert (error["code"], error["client_id"]) == ("rate_limited", "nope")
+    await tab1.disconnect()
+    await tab2.disconnect()
+
+
+async def test_repeated_abuse_closes_4429_and_is_audited(people, settings):
+    settings.CHAT_ABUSE_LIMIT = 5
+    alice, _, room = people
+    a, _ = await join(alice, room)
+    for _ in range(6):
+        await a.send_to(text_data="garbage")
+    assert (await closed_with(a))[0] == 4429
+    await a.disconnect()
+    await get_runtime().audit.flush()
+    from chat.models import SecurityEvent
+
+    event = await sync(SecurityEvent.objects.get)(event="rate_limited")
+    assert event.target_name == "alice"
+
+
+async def test_sockets_per_user_are_capped(people, settings):
+    settings.CHAT_MAX_SOCKETS_PER_USER = 2
+    alice, _, room = people
+    first, _ = await join(alice, room)
+    second, _ = await join(alice, room)
+    from tests.factories import make_ticket
+    from tests.ws import communicator
+
+    token = await sync(make_ticket)(alice, room)
+    third = communicator("/ws/rooms/lobby/", ticket=token)
+    assert (await third.connect())[0]
+    assert (await closed_with(third))[0] == 4429
+    await third.disconnect()
+    await first.disconnect()
+    fourth, _ = await join(alice, room)  # a slot is free again
+    await fourth.disconnect()
+    await second.disconnect()
+    await get_runtime().audit.flush()
+    reasons = await sync(lambda: list(ConnectionLog.objects.values_list("reason", flat=True)))()
+    assert reasons.count("too_many_connections") == 1
+
+
+async def test_connection_attempts_per_ip_are_limited(people, settings):
+    settings.CHAT_CONNECT_RATE_PER_IP = 3
+    from tests.ws import communicator
+
+    codes = []
+    for _ in range(4):
+        comm = communicator("/ws/rooms/lobby/", ticket="garbage", ip="198.51.100.77")
+        await comm.connect()
+        codes.append((await closed_with(comm))[0])
+        await comm.disconnect()
+    assert codes == [4401, 4401, 4401, 4429]
+
+
+async def test_connections_older_than_the_maximum_age_close_4401(people, settings):
+    alice, _, room = people
+    a, _ = await join(alice, room)
+    settings.CHAT_MAX_CONNECTION_AGE = 0
+    await get_runtime().hub.heartbeat()
+    code, reason = await closed_with(a)
+    assert (code, reason) == (4401, "session expired")
+    await a.disconnect()
+
+
+# --- resume ---------------------------------------------------------------------------------------
+
+
+async def test_reconnect_after_100_messages_misses_nothing_and_sees_nothing_twice(people, settings):
+    settings.CHAT_MESSAGE_BURST = 1000
+    alice, bob, room = people
+    b, hello = await join(bob, room)
+    max_seq = hello["last_seq"]
+    await b.disconnect()
+
+    a, _ = await join(alice, room)
+    for i in range(100):
+        await send(a, type="message", body=f"n{i}", client_id=f"n{i}")
+    for _ in range(100):
+        await receive_until(a, "ack")
+
+    b, hello = await join(bob, room)
+    assert hello["last_seq"] == 100
+    received = []
+    after = max_seq
+    while True:
+        await send(b, type="history", after=after, limit=30)
+        page = await receive_until(b, "history")
+        received += page["messages"]
+        after = page["messages"][-1]["seq"] if page["messages"] else after
+        if not page["has_more"]:
+            break
+    seqs = [m["seq"] for m in received]
+    assert seqs == list(range(1, 101))
+    assert [m["body"] for m in received] == [f"n{i}" for i in range(100)]
+    await a.disconnect()
+    await b.disconnect()
+
+
+async def test_live_messages_after_hello_arrive_once_in_order(people, settings):
+    settings.CHAT_MESSAGE_BURST = 1000
+    alice, bob, room = people
+    b, hello = await join(bob, room)
+    a, _ = await join(alice, room)
+    await asyncio.gather(
+        *(send(a, type="message", body=str(i), client_id=f"l{i}") for i in range(30))
+    )
+    live = [f["seq"] for f in await drain(b, timeout=0.5) if f["type"] == "message"]
+    assert live == list(range(hello["last_seq"] + 1, hello["last_seq"] + 31))
+    await a.disconnect()
+    await b.disconnect()
+
+
+async def test_hub_fills_gaps_from_the_database_in_order(people):
+    """Events can arrive out of order or not at all; sockets still see 1, 2, 3 once each."""
+    alice, bob, room = people
+    b, _ = await join(bob, room)
+
+    def store(n):
+        # Stored without publishing, as if the channel layer had lost the events.
+        for i in range(1, n + 1):
+            Message.objects.create(room=room, seq=i, author=alice, body=f"g{i}", client_id=f"g{i}")
+        Room.objects.filter(pk=room.pk).update(last_seq=n)
+
+    await sync(store)(3)
+    text = frames.message(
+        {
+            "seq": 3,
+            "room": "lobby",
+            "author": "alice",
+            "body": "g3",
+            "created_at": "",
+            "client_id": "g3",
+        }
+    )
+    event = broadcast.messages_event(room.pk, [(3, text)])
+    await broadcast.apublish(broadcast.room_group(room.pk), event)  # 3 arrives; 1 and 2 never do
+    await broadcast.apublish(broadcast.room_group(room.pk), event)  # and 3 again
+    received = [f for f in await drain(b, timeout=GAP_WAIT + 0.5) if f["type"] == "message"]
+    assert [(f["seq"], f["body"]) for f in received] == [(1, "g1"), (2, "g2"), (3, "g3")]
+    await b.disconnect()
+
+
+# --- audit of a whole connection ------------------------------------------------------------------
+
+
+async def test_connection_log_records_the_whole_session(people):
+    alice, _, room = people
+    a, _ = await join(alice, room, headers=[(b"user-agent", b"pytest-agent")])
+    await send(a, type="message", body="one", client_id="x1")
+    await receive_until(a, "ack")
+    await receive_until(a, "message")  # through Redis it may come after a pong
+    await send(a, type="ping")
+    await receive_until(a, "pong")
+    await a.disconnect(code=1000)
+    await get_runtime().audit.flush()
+    row = await sync(ConnectionLog.objects.get)()
+    assert (row.outcome, row.username, row.room_slug, row.ip) == (
+        "accepted",
+        "alice",
+        "lobby",
+        "127.0.0.1",
+    )
+    assert (row.origin, row.user_agent, row.transport) == (
+        "http://testserver",
+        "pytest-agent",
+        "subprotocol",
+    )
+    assert row.close_code == 1000
+    assert row.closed_at is not None
+    assert row.messages_received == 2
+    assert row.messages_sent == 4  # hello, ack, the message broadcast, pong
+    assert row.instance
+    sent = await sync(MessageLog.objects.get)(event="sent")
+    assert (sent.seq, sent.connection_id, sent.username) == (1, row.id, "alice")

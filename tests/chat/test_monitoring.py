@@ -1,0 +1,110 @@
+"""/healthz and /metrics."""
+
+import pytest
+from django.test import Client
+
+from chat.runtime import get_runtime
+from tests.chat.helpers import join, send, sync
+from tests.factories import make_room, make_user
+from tests.ws import communicator, receive_until
+
+
+def sample(text: str, name: str, **labels) -> float:
+    """The value of one sample in a Prometheus text exposition (0 if absent)."""
+    want = ",".join(f'{k}="{v}"' for k, v in labels.items())
+    key = f"{name}{{{want}}}" if want else name
+    for line in text.splitlines():
+        if line.startswith(key + " "):
+            return float(line.rsplit(" ", 1)[1])
+    return 0.0
+
+
+# database_sync_to_async closes "old" connections, the test's own included: commit for real.
+@pytest.mark.django_db(transaction=True)
+def test_healthz_reports_database_and_channel_layer():
+    response = Client().get("/healthz")
+    assert response.status_code == 200
+    body = response.json()
+    assert body["status"] == "ok"
+    assert body["checks"]["database"]["ok"] is True
+    assert body["checks"]["channel_layer"]["ok"] is True
+    assert response["Cache-Control"] == "no-store"
+
+
+@pytest.mark.django_db(transaction=True)
+def test_healthz_is_503_when_the_channel_layer_is_down(settings):
+    # A real Redis layer pointed at a port where nothing listens.
+    settings.CHANNEL_LAYERS = {
+        "default": {
+            "BACKEND": "channels_redis.core.RedisChannelLayer",
+            "CONFIG": {"hosts": ["redis://127.0.0.1:1/0"]},
+        }
+    }
+    response = Client().get("/healthz")
+    assert response.status_code == 503
+    body = response.json()
+    assert body["status"] == "unavailable"
+    assert body["checks"]["channel_layer"]["ok"] is False
+    assert body["checks"]["database"]["ok"] is True
+
+
+@pytest.mark.django_db
+@pytest.mark.parametrize(
+    ("remote", "forwarded", "token", "status"),
+    [
+        ("127.0.0.1", None, None, 200),
+        ("203.0.113.5", None, None, 403),
+        # A public client relayed by the local proxy is not loopback.
+        ("127.0.0.1", "203.0.113.5", None, 403),
+        ("203.0.113.5", None, "s3cret-metrics-token", 200),
+        ("203.0.113.5", None, "wrong", 403),
+    ],
+)
+def test_metrics_are_not_public(settings, remote, forwarded, token, status):
+    settings.CHAT_TRUSTED_PROXIES = ["127.0.0.1"]
+    settings.CHAT_METRICS_TOKEN = "s3cret-metrics-token"
+    headers = {"REMOTE_ADDR": remote}
+    if forwarded:
+        headers["HTTP_X_FORWARDED_FOR"] = forwarded
+    if token:
+        headers["HTTP_AUTHORIZATION"] = f"Bearer {token}"
+    assert Client().get("/metrics", **headers).status_code == status
+
+
+@pytest.mark.django_db(transaction=True)
+async def test_metrics_count_connections_messages_and_deliveries():
+    def scrape() -> str:
+        return Client().get("/metrics").content.decode()
+
+    alice, bob = await sync(make_user)("alice"), await sync(make_user)("bob")
+    room = await sync(make_room)("lobby")
+    before = await sync(scrape)()
+    a, _ = await join(alice, room)
+    b, _ = await join(bob, room)
+    refused = communicator("/ws/rooms/lobby/", ticket="forged")
+    await refused.connect()
+    await refused.disconnect()
+    await send(a, type="message", body="hi", client_id="m1")
+    await receive_until(b, "message")
+    await a.send_to(text_data="not json")
+    await receive_until(a, "error")
+    during = await sync(scrape)()
+    await a.disconnect()
+    await b.disconnect()
+    await get_runtime().audit.flush()
+    after = await sync(scrape)()
+
+    def delta(text, name, **labels):
+        return sample(text, name, **labels) - sample(before, name, **labels)
+
+    assert delta(during, "chat_connection_attempts_total", outcome="accepted", reason="") == 2
+    assert (
+        delta(during, "chat_connection_attempts_total", outcome="rejected", reason="ticket_invalid")
+        == 1
+    )
+    assert delta(during, "chat_connections_open") == 2
+    assert delta(after, "chat_connections_open") == 0
+    assert delta(during, "chat_message_events_total", event="sent", reason="") == 1
+    assert delta(during, "chat_message_events_total", event="rejected", reason="invalid_frame") == 1
+    assert delta(during, "chat_deliveries_total") >= 2
+    assert delta(during, "chat_delivery_latency_seconds_count") >= 1

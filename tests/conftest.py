@@ -1,0 +1,51 @@
+"""Shared fixtures: settings for tests, a clean per-test runtime and shared state."""
+
+import os
+
+import pytest
+from channels.layers import get_channel_layer
+from django.conf import settings as django_settings
+from django.core.cache import cache
+
+from chat.runtime import shutdown_runtime
+from tests.services import redis_clear_prefix
+
+ORIGIN = "http://testserver"
+
+
+def pytest_configure(config):
+    # In CI a missing service is a failure, never a silent skip (see .ci/run).
+    if os.environ.get("CI") and os.environ.get("REDIS_URL"):
+        import redis
+
+        redis.Redis.from_url(os.environ["REDIS_URL"]).ping()
+
+
+@pytest.fixture(autouse=True)
+def _test_settings(settings):
+    settings.CHAT_ALLOWED_ORIGINS = [ORIGIN]
+    settings.CHAT_TRUSTED_PROXIES = []
+    settings.ALLOWED_HOSTS = ["testserver", "127.0.0.1", "localhost"]
+    settings.SECURE_SSL_REDIRECT = False
+    settings.CHAT_AUDIT_FLUSH_INTERVAL = 0.01
+    # On by default in production; tests/accounts/test_admin_otp.py turns it on where it matters.
+    settings.CHAT_ADMIN_REQUIRE_OTP = False
+
+
+@pytest.fixture(autouse=True)
+def _clean_shared_state():
+    """Rate limits, throttles and presence must not leak from one test into the next."""
+    if django_settings.REDIS_URL:
+        redis_clear_prefix()
+    else:
+        cache.clear()
+    yield
+    redis_clear_prefix()
+
+
+@pytest.fixture(autouse=True)
+async def _clean_runtime():
+    """Every test gets its own hub, writer and audit buffer, and an empty channel layer."""
+    yield
+    await shutdown_runtime()
+    await get_channel_layer().flush()

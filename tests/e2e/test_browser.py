@@ -1,0 +1,393 @@
+"""The chat pages in Debian's Chromium against a real daphne server (see docs/pages.md)."""
+
+import asyncio
+import re
+import signal
+
+import pytest
+from asgiref.sync import sync_to_async
+from django.contrib.auth import get_user_model
+from playwright.async_api import expect
+
+from chat import services
+from chat.models import Membership, Message
+from tests.e2e.browser import (  # noqa: F401  (the *_fixture names are fixtures)
+    PHONE,
+    assert_healthy,
+    browser_fixture,
+    make_browser_user,
+    message_seqs,
+    open_room,
+    open_tab_fixture,
+    send,
+    sign_in,
+    sign_in_fast,
+)
+from tests.factories import PASSWORD, make_member, make_room
+
+pytestmark = [pytest.mark.e2e, pytest.mark.browser, pytest.mark.asyncio(loop_scope="module")]
+
+HOSTILE_IMG = "<img src=x onerror=alert(1)>"
+HOSTILE_SCRIPT = "<script>alert(1)</script>"
+
+
+@pytest.fixture
+def lobby(transactional_db):
+    """alice owns the public lobby; bob and carol are members."""
+    alice, bob, carol = (make_browser_user(name) for name in ("alice", "bob", "carol"))
+    room = make_room("lobby", owner=alice, title="Lobby")
+    make_member(room, bob)
+    make_member(room, carol)
+    return room
+
+
+@pytest.fixture
+def server(server_factory, lobby):
+    return server_factory()
+
+
+def user(username: str):
+    return sync_to_async(get_user_model().objects.get)(username=username)
+
+
+async def signed_in(open_tab, server, username: str, **options):
+    tab = await open_tab(server, **options)
+    await sign_in_fast(tab, server, await user(username))
+    return tab
+
+
+async def two_in_the_lobby(open_tab, server, first="alice", second="bob", **second_options):
+    tabs = [
+        await signed_in(open_tab, server, first),
+        await signed_in(open_tab, server, second, **second_options),
+    ]
+    for tab in tabs:
+        await open_room(tab, "lobby")
+    return tabs
+
+
+async def test_two_users_see_each_others_messages_within_two_seconds(open_tab, server):
+    alice, bob = await two_in_the_lobby(open_tab, server)
+
+    await send(alice, "Hello Bob, are you there?")
+    await expect(bob.page.locator("#messages .body")).to_have_text(
+        ["Hello Bob, are you there?"], timeout=2000
+    )
+    await send(bob, "Right here, Alice.")
+    await expect(alice.page.locator("#messages .body")).to_have_text(
+        ["Hello Bob, are you there?", "Right here, Alice."], timeout=2000
+    )
+
+    for tab in (alice, bob):
+        await expect(tab.page.locator("#messages .body")).to_have_count(2)
+        await expect(tab.page.locator("#pending > li")).to_have_count(0)
+        await expect(tab.page.locator("#messages .author")).to_have_text(["alice", "bob"])
+    await assert_healthy(alice, bob)
+
+
+@pytest.fixture
+def den(transactional_db):
+    """alice's room "den", titled with HTML, with a member whose username is HTML."""
+    alice = make_browser_user("alice")
+    room = make_room("den", owner=alice, title=HOSTILE_SCRIPT)
+    make_member(room, make_browser_user(HOSTILE_IMG))
+    return room
+
+
+async def assert_nothing_parsed(page) -> None:
+    """No hostile string became markup: no image but the logo, no script element without src."""
+    assert await page.evaluate("document.querySelectorAll('img:not(.brand-mark)').length") == 0
+    assert await page.evaluate("[...document.scripts].filter(s => !s.src).length") == 0
+
+
+async def test_hostile_strings_render_as_text_and_run_nothing(open_tab, server_factory, den):
+    server = server_factory()
+    watcher, attacker = await open_tab(server), await open_tab(server)
+    await sign_in(watcher, "alice")
+    await sign_in(attacker, HOSTILE_IMG)  # through the form: the name is only a string
+    for tab in (watcher, attacker):
+        await expect(tab.page.locator(".room-title")).to_have_text(HOSTILE_SCRIPT)
+        name = HOSTILE_IMG if tab is attacker else "alice"
+        await expect(tab.page.locator(".account-name")).to_contain_text(name)
+        await assert_nothing_parsed(tab.page)
+    await open_room(watcher, "den")
+    await open_room(attacker, "den")
+
+    await attacker.page.locator("#composer-input").press("<")  # a typing frame names its author
+    await expect(watcher.page.locator("#typing")).to_have_text(f"{HOSTILE_IMG} is typing…")
+    await send(attacker, HOSTILE_IMG)
+    await expect(watcher.page.locator("#messages > li")).to_have_count(1)
+    await send(watcher, HOSTILE_SCRIPT)
+
+    for tab in (watcher, attacker):
+        page = tab.page
+        await expect(page.locator("#messages .body")).to_have_text([HOSTILE_IMG, HOSTILE_SCRIPT])
+        await expect(page.locator("#messages .author")).to_have_text([HOSTILE_IMG, "alice"])
+        await expect(page.locator("#room-title")).to_have_text(HOSTILE_SCRIPT)
+        await expect(page.locator("#member-list .member-name")).to_contain_text([HOSTILE_IMG])
+        assert (await page.title()).startswith(HOSTILE_SCRIPT)
+        await assert_nothing_parsed(page)
+    await watcher.page.get_by_role("button", name=f"Manage {HOSTILE_IMG}").click()
+    await expect(watcher.page.locator("#moderate-name")).to_have_text(HOSTILE_IMG)
+    await assert_healthy(watcher, attacker)
+
+
+async def test_messages_survive_a_server_crash_exactly_once_in_order(open_tab, server, lobby):
+    alice, bob = await two_in_the_lobby(open_tab, server)
+    await send(alice, "one")
+    await send(alice, "two")
+    await expect(bob.page.locator("#messages > li")).to_have_count(2)
+    pending = alice.page.locator("#pending > li")
+    await expect(pending).to_have_count(0)
+
+    # A frozen server reads nothing: "three" is sent but neither stored nor acknowledged.
+    server.process.send_signal(signal.SIGSTOP)
+    await send(alice, "three")
+    await expect(pending).to_have_attribute("data-state", "sent")
+    await expect(pending.locator(".message-state")).to_have_text("Sending…")
+
+    server.stop(signal.SIGKILL)
+    await expect(alice.page.locator("#status")).to_have_attribute("data-state", "waiting")
+    await send(alice, "four")  # typed while offline
+    await expect(pending).to_have_count(2)
+    await expect(pending.nth(1).locator(".message-state")).to_have_text("Waiting for connection…")
+
+    await asyncio.to_thread(server.start)  # same port
+    expected = ["one", "two", "three", "four"]
+    for tab in (alice, bob):
+        await expect(tab.page.locator("#messages .body")).to_have_text(expected, timeout=30_000)
+        await expect(tab.page.locator("#pending > li")).to_have_count(0)
+        assert await message_seqs(tab) == [1, 2, 3, 4]
+    stored = await sync_to_async(
+        lambda: list(
+            Message.objects.filter(room=lobby).order_by("seq").values_list("body", flat=True)
+        )
+    )()
+    assert stored == expected
+    # "three" went out twice, before the crash and after it, under one client_id.
+    sent = [f for f in alice.frames_sent if f["type"] == "message" and f["body"] == "three"]
+    assert len(sent) == 2
+    assert sent[0]["client_id"] == sent[1]["client_id"]
+    assert await alice.page.evaluate("sessionStorage.length") == 0  # the outbox is empty
+    await assert_healthy(alice, bob)
+
+
+async def test_signing_out_in_another_tab_stops_the_room_and_offers_sign_in(open_tab, server):
+    alice = await signed_in(open_tab, server, "alice")
+    await open_room(alice, "lobby")
+    other = await alice.page.context.new_page()
+    await other.goto("/")
+    await other.get_by_role("button", name="Sign out").click()
+    await expect(other).to_have_url(re.compile(r"/login/$"))
+
+    # The server closes the socket (4401); the new ticket is refused (401): the page stops.
+    stopped = alice.page.get_by_role("alert").filter(has_text="You are signed out.")
+    await expect(stopped).to_be_visible()
+    await expect(alice.page.locator("#status")).to_have_attribute("data-state", "stopped")
+    sign_in_link = stopped.get_by_role("link", name="Sign in")
+    await expect(sign_in_link).to_have_attribute("href", "/login/?next=/rooms/lobby/")
+    assert await alice.ticket_requests() == 2
+    await assert_healthy(alice)
+
+
+@pytest.mark.parametrize(
+    ("action", "explanation"),
+    [
+        ("Remove from room", "You were removed from this room."),
+        ("Ban from room", "You were banned from this room."),
+    ],
+)
+async def test_removed_member_sees_why_and_stops_reconnecting(
+    open_tab, server, action, explanation
+):
+    owner, carol = await two_in_the_lobby(open_tab, server, second="carol", clock=True)
+
+    await owner.page.get_by_role("button", name="Manage carol").click()
+    await owner.page.get_by_role("button", name=action).click()
+    await expect(owner.page.locator("#moderate-dialog")).to_be_hidden()
+
+    await expect(carol.page.get_by_role("alert").filter(has_text=explanation)).to_be_visible()
+    await expect(carol.page.locator("#status")).to_have_attribute("data-state", "stopped")
+    await expect(carol.page.locator("#composer")).to_be_hidden()
+    assert await carol.ticket_requests() == 1
+    # Two minutes pass, longer than any backoff: no new ticket, no new socket.
+    await carol.page.clock.run_for(120_000)
+    assert await carol.ticket_requests() == 1
+    assert len(carol.sockets) == 1
+    await expect(owner.page.locator("#member-list [data-username='carol']")).to_have_count(0)
+    await assert_healthy(owner, carol)
+
+
+@pytest.fixture
+def bob_moderates(lobby):
+    Membership.objects.filter(room=lobby, user__username="bob").update(role="moderator")
+
+
+async def test_demoted_moderator_reconnects_with_a_new_ticket(open_tab, bob_moderates, server):
+    owner, bob = await two_in_the_lobby(open_tab, server)
+    manage_carol = bob.page.get_by_role("button", name="Manage carol")
+    await expect(manage_carol).to_be_visible()
+
+    await owner.page.get_by_role("button", name="Manage bob").click()
+    await owner.page.get_by_role("button", name="Make member").click()
+
+    # The server closes bob's socket (4401); his page asks for a new ticket and comes back.
+    await expect(manage_carol).to_be_hidden()
+    await expect(bob.page.locator("#status")).to_have_attribute("data-state", "open")
+    assert await bob.ticket_requests() == 2
+    assert len(bob.sockets) == 2
+    await assert_healthy(owner, bob)
+
+
+async def test_muted_member_cannot_post_until_unmuted(open_tab, server):
+    owner, bob = await two_in_the_lobby(open_tab, server)
+
+    await owner.page.get_by_role("button", name="Manage bob").click()
+    await owner.page.get_by_role("button", name="1 hour").click()
+    await expect(bob.page.locator("#composer-input")).to_be_disabled()
+    await expect(bob.page.locator("#composer-notice")).to_contain_text("You are muted until")
+    bob_row = owner.page.locator("#member-list [data-username='bob']")
+    await expect(bob_row.locator(".tag", has_text="muted")).to_be_visible()
+
+    await owner.page.get_by_role("button", name="Manage bob").click()
+    await owner.page.get_by_role("button", name="Unmute").click()
+    await expect(bob.page.locator("#composer-input")).to_be_enabled()
+    await send(bob, "Thanks!")
+    await expect(owner.page.locator("#messages .body")).to_have_text(["Thanks!"])
+    await assert_healthy(owner, bob)
+
+
+async def test_moderator_deletes_a_message_for_everyone(open_tab, server):
+    owner, bob = await two_in_the_lobby(open_tab, server)
+    await send(bob, "something regrettable")
+    message = owner.page.locator("#messages > li", has_text="something regrettable")
+
+    await message.hover()
+    await message.get_by_role("button", name="Delete message").click()
+    await expect(owner.page.locator("#confirm-quote")).to_have_text("something regrettable")
+    await owner.page.locator("#confirm-dialog").get_by_role("button", name="Delete message").click()
+
+    for tab in (owner, bob):
+        await expect(tab.page.locator("#messages .body")).to_have_text(
+            ["This message was deleted."]
+        )
+        await expect(tab.page.locator("#messages")).not_to_contain_text("regrettable")
+    await assert_healthy(owner, bob)
+
+
+async def test_composer_sends_on_enter_breaks_lines_on_shift_enter_and_counts(open_tab, server):
+    alice = await signed_in(open_tab, server, "alice")
+    await open_room(alice, "lobby")
+    page, composer = alice.page, alice.page.locator("#composer-input")
+
+    await composer.press_sequentially("line one")
+    await composer.press("Shift+Enter")
+    await composer.press_sequentially("line two")
+    await expect(page.locator("#composer-count")).to_have_text("17 / 4,000")
+    await composer.press("Enter")
+    await expect(page.locator("#messages .body")).to_have_text(["line one\nline two"])
+    await expect(composer).to_have_value("")
+    await expect(composer).to_be_focused()
+
+    await composer.fill("x" * 4001)
+    await expect(page.locator("#composer-count")).to_have_class(re.compile(r"\bover\b"))
+    await expect(page.locator("#send")).to_be_disabled()
+    await composer.press("Enter")
+    await expect(composer).to_have_value("x" * 4001)  # refused, kept for editing
+    await expect(page.locator("#pending > li")).to_have_count(0)
+    await assert_healthy(alice)
+
+
+@pytest.fixture
+def garden(lobby):
+    """Two unread messages in the lobby for alice, and a public room she is not in."""
+    bob = lobby.memberships.get(user__username="bob").user
+    services.message_send(room=lobby, author=bob, body="one", client_id="c1")
+    services.message_send(room=lobby, author=bob, body="two", client_id="c2")
+    return make_room("garden", title="Garden")
+
+
+async def test_room_list_shows_unread_joins_and_creates_rooms(open_tab, garden, server):
+    alice = await signed_in(open_tab, server, "alice", viewport=PHONE)
+    page = alice.page
+    await page.goto("/")
+
+    await expect(page.locator(".room-row[data-slug='lobby'] .unread")).to_have_text("2 unread")
+    await page.get_by_role("button", name="Join Garden").click()
+    await expect(page).to_have_url(re.compile(r"/rooms/garden/$"))
+    await expect(page.locator("#status")).to_have_attribute("data-state", "open")
+
+    await page.goto("/")
+    await expect(page.locator(".room-row[data-slug='garden'] button")).to_have_count(0)
+    await page.get_by_label("Title").fill("Book club")
+    await expect(page.get_by_label("Address")).to_have_value("book-club")
+    await page.get_by_label("Private").check()
+    await page.get_by_role("button", name="Create room").click()
+    await expect(page).to_have_url(re.compile(r"/rooms/book-club/$"))
+    await expect(page.locator("#room-title")).to_have_text("Book club")
+    await page.get_by_role("button", name="Members").click()
+    await expect(page.locator("[data-username='alice'] .tag", has_text="owner")).to_be_visible()
+
+    await page.goto("/")
+    await page.get_by_label("Title").fill("Another lobby")
+    await page.get_by_label("Address").fill("lobby")
+    await page.get_by_role("button", name="Create room").click()
+    await expect(page.locator("#create-error")).to_have_text(
+        "A room with this slug already exists."
+    )
+    await assert_healthy(alice)
+
+
+async def test_sign_in_errors_then_sign_out(open_tab, server):
+    visitor = await open_tab(server)
+    page = visitor.page
+
+    await page.goto("/rooms/lobby/")
+    await expect(page).to_have_url(re.compile(r"/login/\?next=/rooms/lobby/$"))
+    await page.get_by_label("Username").fill("alice")
+    await page.get_by_label("Password").fill("not the password")
+    await page.get_by_role("button", name="Sign in").click()
+    await expect(page.get_by_role("alert")).to_contain_text("Please enter a correct username")
+
+    await page.get_by_label("Password").fill(PASSWORD)
+    await page.get_by_role("button", name="Sign in").click()
+    await expect(page).to_have_url(re.compile(r"/rooms/lobby/$"))
+    await expect(page.locator("#status")).to_have_attribute("data-state", "open")
+
+    await page.get_by_role("button", name="Sign out").click()
+    await expect(page).to_have_url(re.compile(r"/login/$"))
+    await page.goto("/")
+    await expect(page).to_have_url(re.compile(r"/login/\?next=/$"))
+    await assert_healthy(visitor)
+
+
+async def test_pages_raise_no_csp_violations(open_tab, server):
+    alice = await open_tab(server)
+    page = alice.page
+    await sign_in(alice, "alice")  # the sign-in page, then the room list
+    await open_room(alice, "lobby")
+    await send(alice, "styled by the stylesheet only")
+    await expect(page.locator("#messages > li")).to_have_count(1)
+    await page.get_by_role("button", name="Manage bob").click()
+    await expect(page.locator("#moderate-dialog")).to_be_visible()
+    await page.keyboard.press("Escape")
+    await page.goto("/no-such-page/")
+    await expect(page.get_by_role("heading", name="Nothing here")).to_be_visible()
+    assert await alice.csp_violations() == []
+    # The only console error is the 404 we asked for.
+    assert [m for m in alice.console_errors if "404" not in m] == []
+
+    # The detector works: an inline style is refused, and both the page and the console see it.
+    await page.evaluate("document.body.setAttribute('style', 'color: red')")
+    await page.wait_for_function("window.__csp.length > 0")
+    assert any(v.startswith("style-src") for v in await alice.csp_violations())
+
+
+async def test_api_docs_page_works_under_the_csp(open_tab, server):
+    """Swagger UI comes from our static files (no CDN) and runs without inline script."""
+    alice = await open_tab(server)
+    await sign_in(alice, "alice")
+    await alice.page.goto("/api/docs/")
+    await expect(alice.page.get_by_text("/api/tickets/").first).to_be_visible()
+    assert await alice.csp_violations() == []
+    assert alice.page_errors == []

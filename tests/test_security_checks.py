@@ -1,0 +1,342 @@
+"""Our security system checks, the documented production environment, and production headers."""
+
+import os
+import re
+import secrets
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from channels.routing import ProtocolTypeRouter, URLRouter
+from channels.security.websocket import AllowedHostsOriginValidator
+from django.conf import settings
+from django.core.checks import registry
+from django.test import override_settings
+
+from accounts.middleware import StrictOriginMiddleware, TicketAuthMiddleware
+from chat import checks
+from chat.routing import websocket_urlpatterns
+from chatproject.asgi import application
+from tests.factories import PASSWORD, make_user
+
+ROOT = Path(__file__).resolve().parent.parent
+
+# --- the documented production environment -------------------------------------------------------
+
+
+def documented_production_env() -> dict[str, str]:
+    """deploy/env.example, the documented production environment, its empty keys filled in."""
+    env = {}
+    for line in (ROOT / "deploy" / "env.example").read_text().splitlines():
+        if re.match(r"[A-Z][A-Z0-9_]*=", line):
+            name, value = line.split("=", 1)
+            env[name] = value
+    keys = ["DJANGO_SECRET_KEY", "CHAT_AUDIT_HMAC_KEY", "JWT_SIGNING_KEY"]
+    assert [name for name in keys if env.get(name) == ""] == keys, "keys must be placeholders"
+    env.update({name: secrets.token_urlsafe(50) for name in keys})
+    return env
+
+
+def manage(*args: str, env: dict[str, str]) -> subprocess.CompletedProcess:
+    # Only PATH from this process: the test run's own DJANGO_* variables must not leak in.
+    return subprocess.run(
+        [sys.executable, "manage.py", *args],
+        cwd=ROOT,
+        env={"PATH": os.environ["PATH"], **env},
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+
+
+def test_documented_production_env_passes_deploy_checks():
+    result = manage("check", "--deploy", "--fail-level", "WARNING", env=documented_production_env())
+    assert result.returncode == 0, result.stderr
+    assert "System check identified no issues" in result.stdout
+
+
+def test_deploy_checks_fail_on_in_memory_layer_in_production():
+    env = documented_production_env()
+    del env["REDIS_URL"]
+    result = manage("check", "--deploy", "--fail-level", "WARNING", env=env)
+    assert result.returncode == 1
+    assert "chat.W001" in result.stderr
+
+
+def test_plain_checks_allow_in_memory_layer_in_production(tmp_path):
+    """`manage.py serve` runs these: DEBUG off on the embedded default must still start."""
+    env = documented_production_env()
+    del env["REDIS_URL"], env["DATABASE_URL"]
+    env["CHAT_DATA_DIR"] = str(tmp_path)
+    result = manage("check", "--fail-level", "WARNING", env=env)
+    assert result.returncode == 0, result.stderr
+
+
+def test_channel_layer_check_is_registered_for_deploy_only():
+    plain = registry.registry.get_checks(include_deployment_checks=False)
+    deploy = registry.registry.get_checks(include_deployment_checks=True)
+    assert set(checks.CHECKS) <= set(plain)
+    assert checks.check_channel_layer not in plain
+    assert checks.check_channel_layer in deploy
+
+
+# --- each check fires on its bad configuration ---------------------------------------------------
+
+# Applications that lack part of the WebSocket guard, for chat.E001.
+APP_WITHOUT_ORIGIN_CHECK = ProtocolTypeRouter(
+    {"websocket": TicketAuthMiddleware(URLRouter(websocket_urlpatterns))}
+)
+# channels' own validator ignores scheme and port: not the strict check.
+APP_WITH_HOST_ORIGIN_VALIDATOR = ProtocolTypeRouter(
+    {
+        "websocket": AllowedHostsOriginValidator(
+            TicketAuthMiddleware(URLRouter(websocket_urlpatterns))
+        )
+    }
+)
+APP_WITHOUT_TICKET_AUTH = ProtocolTypeRouter(
+    {"websocket": StrictOriginMiddleware(URLRouter(websocket_urlpatterns))}
+)
+# The HTTP side alone: not a router at all.
+HTTP_ONLY = application.application_mapping["http"]
+APP_WITHOUT_WEBSOCKET = ProtocolTypeRouter({"http": HTTP_ONLY})
+
+SECRET = "production-secret-key-" + "s" * 50
+
+
+def production_settings(**changes):
+    """A production configuration every check accepts, with `changes` on top."""
+    values = {
+        "DEBUG": False,
+        "ASGI_APPLICATION": "chatproject.asgi.application",
+        "ALLOWED_HOSTS": ["chat.example.com"],
+        "CHAT_ALLOWED_ORIGINS": ["https://chat.example.com"],
+        "CHAT_TRUSTED_PROXIES": ["127.0.0.1", "10.0.0.0/8"],
+        "SECURE_PROXY_SSL_HEADER": ("HTTP_X_FORWARDED_PROTO", "https"),
+        "USE_X_FORWARDED_HOST": False,
+        "USE_X_FORWARDED_PORT": False,
+        "CHAT_MAX_FRAME_BYTES": 64 * 1024,
+        "CHAT_MAX_MESSAGE_LENGTH": 4000,
+        "SECRET_KEY": SECRET,
+        "CHAT_AUDIT_HMAC_KEY": "production-audit-key-" + "a" * 40,
+        "SIMPLE_JWT": {**settings.SIMPLE_JWT, "SIGNING_KEY": "production-jwt-key-" + "j" * 40},
+        "CHANNEL_LAYERS": {"default": {"BACKEND": "channels_redis.core.RedisChannelLayer"}},
+    }
+    values.update(changes)
+    return override_settings(**values)
+
+
+def run_all_checks() -> list[str]:
+    return [m.id for check in checks.CHECKS + checks.DEPLOY_CHECKS for m in check()]
+
+
+def test_production_settings_pass_every_check():
+    with production_settings():
+        assert run_all_checks() == []
+
+
+def _jwt_key(key: str) -> dict:
+    return {**settings.SIMPLE_JWT, "SIGNING_KEY": key}
+
+
+BAD_CONFIGURATIONS = [
+    pytest.param(
+        "chat.E001",
+        {"ASGI_APPLICATION": "tests.test_security_checks.APP_WITHOUT_ORIGIN_CHECK"},
+        id="no-origin-check",
+    ),
+    pytest.param(
+        "chat.E001",
+        {"ASGI_APPLICATION": "tests.test_security_checks.APP_WITH_HOST_ORIGIN_VALIDATOR"},
+        id="channels-host-validator",
+    ),
+    pytest.param(
+        "chat.E001",
+        {"ASGI_APPLICATION": "tests.test_security_checks.APP_WITHOUT_TICKET_AUTH"},
+        id="no-ticket-auth",
+    ),
+    pytest.param(
+        "chat.E001",
+        {"ASGI_APPLICATION": "tests.test_security_checks.APP_WITHOUT_WEBSOCKET"},
+        id="no-websocket-route",
+    ),
+    pytest.param(
+        "chat.E001", {"ASGI_APPLICATION": "tests.test_security_checks.HTTP_ONLY"}, id="not-a-router"
+    ),
+    pytest.param("chat.E002", {"ALLOWED_HOSTS": ["*"]}, id="hosts-star"),
+    pytest.param("chat.E002", {"ALLOWED_HOSTS": [".example.com"]}, id="hosts-leading-dot"),
+    pytest.param(
+        "chat.E002",
+        {"ALLOWED_HOSTS": ["chat.example.com", "*.example.com"]},
+        id="hosts-star-subdomain",
+    ),
+    pytest.param("chat.E004", {"CHAT_ALLOWED_ORIGINS": []}, id="origins-empty"),
+    pytest.param("chat.E004", {"CHAT_ALLOWED_ORIGINS": ["*"]}, id="origins-star"),
+    pytest.param(
+        "chat.E004",
+        {"CHAT_ALLOWED_ORIGINS": ["https://*.example.com"]},
+        id="origins-star-subdomain",
+    ),
+    pytest.param(
+        "chat.E004", {"CHAT_ALLOWED_ORIGINS": ["https://.example.com"]}, id="origins-leading-dot"
+    ),
+    pytest.param(
+        "chat.E004", {"CHAT_ALLOWED_ORIGINS": ["chat.example.com"]}, id="origins-no-scheme"
+    ),
+    pytest.param(
+        "chat.E004", {"CHAT_ALLOWED_ORIGINS": ["https://chat.example.com/chat"]}, id="origins-path"
+    ),
+    pytest.param("chat.E004", {"CHAT_ALLOWED_ORIGINS": ["null"]}, id="origins-null"),
+    pytest.param(
+        "chat.E004",
+        {"CHAT_ALLOWED_ORIGINS": ["https://chat.example.com", "ftp://chat.example.com"]},
+        id="origins-ftp",
+    ),
+    pytest.param("chat.E005", {"CHAT_MAX_FRAME_BYTES": 0}, id="frame-zero"),
+    pytest.param("chat.E005", {"CHAT_MAX_FRAME_BYTES": -1}, id="frame-negative"),
+    pytest.param("chat.E005", {"CHAT_MAX_FRAME_BYTES": 16 * 1024 * 1024 + 1}, id="frame-huge"),
+    pytest.param("chat.E008", {"CHAT_MAX_MESSAGE_LENGTH": 0}, id="length-zero"),
+    pytest.param("chat.E008", {"CHAT_MAX_MESSAGE_LENGTH": -4000}, id="length-negative"),
+    pytest.param("chat.E006", {"CHAT_TRUSTED_PROXIES": []}, id="ssl-header-no-proxies"),
+    pytest.param(
+        "chat.E006",
+        {"CHAT_TRUSTED_PROXIES": [], "SECURE_PROXY_SSL_HEADER": None, "USE_X_FORWARDED_HOST": True},
+        id="forwarded-host-no-proxies",
+    ),
+    pytest.param(
+        "chat.E006",
+        {"CHAT_TRUSTED_PROXIES": [], "SECURE_PROXY_SSL_HEADER": None, "USE_X_FORWARDED_PORT": True},
+        id="forwarded-port-no-proxies",
+    ),
+    pytest.param("chat.E007", {"CHAT_TRUSTED_PROXIES": ["proxy.internal"]}, id="proxy-hostname"),
+    pytest.param("chat.E007", {"CHAT_TRUSTED_PROXIES": ["10.0.0.0/33"]}, id="proxy-bad-prefix"),
+    pytest.param("chat.E007", {"CHAT_TRUSTED_PROXIES": ["127.0.0.1", "*"]}, id="proxy-star"),
+    pytest.param("chat.W002", {"CHAT_TRUSTED_PROXIES": ["0.0.0.0/0"]}, id="proxy-all-ipv4"),
+    pytest.param("chat.W002", {"CHAT_TRUSTED_PROXIES": ["127.0.0.1", "::/0"]}, id="proxy-all-ipv6"),
+    pytest.param("chat.E009", {"CHAT_AUDIT_HMAC_KEY": SECRET}, id="audit-key-is-secret-key"),
+    pytest.param("chat.E010", {"CHAT_AUDIT_HMAC_KEY": "a" * 31}, id="audit-key-short"),
+    pytest.param("chat.E011", {"SIMPLE_JWT": _jwt_key("j" * 31)}, id="jwt-key-short"),
+    pytest.param("chat.E011", {"SIMPLE_JWT": _jwt_key("")}, id="jwt-key-empty"),
+    pytest.param("chat.W003", {"SIMPLE_JWT": _jwt_key(SECRET)}, id="jwt-key-is-secret-key"),
+    pytest.param(
+        "chat.W004",
+        {"CHAT_ALLOWED_ORIGINS": ["https://chat.example.com", "http://chat.example.com"]},
+        id="plain-http-origin",
+    ),
+    pytest.param(
+        "chat.E012",
+        {"MIDDLEWARE": [m for m in settings.MIDDLEWARE if "UntrustedProxy" not in m]},
+        id="proxy-header-middleware-missing",
+    ),
+    pytest.param(
+        "chat.E012",
+        {"MIDDLEWARE": [*settings.MIDDLEWARE[1:], settings.MIDDLEWARE[0]]},
+        id="proxy-header-middleware-not-first",
+    ),
+    pytest.param(
+        "chat.W001",
+        {"CHANNEL_LAYERS": {"default": {"BACKEND": checks.IN_MEMORY_LAYER}}},
+        id="in-memory-layer",
+    ),
+]
+
+
+@pytest.mark.parametrize(("check_id", "changes"), BAD_CONFIGURATIONS)
+def test_check_fires_on_bad_configuration(check_id, changes):
+    with production_settings(**changes):
+        assert run_all_checks() == [check_id]
+
+
+@pytest.mark.parametrize(
+    "changes",
+    [
+        {"ALLOWED_HOSTS": ["*"]},
+        {"CHAT_ALLOWED_ORIGINS": []},
+        {"CHAT_ALLOWED_ORIGINS": ["https://*.example.com"]},
+        {"CHAT_AUDIT_HMAC_KEY": SECRET},
+        {"CHAT_AUDIT_HMAC_KEY": "short"},
+        {"SIMPLE_JWT": _jwt_key("short")},
+        {"SIMPLE_JWT": _jwt_key(SECRET)},
+        {"CHAT_ALLOWED_ORIGINS": ["http://chat.example.com"]},
+        {"CHANNEL_LAYERS": {"default": {"BACKEND": checks.IN_MEMORY_LAYER}}},
+    ],
+)
+def test_production_only_checks_are_silent_in_development(changes):
+    with production_settings(DEBUG=True, **changes):
+        assert run_all_checks() == []
+
+
+@pytest.mark.parametrize("installed", ["4.2.1", "4.1.2", "4.0.0", "3.0.2"])
+def test_daphne_check_fires_below_the_floor(monkeypatch, installed):
+    monkeypatch.setattr(checks, "version", lambda name: installed)
+    with production_settings():
+        assert run_all_checks() == ["chat.E003"]
+
+
+@pytest.mark.parametrize("installed", ["4.2.2", "4.2.3", "4.10.0", "5.0"])
+def test_daphne_check_accepts_the_floor_and_later(monkeypatch, installed):
+    monkeypatch.setattr(checks, "version", lambda name: installed)
+    with production_settings():
+        assert run_all_checks() == []
+
+
+# --- production response headers ----------------------------------------------------------------
+
+
+def production_http():
+    """What DJANGO_HTTPS=1 (the production default) turns on in chatproject/settings.py."""
+    return override_settings(
+        SECURE_SSL_REDIRECT=True,
+        SESSION_COOKIE_SECURE=True,
+        CSRF_COOKIE_SECURE=True,
+        SECURE_HSTS_SECONDS=31536000,
+        SECURE_HSTS_INCLUDE_SUBDOMAINS=True,
+        SECURE_HSTS_PRELOAD=True,
+    )
+
+
+def csp_directives(header: str) -> dict[str, list[str]]:
+    directives = {}
+    for part in header.split(";"):
+        name, *values = part.split()
+        directives[name] = values
+    return directives
+
+
+def test_production_redirects_http_to_https(client):
+    with production_http():
+        response = client.get("/login/?next=/")
+    assert response.status_code == 301
+    assert response["Location"] == "https://testserver/login/?next=/"
+
+
+def test_production_pages_send_security_headers(client):
+    with production_http():
+        response = client.get("/login/", secure=True)
+    assert response.status_code == 200
+    assert response["Strict-Transport-Security"] == "max-age=31536000; includeSubDomains; preload"
+    assert response["X-Frame-Options"] == "DENY"
+    assert response["X-Content-Type-Options"] == "nosniff"
+    assert response["Referrer-Policy"] == "same-origin"
+    assert response["Cross-Origin-Opener-Policy"] == "same-origin"
+    policy = csp_directives(response["Content-Security-Policy"])
+    assert policy["script-src"] == ["'self'"]
+    assert "'unsafe-inline'" not in policy["style-src"]
+    assert policy["object-src"] == ["'none'"]
+    assert policy["frame-ancestors"] == ["'none'"]
+    assert policy["base-uri"] == ["'none'"]
+
+
+@pytest.mark.django_db
+def test_production_login_sets_secure_httponly_samesite_session_cookie(client):
+    make_user("alice")
+    with production_http():
+        response = client.post("/login/", {"username": "alice", "password": PASSWORD}, secure=True)
+    assert response.status_code == 302
+    session = response.cookies["sessionid"]
+    assert session.value
+    assert session["secure"] is True
+    assert session["httponly"] is True
+    assert session["samesite"] == "Lax"
+    assert response.cookies["csrftoken"]["secure"] is True
