@@ -1,0 +1,1 @@
+"""Reference servers the chat is measured against: the Channels tutorial and bare websockets."""

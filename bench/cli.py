@@ -1,0 +1,205 @@
+"""`python -m bench`: run the scenarios against the targets, write JSON and docs/performance.md."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import shlex
+import shutil
+import sys
+import tempfile
+import time
+from datetime import UTC, datetime
+from pathlib import Path
+
+from bench import report, scenarios
+from bench.scenarios import Options, Stage
+from bench.servers import ROOT, TARGETS, Deployment, core_busy_seconds, machine
+
+SCENARIOS = ["broadcast", "fanout", "handshakes", "idle", "persist"]
+
+QUICK = {
+    "members": 10,
+    "rates": [200, 500],
+    "duration": 2.0,
+    "fanout_members": 30,
+    "fanout_messages": 3,
+    "handshakes": 40,
+    "hs_concurrency": 4,
+    "idle": 40,
+    "persist_rooms": 10,
+    "persist_duration": 2.0,
+    "profile_duration": 5.0,
+}
+
+
+def _csv(value: str) -> list[str]:
+    return [v.strip() for v in value.split(",") if v.strip()]
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    defaults = Options()
+    p = argparse.ArgumentParser(prog="python -m bench", description=__doc__)
+    p.add_argument(
+        "--scenario",
+        default="all",
+        help=f"comma-separated, from {','.join(SCENARIOS)}, or all (default)",
+    )
+    p.add_argument("--targets", default="chat,tutorial,websockets", help="comma-separated")
+    p.add_argument("--quick", action="store_true", help="a short smoke run (small sizes)")
+    p.add_argument("--members", type=int, help=f"broadcast room size ({defaults.members})")
+    p.add_argument("--rates", help="broadcast sweep, deliveries/s, comma-separated")
+    p.add_argument("--duration", type=float, help="seconds per broadcast rate")
+    p.add_argument("--fanout-members", type=int, help=f"({defaults.fanout_members})")
+    p.add_argument("--fanout-messages", type=int, help=f"({defaults.fanout_messages})")
+    p.add_argument("--handshakes", type=int, help=f"handshakes measured ({defaults.handshakes})")
+    p.add_argument("--hs-concurrency", type=int, help=f"({defaults.hs_concurrency})")
+    p.add_argument("--idle", type=int, help=f"idle connections ({defaults.idle})")
+    p.add_argument("--idle-room-size", type=int, help=f"({defaults.idle_room_size})")
+    p.add_argument("--persist-rooms", type=int, help=f"rooms of 2 ({defaults.persist_rooms})")
+    p.add_argument("--persist-window", type=int, help="unacked messages per socket")
+    p.add_argument("--persist-duration", type=float)
+    p.add_argument(
+        "--profile",
+        action="store_true",
+        help="py-spy the chat server during broadcast and handshakes",
+    )
+    p.add_argument("--profile-rate", type=int, help="deliveries/s while profiling")
+    p.add_argument("--profile-duration", type=float)
+    p.add_argument("--database-url", help="instead of a temp SQLite file (e.g. postgres://...)")
+    p.add_argument("--redis-url", help="Redis channel layer and shared state for the chat")
+    p.add_argument("--server-procs", type=int, help="chat processes (needs --redis-url if > 1)")
+    p.add_argument("--server-cpus", help="taskset list for the servers (default 0)")
+    p.add_argument("--client-cpu", type=int, help="core of the load client (default 1)")
+    p.add_argument("--results-dir", default=str(ROOT / "bench" / "results"))
+    docs = p.add_mutually_exclusive_group()
+    docs.add_argument("--docs", dest="docs", action="store_true", default=None)
+    docs.add_argument("--no-docs", dest="docs", action="store_false")
+    p.add_argument("--report-only", metavar="JSON", help="rewrite the docs from a results file")
+    p.add_argument("--keep", action="store_true", help="keep the temp dir (databases, logs)")
+    p.add_argument(
+        "--wait-quiet",
+        type=float,
+        default=0.0,
+        metavar="SECONDS",
+        help="before each scenario, wait up to this long for other processes to leave the cores",
+    )
+    args = p.parse_args(argv)
+    if args.docs is None:
+        args.docs = not args.quick
+    return args
+
+
+def options_from(args: argparse.Namespace) -> Options:
+    opts = Options()
+    if args.quick:
+        for key, value in QUICK.items():
+            setattr(opts, key, value)
+    for key in vars(opts):
+        value = getattr(args, key, None)
+        if value is None:
+            continue
+        if key == "rates":
+            value = [int(v) for v in _csv(value)]
+        setattr(opts, key, value)
+    return opts
+
+
+def pin_client(core: int) -> bool:
+    if (os.cpu_count() or 1) < 2:
+        return False
+    os.sched_setaffinity(0, {core})
+    return True
+
+
+async def wait_quiet(limit: float, threshold: float = 0.1) -> float:
+    """Wait for the cores to go nearly idle (ours idle between scenarios); return the load seen."""
+    deadline = time.monotonic() + limit
+    while True:
+        before = core_busy_seconds()
+        await asyncio.sleep(1.0)
+        after = core_busy_seconds()
+        load = sum(after[c] - before[c] for c in after) / len(after)
+        if load < threshold or time.monotonic() >= deadline:
+            return load
+
+
+async def run(args: argparse.Namespace, opts: Options, workdir: Path) -> dict:
+    chosen = SCENARIOS if args.scenario == "all" else _csv(args.scenario)
+    unknown = set(chosen) - set(SCENARIOS)
+    if unknown:
+        raise SystemExit(f"unknown scenario(s): {', '.join(sorted(unknown))}")
+    targets = [TARGETS[name] for name in _csv(args.targets)]
+    if opts.server_procs > 1 and not args.redis_url:
+        raise SystemExit("--server-procs > 1 needs --redis-url (processes share state there)")
+    deployment = Deployment(workdir, database_url=args.database_url, redis_url=args.redis_url)
+    deployment.prepare()
+    results: dict = {}
+    for scenario in chosen:
+        print(f"== {scenario}", flush=True)
+        for target in targets:
+            if args.wait_quiet:
+                others = await wait_quiet(args.wait_quiet)
+                print(f"  (other processes: {others:.0%} of the cores)", flush=True)
+            with Stage(target, deployment, opts, scenario) as stage:
+                results.setdefault(scenario, {})[target.name] = await getattr(scenarios, scenario)(
+                    stage
+                )
+    profile = {}
+    if args.profile:
+        for scenario in ("broadcast", "handshakes"):
+            print(f"== profile: py-spy on chat, {scenario}", flush=True)
+            with Stage(TARGETS["chat"], deployment, opts, f"prof{scenario[:4]}") as stage:
+                profile[scenario] = await getattr(scenarios, f"profile_{scenario}")(
+                    stage, workdir / f"profile-{scenario}"
+                )
+    return {"results": results, "profile": profile}
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    if args.report_only:
+        data = json.loads(Path(args.report_only).read_text())
+        report.write_docs(data, ROOT / "docs")
+        print(f"wrote {ROOT / 'docs' / 'performance.md'}")
+        return
+    opts = options_from(args)
+    pinned = pin_client(opts.client_cpu)
+    workdir = Path(tempfile.mkdtemp(prefix="chat-bench-"))
+    started = datetime.now(UTC)
+    command = "python -m bench " + shlex.join(sys.argv[1:] if argv is None else argv)
+    try:
+        outcome = asyncio.run(run(args, opts, workdir))
+    except BaseException:
+        print(f"logs kept in {workdir}", file=sys.stderr)
+        raise
+    data = {
+        "command": command.strip(),
+        "started": started.isoformat(timespec="seconds"),
+        "elapsed_s": round((datetime.now(UTC) - started).total_seconds(), 1),
+        "machine": machine(),
+        "pinned": {
+            "server_cpus": opts.server_cpus,
+            "client_cpu": opts.client_cpu if pinned else None,
+        },
+        "options": vars(opts),
+        "database": "external" if args.database_url else "sqlite (temp file)",
+        "channel_layer": "redis" if args.redis_url else "in-memory",
+        **outcome,
+    }
+    results_dir = Path(args.results_dir)
+    results_dir.mkdir(parents=True, exist_ok=True)
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    path = results_dir / f"bench-{stamp}.json"
+    path.write_text(json.dumps(data, indent=1))
+    print(report.summary(data))
+    print(f"results: {path}")
+    if args.docs:
+        report.write_docs(data, ROOT / "docs")
+        print(f"docs: {ROOT / 'docs' / 'performance.md'}, {ROOT / 'docs' / 'performance.png'}")
+    if args.keep:
+        print(f"temp dir kept: {workdir}")
+    else:
+        shutil.rmtree(workdir, ignore_errors=True)

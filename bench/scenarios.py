@@ -1,0 +1,695 @@
+"""The scenarios: each starts fresh servers for one target, drives them, and returns its figures."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import re
+import resource
+import signal
+import subprocess
+import sys
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from bench.client import Books, Http, Room, Timing, open_conn, open_room, settle
+from bench.servers import Deployment, Server, Target, core_busy_seconds, free_port
+
+# A client using more than this share of its core measures itself, not the server.
+CLIENT_SATURATED = 0.85
+
+
+@dataclass
+class Options:
+    members: int = 100
+    rates: list[int] = field(default_factory=lambda: [1000, 2000, 4000, 8000, 16000, 32000, 64000])
+    duration: float = 5.0
+    fanout_members: int = 1000
+    fanout_messages: int = 20
+    handshakes: int = 2000
+    hs_concurrency: int = 32
+    idle: int = 1000
+    idle_room_size: int = 10
+    persist_rooms: int = 200
+    persist_window: int = 4
+    persist_duration: float = 10.0
+    server_procs: int = 1
+    server_cpus: str = "0"
+    client_cpu: int = 1
+    connect_concurrency: int = 16
+    profile_rate: int = 2000
+    profile_duration: float = 15.0
+
+
+class Stage:
+    """Fresh server process(es) of one target on a fresh database, for one scenario."""
+
+    def __init__(self, target: Target, deployment: Deployment, opts: Options, label: str) -> None:
+        self.target, self.deployment, self.opts, self.label = target, deployment, opts, label
+        self.prefix = f"{label[:6]}{int(time.time() * 1000) % 10**7}x"
+        self.db_env = deployment.fresh_database() if target.authenticated else {}
+        procs = opts.server_procs if target.name == "chat" else 1
+        ports = [free_port() for _ in range(procs)]
+        origins = ",".join(f"http://127.0.0.1:{p}" for p in ports)
+        env = {**deployment.env, **self.db_env, "CHAT_ALLOWED_ORIGINS": origins}
+        self.servers = [
+            Server(
+                target,
+                {**env, "CHAT_INSTANCE_NAME": f"bench-{port}"},
+                port=port,
+                cpus=opts.server_cpus,
+                log_path=deployment.workdir / f"{target.name}-{label}-{port}.log",
+            )
+            for port in ports
+        ]
+
+    @property
+    def ports(self) -> list[int]:
+        return [s.port for s in self.servers]
+
+    def seed(self, rooms: int, members: int) -> list[dict]:
+        """Rooms with members: tokens for chat, just slugs and counts for the baselines."""
+        if self.target.authenticated:
+            return self.deployment.seed(
+                self.db_env, prefix=self.prefix, rooms=rooms, members=members
+            )
+        return [{"slug": f"{self.prefix}r{i}", "members": members} for i in range(rooms)]
+
+    def __enter__(self) -> Stage:
+        for server in self.servers:
+            server.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for server in self.servers:
+            server.stop()
+
+    def cpu_seconds(self) -> float:
+        return sum(s.cpu_seconds() for s in self.servers)
+
+    def rss_bytes(self) -> int:
+        return sum(s.rss_bytes() for s in self.servers)
+
+
+class Window:
+    """Server, client and per-core CPU across a measured window."""
+
+    def __init__(self, stage: Stage) -> None:
+        self.stage = stage
+        self.server_cores = _cpu_list(stage.opts.server_cpus)
+        self.client_core = stage.opts.client_cpu
+
+    def __enter__(self) -> Window:
+        self.t0 = time.perf_counter()
+        self.server0 = self.stage.cpu_seconds()
+        self.client0 = _self_cpu()
+        self.cores0 = core_busy_seconds()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.wall = time.perf_counter() - self.t0
+        self.server = self.stage.cpu_seconds() - self.server0
+        self.client = _self_cpu() - self.client0
+        cores1 = core_busy_seconds()
+        busy = {c: cores1[c] - self.cores0[c] for c in cores1}
+        server_core_busy = sum(busy.get(c, 0.0) for c in self.server_cores)
+        self.foreign_server_core = max(0.0, server_core_busy - self.server)
+        self.foreign_client_core = max(0.0, busy.get(self.client_core, 0.0) - self.client)
+
+    def figures(self, *, per: int, unit: str) -> dict:
+        wall = self.wall or 1e-9
+        client_share = self.client / wall
+        return {
+            "wall_s": round(self.wall, 3),
+            "server_cpu_s": round(self.server, 3),
+            "client_cpu_s": round(self.client, 3),
+            f"server_cpu_us_per_{unit}": _per(self.server, per),
+            f"client_cpu_us_per_{unit}": _per(self.client, per),
+            "server_core_share": round(self.server / wall, 3),
+            "client_core_share": round(client_share, 3),
+            "client_saturated": client_share > CLIENT_SATURATED,
+            # CPU that other processes used on our cores meanwhile: the machine is shared.
+            "foreign_share_server_core": round(self.foreign_server_core / wall, 3),
+            "foreign_share_client_core": round(self.foreign_client_core / wall, 3),
+        }
+
+
+def _per(seconds: float, count: int) -> float | None:
+    return round(seconds * 1e6 / count, 1) if count else None
+
+
+def _self_cpu() -> float:
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
+
+
+def _cpu_list(spec: str) -> list[int]:
+    cores = []
+    for part in spec.split(","):
+        lo, _, hi = part.partition("-")
+        cores += range(int(lo), int(hi or lo) + 1)
+    return cores
+
+
+def latency_figures(latencies_ns: list[int]) -> dict:
+    if not latencies_ns:
+        return {"p50_ms": None, "p90_ms": None, "p99_ms": None, "p999_ms": None, "max_ms": None}
+    arr = np.asarray(latencies_ns, dtype=np.float64) / 1e6
+    p50, p90, p99, p999 = np.percentile(arr, [50, 90, 99, 99.9])
+    return {
+        "p50_ms": round(float(p50), 2),
+        "p90_ms": round(float(p90), 2),
+        "p99_ms": round(float(p99), 2),
+        "p999_ms": round(float(p999), 2),
+        "max_ms": round(float(arr.max()), 2),
+    }
+
+
+def cdf_points(latencies_ns: list[int], points: int = 200) -> list[list[float]]:
+    """A down-sampled latency CDF for the plot: [latency_ms, fraction] pairs."""
+    if not latencies_ns:
+        return []
+    arr = np.sort(np.asarray(latencies_ns, dtype=np.float64) / 1e6)
+    qs = np.linspace(0, 1, points)
+    values = np.quantile(arr, qs)
+    return [[round(float(v), 3), round(float(q), 4)] for v, q in zip(values, qs, strict=True)]
+
+
+async def drain(books: Books, expected: int, *, stall: float = 3.0, limit: float = 60.0) -> None:
+    """Wait for every expected delivery, or until nothing arrives for `stall` seconds."""
+    start = last_change = time.monotonic()
+    last = -1
+    while books.deliveries < expected:
+        await asyncio.sleep(0.01)
+        now = time.monotonic()
+        if books.deliveries != last:
+            last, last_change = books.deliveries, now
+        elif now - last_change > stall or now - start > limit:
+            return
+
+
+def delivery_books(books: Books, expected: int) -> dict:
+    span = (books.last_rx - books.first_tx) / 1e9 if books.last_rx > books.first_tx else 0.0
+    return {
+        "expected": expected,
+        "deliveries": books.deliveries,
+        "deliveries_per_s": round(books.deliveries / span, 1) if span else 0.0,
+        "lost": expected - books.deliveries,
+        "duplicated": books.duplicates,
+        "out_of_order": books.out_of_order,
+        "unknown": books.unknown,
+        "errors": dict(books.errors),
+        **latency_figures(books.latencies),
+    }
+
+
+async def close_all(rooms: list[Room]) -> None:
+    for room in rooms:
+        for conn in room.conns:
+            conn.close()
+    await asyncio.sleep(0.2)
+
+
+# --- broadcast: one room of `members`, a sweep of delivery rates ---
+
+
+async def paced_send(room: Room, n_messages: int, msg_rate: float) -> list[float]:
+    """Open loop: message i leaves at start + i/rate whatever the answers; returns send lags (s)."""
+    loop = asyncio.get_running_loop()
+    start = loop.time()
+    senders = room.conns
+    lags = []
+    for i in range(n_messages):
+        due = start + i / msg_rate
+        delay = due - loop.time()
+        if delay > 0:
+            await asyncio.sleep(delay)
+        lags.append(loop.time() - due)
+        senders[i % len(senders)].send_message()
+    return lags
+
+
+async def broadcast(stage: Stage) -> dict:
+    opts = stage.opts
+    (spec,) = stage.seed(1, opts.members)
+    books = Books()
+    room = await open_room(
+        stage.target,
+        spec["slug"],
+        spec["members"],
+        books,
+        ports=stage.ports,
+        concurrency=opts.connect_concurrency,
+    )
+    await settle(books)
+    members = len(room.conns)
+    points = []
+    for rate in opts.rates:
+        books.reset()
+        msg_rate = rate / members
+        n_messages = max(1, round(msg_rate * opts.duration))
+        expected = n_messages * members
+        with Window(stage) as window:
+            lags = await paced_send(room, n_messages, msg_rate)
+            await drain(books, expected)
+        point = {
+            "offered_deliveries_per_s": rate,
+            "messages": n_messages,
+            "members": members,
+            **delivery_books(books, expected),
+            **window.figures(per=books.deliveries, unit="delivery"),
+            "send_lag_p99_ms": round(float(np.percentile(lags, 99)) * 1000, 2),
+            "cdf": cdf_points(books.latencies),
+        }
+        points.append(point)
+        _log(stage, f"{rate}/s", point)
+        await settle(books)
+        if point["lost"] or point["deliveries_per_s"] < 0.9 * rate or (point["p99_ms"] or 0) > 1000:
+            break  # saturated: higher rates only grow the backlog
+    await close_all([room])
+    return {"members": members, "points": points}
+
+
+# --- fanout: one message at a time to a big room ---
+
+
+async def fanout(stage: Stage) -> dict:
+    opts = stage.opts
+    (spec,) = stage.seed(1, opts.fanout_members)
+    books = Books()
+    room = await open_room(
+        stage.target,
+        spec["slug"],
+        spec["members"],
+        books,
+        ports=stage.ports,
+        concurrency=opts.connect_concurrency,
+    )
+    await settle(books)
+    members = len(room.conns)
+    expected = 0
+    with Window(stage) as window:
+        for i in range(opts.fanout_messages):
+            expected += members
+            room.conns[(i * 37) % members].send_message()
+            await drain(books, expected, stall=2.0)
+            await asyncio.sleep(0.05)
+    figures = {
+        "members": members,
+        "messages": opts.fanout_messages,
+        **delivery_books(books, expected),
+        **window.figures(per=books.deliveries, unit="delivery"),
+        "cdf": cdf_points(books.latencies),
+    }
+    figures.pop("deliveries_per_s")  # paced one message at a time: not a throughput figure
+    _log(stage, "fanout", figures)
+    await close_all([room])
+    return figures
+
+
+# --- handshakes: ticket + connect + hello, then close, by concurrent clients ---
+
+
+async def handshakes(stage: Stage) -> dict:
+    opts = stage.opts
+    workers = opts.hs_concurrency
+    specs = stage.seed(workers, 1)
+    books = Books()
+    ticket_ns: list[int] = []
+    connect_ns: list[int] = []
+    failures: Counter[str] = Counter()
+
+    async def worker(i: int, count: int, record: bool) -> None:
+        spec = specs[i]
+        member = spec["members"][0] if isinstance(spec["members"], list) else None
+        room = Room(spec["slug"])
+        http = Http(stage.ports[i % len(stage.ports)])
+        try:
+            for _ in range(count):
+                timing = Timing()
+                try:
+                    conn = await open_conn(
+                        stage.target,
+                        room,
+                        books,
+                        port=http.port,
+                        token=member["token"] if member else None,
+                        http=http,
+                        name=f"h{i}",
+                        timing=timing,
+                    )
+                except Exception as error:
+                    failures[type(error).__name__ + ": " + str(error)[:80]] += 1
+                    continue
+                conn.close()
+                if record:
+                    ticket_ns.append(timing.ticket_ns)
+                    connect_ns.append(timing.connect_ns)
+        finally:
+            http.close()
+
+    # Warm up (imports, caches, the hub) on one handshake per worker, then measure.
+    await asyncio.gather(*(worker(i, 1, False) for i in range(workers)))
+    await asyncio.sleep(1.0)
+    failures.clear()
+    per_worker = max(1, opts.handshakes // workers)
+    total = per_worker * workers
+    with Window(stage) as window:
+        started = time.perf_counter()
+        await asyncio.gather(*(worker(i, per_worker, True) for i in range(workers)))
+        elapsed = time.perf_counter() - started
+        await asyncio.sleep(1.0)  # closes and audit flushes belong to the handshake's cost
+    done = len(connect_ns)
+    figures = {
+        "attempted": total,
+        "completed": done,
+        "failed": dict(failures),
+        "concurrency": workers,
+        "handshakes_per_s": round(done / elapsed, 1) if elapsed else 0.0,
+        **window.figures(per=done, unit="handshake"),
+        "ticket_ms": latency_figures(ticket_ns),
+        "connect_to_hello_ms": latency_figures(connect_ns),
+    }
+    _log(stage, "handshakes", figures)
+    return figures
+
+
+# --- idle: RSS per idle authenticated connection ---
+
+
+async def idle(stage: Stage) -> dict:
+    opts = stage.opts
+    size = min(opts.idle_room_size, opts.idle)
+    n_rooms = max(1, opts.idle // size)
+    specs = stage.seed(n_rooms + 1, size)
+    books = Books()
+    # Warm up: a room opened and closed, so lazy imports and caches are not counted per socket.
+    warm = await open_room(
+        stage.target, specs[-1]["slug"], specs[-1]["members"], books, ports=stage.ports
+    )
+    await settle(books)
+    await close_all([warm])
+    await asyncio.sleep(1.0)
+    before = stage.rss_bytes()
+    rooms = []
+    for spec in specs[:-1]:
+        rooms.append(
+            await open_room(
+                stage.target,
+                spec["slug"],
+                spec["members"],
+                books,
+                ports=stage.ports,
+                concurrency=opts.connect_concurrency,
+            )
+        )
+    await settle(books, quiet=1.0)
+    await asyncio.sleep(2.0)
+    after = stage.rss_bytes()
+    connections = sum(len(r.conns) for r in rooms)
+    figures = {
+        "connections": connections,
+        "room_size": size,
+        "rss_before_mb": round(before / 2**20, 1),
+        "rss_after_mb": round(after / 2**20, 1),
+        "rss_per_connection_kb": round((after - before) / connections / 1024, 1),
+    }
+    _log(stage, "idle", figures)
+    await close_all(rooms)
+    return figures
+
+
+# --- persist: many small rooms, every member sending as fast as acks come back ---
+
+
+async def persist(stage: Stage) -> dict:
+    opts = stage.opts
+    specs = stage.seed(opts.persist_rooms, 2)
+    books = Books()
+    rooms = []
+    for spec in specs:
+        rooms.append(
+            await open_room(
+                stage.target,
+                spec["slug"],
+                spec["members"],
+                books,
+                ports=stage.ports,
+                concurrency=opts.connect_concurrency,
+            )
+        )
+    await settle(books)
+    conns = [c for r in rooms for c in r.conns]
+    books.reset()
+    loop = asyncio.get_running_loop()
+    stop_at = loop.time() + opts.persist_duration
+    sent = 0
+
+    async def pump(conn) -> None:
+        nonlocal sent
+        conn.window = asyncio.Event()
+        while loop.time() < stop_at:
+            if len(conn.inflight) >= opts.persist_window:
+                conn.window.clear()
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(conn.window.wait(), stop_at - loop.time())
+                continue
+            conn.inflight.add(conn.send_message())
+            sent += 1
+
+    with Window(stage) as window:
+        await asyncio.gather(*(pump(c) for c in conns))
+        acked_in_window = books.acks
+    expected = sum(len(r.sent) * len(r.conns) for r in rooms)
+    await drain(books, expected)
+    deadline = time.monotonic() + 30
+    while any(c.inflight for c in conns) and time.monotonic() < deadline:  # noqa: ASYNC110
+        await asyncio.sleep(0.05)
+    figures = {
+        "rooms": len(rooms),
+        "connections": len(conns),
+        "window": opts.persist_window,
+        "sent": sent,
+        "acked": books.acks,
+        "unacked": sum(len(c.inflight) for c in conns),
+        "messages_per_s": round(acked_in_window / opts.persist_duration, 1),
+        **delivery_books(books, expected),
+        **window.figures(per=acked_in_window, unit="message"),
+    }
+    figures.pop("deliveries_per_s")
+    await close_all(rooms)
+    if stage.target.authenticated:
+        await asyncio.sleep(0.5)
+        figures["rows_in_database"] = stage.deployment.count_messages(stage.db_env, stage.prefix)
+        figures["rows_match_acks"] = figures["rows_in_database"] == books.acks
+    _log(stage, "persist", figures)
+    return figures
+
+
+# --- profile: py-spy on the chat server during a scenario ---
+
+
+class PySpy:
+    """py-spy recording the first server, on the client's core, without pausing the server."""
+
+    def __init__(self, stage: Stage, out_path: Path) -> None:
+        self.stage, self.raw = stage, out_path.with_suffix(".collapsed")
+
+    def __enter__(self) -> PySpy:
+        self.process = subprocess.Popen(
+            [
+                "taskset",
+                "-c",
+                str(self.stage.opts.client_cpu),
+                str(Path(sys.executable).with_name("py-spy")),
+                "record",
+                "--pid",
+                str(self.stage.servers[0].pid),
+                "--rate",
+                "200",
+                "--nonblocking",
+                "--format",
+                "raw",
+                "--output",
+                str(self.raw),
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+        )
+        time.sleep(1.0)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.process.send_signal(signal.SIGINT)  # py-spy writes its output on SIGINT
+        _, err = self.process.communicate(timeout=60)
+        self.error = err.decode(errors="replace")[-500:]
+
+    def result(self) -> dict:
+        if not self.raw.exists():
+            return {"error": self.error}
+        stacks: dict[str, int] = {}
+        for line in self.raw.read_text().splitlines():
+            stack, _, count = line.rpartition(" ")
+            stacks[stack] = stacks.get(stack, 0) + int(count)
+        return {**summarize_stacks(stacks), "stacks": stacks}
+
+
+async def profile_broadcast(stage: Stage, out_path: Path) -> dict:
+    """The broadcast scenario at one rate for profile_duration seconds, under py-spy."""
+    opts = stage.opts
+    (spec,) = stage.seed(1, opts.members)
+    books = Books()
+    room = await open_room(stage.target, spec["slug"], spec["members"], books, ports=stage.ports)
+    await settle(books)
+    members = len(room.conns)
+    msg_rate = opts.profile_rate / members
+    n_messages = round(msg_rate * opts.profile_duration)
+    books.reset()
+    with PySpy(stage, out_path) as spy, Window(stage) as window:
+        await paced_send(room, n_messages, msg_rate)
+        await drain(books, n_messages * members)
+    await close_all([room])
+    return {
+        "rate": opts.profile_rate,
+        "members": members,
+        **delivery_books(books, n_messages * members),
+        **window.figures(per=books.deliveries, unit="delivery"),
+        **spy.result(),
+    }
+
+
+async def profile_handshakes(stage: Stage, out_path: Path) -> dict:
+    with PySpy(stage, out_path) as spy:
+        figures = await handshakes(stage)
+    return {**figures, **spy.result()}
+
+
+_FRAME = re.compile(r"^(?P<func>.*?) \((?P<file>[^()]*?)(?::\d+)?\)$")
+
+
+def _frame_name(frame: str) -> str:
+    match = _FRAME.match(frame)
+    if not match:
+        return frame
+    path = match["file"]
+    for marker in ("site-packages/", "lib/python3.11/", "/work/main/"):
+        if marker in path:
+            path = path.split(marker, 1)[1]
+            break
+    return f"{match['func']} ({path})"
+
+
+# Leaves where a thread waits rather than works (py-spy --nonblocking cannot always tell).
+IDLE_LEAVES = {
+    "EpollSelector.select (selectors.py)",
+    "Condition.wait (threading.py)",
+    "Thread._wait_for_tstate_lock (threading.py)",
+    "_worker (concurrent/futures/thread.py)",
+}
+
+# What kind of work a sample is, by the first rule that matches from the leaf up.
+CATEGORIES = [
+    ("database connection open/close", ("get_new_connection", "._close (django/db", "connect (")),
+    (
+        "SQL execution and commit (driver)",
+        ("CursorWrapper.execute", "_commit (django/db", "executemany", "fetchmany", "fetchone"),
+    ),
+    ("ORM: building queries and models", ("django/db/",)),
+    ("JWT and signing", ("rest_framework_simplejwt/", "jwt/", "hmac", "hashlib")),
+    (
+        "Django HTTP stack, DRF, middleware",
+        (
+            "rest_framework/",
+            "django/core/handlers",
+            "django/middleware",
+            "django/contrib",
+            "csp/",
+            "whitenoise/",
+            "django/http",
+            "django/urls",
+        ),
+    ),
+    ("JSON encode/decode", ("json/",)),
+    (
+        "WebSocket and HTTP I/O (daphne, autobahn, Twisted)",
+        ("autobahn/", "twisted/", "daphne/", "txaio/"),
+    ),
+    ("channel layer", ("channels/layers", "channels_redis/")),
+    (
+        "thread hops (asgiref, executor)",
+        ("asgiref/", "concurrent/futures", "threading.py", "channels/db.py"),
+    ),
+    ("asyncio event loop", ("asyncio/",)),
+]
+
+
+def _category(frames: list[str]) -> str:
+    for frame in reversed(frames):
+        for name, needles in CATEGORIES:
+            if any(n in frame for n in needles):
+                return name
+    return "other (project code, stdlib)"
+
+
+def summarize_stacks(stacks: dict[str, int], top: int = 25) -> dict:
+    """Self and total shares per function and per kind of work, from py-spy's collapsed stacks.
+
+    Shares are of busy samples: idle waits (epoll, an empty thread pool) are left out.
+    """
+    self_time: Counter[str] = Counter()
+    total_time: Counter[str] = Counter()
+    kinds: Counter[str] = Counter()
+    busy = idle = 0
+    for stack, count in stacks.items():
+        frames = [_frame_name(f) for f in stack.split(";") if f]
+        if not frames:
+            continue
+        if frames[-1] in IDLE_LEAVES:
+            idle += count
+            continue
+        busy += count
+        self_time[frames[-1]] += count
+        kinds[_category(frames)] += count
+        for name in set(frames):
+            total_time[name] += count
+
+    def share(items) -> list[list]:
+        return [[name, round(100 * n / max(busy, 1), 1)] for name, n in items]
+
+    project = [
+        (name, n)
+        for name, n in total_time.most_common()
+        if re.search(r"\((chat|accounts|chatproject)/", name)
+    ]
+    return {
+        "samples": busy + idle,
+        "busy_samples": busy,
+        "idle_share": round(idle / max(busy + idle, 1), 3),
+        "top_self": share(self_time.most_common(top)),
+        "top_total": share(total_time.most_common(top)),
+        "top_project": share(project[:top]),
+        "kinds": share(kinds.most_common()),
+    }
+
+
+def _log(stage: Stage, what: str, figures: dict) -> None:
+    keys = (
+        "deliveries_per_s",
+        "p50_ms",
+        "p99_ms",
+        "lost",
+        "duplicated",
+        "server_cpu_us_per_delivery",
+        "client_core_share",
+        "handshakes_per_s",
+        "server_cpu_us_per_handshake",
+        "rss_per_connection_kb",
+        "messages_per_s",
+        "server_cpu_us_per_message",
+    )
+    shown = ", ".join(f"{k}={figures[k]}" for k in keys if k in figures)
+    print(f"  [{stage.target.name}] {what}: {shown}", flush=True)
