@@ -171,14 +171,24 @@ class _LazyPformat:
 
 
 def _writes_directly(transport) -> bool:
-    """A plain TCP transport with nothing queued: writing to its socket keeps frames in order."""
+    """A plain TCP transport with nothing queued: writing to its socket keeps frames in order.
+
+    Only Twisted's own TCP connection qualifies. Under `-e ssl:...` the protocol's transport is
+    a TLSMemoryBIOProtocol wrapped around a plain TCP connection, and a ProtocolWrapper hands
+    every attribute it lacks (TLS, socket, dataBuffer) to the connection beneath: duck typing
+    would see cleartext TCP there and put unencrypted bytes into the TLS stream.
+    """
+    from twisted.internet import tcp
+    from twisted.internet.interfaces import ISSLTransport
+
     return (
-        not getattr(transport, "TLS", True)
-        and getattr(transport, "connected", False)
-        and not getattr(transport, "disconnecting", True)
-        and not getattr(transport, "dataBuffer", True)
-        and not getattr(transport, "_tempDataBuffer", True)
-        and hasattr(transport, "socket")
+        isinstance(transport, tcp.Connection)
+        and not transport.TLS
+        and not ISSLTransport.providedBy(transport)
+        and transport.connected
+        and not transport.disconnecting
+        and not transport.dataBuffer
+        and not transport._tempDataBuffer
     )
 
 

@@ -1,5 +1,6 @@
 """wss:// end to end (daphne terminating TLS itself) and the certificate `make_dev_cert` makes."""
 
+import asyncio
 import io
 import json
 import ssl
@@ -40,10 +41,10 @@ def tls_daphne(server_factory, dev_cert) -> DaphneServer:
     )
 
 
-async def _ticket(server: DaphneServer, context: ssl.SSLContext) -> dict:
+async def _ticket(server: DaphneServer, context: ssl.SSLContext, username: str) -> dict:
     async with httpx.AsyncClient(base_url=server.url, verify=context) as http:
         login = await http.post(
-            "/api/auth/token/", json={"username": "alice", "password": PASSWORD}
+            "/api/auth/token/", json={"username": username, "password": PASSWORD}
         )
         assert login.status_code == 200
         # Django saw a secure request: daphne's TLS gives the ASGI scope the https scheme.
@@ -54,31 +55,66 @@ async def _ticket(server: DaphneServer, context: ssl.SSLContext) -> dict:
         return response.json()
 
 
+async def _connect(server: DaphneServer, context: ssl.SSLContext, username: str):
+    ticket = await _ticket(server, context, username)
+    ws = await websockets.connect(
+        server.ws_url(ticket["ws_url"]),
+        ssl=context,
+        subprotocols=["chat.v1", f"ticket.{ticket['ticket']}"],
+        origin=server.origin,
+    )
+    hello = json.loads(await ws.recv())
+    assert (hello["type"], hello["room"], hello["user"]) == ("hello", "lobby", username)
+    return ws
+
+
+async def _recv_chat(ws, count: int) -> list[dict]:
+    """The next `count` frames that are not presence notices (who joined is not the point)."""
+    frames = []
+    while len(frames) < count:
+        frame = json.loads(await asyncio.wait_for(ws.recv(), 5))
+        if frame["type"] != "presence":
+            frames.append(frame)
+    return frames
+
+
 @pytest.mark.e2e
 async def test_chat_over_wss_with_trusted_dev_certificate(tls_daphne, dev_cert):
     cert, _ = dev_cert
     trusted = ssl.create_default_context(cafile=cert)
-    await sync_to_async(lambda: (make_user("alice"), make_room("lobby")))()
-    ticket = await _ticket(tls_daphne, trusted)
-
-    async with websockets.connect(
-        tls_daphne.ws_url(ticket["ws_url"]),
-        ssl=trusted,
-        subprotocols=["chat.v1", f"ticket.{ticket['ticket']}"],
-        origin=tls_daphne.origin,
-    ) as ws:
-        tls = ws.transport.get_extra_info("ssl_object")
+    await sync_to_async(lambda: (make_user("alice"), make_user("bob"), make_room("lobby")))()
+    alice = await _connect(tls_daphne, trusted, "alice")
+    bob = await _connect(tls_daphne, trusted, "bob")
+    try:
+        tls = alice.transport.get_extra_info("ssl_object")
         assert tls.version() in {"TLSv1.2", "TLSv1.3"}
         served = x509.load_pem_x509_certificate(cert.read_bytes()).public_bytes(Encoding.DER)
         assert tls.getpeercert(binary_form=True) == served
-        hello = json.loads(await ws.recv())
-        assert (hello["type"], hello["room"], hello["user"]) == ("hello", "lobby", "alice")
 
-        await ws.send(json.dumps({"type": "message", "body": "over tls", "client_id": "c1"}))
-        frames = {frame["type"]: frame for frame in [json.loads(await ws.recv()) for _ in range(2)]}
-        assert set(frames) == {"ack", "message"}
-        assert frames["ack"] == {"type": "ack", "client_id": "c1", "seq": frames["message"]["seq"]}
-        assert (frames["message"]["body"], frames["message"]["author"]) == ("over tls", "alice")
+        for n in range(3):
+            await alice.send(
+                json.dumps({"type": "message", "body": f"over tls {n}", "client_id": f"c{n}"})
+            )
+            frames = {frame["type"]: frame for frame in await _recv_chat(alice, 2)}
+            assert set(frames) == {"ack", "message"}
+            seq = frames["message"]["seq"]
+            assert frames["ack"] == {"type": "ack", "client_id": f"c{n}", "seq": seq}
+            assert (frames["message"]["body"], frames["message"]["author"]) == (
+                f"over tls {n}",
+                "alice",
+            )
+            # The other recipient's socket is idle when the broadcast comes: the fan-out writes
+            # straight to it, and that write must go through TLS (a cleartext frame here once
+            # broke the stream with SSL WRONG_VERSION_NUMBER).
+            [received] = await _recv_chat(bob, 1)
+            assert (received["type"], received["seq"], received["body"]) == (
+                "message",
+                seq,
+                f"over tls {n}",
+            )
+    finally:
+        await alice.close()
+        await bob.close()
 
 
 @pytest.mark.e2e
