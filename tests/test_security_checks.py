@@ -18,6 +18,7 @@ from accounts.middleware import StrictOriginMiddleware, TicketAuthMiddleware
 from chat import checks
 from chat.routing import websocket_urlpatterns
 from chatproject.asgi import application
+from tests import envdoc
 from tests.factories import PASSWORD, make_user
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -48,6 +49,54 @@ def manage(*args: str, env: dict[str, str]) -> subprocess.CompletedProcess:
         text=True,
         timeout=60,
     )
+
+
+def test_env_example_documents_every_setting_with_its_real_default():
+    settings_py = (ROOT / "chatproject" / "settings.py").read_text()
+    example = (ROOT / "deploy" / "env.example").read_text()
+    assert envdoc.problems(settings_py, example) == []
+    assert "CHAT_SLOW_CLIENT_TIMEOUT" in envdoc.settings_defaults(settings_py)
+
+
+SETTINGS_SNIPPET = """
+RATE = env.float("CHAT_RATE", default=5.0)
+SIZE = env.int("CHAT_SIZE", default=64 * 1024)
+SPEED = env.str("CHAT_SPEED", default="60/min")
+ON = env.bool("CHAT_ON", default=True)
+URL = env.str("REDIS_URL", default="")
+"""
+DOCUMENTED = "#CHAT_RATE=5\n#CHAT_SIZE=65536\n#CHAT_SPEED=60/min\n#CHAT_ON=1\nREDIS_URL=redis://x\n"
+
+
+@pytest.mark.parametrize(
+    ("example", "problem"),
+    [
+        pytest.param(
+            DOCUMENTED.replace("#CHAT_ON=1\n", ""), "undocumented: ['CHAT_ON']", id="missing"
+        ),
+        pytest.param(
+            DOCUMENTED + "#CHAT_GONE=1\n", "not read by settings.py: ['CHAT_GONE']", id="stale"
+        ),
+        pytest.param(
+            DOCUMENTED.replace("CHAT_SIZE=65536", "CHAT_SIZE=6553"),
+            "#CHAT_SIZE=6553 but settings.py defaults to 65536",
+            id="wrong-number",
+        ),
+        pytest.param(
+            DOCUMENTED.replace("60/min", "6/min"),
+            "#CHAT_SPEED=6/min but settings.py defaults to '60/min'",
+            id="wrong-string",
+        ),
+        pytest.param(
+            DOCUMENTED.replace("#CHAT_ON=1", "#CHAT_ON=0"),
+            "#CHAT_ON=0 but settings.py defaults to True",
+            id="wrong-bool",
+        ),
+    ],
+)
+def test_env_example_check_catches_drift(example, problem):
+    assert envdoc.problems(SETTINGS_SNIPPET, DOCUMENTED) == []
+    assert envdoc.problems(SETTINGS_SNIPPET, example) == [problem]
 
 
 def test_documented_production_env_passes_deploy_checks():
