@@ -6,6 +6,7 @@ import pytest
 from channels.layers import get_channel_layer
 from django.conf import settings as django_settings
 from django.core.cache import cache
+from django.db import connection
 
 from chat.runtime import shutdown_runtime
 from tests.services import redis_clear_prefix
@@ -19,6 +20,25 @@ def pytest_configure(config):
         import redis
 
         redis.Redis.from_url(os.environ["REDIS_URL"]).ping()
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _release_test_database(django_db_setup, django_db_blocker):
+    """Let Django drop the PostgreSQL test database at the end of the run.
+
+    Async tests reach the database from asgiref's executor threads, whose persistent
+    connections (CONN_MAX_AGE) outlive the tests; PostgreSQL refuses to drop a database with
+    sessions on it, and the run would leave a test_* database behind every time. Torn down
+    before django_db_setup, this ends those sessions first.
+    """
+    yield
+    if connection.vendor != "postgresql":
+        return
+    with django_db_blocker.unblock(), connection.cursor() as cursor:
+        cursor.execute(
+            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity"
+            " WHERE datname = current_database() AND pid <> pg_backend_pid()"
+        )
 
 
 @pytest.fixture(autouse=True)
