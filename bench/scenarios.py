@@ -233,19 +233,25 @@ async def paced_send(room: Room, n_messages: int, msg_rate: float) -> list[float
     return lags
 
 
-async def broadcast(stage: Stage) -> dict:
-    opts = stage.opts
-    (spec,) = stage.seed(1, opts.members)
-    books = Books()
+async def open_seeded_room(stage: Stage, members: int, books: Books):
+    """One new room with `members` members, every one of them connected and settled."""
+    (spec,) = stage.seed(1, members)
     room = await open_room(
         stage.target,
         spec["slug"],
         spec["members"],
         books,
         ports=stage.ports,
-        concurrency=opts.connect_concurrency,
+        concurrency=stage.opts.connect_concurrency,
     )
     await settle(books)
+    return room
+
+
+async def broadcast(stage: Stage) -> dict:
+    opts = stage.opts
+    books = Books()
+    room = await open_seeded_room(stage, opts.members, books)
     members = len(room.conns)
     points = []
     for rate in opts.rates:
@@ -279,17 +285,8 @@ async def broadcast(stage: Stage) -> dict:
 
 async def fanout(stage: Stage) -> dict:
     opts = stage.opts
-    (spec,) = stage.seed(1, opts.fanout_members)
     books = Books()
-    room = await open_room(
-        stage.target,
-        spec["slug"],
-        spec["members"],
-        books,
-        ports=stage.ports,
-        concurrency=opts.connect_concurrency,
-    )
-    await settle(books)
+    room = await open_seeded_room(stage, opts.fanout_members, books)
     members = len(room.conns)
     expected = 0
     with Window(stage) as window:
