@@ -16,6 +16,7 @@ from channels.db import database_sync_to_async
 from channels.exceptions import StopConsumer
 from channels.generic.websocket import AsyncWebsocketConsumer
 from django.conf import settings
+from django.db import DatabaseError
 from django.utils.dateparse import parse_datetime
 
 from chat import audit, frames, metrics, permissions, selectors, services
@@ -171,7 +172,8 @@ class RoomConsumer(AsyncWebsocketConsumer):
             transport=self.transport,
         )
         for event in self._held:
-            await self._apply_control(event)
+            # The state they carry is in hello; only their effect (a close) matters here.
+            await self._apply_control(event, notify=False)
             if self.closing:
                 return None
         self._held.clear()
@@ -250,8 +252,10 @@ class RoomConsumer(AsyncWebsocketConsumer):
             await handler(self, frame)
         except FrameError as error:
             await self._refuse(error.code, error.detail)
-        except StateUnavailable:
-            # Not the client's fault: no abuse count; it may send again.
+        except (StateUnavailable, DatabaseError) as error:
+            # A backing service failed (Redis, the database): not the client's fault, so no
+            # abuse count; the socket stays open and the client may send again.
+            logger.warning("frame not served, backing service failed: %s", type(error).__name__)
             await self.send_text(
                 frames.error(ERR_UNAVAILABLE, "temporarily unavailable; try again")
             )
@@ -295,7 +299,7 @@ class RoomConsumer(AsyncWebsocketConsumer):
         except services.ServiceError as error:
             extra = (
                 {"client_id": client_id}
-                if isinstance(client_id, str) and services.CLIENT_ID_RE.match(client_id)
+                if isinstance(client_id, str) and services.CLIENT_ID_RE.fullmatch(client_id)
                 else {}
             )
             return await self._refuse(error.code, error.detail, **extra)
@@ -354,10 +358,10 @@ class RoomConsumer(AsyncWebsocketConsumer):
             raise FrameError(error.code, error.detail) from None
 
     async def on_typing(self, frame: dict[str, Any]) -> None:
-        if not permissions.can_post(self.user, self.room, self.membership) or permissions.is_muted(
-            self.membership
-        ):
+        if not permissions.can_post(self.user, self.room, self.membership):
             raise FrameError(ERR_FORBIDDEN, "you may not post in this room")
+        if permissions.is_muted(self.membership):
+            raise FrameError(ERR_MUTED, "you are muted in this room")
         if not await self.runtime.state.throttle(
             f"typing:{self.room_id}:{self.user_id}", settings.CHAT_TYPING_INTERVAL
         ):
@@ -389,8 +393,12 @@ class RoomConsumer(AsyncWebsocketConsumer):
             return
         await self._apply_control(event)
 
-    async def _apply_control(self, event: dict[str, Any]) -> None:
-        """Apply a revocation, membership change or room change; close if access is gone."""
+    async def _apply_control(self, event: dict[str, Any], *, notify: bool = True) -> None:
+        """Apply a revocation, membership change or room change; close if access is gone.
+
+        `notify`: send the client the membership frame that comes with a change; off for changes
+        held before hello, which already describes the resulting state.
+        """
         if self.closing:
             return
         kind = event["type"]
@@ -413,7 +421,7 @@ class RoomConsumer(AsyncWebsocketConsumer):
                 return
         if not permissions.can_view(self.user, self.room, self.membership):
             await self._close(CLOSE_FORBIDDEN)
-        elif kind == "hub.membership" and event.get("text"):
+        elif notify and kind == "hub.membership" and event.get("text"):
             await self.send_text(event["text"])
 
     # --- close ---------------------------------------------------------------------------------

@@ -99,6 +99,14 @@ class Hub:
         consumer holds until it has loaded its state, but no frames.
         """
         await self._start()
+        try:
+            await self._attach(sock)
+        except BaseException:
+            # Leave nothing behind: the consumer never counts as attached, so never detaches.
+            await self.detach(sock)
+            raise
+
+    async def _attach(self, sock: Socket) -> None:
         if not self.users.get(sock.user_id):
             await self.layer.group_add(broadcast.user_group(sock.user_id), self.channel)
         self.users[sock.user_id].add(sock)
@@ -301,6 +309,11 @@ class Hub:
             feed.gap_timer = loop.call_later(GAP_WAIT, self._start_fill, feed)
 
     async def _drain_pending(self, feed: RoomFeed) -> None:
+        # A gap fill delivers from the database what may also have arrived live meanwhile
+        # (parked in pending while it read): those copies are done with. Left in place, they
+        # would keep the fill loop running and point its next range below what was delivered.
+        for seq in [seq for seq in feed.pending if seq <= feed.delivered]:
+            del feed.pending[seq]
         while feed.delivered + 1 in feed.pending:
             feed.delivered += 1
             await self._send_all(feed, feed.pending.pop(feed.delivered))

@@ -57,7 +57,7 @@ class Conflict(ServiceError):
 # bidirectional embedding/override/isolate controls that make text display differently from what
 # it says ("Trojan Source"). The marks LRM and RLM (U+200E/F) stay allowed.
 _CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f\u202a-\u202e\u2066-\u2069]")
-CLIENT_ID_RE = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
+CLIENT_ID_RE = re.compile(r"[A-Za-z0-9_-]{1,64}")  # fullmatch only ($ admits a final \n)
 
 
 def clean_body(body: Any) -> str:
@@ -81,7 +81,7 @@ def clean_body(body: Any) -> str:
 
 
 def clean_client_id(client_id: Any) -> str:
-    if not isinstance(client_id, str) or not CLIENT_ID_RE.match(client_id):
+    if not isinstance(client_id, str) or not CLIENT_ID_RE.fullmatch(client_id):
         raise Invalid("client_id must be 1-64 characters of A-Z a-z 0-9 _ -", code="invalid_frame")
     return client_id
 

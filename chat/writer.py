@@ -7,6 +7,7 @@ import logging
 from collections.abc import Awaitable, Callable
 
 from channels.db import database_sync_to_async
+from django.db import DataError, IntegrityError
 
 from chat import broadcast, frames, metrics, services
 from chat.services import SendItem, SendResult
@@ -57,17 +58,18 @@ class MessageWriter:
         items = [item for item, _, _ in batch]
         try:
             results, publications = await database_sync_to_async(services.message_store_many)(items)
+        except (DataError, IntegrityError):
+            if len(batch) == 1:
+                await self._fail(batch)
+                return
+            # The database refused something in this batch: find it by storing the messages
+            # one by one, in order, so one sender's bad data cannot cost the others theirs.
+            logger.warning("batch of %d messages refused; storing them one by one", len(batch))
+            for entry in batch:
+                await self._write([entry])
+            return
         except Exception:
-            metrics.ERRORS.labels("writer").inc()
-            logger.exception("storing %d messages failed", len(batch))
-            for item, reply, future in batch:
-                await _answer(
-                    reply,
-                    frames.error(
-                        "unavailable", "message not stored; send it again", client_id=item.client_id
-                    ),
-                )
-                future.set_result(None)
+            await self._fail(batch)
             return
         for (item, reply, future), result in zip(batch, results, strict=True):
             if result.error:
@@ -82,6 +84,18 @@ class MessageWriter:
             except Exception:
                 # Stored is what matters: sockets fill the gap from the database.
                 logger.exception("publishing to %s failed", group)
+
+    async def _fail(self, batch) -> None:
+        metrics.ERRORS.labels("writer").inc()
+        logger.exception("storing %d messages failed", len(batch))
+        for item, reply, future in batch:
+            await _answer(
+                reply,
+                frames.error(
+                    "unavailable", "message not stored; send it again", client_id=item.client_id
+                ),
+            )
+            future.set_result(None)
 
     async def drain(self) -> None:
         if self._task is not None:

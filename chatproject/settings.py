@@ -264,7 +264,7 @@ CHAT_HISTORY_LIMIT = env.int("CHAT_HISTORY_LIMIT", default=100)
 CHAT_MESSAGE_RATE = env.float("CHAT_MESSAGE_RATE", default=5.0)
 CHAT_MESSAGE_BURST = env.int("CHAT_MESSAGE_BURST", default=20)
 CHAT_TYPING_INTERVAL = env.float("CHAT_TYPING_INTERVAL", default=2.0)
-# Rate-limited frames tolerated within CHAT_ABUSE_WINDOW seconds before the socket is closed 4429.
+# Refused frames (error answers) tolerated within CHAT_ABUSE_WINDOW seconds before the socket is closed 4429.
 CHAT_ABUSE_LIMIT = env.int("CHAT_ABUSE_LIMIT", default=20)
 CHAT_ABUSE_WINDOW = env.float("CHAT_ABUSE_WINDOW", default=10.0)
 CHAT_MAX_SOCKETS_PER_USER = env.int("CHAT_MAX_SOCKETS_PER_USER", default=10)

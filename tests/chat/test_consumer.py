@@ -360,6 +360,8 @@ async def test_mute_refuses_messages_until_unmuted(people):
     assert update["muted_until"] is not None
     await send(b, type="message", body="let me speak", client_id="m1")
     assert (await receive_until(b, "error"))["code"] == "muted"
+    await send(b, type="typing")
+    assert (await receive_until(b, "error"))["code"] == "muted"
     await sync(services.member_mute)(actor=alice, room=room, user=bob, until=None)
     assert (await receive_until(b, "membership"))["muted_until"] is None
     await send(b, type="message", body="thanks", client_id="m2")
@@ -412,8 +414,11 @@ async def test_repeated_abuse_closes_4429_and_is_audited(people, settings):
     settings.CHAT_ABUSE_LIMIT = 5
     alice, _, room = people
     a, _ = await join(alice, room)
-    for _ in range(6):
+    for _ in range(5):  # tolerated
         await a.send_to(text_data="garbage")
+    await send(a, type="ping")
+    assert (await receive_until(a, "pong"))["type"] == "pong"
+    await a.send_to(text_data="garbage")  # one more than the limit
     assert (await closed_with(a))[0] == 4429
     await a.disconnect()
     await get_runtime().audit.flush()

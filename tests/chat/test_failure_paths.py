@@ -1,0 +1,201 @@
+"""The socket side when things go wrong: races in the hub, backing-service failures, bad data
+that only the database notices. Each case once lost messages, leaked state or killed a socket."""
+
+import asyncio
+import json
+import time
+from datetime import timedelta
+
+import pytest
+from django.db import DataError, OperationalError
+from django.utils import timezone
+
+from chat import broadcast, frames, selectors, services
+from chat.hub import GAP_WAIT
+from chat.models import Message, Room
+from chat.runtime import get_runtime
+from chat.services import SendItem
+from tests.chat.helpers import drain, join, send, sync
+from tests.factories import make_member, make_room, make_ticket, make_user
+from tests.ws import closed_with, communicator, receive_until
+
+pytestmark = pytest.mark.django_db(transaction=True)
+
+
+@pytest.fixture
+def people():
+    alice, bob = make_user("alice"), make_user("bob")
+    room = make_room("lobby", owner=alice)
+    make_member(room, bob)
+    return alice, bob, room
+
+
+def _frame(seq: int) -> str:
+    return frames.message(
+        {
+            "seq": seq,
+            "room": "lobby",
+            "author": "alice",
+            "body": f"m{seq}",
+            "created_at": "",
+            "client_id": f"m{seq}",
+        }
+    )
+
+
+def _store(room, author, first: int, last: int) -> None:
+    """Messages stored without being published: what the hub sees when a publication is late."""
+    for seq in range(first, last + 1):
+        Message.objects.create(
+            room=room, seq=seq, author=author, body=f"m{seq}", client_id=f"m{seq}"
+        )
+    Room.objects.filter(pk=room.pk).update(last_seq=last)
+
+
+async def test_a_late_publication_during_a_gap_fill_does_not_stall_the_room(people, monkeypatch):
+    alice, bob, room = people
+    b, _ = await join(bob, room)
+    await sync(_store)(room, alice, 1, 2)
+    read = selectors.message_frames_between
+
+    def slow_read(*args):
+        time.sleep(0.3)
+        return read(*args)
+
+    monkeypatch.setattr(selectors, "message_frames_between", slow_read)
+    group = broadcast.room_group(room.pk)
+    await broadcast.apublish(group, broadcast.messages_event(room.pk, [(2, _frame(2))]))
+    await asyncio.sleep(GAP_WAIT + 0.1)  # the fill of seq 1 is reading the database now
+    # ... when seq 1's own publication arrives: the fill delivers it, its live copy is stale.
+    await broadcast.apublish(group, broadcast.messages_event(room.pk, [(1, _frame(1))]))
+    first = [f["seq"] for f in await drain(b, timeout=0.8) if f["type"] == "message"]
+    feed = get_runtime().hub.rooms[room.pk]
+    assert (first, feed.pending, feed.delivered) == ([1, 2], {}, 2)
+
+    monkeypatch.setattr(selectors, "message_frames_between", read)
+    await sync(_store)(room, alice, 3, 4)  # 3 is never published: a real gap, filled again
+    await broadcast.apublish(group, broadcast.messages_event(room.pk, [(4, _frame(4))]))
+    later = [f["seq"] for f in await drain(b, timeout=2.0) if f["type"] == "message"]
+    assert later == [3, 4]
+    await b.disconnect()
+
+
+@pytest.mark.parametrize(
+    "client_id",
+    ["x" * 64 + "\n", "ok\n", "\nok", "x" * 65, "", "a b", "é"],
+    ids=["64-and-newline", "trailing-newline", "leading-newline", "65", "empty", "space", "accent"],
+)
+async def test_malformed_client_ids_are_refused_before_the_database(people, client_id):
+    alice, _, room = people
+    a, _ = await join(alice, room)
+    await send(a, type="message", body="hello", client_id=client_id)
+    error = await receive_until(a, "error")
+    assert error["code"] == "invalid_frame"
+    assert "client_id" not in error  # never echo an id that is not valid
+    assert await sync(Message.objects.count)() == 0
+    await a.disconnect()
+
+
+async def test_a_message_the_database_refuses_costs_no_other_message_its_place(people, monkeypatch):
+    alice, bob, room = people
+    store = services.message_store_many
+
+    def refuse_bad_data(items):
+        if any(item.body == "bad" for item in items):
+            raise DataError("value too long")  # what PostgreSQL says of data it cannot take
+        return store(items)
+
+    monkeypatch.setattr(services, "message_store_many", refuse_bad_data)
+    replies: dict[str, dict] = {}
+
+    def reply_to(name):
+        async def reply(text):
+            replies[name] = json.loads(text)
+
+        return reply
+
+    writer = get_runtime().writer
+    futures = [
+        writer.submit(SendItem(room, alice, "one", "a1"), reply_to("a1")),
+        writer.submit(SendItem(room, bob, "bad", "b1"), reply_to("b1")),
+        writer.submit(SendItem(room, alice, "two", "a2"), reply_to("a2")),
+    ]
+    await asyncio.gather(*futures)
+    assert replies["a1"] == {"type": "ack", "client_id": "a1", "seq": 1}
+    assert replies["a2"] == {"type": "ack", "client_id": "a2", "seq": 2}
+    assert (replies["b1"]["type"], replies["b1"]["code"]) == ("error", "unavailable")
+    stored = await sync(lambda: list(Message.objects.order_by("seq").values_list("body", "seq")))()
+    assert stored == [("one", 1), ("two", 2)]
+
+
+async def test_a_failed_attach_leaves_nothing_in_the_hub(people, monkeypatch):
+    alice, _, room = people
+    read = selectors.room_last_seq
+    calls = []
+
+    def flaky(room_id):
+        calls.append(room_id)
+        if len(calls) == 1:
+            raise OperationalError("database went away")
+        return read(room_id)
+
+    monkeypatch.setattr(selectors, "room_last_seq", flaky)
+    comm = communicator("/ws/rooms/lobby/", ticket=await sync(make_ticket)(alice, room))
+    await comm.connect()
+    assert (await closed_with(comm))[0] == 1013
+    await comm.disconnect()
+    hub = get_runtime().hub
+    assert (dict(hub.users), hub.rooms) == ({}, {})
+    again, hello = await join(alice, room)  # and the next socket works
+    assert hello["type"] == "hello"
+    await again.disconnect()
+
+
+@pytest.mark.parametrize(
+    ("frame", "target", "name"),
+    [
+        ({"type": "history", "limit": 10}, selectors, "messages_page"),
+        ({"type": "delete", "seq": 1}, services, "message_delete"),
+    ],
+    ids=["history", "delete"],
+)
+async def test_a_database_error_answers_unavailable_and_keeps_the_socket(
+    people, monkeypatch, frame, target, name
+):
+    alice, _, room = people
+    a, _ = await join(alice, room)
+
+    def fail(**kwargs):
+        raise OperationalError("database went away")
+
+    monkeypatch.setattr(target, name, fail)
+    await send(a, **frame)
+    error = await receive_until(a, "error")
+    assert error["code"] == "unavailable"
+    await send(a, type="ping")
+    assert (await receive_until(a, "pong"))["type"] == "pong"
+    await a.disconnect()
+
+
+async def test_a_change_made_while_joining_is_in_hello_not_in_a_frame_before_it(
+    people, monkeypatch
+):
+    alice, bob, room = people
+    load = selectors.socket_context
+    muted = []
+
+    def context_after_a_mute(**kwargs):
+        if not muted:
+            until = timezone.now() + timedelta(minutes=5)
+            muted.append(services.member_mute(actor=alice, room=room, user=bob, until=until))
+            time.sleep(0.2)  # the hub hears of the mute before this socket is ready
+        return load(**kwargs)
+
+    monkeypatch.setattr(selectors, "socket_context", context_after_a_mute)
+    comm = communicator("/ws/rooms/lobby/", ticket=await sync(make_ticket)(bob, room))
+    assert (await comm.connect())[0]
+    hello = json.loads(await comm.receive_from(2))
+    assert hello["type"] == "hello"
+    assert hello["muted_until"] is not None
+    assert [f for f in await drain(comm) if f["type"] == "membership"] == []
+    await comm.disconnect()
