@@ -91,10 +91,11 @@ class LogoutView(APIView):
                     details={"method": "jwt"},
                 )
                 if refresh.get(FAMILY_CLAIM):
+                    credential = services.credential_for_jwt(refresh[FAMILY_CLAIM])
+                    # Its access tokens stop working now, not when they expire.
+                    services.login_end(user=user, credential=credential)
                     chat_services.user_sockets_close(
-                        user_id=user.pk,
-                        credential=services.credential_for_jwt(refresh[FAMILY_CLAIM]),
-                        reason="logged out",
+                        user_id=user.pk, credential=credential, reason="logged out"
                     )
         return Response({"detail": "logged out"})
 

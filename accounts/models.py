@@ -86,3 +86,24 @@ class Ticket(models.Model):
         if self.expires_at <= timezone.now():
             return "expired"
         return "issued"
+
+
+class EndedLogin(models.Model):
+    """A JWT login (token family) that was logged out while its access tokens still live.
+
+    Logging out blacklists the refresh token, but an access token of that login stays valid
+    until it expires (minutes): this row makes the API refuse it meanwhile, ticket requests
+    included. `cleanup_tickets` deletes rows once every token of the login has expired.
+    """
+
+    credential = models.CharField("credential", max_length=80, unique=True)
+    user = models.ForeignKey(User, on_delete=models.CASCADE, related_name="+", verbose_name="user")
+    ended_at = models.DateTimeField("ended at", default=timezone.now)
+    expires_at = models.DateTimeField("kept until", db_index=True)
+
+    class Meta:
+        verbose_name = "ended login"
+        verbose_name_plural = "ended logins"
+
+    def __str__(self) -> str:
+        return f"login {self.credential} of {self.user_id}, ended {self.ended_at:%Y-%m-%d %H:%M}"

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 from dataclasses import dataclass
+from datetime import timedelta
 
 from django.contrib.auth import get_user_model
 from django.db import transaction
@@ -12,12 +13,17 @@ from rest_framework_simplejwt.exceptions import ExpiredTokenError, TokenError
 from rest_framework_simplejwt.settings import api_settings as jwt_settings
 from rest_framework_simplejwt.utils import datetime_from_epoch
 
-from accounts.models import Ticket
+from accounts.models import EndedLogin, Ticket
 from accounts.tokens import WebSocketTicket
 from chat import audit
 
 User = get_user_model()
 Reason = audit.Reason
+
+# A socket joins its room moments after its ticket is redeemed (the redemption and the join are
+# one handshake). Revoking a login also revokes the tickets it redeemed this recently, so a
+# socket that was still joining when the revocation was broadcast finds out as it joins.
+JOINING_GRACE = timedelta(minutes=1)
 
 
 class TicketRefused(Exception):
@@ -117,6 +123,39 @@ def ticket_redeem(*, token: str, room_slug: str, ip: str | None) -> Redemption:
         return Redemption(error=reason, jti=jti)
     row.used_at, row.used_ip = now, ip
     return Redemption(user=user, ticket=row, jti=jti)
+
+
+def tickets_revoke_for_login(*, user_id: int, credential: str | None = None) -> int:
+    """End the tickets of one login (or every login of the user) whose sockets may not be open yet.
+
+    Unused tickets can no longer be redeemed (TICKET_REVOKED); recently redeemed ones make a
+    socket that is still joining close with 4401 (chat.consumers). Open sockets are closed by
+    the revocation broadcast (chat.services.user_sockets_close), which calls this.
+    """
+    now = timezone.now()
+    tickets = Ticket.objects.filter(
+        user_id=user_id, revoked_at__isnull=True, expires_at__gt=now - JOINING_GRACE
+    )
+    if credential is not None:
+        tickets = tickets.filter(credential=credential)
+    return tickets.update(revoked_at=now)
+
+
+def login_end(*, user, credential: str) -> None:
+    """Record a logged-out JWT login until its last access token has expired."""
+    now = timezone.now()
+    EndedLogin.objects.update_or_create(
+        credential=credential,
+        defaults={
+            "user": user,
+            "ended_at": now,
+            "expires_at": now + jwt_settings.ACCESS_TOKEN_LIFETIME,
+        },
+    )
+
+
+def login_has_ended(credential: str) -> bool:
+    return EndedLogin.objects.filter(credential=credential).exists()
 
 
 def tickets_revoke(*, actor, tickets) -> int:

@@ -86,11 +86,13 @@ def remember_credentials(sender, instance, update_fields=None, **kwargs):
 
 
 @receiver(post_save, sender=get_user_model(), dispatch_uid="user-credentials-after")
-def credentials_changed(sender, instance, created, **kwargs):
+def credentials_changed(sender, instance, created, update_fields=None, **kwargs):
     before = instance.__dict__.pop("_credentials_before", None)
     if created or before is None:
         return
-    password_changed = before["password"] != instance.password
+    password_changed = before["password"] != instance.password and not _hash_upgrade(
+        instance, update_fields
+    )
     deactivated = before["is_active"] and not instance.is_active
     if password_changed or deactivated:
         chat_services.user_credentials_changed(
@@ -105,3 +107,15 @@ def credentials_changed(sender, instance, created, **kwargs):
         audit.security_event(
             event=audit.Event.PRIVILEGES_CHANGED, target=instance, details=privileges
         )
+
+
+def _hash_upgrade(user, update_fields) -> bool:
+    """Django re-hashing the same password at login (stronger hasher or more iterations).
+
+    check_password's setter calls set_password, clears `_password` ("hash upgrades shouldn't be
+    considered password changes") and saves only the password; a real change through
+    set_password saves with `_password` still set.
+    """
+    return (
+        user._password is None and update_fields is not None and set(update_fields) == {"password"}
+    )

@@ -1,7 +1,11 @@
 """Throttles keyed by what an attacker cannot choose: the resolved client IP, the account."""
 
+import functools
 import hashlib
+import math
 
+from django.http import HttpResponse
+from django.template.loader import render_to_string
 from redis.exceptions import RedisError
 from rest_framework import status
 from rest_framework.exceptions import APIException
@@ -52,3 +56,52 @@ class LoginUsernameThrottle(FailClosed, SimpleRateThrottle):
 
 class TicketThrottle(FailClosed, UserRateThrottle):
     scope = "tickets"
+
+
+class _FormPost:
+    """A Django request as the login throttles read it: `data` is the posted form."""
+
+    def __init__(self, request) -> None:
+        self._request = request
+        self.data = request.POST
+
+    def __getattr__(self, name):
+        return getattr(self._request, name)
+
+
+def throttle_login(view):
+    """The API login's limits (per IP and per username, same counters) on a form login view.
+
+    Django's own LoginView and the admin's login are not DRF views, so DRF's throttles do not
+    reach them; without this, /login/ and /admin/login/ would be an unthrottled way around the
+    limits of /api/auth/token/. Only POSTs count; a refused one gets 429 with Retry-After (503
+    when the counters cannot be reached) and never reaches the password check.
+    """
+
+    @functools.wraps(view)
+    def wrapped(request, *args, **kwargs):
+        if request.method != "POST":
+            return view(request, *args, **kwargs)
+        posted = _FormPost(request)
+        waits = []
+        try:
+            for throttle in (LoginIPThrottle(), LoginUsernameThrottle()):
+                if not throttle.allow_request(posted, None):
+                    waits.append(throttle.wait() or 1)
+        except ThrottleUnavailable:
+            return _refusal(request, 503, "Sign-in is temporarily unavailable; try again shortly.")
+        if waits:
+            wait = max(1, math.ceil(max(waits)))
+            response = _refusal(
+                request, 429, f"Too many sign-in attempts. Try again in {wait} seconds."
+            )
+            response["Retry-After"] = str(wait)
+            return response
+        return view(request, *args, **kwargs)
+
+    return wrapped
+
+
+def _refusal(request, status_code: int, message: str) -> HttpResponse:
+    body = render_to_string("registration/login_refused.html", {"message": message}, request)
+    return HttpResponse(body, status=status_code)

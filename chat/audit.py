@@ -29,6 +29,7 @@ from chat.models import (
     MessageLog,
     SecurityEvent,
 )
+from chat.state import StateUnavailable
 
 logger = logging.getLogger("chat.audit")
 
@@ -583,8 +584,18 @@ class ConnectionAudit:
 
 
 async def _count_rejection(runtime, ip: str) -> None:
-    """Warn (log + audit) when one IP's rejected attempts cross the threshold within the window."""
-    count = await runtime.state.count_hit(f"rejections:{ip}", settings.CHAT_SECURITY_ALERT_WINDOW)
+    """Warn (log + audit) when one IP's rejected attempts cross the threshold within the window.
+
+    Best effort: with the shared state down (Redis) the rejection is still recorded and the
+    client still gets its close code; only the alert counter misses this attempt.
+    """
+    try:
+        count = await runtime.state.count_hit(
+            f"rejections:{ip}", settings.CHAT_SECURITY_ALERT_WINDOW
+        )
+    except StateUnavailable:
+        logger.warning("rejection from %s not counted: shared state unavailable", ip)
+        return
     if count == settings.CHAT_SECURITY_ALERT_THRESHOLD:
         security_logger.warning(
             "IP %s had %d rejected WebSocket attempts within %ds",

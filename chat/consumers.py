@@ -150,12 +150,14 @@ class RoomConsumer(AsyncWebsocketConsumer):
         await self.runtime.hub.attach(self)
         self.attached = True
         context = await database_sync_to_async(selectors.socket_context)(
-            room_id=self.room_id, user_id=self.user_id
+            room_id=self.room_id, user_id=self.user_id, jti=ticket.jti
         )
         if context.room is None or context.room.archived_at is not None:
             return await self._reject(Reason.NOT_FOUND)
         if not context.user_active:
             return await self._reject(Reason.USER_INACTIVE)
+        if context.ticket_revoked:
+            return await self._reject(Reason.TICKET_REVOKED)
         self.room, self.membership = context.room, context.membership
         if not permissions.can_view(user, self.room, self.membership):
             return await self._reject(Reason.FORBIDDEN)

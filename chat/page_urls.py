@@ -1,10 +1,15 @@
 from django.contrib.auth import views as auth_views
 from django.urls import path
 
+from accounts.throttling import throttle_login
 from chat import views
 
 urlpatterns = [
-    path("login/", auth_views.LoginView.as_view(redirect_authenticated_user=True), name="login"),
+    path(
+        "login/",
+        throttle_login(auth_views.LoginView.as_view(redirect_authenticated_user=True)),
+        name="login",
+    ),
     path("logout/", auth_views.LogoutView.as_view(), name="logout"),
     path("", views.room_list, name="rooms"),
     path("rooms/<slug:slug>/", views.room_page, name="room"),

@@ -23,6 +23,7 @@ from django.db.models import (
 from django.db.models.functions import Coalesce, Greatest
 from django.utils import timezone
 
+from accounts.models import Ticket
 from chat import frames, permissions
 from chat.models import ConnectionLog, Membership, Message, Room, SecurityEvent
 
@@ -48,19 +49,27 @@ class SocketContext:
     room: Room | None
     membership: Membership | None
     user_active: bool
+    ticket_revoked: bool = False
 
 
-def socket_context(*, room_id: int, user_id: int) -> SocketContext:
-    """Fresh state for a socket that has just subscribed to its room's events (two queries)."""
+def socket_context(*, room_id: int, user_id: int, jti: str = "") -> SocketContext:
+    """Fresh state for a socket that has just subscribed to its room's events (two queries).
+
+    `ticket_revoked`: the login that obtained ticket `jti` ended while the socket was joining
+    (accounts.services.tickets_revoke_for_login), after its revocation broadcast went out.
+    """
     room = (
         Room.objects.filter(pk=room_id)
-        .annotate(user_active=Exists(User.objects.filter(pk=user_id, is_active=True)))
+        .annotate(
+            user_active=Exists(User.objects.filter(pk=user_id, is_active=True)),
+            ticket_revoked=Exists(Ticket.objects.filter(jti=jti, revoked_at__isnull=False)),
+        )
         .first()
     )
     if room is None:
         return SocketContext(None, None, False)
     membership = Membership.objects.filter(room_id=room_id, user_id=user_id).first()
-    return SocketContext(room, membership, room.user_active)
+    return SocketContext(room, membership, room.user_active, room.ticket_revoked)
 
 
 def rooms_visible(*, user) -> QuerySet[Room]:

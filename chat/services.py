@@ -15,6 +15,7 @@ from django.db.models import Subquery, Value
 from django.db.models.functions import Least
 from django.utils import timezone
 
+from accounts.services import tickets_revoke_for_login
 from chat import audit, broadcast, frames, permissions, sql
 from chat.models import Membership, Message, Room
 from chat.protocol import CLOSE_FORBIDDEN, CLOSE_ROOM_GONE, CLOSE_UNAUTHORIZED
@@ -587,7 +588,11 @@ def user_reactivate(*, actor, user) -> None:
 
 
 def user_sockets_close(*, user_id: int, reason: str, credential: str | None = None) -> None:
-    """Close the user's sockets everywhere (only those opened with `credential`, if given), 4401."""
+    """Close the user's sockets everywhere (only those opened with `credential`, if given), 4401.
+
+    The tickets of that login are revoked too, so none of them opens a socket afterwards.
+    """
+    tickets_revoke_for_login(user_id=user_id, credential=credential)
     broadcast.publish(
         broadcast.user_group(user_id),
         broadcast.revoke_event(

@@ -5,6 +5,8 @@ from django.contrib.admin import AdminSite
 from django.contrib.admin.forms import AdminAuthenticationForm
 from django_otp.admin import OTPAdminAuthenticationForm, OTPAdminSite
 
+from accounts.throttling import throttle_login
+
 
 class ChatAdminSite(OTPAdminSite):
     """django-otp's admin site, with the second factor switchable by setting.
@@ -30,6 +32,10 @@ class ChatAdminSite(OTPAdminSite):
     @property
     def login_template(self):
         return "otp/admin111/login.html" if settings.CHAT_ADMIN_REQUIRE_OTP else None
+
+    def login(self, request, extra_context=None):
+        # The same per-IP and per-username limits as every other way to sign in.
+        return throttle_login(super().login)(request, extra_context)
 
     def has_permission(self, request):
         if settings.CHAT_ADMIN_REQUIRE_OTP:

@@ -201,7 +201,7 @@ AUTH_PASSWORD_VALIDATORS = [
 REST_FRAMEWORK = {
     # JWT first: its WWW-Authenticate header is what turns "not authenticated" into a 401.
     "DEFAULT_AUTHENTICATION_CLASSES": [
-        "rest_framework_simplejwt.authentication.JWTAuthentication",
+        "accounts.authentication.ChatJWTAuthentication",  # refuses logged-out logins
         "rest_framework.authentication.SessionAuthentication",
     ],
     "DEFAULT_PERMISSION_CLASSES": ["rest_framework.permissions.IsAuthenticated"],
@@ -264,7 +264,7 @@ CHAT_HISTORY_LIMIT = env.int("CHAT_HISTORY_LIMIT", default=100)
 CHAT_MESSAGE_RATE = env.float("CHAT_MESSAGE_RATE", default=5.0)
 CHAT_MESSAGE_BURST = env.int("CHAT_MESSAGE_BURST", default=20)
 CHAT_TYPING_INTERVAL = env.float("CHAT_TYPING_INTERVAL", default=2.0)
-# Refused frames (error answers) tolerated within CHAT_ABUSE_WINDOW seconds before the socket is closed 4429.
+# Refused frames (error answers) tolerated within CHAT_ABUSE_WINDOW seconds; one more closes 4429.
 CHAT_ABUSE_LIMIT = env.int("CHAT_ABUSE_LIMIT", default=20)
 CHAT_ABUSE_WINDOW = env.float("CHAT_ABUSE_WINDOW", default=10.0)
 CHAT_MAX_SOCKETS_PER_USER = env.int("CHAT_MAX_SOCKETS_PER_USER", default=10)

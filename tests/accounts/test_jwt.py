@@ -140,3 +140,38 @@ def test_login_is_throttled_with_retry_after(api, monkeypatch, throttle, rate, v
     assert [r.status_code for r in responses] == [401, 401, 401, 429]
     assert int(responses[-1]["Retry-After"]) > 0
     assert responses[-1].json()["code"] == "throttled"
+
+
+@pytest.mark.parametrize("path", ["/login/", "/admin/login/"], ids=["page", "admin"])
+@pytest.mark.parametrize(
+    ("throttle", "rate", "vary"),
+    [("LoginUsernameThrottle", "login_user", "ip"), ("LoginIPThrottle", "login_ip", "username")],
+)
+def test_form_logins_share_the_api_login_limits(monkeypatch, path, throttle, rate, vary):
+    """/login/ and /admin/login/ are no way around the limits of /api/auth/token/."""
+    from django.test import Client
+
+    from accounts import throttling
+
+    make_user("alice", is_staff=True)
+    cls = getattr(throttling, throttle)
+    monkeypatch.setattr(cls, "THROTTLE_RATES", {**cls.THROTTLE_RATES, rate: "3/min"})
+    browser = Client()
+    statuses = []
+    for i in range(3):
+        username = f"user{i}" if vary == "username" else "alice"
+        ip = f"198.51.100.{i}" if vary == "ip" else "203.0.113.5"
+        form = {"username": username, "password": "wrong-1"}
+        statuses.append(browser.post(path, form, REMOTE_ADDR=ip).status_code)
+    assert statuses == [200, 200, 200]  # the form again, with its error
+    # The fourth attempt is refused before the password is checked, even the right one.
+    if vary == "ip":
+        right, ip = {"username": "alice", "password": PASSWORD}, "198.51.100.3"
+    else:
+        right = {"username": "alice", "password": PASSWORD}
+    refused = browser.post(path, right, REMOTE_ADDR=ip)
+    assert refused.status_code == 429
+    assert int(refused["Retry-After"]) > 0
+    assert b"Too many sign-in attempts" in refused.content
+    assert "_auth_user_id" not in browser.session
+    assert browser.get(path).status_code == 200  # only POSTs count

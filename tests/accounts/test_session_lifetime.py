@@ -126,3 +126,100 @@ def test_privilege_changes_are_audited(setup, field):
     alice.save()
     event = SecurityEvent.objects.get(event="privileges_changed")
     assert (event.target_name, event.details) == ("alice", {field: [False, True]})
+
+
+# --- tickets obtained before the credential ended -----------------------------------------------
+
+
+def _end_login(how: str, alice, browser: Client, refresh: str) -> None:
+    from chat import services
+
+    if how == "jwt_logout":
+        assert jwt_logout(refresh).status_code == 200
+    elif how == "session_logout":
+        browser.post("/logout/", HTTP_X_CSRFTOKEN=browser.cookies["csrftoken"].value)
+    elif how == "password_change":
+        alice.set_password("a-new-password-that-is-long")
+        alice.save()
+    else:
+        services.user_deactivate(actor=None, user=alice)
+
+
+@pytest.mark.parametrize("how", ["jwt_logout", "session_logout", "password_change", "deactivation"])
+async def test_an_unused_ticket_dies_with_the_login_that_obtained_it(setup, how):
+    alice, _ = setup
+    browser = Client()
+    if how == "session_logout":
+        ticket, refresh = await sync(session_ticket)(browser), ""
+    else:
+        ticket, refresh = await sync(jwt_ticket)("alice")
+    await sync(_end_login)(how, alice, browser, refresh)
+    comm = communicator("/ws/rooms/lobby/", ticket=ticket)
+    assert (await comm.connect())[0]
+    code, _ = await closed_with(comm)
+    await comm.disconnect()
+    await get_runtime().audit.flush()
+    from chat.models import ConnectionLog
+
+    log = await sync(ConnectionLog.objects.get)()
+    # A deactivated user is refused as such before the ticket row is even looked at.
+    expected = "user_inactive" if how == "deactivation" else "ticket_revoked"
+    assert (code, log.outcome, log.reason) == (4401, "rejected", expected)
+
+
+async def test_a_socket_still_joining_when_its_login_ends_is_closed(setup, monkeypatch):
+    """Revoked between the ticket's redemption and the socket's subscription to the revocation
+    broadcast: the broadcast cannot reach it, the ticket row does."""
+    from chat.hub import Hub
+
+    ticket, refresh = await sync(jwt_ticket)("alice")
+    attach = Hub.attach
+
+    async def logout_then_attach(hub, sock):
+        await sync(jwt_logout)(refresh)
+        await attach(hub, sock)
+
+    monkeypatch.setattr(Hub, "attach", logout_then_attach)
+    comm = communicator("/ws/rooms/lobby/", ticket=ticket)
+    assert (await comm.connect())[0]
+    assert (await closed_with(comm))[0] == 4401
+    await comm.disconnect()
+
+
+def test_access_tokens_of_a_logged_out_login_are_refused_at_once(setup):
+    tokens = jwt_login()
+    other = jwt_login()
+    api = APIClient()
+    api.credentials(HTTP_AUTHORIZATION=f"Bearer {tokens['access']}")
+    assert api.post("/api/tickets/", {"room": "lobby"}, format="json").status_code == 201
+    assert jwt_logout(tokens["refresh"]).status_code == 200
+    refused = api.post("/api/tickets/", {"room": "lobby"}, format="json")
+    assert refused.status_code == 401
+    assert "ended" in str(refused.json())
+    assert api.get("/api/rooms/").status_code == 401
+    # Another login of the same user is not affected.
+    api.credentials(HTTP_AUTHORIZATION=f"Bearer {other['access']}")
+    assert api.post("/api/tickets/", {"room": "lobby"}, format="json").status_code == 201
+
+
+async def test_a_password_hash_upgrade_at_login_is_not_a_password_change(setup, settings):
+    from django.contrib.auth.hashers import PBKDF2PasswordHasher, make_password
+
+    class Weaker(PBKDF2PasswordHasher):
+        algorithm = "pbkdf2_sha256"
+        iterations = PBKDF2PasswordHasher.iterations // 2
+
+    alice, room = setup
+    weak = Weaker()
+    stored = make_password(PASSWORD, weak.salt(), hasher=weak)
+    await sync(lambda: type(alice).objects.filter(pk=alice.pk).update(password=stored))()
+    comm, _ = await join(alice, room)
+    await sync(jwt_login)()  # Django re-hashes with the current iterations and saves
+    upgraded = await sync(lambda: type(alice).objects.get(pk=alice.pk).password)()
+    assert upgraded != stored  # the upgrade happened
+    await comm.send_json_to({"type": "ping"})
+    await receive_until(comm, "pong")
+    await comm.disconnect()
+    await get_runtime().audit.flush()
+    events = await sync(lambda: list(SecurityEvent.objects.values_list("event", flat=True)))()
+    assert "password_changed" not in events

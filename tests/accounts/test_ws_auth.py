@@ -347,3 +347,42 @@ async def test_unknown_path_is_refused(alice, lobby):
     token = await database_sync_to_async(make_ticket)(alice, lobby)
     assert await refused_code(communicator("/ws/elsewhere/", ticket=token)) == 4401
     assert (await ticket_state(token)).used_at is None
+
+
+# --- shared state (Redis) down ------------------------------------------------------------------
+
+
+@pytest.fixture
+def state_down(monkeypatch):
+    """Every call on the shared state fails, as with Redis unreachable."""
+    from chat.state import MemoryState, RedisState, StateUnavailable
+
+    async def unavailable(self, *args, **kwargs):
+        raise StateUnavailable("redis is down")
+
+    for cls in (MemoryState, RedisState):
+        for name in ("take_token", "count_hit", "throttle", "socket_open"):
+            monkeypatch.setattr(cls, name, unavailable)
+
+
+@pytest.mark.parametrize(
+    ("origin", "connected", "code", "reason"),
+    [
+        pytest.param("http://testserver", True, 1013, "unavailable", id="allowed-origin"),
+        pytest.param("http://evil.example", False, 4403, "origin_denied", id="foreign-origin"),
+    ],
+)
+async def test_with_redis_down_a_handshake_gets_its_close_code_not_a_500(
+    alice, lobby, state_down, origin, connected, code, reason
+):
+    token = await database_sync_to_async(make_ticket)(alice, lobby)
+    comm = communicator(LOBBY, ticket=token, origin=origin)
+    result = await comm.connect()
+    if connected:
+        assert result[0]
+        assert (await closed_with(comm))[0] == code
+    else:
+        assert result == (False, code)
+    await comm.disconnect()
+    [row] = await audit_rows()
+    assert (row.outcome, row.reason) == ("rejected", reason)

@@ -8,7 +8,7 @@ from django.db import transaction
 from django.db.models import Count, Q
 from django.utils import timezone
 
-from accounts.models import Ticket
+from accounts.models import EndedLogin, Ticket
 
 DURATION_RE = re.compile(r"(\d+)([smhd])")
 UNIT_SECONDS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
@@ -70,8 +70,11 @@ class Command(BaseCommand):
             f"expired unused {counts['total'] - counts['used'] - counts['revoked']}"
         )
         when = f"issued before {cutoff:%Y-%m-%d %H:%M:%S} UTC"
+        # Ended logins are kept while an access token of theirs could still be presented.
+        ended = EndedLogin.objects.filter(expires_at__lte=now)
         if dry_run:
             self.stdout.write(f"Would delete {counts['total']} tickets {when} ({breakdown}).")
+            self.stdout.write(f"Would delete {ended.count()} ended logins past their last token.")
             return
         deleted = batches = 0
         last_pk = 0
@@ -93,3 +96,4 @@ class Command(BaseCommand):
             f"Deleted {deleted} tickets {when} ({breakdown}) in {batches} batches "
             f"of at most {batch_size}."
         )
+        self.stdout.write(f"Deleted {ended.delete()[0]} ended logins past their last token.")
