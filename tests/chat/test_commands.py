@@ -89,6 +89,19 @@ def test_cleanup_tickets_dry_run_deletes_nothing(tickets):
     assert "Would delete 3 tickets" in out
 
 
+def test_cleanup_tickets_forgets_ended_logins_once_their_tokens_have_expired(settings):
+    user = make_user("alice")
+    with time_machine.travel(timezone.now() - timedelta(hours=1)):
+        account_services.login_end(user=user, credential="jwt:old")
+    account_services.login_end(user=user, credential="jwt:recent")
+
+    assert "Would delete 1 ended logins" in run("cleanup_tickets", "--dry-run")
+    assert account_services.login_has_ended("jwt:old")
+    assert "Deleted 1 ended logins" in run("cleanup_tickets")
+    assert not account_services.login_has_ended("jwt:old")
+    assert account_services.login_has_ended("jwt:recent")  # its access tokens still live
+
+
 @pytest.mark.parametrize("older_than", ["86400s", "1440m", "24h", "1d"])
 def test_cleanup_tickets_reads_every_duration_unit(tickets, older_than):
     _, kept = tickets
