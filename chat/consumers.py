@@ -334,6 +334,11 @@ class RoomConsumer(AsyncWebsocketConsumer):
         if type(limit) is not int or not 1 <= limit <= settings.CHAT_HISTORY_LIMIT:
             raise FrameError(ERR_INVALID_FRAME, f"limit must be 1..{settings.CHAT_HISTORY_LIMIT}")
         messages, has_more = await database_sync_to_async(self._history)(before, after, limit)
+        # A page stays within the frame limit, whatever the bodies: the part nearest to what
+        # was asked for (the oldest after a seq, else the newest), and has_more for the rest.
+        kept = _within(messages, settings.CHAT_MAX_FRAME_BYTES, newest=after is None)
+        if len(kept) < len(messages):
+            messages, has_more = kept, True
         reply = {"type": "history", "messages": messages, "has_more": has_more}
         reply.update({k: v for k, v in (("before", before), ("after", after)) if v is not None})
         await self.send_text(frames.dumps(reply))
@@ -506,3 +511,22 @@ def _membership(room_id: int, user_id: int, state: dict[str, Any] | None) -> Mem
         muted_until=_dt(state["muted_until"]),
         banned_at=_dt(state["banned_at"]),
     )
+
+
+def _within(messages: list[dict], budget: int, *, newest: bool) -> list[dict]:
+    """As many of `messages` as fit in `budget` bytes of JSON, taken from the newest end or the
+    oldest; at least one, so a page always makes progress."""
+    overhead = 200  # the history frame around the list
+    # Cheap bound first: four bytes a character at most, 1 KiB for the other fields.
+    if len(messages) <= 1 or (
+        sum(4 * len(m.get("body") or "") + 1024 for m in messages) <= budget - overhead
+    ):
+        return messages
+    ordered = reversed(messages) if newest else iter(messages)
+    kept, used = [], overhead
+    for message in ordered:
+        used += len(frames.dumps(message).encode("utf-8", "surrogatepass")) + 1
+        if kept and used > budget:
+            break
+        kept.append(message)
+    return list(reversed(kept)) if newest else kept

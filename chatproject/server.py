@@ -109,6 +109,8 @@ def install_daphne_fixes() -> None:
             data = prepared.payloadHybi
             if self.watch is not None:
                 self.watch.written(len(data))
+                if self.state != self.STATE_OPEN:
+                    return False  # that was one write too many: dropped as a slow reader
             if self._perMessageCompress is not None:
                 self.sendPreparedMessage(prepared)
                 return True
@@ -132,7 +134,18 @@ def install_daphne_fixes() -> None:
         def serverSend(self, content, binary=False):
             if self.watch is not None:
                 self.watch.written(len(content))
-            super().serverSend(content, binary)
+            if self.state in (self.STATE_CLOSING, self.STATE_CLOSED):
+                # Going away (just dropped as a slow reader, or closing): autobahn would raise
+                # Disconnected into the application, which would then close with 1011.
+                return
+            # autobahn applies maxMessagePayloadSize, the limit on what a client may send
+            # (1009), to the server's own messages as well: a long history page would raise
+            # into the application. What we send is bounded by the application instead.
+            limit, self.maxMessagePayloadSize = self.maxMessagePayloadSize, 0
+            try:
+                super().serverSend(content, binary)
+            finally:
+                self.maxMessagePayloadSize = limit
 
         def handle_reply(self, message):
             if message.get("type") == "websocket.close" and self.state != self.STATE_CONNECTING:

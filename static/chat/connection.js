@@ -10,6 +10,9 @@ export const RATE_LIMITED_DELAY = 30000;
 // An idle socket is checked with a ping; a socket that answers nothing in time is given up.
 const PING_AFTER = 25000;
 const ANSWER_TIMEOUT = 10000;
+// The backoff starts over only once a connection has stayed open this long: a server that says
+// hello and then fails at once must not be retried twice a second forever.
+export const STABLE_AFTER = 30000;
 
 // Closes after which reconnecting cannot help: the user is told why and the client stops.
 const STOP_ON_CLOSE = {
@@ -48,6 +51,7 @@ export class RoomConnection {
   #retryTimer = null;
   #pingTimer = null;
   #deadTimer = null;
+  #stableTimer = null;
   #status = { state: "idle" };
 
   constructor(room, { onFrame, onState }) {
@@ -134,7 +138,10 @@ export class RoomConnection {
     this.#keepAlive(ws);
     if (frame.type === "pong") return;
     if (frame.type === "hello") {
-      this.#attempt = 0;
+      clearTimeout(this.#stableTimer);
+      this.#stableTimer = setTimeout(() => {
+        if (ws === this.#ws) this.#attempt = 0;
+      }, STABLE_AFTER);
       this.#setStatus({ state: "open" });
     }
     this.#onFrame(frame);
@@ -189,6 +196,7 @@ export class RoomConnection {
   #forget(code) {
     clearTimeout(this.#pingTimer);
     clearTimeout(this.#deadTimer);
+    clearTimeout(this.#stableTimer);
     const ws = this.#ws;
     this.#ws = null;
     if (code && ws && ws.readyState <= WebSocket.OPEN) ws.close(code);

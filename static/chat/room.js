@@ -74,7 +74,11 @@ const state = {
   historyLimit: 100,
   loaded: false, // the newest page has arrived once
   caughtUp: false, // everything since the last hello has arrived: the outbox may flush
-  resumeSeq: 0, // highest seq from the room's ordered stream (message frames and history)
+  // Everything up to resumeSeq has arrived (history pages, and live frames once caught up): the
+  // next catch-up asks for what follows it. Live frames that arrive during a catch-up are
+  // newer than the gap being filled, so they only move seenSeq until the catch-up ends.
+  resumeSeq: 0,
+  seenSeq: 0, // highest seq received at all
   hasOlder: false,
   loadingOlder: false,
   stopped: null,
@@ -143,6 +147,7 @@ function onHello(hello) {
     messages.clear();
     ui.messages.replaceChildren();
     state.resumeSeq = 0;
+    state.seenSeq = 0;
     if (hello.last_seq > 0) {
       connection.send({ type: "history", limit: Math.min(NEWEST_PAGE, state.historyLimit) });
     } else {
@@ -165,6 +170,9 @@ function requestMissed() {
 }
 
 function caughtUp() {
+  // The hub sends every message after hello's last_seq, in order, and the catch-up has reached
+  // last_seq: nothing below what we have seen is missing now.
+  state.resumeSeq = Math.max(state.resumeSeq, state.seenSeq);
   state.caughtUp = true;
   ui.log.setAttribute("aria-busy", "false");
   updateLogEdges();
@@ -177,7 +185,8 @@ function onHistory(frame) {
   changeLog(
     () => {
       let added = false;
-      for (const message of frame.messages) added = receive(message) || added;
+      // Pages after a seq, and the newest page, run without holes up to their last message.
+      for (const message of frame.messages) added = receive(message, !older) || added;
       return added;
     },
     { prepend: older },
@@ -197,7 +206,7 @@ function onHistory(frame) {
 }
 
 function onLiveMessage(message) {
-  const added = changeLog(() => receive(message), { own: message.author === ME });
+  const added = changeLog(() => receive(message, state.caughtUp), { own: message.author === ME });
   if (!added) return;
   stopTyping(message.author);
   if (message.author !== ME) noteUnseen();
@@ -206,9 +215,11 @@ function onLiveMessage(message) {
 }
 
 // One message from the ordered stream (live or history): merged by seq, resolving our outbox.
-function receive(message) {
+// `contiguous`: every message before it has arrived too, so a resume may start after it.
+function receive(message, contiguous) {
   if (message.author === ME && message.client_id) outbox.resolve(message.client_id);
-  state.resumeSeq = Math.max(state.resumeSeq, message.seq);
+  state.seenSeq = Math.max(state.seenSeq, message.seq);
+  if (contiguous) state.resumeSeq = Math.max(state.resumeSeq, message.seq);
   return upsertMessage(message);
 }
 

@@ -95,3 +95,69 @@ async def test_a_half_open_connection_is_closed_by_the_keepalive(server_factory,
         assert row.close_code == 1006
         assert row.outcome == "accepted"
         ws.transport.abort()
+
+
+async def _seed(server, count: int, body: str) -> None:
+    async with ChatClient(server.url, server.origin, "alice") as alice:
+        sender = await alice.connect("lobby", server.ws_url(""))
+        for i in range(count):
+            await sender.send(type="message", body=body, client_id=f"s{i}")
+        for _ in range(count):
+            await sender.expect("ack", timeout=20)
+        await sender.close()
+
+
+async def test_a_reader_dropped_while_answering_it_is_audited_1008_not_1011(server_factory, people):
+    """The drop can happen on the direct answer path (history), not only on the fan-out."""
+    server = server_factory(
+        CHAT_SLOW_CLIENT_TIMEOUT="100",
+        CHAT_SLOW_CLIENT_MAX_BYTES="50000",
+        CHAT_MESSAGE_RATE="10000",
+        CHAT_MESSAGE_BURST="10000",
+    )
+    await _seed(server, 25, "x" * 2000)
+    async with ChatClient(server.url, server.origin, "bob") as bob:
+        stalled = await connect_without_reading(bob, server)
+        for _ in range(200):
+            try:
+                await stalled.send(json.dumps({"type": "history", "limit": 100}))
+            except websockets.ConnectionClosed:
+                break
+            await asyncio.sleep(0.02)
+        row = await connection_row("bob")
+        stalled.transport.abort()
+    assert row.close_code == 1008
+    assert "Exception inside application" not in server.log_path.read_text()
+
+
+async def test_history_of_long_messages_comes_in_pages_within_the_frame_limit(
+    server_factory, people
+):
+    """20 messages of 4,000 two-byte characters: 160 KB, over daphne's 64 KiB message limit,
+    which autobahn also applies to what the server sends."""
+    server = server_factory(CHAT_MESSAGE_RATE="10000", CHAT_MESSAGE_BURST="10000")
+    await _seed(server, 20, "é" * 4000)
+    async with ChatClient(server.url, server.origin, "bob") as bob:
+        reader = await bob.connect("lobby", server.ws_url(""))
+        seqs: list[int] = []
+        pages = 0
+        request: dict = {"type": "history", "limit": 50}
+        while True:
+            await reader.send(**request)
+            page = await reader.expect("history", timeout=5)
+            pages += 1
+            size = len(json.dumps(page, ensure_ascii=False, separators=(",", ":")).encode())
+            assert size <= 64 * 1024
+            assert all(len(m["body"]) == 4000 for m in page["messages"])
+            seqs = [m["seq"] for m in page["messages"]] + seqs
+            if not page["has_more"]:
+                break
+            request = {"type": "history", "limit": 50, "before": seqs[0]}
+        assert seqs == list(range(1, 21))
+        assert pages > 1
+        # Forward paging (what a resume does) cuts from the other end.
+        await reader.send(type="history", after=0, limit=50)
+        first = await reader.expect("history", timeout=5)
+        assert first["has_more"] is True
+        assert [m["seq"] for m in first["messages"]] == list(range(1, len(first["messages"]) + 1))
+        await reader.close()

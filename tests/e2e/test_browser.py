@@ -1,6 +1,7 @@
 """The chat pages in Debian's Chromium against a real daphne server (see docs/pages.md)."""
 
 import asyncio
+import itertools
 import re
 import signal
 
@@ -391,3 +392,102 @@ async def test_api_docs_page_works_under_the_csp(open_tab, server):
     await expect(alice.page.get_by_text("/api/tickets/").first).to_be_visible()
     assert await alice.csp_violations() == []
     assert alice.page_errors == []
+
+
+# --- the client against a scripted server (Playwright answers the WebSocket itself) ------------
+
+
+def scripted_message(seq: int) -> dict:
+    return {
+        "seq": seq,
+        "room": "lobby",
+        "author": "alice",
+        "body": f"m{seq}",
+        "created_at": "2026-11-30T08:00:00Z",
+        "client_id": f"c{seq}",
+    }
+
+
+def scripted_hello(last_seq: int) -> dict:
+    return {
+        "type": "hello",
+        "room": "lobby",
+        "title": "Lobby",
+        "visibility": "public",
+        "user": "bob",
+        "staff": False,
+        "role": "member",
+        "moderator": False,
+        "can_post": True,
+        "muted_until": None,
+        "last_seq": last_seq,
+        "presence": ["bob"],
+        "limits": {"max_length": 4000, "history_limit": 100},
+    }
+
+
+async def test_a_live_message_during_a_long_catch_up_does_not_skip_the_gap(open_tab, server):
+    """Reconnect to a room 247 messages further on; the first live message (251) arrives before
+    the first catch-up page. The catch-up must page on from its own pages, not from 251."""
+    import json
+
+    tab = await signed_in(open_tab, server, "bob")
+    sockets, history_requests = [], []
+
+    def handler(ws):
+        n = len(sockets)
+        sockets.append(ws)
+        top = 3 if n == 0 else 250
+
+        def on_message(text):
+            frame = json.loads(text)
+            if frame["type"] != "history":
+                return
+            history_requests.append(frame)
+            if "after" in frame:
+                first = frame["after"] + 1
+                last = min(top + 1, first + frame["limit"] - 1)  # 251 is stored by now too
+                page = [scripted_message(seq) for seq in range(first, last + 1)]
+                answer = {"messages": page, "has_more": last < top + 1, "after": frame["after"]}
+            else:
+                answer = {"messages": [scripted_message(s) for s in range(1, top + 1)]}
+                answer["has_more"] = False
+            ws.send(json.dumps({"type": "history", **answer}))
+
+        ws.on_message(on_message)
+        ws.send(json.dumps(scripted_hello(top)))
+        if n == 1:
+            ws.send(json.dumps({"type": "message", **scripted_message(251)}))
+
+    await tab.page.route_web_socket(re.compile(r".*/ws/rooms/lobby/"), handler)
+    await tab.page.goto("/rooms/lobby/")
+    await expect(tab.page.locator("#log")).to_have_attribute("aria-busy", "false")
+    assert await message_seqs(tab) == [1, 2, 3]
+    await sockets[0].close(code=1001, reason="restart")
+    await expect(tab.page.locator("[data-seq='250']")).to_have_count(1, timeout=10_000)
+    await expect(tab.page.locator("#log")).to_have_attribute("aria-busy", "false")
+    assert await message_seqs(tab) == list(range(1, 252))
+    assert [r.get("after") for r in history_requests[1:]] == [3, 103, 203]
+
+
+async def test_a_server_that_fails_right_after_hello_is_retried_with_growing_delays(
+    open_tab, server
+):
+    import json
+
+    tab = await signed_in(open_tab, server, "bob")
+    opened = []
+
+    def handler(ws):
+        opened.append(asyncio.get_running_loop().time())
+        ws.send(json.dumps(scripted_hello(0)))
+        asyncio.get_running_loop().create_task(ws.close(code=1011, reason="internal error"))
+
+    await tab.page.route_web_socket(re.compile(r".*/ws/rooms/lobby/"), handler)
+    await tab.page.goto("/rooms/lobby/")
+    await asyncio.sleep(7)
+    # Backoff ceilings 1, 2, 4, 8 s, each wait half to all of its ceiling: tries at 0, 0.5-1,
+    # 1.5-3, 3.5-7 s. A counter reset by every hello would try every 0.5-1 s (8 or more).
+    assert 3 <= len(opened) <= 4, opened
+    waits = [later - earlier for earlier, later in itertools.pairwise(opened)]
+    assert all(wait >= 0.95 for wait in waits[1:]), waits
