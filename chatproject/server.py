@@ -111,7 +111,8 @@ def install_daphne_fixes() -> None:
                 self.watch.written(len(data))
                 if self.state != self.STATE_OPEN:
                     return False  # that was one write too many: dropped as a slow reader
-            if self._perMessageCompress is not None:
+            if self._perMessageCompress is not None or self.send_queue:
+                # Compression, or autobahn has queued frames of its own: its path keeps order.
                 self.sendPreparedMessage(prepared)
                 return True
             transport = self.transport

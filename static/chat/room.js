@@ -85,6 +85,9 @@ const state = {
   everOpen: false,
 };
 const messages = new Map(); // seq -> {data, el}
+// Deletions of messages not shown yet: a `deleted` frame can overtake its message when the
+// message waits for a gap to be filled. The message then arrives as a tombstone.
+const deletedAhead = new Set();
 const pendingEls = new Map(); // client_id -> element
 const members = new Map(); // username -> member, as the REST API gives it
 let online = new Set();
@@ -111,6 +114,7 @@ function onFrame(frame) {
     case "deleted":
       return onDeleted(frame);
     case "restored":
+      deletedAhead.delete(frame.message.seq);
       if (messages.has(frame.message.seq)) changeLog(() => upsertMessage(frame.message));
       return undefined;
     case "typing":
@@ -247,7 +251,10 @@ function onAck(frame) {
 
 function onDeleted(frame) {
   const known = messages.get(frame.seq);
-  if (!known) return;
+  if (!known) {
+    if (frame.seq > state.seenSeq) deletedAhead.add(frame.seq);
+    return;
+  }
   const { seq, room, author, created_at } = known.data;
   upsertMessage({ seq, room, author, created_at, deleted: true });
 }
@@ -297,6 +304,10 @@ function renderMessageInto(li, message) {
 }
 
 function upsertMessage(message) {
+  if (deletedAhead.delete(message.seq) && !message.deleted) {
+    const { seq, room, author, created_at } = message;
+    message = { seq, room, author, created_at, deleted: true };
+  }
   const known = messages.get(message.seq);
   if (known) {
     known.data = message;

@@ -491,3 +491,24 @@ async def test_a_server_that_fails_right_after_hello_is_retried_with_growing_del
     assert 3 <= len(opened) <= 4, opened
     waits = [later - earlier for earlier, later in itertools.pairwise(opened)]
     assert all(wait >= 0.95 for wait in waits[1:]), waits
+
+
+async def test_a_deletion_that_overtakes_its_message_still_hides_the_body(open_tab, server):
+    """The hub can hold a message for a gap fill while its `deleted` frame goes straight out."""
+    import json
+
+    tab = await signed_in(open_tab, server, "bob")
+
+    def handler(ws):
+        ws.send(json.dumps(scripted_hello(0)))
+        ws.send(json.dumps({"type": "deleted", "room": "lobby", "seq": 1}))
+        ws.send(json.dumps({"type": "message", **scripted_message(1)}))
+        ws.send(json.dumps({"type": "message", **scripted_message(2)}))
+
+    await tab.page.route_web_socket(re.compile(r".*/ws/rooms/lobby/"), handler)
+    await tab.page.goto("/rooms/lobby/")
+    await expect(tab.page.locator("[data-seq='2']")).to_have_count(1)
+    first = tab.page.locator("[data-seq='1']")
+    await expect(first).to_have_class(re.compile(r"\bdeleted\b"))
+    await expect(first).not_to_contain_text("m1")
+    await expect(tab.page.locator("[data-seq='2']")).to_contain_text("m2")
