@@ -1,5 +1,6 @@
 """Rooms REST API: thin views over chat.selectors and chat.services, same policy as the sockets."""
 
+from django.db import transaction
 from drf_spectacular.utils import OpenApiParameter, extend_schema
 from rest_framework import status
 from rest_framework.exceptions import APIException, NotFound, PermissionDenied, ValidationError
@@ -232,6 +233,9 @@ class MemberListView(RoomScopedView):
         room = self.room_for(request, slug)
         data = serializers.MemberAddSerializer(data=request.data)
         data.is_valid(raise_exception=True)
+        if not permissions.is_moderator(request.user, room, self.membership):
+            # Before looking the user up: who has an account is not every visitor's business.
+            raise PermissionDenied("only moderators add members")
         user = selectors.user_get(username=data.validated_data["username"])
         if user is None:
             raise NotFound("no such user")
@@ -249,6 +253,12 @@ class MemberListView(RoomScopedView):
 class MemberDetailView(RoomScopedView):
     def _target(self, request, slug: str, username: str):
         room = self.room_for(request, slug)
+        # Only moderators act on others: answer everyone else before looking anything up, so
+        # the answer never tells who exists, who is a member or who is banned.
+        if username != request.user.get_username() and not permissions.is_moderator(
+            request.user, room, self.membership
+        ):
+            raise PermissionDenied("you may not change other members")
         user = selectors.user_get(username=username)
         if user is None:
             raise NotFound("no such user")
@@ -268,26 +278,38 @@ class MemberDetailView(RoomScopedView):
             raise ValidationError({"detail": "nothing to change: give role, muted_until or banned"})
         actor = request.user
         try:
-            membership = None
-            if "banned" in changes:
-                action = services.member_ban if changes["banned"] else services.member_unban
-                kwargs = {"reason": reason} if changes["banned"] else {}
-                membership = action(actor=actor, room=room, user=user, **kwargs)
-            if "muted_until" in changes:
-                membership = services.member_mute(
-                    actor=actor, room=room, user=user, until=changes["muted_until"], reason=reason
-                )
-            if "role" in changes:
-                membership = services.membership_set_role(
-                    actor=actor, room=room, user=user, role=changes["role"]
-                )
+            # All or nothing: a refused part must not leave the others applied (broadcasts
+            # wait for the commit).
+            with transaction.atomic():
+                membership = self._apply(actor, room, user, changes, reason)
         except services.ServiceError as error:
             _raise_for(error)
         return Response(serializers.MemberSerializer(membership).data)
 
+    @staticmethod
+    def _apply(actor, room, user, changes, reason):
+        membership = None
+        if "banned" in changes:
+            action = services.member_ban if changes["banned"] else services.member_unban
+            kwargs = {"reason": reason} if changes["banned"] else {}
+            membership = action(actor=actor, room=room, user=user, **kwargs)
+        if "muted_until" in changes:
+            membership = services.member_mute(
+                actor=actor, room=room, user=user, until=changes["muted_until"], reason=reason
+            )
+        if "role" in changes:
+            membership = services.membership_set_role(
+                actor=actor, room=room, user=user, role=changes["role"]
+            )
+        return membership
+
     @extend_schema(responses={204: None, **_ERRORS})
     def delete(self, request, slug: str, username: str):
-        """Remove (kick) a member; their open sockets in the room close with 4403."""
+        """Remove (kick) a member, or leave (your own name); their sockets in the room close 4403.
+
+        A ban stays (400: lift it instead); a banned or muted member cannot leave (403); a muted
+        member kicked from a public room keeps the membership, as a member, until unmuted.
+        """
         room, user = self._target(request, slug, username)
         try:
             services.member_remove(actor=request.user, room=room, user=user)

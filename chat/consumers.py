@@ -20,7 +20,7 @@ from django.db import DatabaseError
 from django.utils.dateparse import parse_datetime
 
 from chat import audit, frames, metrics, permissions, selectors, services
-from chat.models import Membership
+from chat.models import MAX_SEQ, Membership
 from chat.protocol import (
     CLOSE_AUTH_TIMEOUT,
     CLOSE_FORBIDDEN,
@@ -56,7 +56,6 @@ _CLOSE_FOR_REASON = {
     Reason.FORBIDDEN: CLOSE_FORBIDDEN,
     Reason.UNAVAILABLE: CLOSE_TRY_AGAIN,
 }
-_MAX_SEQ = 2**63 - 1
 # Messages of one socket being stored at once; beyond this the socket stops reading frames.
 MAX_IN_FLIGHT = 32
 
@@ -491,7 +490,7 @@ def _seq(frame: dict[str, Any], key: str) -> int | None:
     value = frame.get(key)
     if value is None:
         return None
-    if type(value) is not int or not 0 <= value <= _MAX_SEQ:
+    if type(value) is not int or not 0 <= value <= MAX_SEQ:
         raise FrameError(ERR_INVALID_FRAME, f"{key} must be a non-negative integer")
     return value
 

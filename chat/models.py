@@ -8,6 +8,7 @@ from django.db import models
 from django.utils import timezone
 
 SLUG_RE = r"^[a-z0-9](?:[a-z0-9-]{0,48}[a-z0-9])?$"
+MAX_SEQ = 2**63 - 1  # seq is a 64-bit column: larger numbers are no seq at all
 slug_validator = RegexValidator(
     SLUG_RE,
     "Use 1-50 lowercase letters, digits or hyphens, starting and ending with a letter or digit.",

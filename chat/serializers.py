@@ -3,7 +3,7 @@
 from django.conf import settings
 from rest_framework import serializers
 
-from chat.models import SLUG_RE, Membership, Room
+from chat.models import MAX_SEQ, SLUG_RE, Membership, Room
 
 
 class RoomSerializer(serializers.ModelSerializer):
@@ -47,12 +47,12 @@ class ArchiveSerializer(serializers.Serializer):
 
 
 class ReadSerializer(serializers.Serializer):
-    seq = serializers.IntegerField(min_value=0)
+    seq = serializers.IntegerField(min_value=0, max_value=MAX_SEQ)
 
 
 class MessageQuerySerializer(serializers.Serializer):
-    before = serializers.IntegerField(min_value=0, required=False)
-    after = serializers.IntegerField(min_value=0, required=False)
+    before = serializers.IntegerField(min_value=0, max_value=MAX_SEQ, required=False)
+    after = serializers.IntegerField(min_value=0, max_value=MAX_SEQ, required=False)
     limit = serializers.IntegerField(min_value=1, default=50)
 
     def validate_limit(self, value):

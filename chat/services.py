@@ -481,6 +481,9 @@ def member_mute(*, actor, room: Room, user, until: datetime | None, reason: str 
         if until is not None and until <= timezone.now():
             raise Invalid("a mute must end in the future")
         if target is None:
+            if until is None or room.visibility == Room.Visibility.PRIVATE:
+                # Nothing to unmute; and in a private room a row would let them in.
+                raise NotFound("not a member of this room")
             target = Membership(room=room, user=user, role=Role.MEMBER)
         target.muted_until = until
         target.save()
@@ -531,25 +534,38 @@ def member_remove(*, actor, room: Room, user, reason: str = "") -> None:
     """Remove (kick) `user`: their membership goes and their open sockets in the room close 4403.
 
     Members may remove themselves (leave). In a public room a kicked user may come back; ban to
-    keep them out.
+    keep them out. A sanction lives on the membership, so removing one must not lift it: a
+    banned or muted member cannot leave, a ban stays until lifted, and in a public room (where
+    anyone may post) a muted member who is kicked keeps the row, as a member, until unmuted.
     """
     with transaction.atomic():
         target = _existing_membership(room, user)
         leaving = actor.pk == user.pk and target.role != Role.OWNER
+        if leaving and (target.banned_at is not None or permissions.is_muted(target)):
+            raise Forbidden("you cannot leave this room while you are banned or muted in it")
         if not leaving and not permissions.can_moderate(
             actor, room, _membership(room, actor), user, target
         ):
             raise Forbidden("you may not remove this member")
-        target.delete()
+        if target.banned_at is not None:
+            raise Invalid("this user is banned from the room; the ban stays until it is lifted")
+        role, kept = target.role, False
+        if room.visibility == Room.Visibility.PUBLIC and permissions.is_muted(target):
+            target.role, kept = Role.MEMBER, True
+            target.save(update_fields=["role"])
+        else:
+            target.delete()
         audit.security_event(
             event=audit.Event.MEMBER_REMOVED,
             actor=actor,
             target=user,
             room=room,
             reason=reason,
-            details={"role": target.role, "left": leaving},
+            details={"role": role, "left": leaving, **({"kept_for_mute": True} if kept else {})},
         )
-        _publish_membership(room, user, None, close=(CLOSE_FORBIDDEN, "removed"))
+        _publish_membership(
+            room, user, target if kept else None, close=(CLOSE_FORBIDDEN, "removed")
+        )
 
 
 # --- users ---------------------------------------------------------------------------------------
