@@ -32,9 +32,12 @@ if not SECRET_KEY:
         )
     SECRET_KEY = "django-insecure-development-only-key-never-use-in-production"  # noqa: S105
 
-ALLOWED_HOSTS = env.list(
-    "DJANGO_ALLOWED_HOSTS", default=["127.0.0.1", "localhost", "[::1]"] if DEBUG else []
-)
+_LOOPBACK_HOSTS = ["127.0.0.1", "localhost", "[::1]"]
+ALLOWED_HOSTS = env.list("DJANGO_ALLOWED_HOSTS", default=_LOOPBACK_HOSTS if DEBUG else [])
+# Each daphne process is scraped (/metrics) and health-checked (/healthz) on its own loopback
+# port, not through the proxy: those requests name the loopback address. Absolute URLs built
+# from a loopback Host point nowhere an attacker could use.
+ALLOWED_HOSTS += [host for host in _LOOPBACK_HOSTS if host not in ALLOWED_HOSTS]
 
 # ---------------------------------------------------------------------------------------------
 # Applications
@@ -317,6 +320,8 @@ SESSION_COOKIE_AGE = env.int("DJANGO_SESSION_COOKIE_AGE", default=14 * 24 * 3600
 # TLS terminates at the reverse proxy or at daphne itself (`-e ssl:`): production is https only.
 _HTTPS = env.bool("DJANGO_HTTPS", default=not DEBUG)
 SECURE_SSL_REDIRECT = _HTTPS
+# Scrapes and health checks reach each process over plain http on loopback (see ALLOWED_HOSTS).
+SECURE_REDIRECT_EXEMPT = [r"^metrics$", r"^healthz$"]
 SESSION_COOKIE_SECURE = _HTTPS
 CSRF_COOKIE_SECURE = _HTTPS
 SECURE_HSTS_SECONDS = env.int("DJANGO_HSTS_SECONDS", default=31536000 if _HTTPS else 0)

@@ -360,6 +360,26 @@ def test_production_redirects_http_to_https(client):
     assert response["Location"] == "https://testserver/login/?next=/"
 
 
+def test_processes_can_be_scraped_and_health_checked_on_loopback_in_production():
+    """docs/deploy.md: Prometheus scrapes 127.0.0.1:8001/metrics directly, over plain http."""
+    script = (
+        "from django.test import Client\n"
+        "for host in ('127.0.0.1:8001', '[::1]:8002', 'localhost:8001', 'evil.example'):\n"
+        "    print(host, Client().get('/metrics', HTTP_HOST=host).status_code)\n"
+        "print('page', Client().get('/login/', HTTP_HOST='127.0.0.1:8001').status_code)\n"
+    )
+    result = manage("shell", "--verbosity", "0", "-c", script, env=documented_production_env())
+    assert result.returncode == 0, result.stderr
+    status = dict(line.split() for line in result.stdout.splitlines())
+    assert status == {
+        "127.0.0.1:8001": "200",
+        "[::1]:8002": "200",
+        "localhost:8001": "200",
+        "evil.example": "400",  # not an allowed host
+        "page": "301",  # everything else still goes to https
+    }
+
+
 def test_production_pages_send_security_headers(client):
     with production_http():
         response = client.get("/login/", secure=True)
