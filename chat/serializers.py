@@ -1,9 +1,25 @@
 """Request and response shapes of the rooms API."""
 
+import re
+
 from django.conf import settings
 from rest_framework import serializers
 
 from chat.models import MAX_SEQ, SLUG_RE, Membership, Room
+
+# Control characters and bidi overrides/isolates: names and reasons shown to others are one
+# line of text that reads as it is stored ("Trojan Source" reordering included).
+_NOT_PLAIN = re.compile(r"[\x00-\x1f\x7f-\x9f\u202a-\u202e\u2066-\u2069]")
+
+
+class PlainTextField(serializers.CharField):
+    default_error_messages = {"not_plain": "Use plain text: no control or bidi characters."}
+
+    def to_internal_value(self, data):
+        value = super().to_internal_value(data)
+        if _NOT_PLAIN.search(value):
+            self.fail("not_plain")
+        return value
 
 
 class RoomSerializer(serializers.ModelSerializer):
@@ -33,17 +49,17 @@ class RoomSerializer(serializers.ModelSerializer):
 
 class RoomCreateSerializer(serializers.Serializer):
     slug = serializers.RegexField(SLUG_RE, max_length=50)
-    title = serializers.CharField(max_length=120)
+    title = PlainTextField(max_length=120)
     visibility = serializers.ChoiceField(Room.Visibility.choices, default=Room.Visibility.PUBLIC)
 
 
 class RoomUpdateSerializer(serializers.Serializer):
-    title = serializers.CharField(max_length=120, required=False)
+    title = PlainTextField(max_length=120, required=False)
     visibility = serializers.ChoiceField(Room.Visibility.choices, required=False)
 
 
 class ArchiveSerializer(serializers.Serializer):
-    reason = serializers.CharField(max_length=200, required=False, default="", allow_blank=True)
+    reason = PlainTextField(max_length=200, required=False, default="", allow_blank=True)
 
 
 class ReadSerializer(serializers.Serializer):
@@ -133,4 +149,4 @@ class MemberUpdateSerializer(serializers.Serializer):
     role = serializers.ChoiceField(Membership.Role.choices, required=False)
     muted_until = serializers.DateTimeField(required=False, allow_null=True)
     banned = serializers.BooleanField(required=False)
-    reason = serializers.CharField(max_length=200, required=False, default="", allow_blank=True)
+    reason = PlainTextField(max_length=200, required=False, default="", allow_blank=True)

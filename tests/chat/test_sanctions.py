@@ -132,3 +132,27 @@ def test_numbers_and_names_that_cannot_exist_are_4xx_not_500(lobby, method, path
     _, owner, _, _ = lobby
     response = getattr(client_for(owner), method)(path, data, format="json")
     assert response.status_code in (400, 404), (connection.vendor, response.content[:200])
+
+
+@pytest.mark.parametrize(
+    "text", ["evil\u202egnp.exe", "two\nlines", "tab\there", "nul\x00", "isolate\u2066x\u2069"]
+)
+@pytest.mark.parametrize(
+    ("method", "path", "field"),
+    [
+        ("post", "/api/rooms/", "title"),
+        ("patch", "/api/rooms/lobby/", "title"),
+        ("patch", "/api/rooms/lobby/members/bob/", "reason"),
+        ("post", "/api/rooms/lobby/archive/", "reason"),
+    ],
+)
+def test_names_and_reasons_shown_to_others_are_plain_text(lobby, text, method, path, field):
+    _, owner, _, _ = lobby
+    data = {field: text}
+    if path == "/api/rooms/":
+        data |= {"slug": "new-room"}
+    elif field == "reason" and "members" in path:
+        data |= {"banned": True}
+    response = getattr(client_for(owner), method)(path, data, format="json")
+    assert response.status_code == 400
+    assert "plain text" in str(response.json())
