@@ -61,7 +61,9 @@ class _Echo:
 def csv_lines(queryset: QuerySet, fields: Iterable[str]) -> Iterator[str]:
     """The header, then one line per row, read from the database in chunks."""
     fields = list(fields)
-    writer = csv.writer(_Echo())
+    # Every cell quoted: a spreadsheet whose list separator is ";" (or tab) would otherwise
+    # split `Mozilla/5.0;=cmd|...` at the ";" and start a cell with a formula.
+    writer = csv.writer(_Echo(), quoting=csv.QUOTE_ALL)
     yield writer.writerow(fields)
     for row in queryset.values_list(*fields).iterator(chunk_size=2000):
         yield writer.writerow([_csv_cell(v) for v in row])

@@ -18,7 +18,9 @@ from uuid import UUID
 from channels.db import database_sync_to_async
 from django.conf import settings
 from django.db import IntegrityError, transaction
+from django.db.models import Q
 from django.utils import timezone
+from django.utils.ipv6 import clean_ipv6_address
 
 from chat import metrics, sql
 from chat.models import (
@@ -113,12 +115,16 @@ def _clean_text(value: str | None, max_length: int) -> str:
 
 
 def _clean_ip(value: str | None) -> str | None:
+    """The address exactly as GenericIPAddressField will store it, so it hashes the same after
+    a round trip: no zone (`fe80::1%eth0`), IPv6 in Django's notation (which writes
+    IPv4-mapped addresses as ::ffff:a.b.c.d, where Python 3.11 writes ::ffff:xxxx:xxxx)."""
     if not value:
         return None
     try:
-        return str(ipaddress.ip_address(value))
+        address = ipaddress.ip_address(str(value).split("%", 1)[0])
     except ValueError:
         return None
+    return clean_ipv6_address(str(address)) if address.version == 6 else str(address)
 
 
 @functools.cache
@@ -384,12 +390,19 @@ class Link:
     label: str
 
 
-def iter_links(after_seq: int = 0) -> Iterator[Link]:
-    """Every link after `after_seq`, in chain order, recomputing content from the stored rows."""
+def iter_links(after_seq: int = 0, upto_seq: int | None = None) -> Iterator[Link]:
+    """Every link after `after_seq` (up to `upto_seq`), in chain order, recomputing content from
+    the stored rows."""
     import heapq
 
+    def window(field: str) -> dict[str, int]:
+        bounds = {f"{field}__gt": after_seq}
+        if upto_seq is not None:
+            bounds[f"{field}__lte"] = upto_seq
+        return bounds
+
     def conn_open() -> Iterator[Link]:
-        rows = ConnectionLog.objects.filter(chain_seq__gt=after_seq).order_by("chain_seq")
+        rows = ConnectionLog.objects.filter(**window("chain_seq")).order_by("chain_seq")
         for r in rows.iterator(chunk_size=2000):
             yield Link(
                 r.chain_seq,
@@ -401,9 +414,7 @@ def iter_links(after_seq: int = 0) -> Iterator[Link]:
             )
 
     def conn_close() -> Iterator[Link]:
-        rows = ConnectionLog.objects.filter(close_chain_seq__gt=after_seq).order_by(
-            "close_chain_seq"
-        )
+        rows = ConnectionLog.objects.filter(**window("close_chain_seq")).order_by("close_chain_seq")
         for r in rows.iterator(chunk_size=2000):
             yield Link(
                 r.close_chain_seq,
@@ -415,7 +426,7 @@ def iter_links(after_seq: int = 0) -> Iterator[Link]:
             )
 
     def simple(model, kind) -> Iterator[Link]:
-        rows = model.objects.filter(chain_seq__gt=after_seq).order_by("chain_seq")
+        rows = model.objects.filter(**window("chain_seq")).order_by("chain_seq")
         for r in rows.iterator(chunk_size=2000):
             yield Link(
                 r.chain_seq,
@@ -444,7 +455,14 @@ class VerifyResult:
 
 
 def verify_chain() -> VerifyResult:
-    """Walk the chain from the newest checkpoint (or the start) and report the first broken link."""
+    """Walk the chain from the newest checkpoint (or the start) and report the first broken link.
+
+    The head is read first and the walk stops there: writers append meanwhile (each append
+    moves the head in the same transaction as its rows), and what they add is for the next
+    verification. Besides the links themselves, no audit row may sit where the walk does not
+    look (at or below its start), and a connection without a close link has no close data.
+    """
+    head = AuditChainHead.objects.filter(pk=1).first()
     checkpoint = AuditCheckpoint.objects.order_by("-seq").first()
     expected_seq, prev = 0, GENESIS_HASH
     if checkpoint is not None:
@@ -466,8 +484,11 @@ def verify_chain() -> VerifyResult:
                 return VerifyResult(
                     False, 0, row.chain_seq, f"ConnectionLog {row.id} (opening) was altered"
                 )
+    start = expected_seq
+    if stray := _rows_outside_the_walk(start):
+        return VerifyResult(False, 0, *stray)
     checked = 0
-    for link in iter_links(after_seq=expected_seq):
+    for link in iter_links(after_seq=expected_seq, upto_seq=head.last_seq if head else 0):
         expected_seq += 1
         if link.seq != expected_seq:
             if link.seq > expected_seq:
@@ -484,7 +505,6 @@ def verify_chain() -> VerifyResult:
             return VerifyResult(False, checked, link.seq, f"{link.label} was altered")
         prev = link.row_hash
         checked += 1
-    head = AuditChainHead.objects.filter(pk=1).first()
     if head is None:
         if expected_seq == 0:
             return VerifyResult(True, 0)
@@ -612,6 +632,42 @@ async def _count_rejection(runtime, ip: str) -> None:
                 created_at=timezone.now(),
             )
         )
+
+
+def _rows_outside_the_walk(start: int) -> tuple[int, str] | None:
+    """Rows a walk from `start` would never read, and close data no close link covers: the
+    position to report and the problem, or None."""
+    for model in (MessageLog, SecurityEvent):
+        row = model.objects.filter(chain_seq__lte=start).order_by("chain_seq").first()
+        if row is not None:
+            return row.chain_seq, f"{model.__name__} {row.pk} sits below the chain"
+    # Openings of connections that closed after a checkpoint are kept below it; nothing else.
+    stray = (
+        ConnectionLog.objects.filter(
+            Q(chain_seq__lte=start, close_chain_seq__isnull=True)
+            | Q(chain_seq__lte=start, close_chain_seq__lte=start)
+            | Q(close_chain_seq__lte=start)
+        )
+        .order_by("chain_seq")
+        .first()
+    )
+    if stray is not None:
+        return stray.chain_seq, f"ConnectionLog {stray.id} sits below the chain"
+    unsealed = (
+        ConnectionLog.objects.filter(close_chain_seq__isnull=True)
+        .filter(
+            Q(closed_at__isnull=False)
+            | Q(close_code__isnull=False)
+            | ~Q(messages_received=0)
+            | ~Q(messages_sent=0)
+            | ~Q(close_hash="")
+        )
+        .order_by("chain_seq")
+        .first()
+    )
+    if unsealed is not None:
+        return unsealed.chain_seq, f"ConnectionLog {unsealed.id} has close data but no close link"
+    return None
 
 
 # --- retention -----------------------------------------------------------------------------------

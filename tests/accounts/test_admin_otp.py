@@ -108,6 +108,8 @@ def test_the_requirement_is_on_by_default_in_production():
         (["nobody"], "no user"),
         (["plain"], "not staff"),
         (["root", "--backup-codes", "99"], "between"),
+        (["root", "--name", "x" * 65], "1 to 64 characters"),
+        (["root", "--name", "  "], "1 to 64 characters"),
     ],
 )
 def test_enroll_refuses_bad_arguments(staff, args, message):

@@ -245,6 +245,19 @@ def test_csv_export_defuses_spreadsheet_formulas(admin_client):
     assert line[header.index("user_agent")] == '\'=HYPERLINK("http://evil.example","x")'
 
 
+@pytest.mark.parametrize("separator", [";", "\t", ","])
+def test_csv_export_quotes_every_cell_so_no_separator_starts_a_formula(admin_client, separator):
+    agent = f"Mozilla/5.0{separator}=cmd|' /C calc'!A0"
+    row = log_connection(user_agent=agent)
+
+    body = b"".join(export(admin_client, ConnectionLog, [row]).streaming_content).decode()
+
+    assert f'"{agent}"' in body
+    header, line = body.splitlines()[:2]
+    assert header.startswith('"')
+    assert (line[0], line[-1]) == ('"', '"')
+
+
 @pytest.mark.django_db(transaction=True)
 async def test_csv_export_streams_asynchronously_under_asgi(async_client):
     def setup():

@@ -121,9 +121,40 @@ def forge_checkpoint(chain):
     return third.chain_seq, "checkpoint signature is invalid"
 
 
+def forge_rows_at_position_zero(chain):
+    # Below where the walk starts: never read unless looked for.
+    forged = SecurityEvent.objects.create(
+        event=SecurityEvent.Event.LOGIN_SUCCEEDED,
+        actor_name="mallory",
+        created_at=timezone.now(),
+        chain_seq=0,
+        prev_hash="x",
+        row_hash="forged",
+    )
+    return 0, f"SecurityEvent {forged.pk} sits below the chain"
+
+
+def close_an_open_connection_by_hand(chain):
+    opened = log_connection(ip="192.0.2.5")  # no close link yet
+    ConnectionLog.objects.filter(pk=opened.pk).update(
+        closed_at=timezone.now(), close_code=1000, messages_sent=99
+    )
+    return opened.chain_seq, "has close data but no close link"
+
+
+def hide_a_close_below_the_chain(chain):
+    # With a close position set, the writer would skip the real close later.
+    opened = log_connection(ip="192.0.2.5")
+    ConnectionLog.objects.filter(pk=opened.pk).update(close_chain_seq=0, close_code=1000)
+    return opened.chain_seq, "sits below the chain"
+
+
 @pytest.mark.parametrize(
     "tamper",
     [
+        forge_rows_at_position_zero,
+        close_an_open_connection_by_hand,
+        hide_a_close_below_the_chain,
         edit_connection_opening,
         edit_message_event,
         edit_security_event,
@@ -314,9 +345,22 @@ def delete_checkpoint(checkpoint):
     return 1, "link 1 is missing"
 
 
+def forge_row_below_the_checkpoint(checkpoint):
+    forged = SecurityEvent.objects.create(
+        event=SecurityEvent.Event.LOGIN_SUCCEEDED,
+        actor_name="mallory",
+        created_at=timezone.now(),
+        chain_seq=1,
+        prev_hash="x",
+        row_hash="y",
+    )
+    return 1, f"SecurityEvent {forged.pk} sits below the chain"
+
+
 @pytest.mark.parametrize(
     "tamper",
     [
+        forge_row_below_the_checkpoint,
         edit_kept_row,
         delete_first_kept_row,
         forge_checkpoint_signature,
@@ -336,6 +380,46 @@ def test_tampering_after_a_prune_is_caught(tamper):
     assert not result.ok
     assert result.first_bad_seq == position
     assert problem in result.problem
+
+
+def test_rows_appended_while_verifying_are_left_for_the_next_verification(monkeypatch):
+    """Writers keep appending under live traffic: a verification must not call that tampering
+    (nor refuse a prune for it)."""
+    build_chain()
+    walk = audit.iter_links
+
+    def walk_while_a_writer_appends(*args, **kwargs):
+        links = walk(*args, **kwargs)
+        yield next(links)
+        audit.security_event(event=SecurityEvent.Event.LOGIN_FAILED, reason="meanwhile")
+        yield from links
+
+    monkeypatch.setattr(audit, "iter_links", walk_while_a_writer_appends)
+    result = audit.verify_chain()
+    assert result.ok, result.problem
+    assert result.links_checked == LINKS
+    monkeypatch.setattr(audit, "iter_links", walk)
+    assert audit.verify_chain().links_checked == LINKS + 1
+
+
+def test_a_pruned_connection_restored_from_a_backup_is_caught():
+    """Its hashes are genuine, but it belongs below the checkpoint, where nothing may be."""
+    with long_ago():
+        old = build_chain("old-")
+    build_chain("new-")
+    backup = ConnectionLog.objects.get(pk=old.connection.pk)
+    fields = {f.attname: getattr(backup, f.attname) for f in ConnectionLog._meta.concrete_fields}
+    assert audit.prune_before(cutoff=cutoff()).checkpoint is not None
+    assert audit.verify_chain().ok
+    ConnectionLog.objects.create(**fields)
+
+    result = audit.verify_chain()
+
+    assert not result.ok
+    assert (result.first_bad_seq, result.problem) == (
+        backup.chain_seq,
+        f"ConnectionLog {backup.id} sits below the chain",
+    )
 
 
 @pytest.mark.django_db(transaction=True)
@@ -367,3 +451,21 @@ async def test_a_row_the_database_refuses_does_not_hold_back_the_others():
     )()
     assert stored == {first: None, second: 1000}
     assert (await database_sync_to_async(audit.verify_chain)()).ok
+
+
+@pytest.mark.parametrize(
+    ("given", "stored"),
+    [
+        ("fe80::1%eth0", "fe80::1"),
+        ("::ffff:1.2.3.4", "::ffff:1.2.3.4"),
+        ("2001:DB8::1", "2001:db8::1"),
+        ("2001:db8:0:0:0:0:0:1", "2001:db8::1"),
+        ("198.51.100.7", "198.51.100.7"),
+    ],
+)
+def test_every_address_hashes_as_the_database_stores_it(given, stored):
+    """A form Django stores differently from Python's would break the chain for good."""
+    audit.security_event(event=SecurityEvent.Event.LOGIN_FAILED, ip=given)
+    log_connection(ip=given)
+    assert set(SecurityEvent.objects.values_list("ip", flat=True)) == {stored}
+    assert audit.verify_chain().ok

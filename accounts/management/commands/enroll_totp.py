@@ -30,6 +30,9 @@ class Command(BaseCommand):
             raise CommandError("only staff sign in to the admin; this user is not staff")
         if not 0 <= options["backup_codes"] <= 20:
             raise CommandError("--backup-codes must be between 0 and 20")
+        limit = TOTPDevice._meta.get_field("name").max_length
+        if not 1 <= len(options["name"].strip()) <= limit:
+            raise CommandError(f"--name must be 1 to {limit} characters")
         with transaction.atomic():
             if options["replace"]:
                 TOTPDevice.objects.filter(user=user).delete()
