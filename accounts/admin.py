@@ -8,6 +8,7 @@ from django.utils.http import urlencode
 
 from accounts.models import Ticket, TicketQuerySet, User
 from accounts.services import tickets_revoke
+from chat import audit
 from chat import services as chat_services
 from chat.admin import ReadOnlyMixin
 
@@ -17,6 +18,24 @@ class UserAdmin(DjangoUserAdmin):
     # is_active changes only through the actions: the services audit them and close sockets.
     readonly_fields = ("is_active", "last_login", "date_joined")
     actions = ["deactivate", "reactivate"]
+
+    # The signal handlers in accounts/signals.py audit every change to a user; these tell them
+    # who made it.
+    def save_model(self, request, obj, form, change):
+        with audit.acting_as(request.user):
+            super().save_model(request, obj, form, change)
+
+    def delete_model(self, request, obj):
+        with audit.acting_as(request.user):
+            super().delete_model(request, obj)
+
+    def delete_queryset(self, request, queryset):
+        with audit.acting_as(request.user):
+            super().delete_queryset(request, queryset)
+
+    def user_change_password(self, request, id, form_url=""):
+        with audit.acting_as(request.user):
+            return super().user_change_password(request, id, form_url)
 
     @admin.action(
         description="Deactivate selected users (closes their sockets)", permissions=["change"]

@@ -2,7 +2,7 @@
 
 from django.contrib.auth import get_user_model
 from django.contrib.auth.signals import user_logged_in, user_logged_out, user_login_failed
-from django.db.models.signals import post_save, pre_save
+from django.db.models.signals import post_delete, post_save, pre_save
 from django.dispatch import receiver
 from rest_framework_simplejwt.token_blacklist.models import OutstandingToken
 
@@ -94,9 +94,13 @@ def credentials_changed(sender, instance, created, update_fields=None, **kwargs)
         instance, update_fields
     )
     deactivated = before["is_active"] and not instance.is_active
+    actor = audit.acting_user()
     if password_changed or deactivated:
         chat_services.user_credentials_changed(
-            user=instance, password_changed=password_changed, deactivated=deactivated
+            user=instance,
+            password_changed=password_changed,
+            deactivated=deactivated,
+            actor=actor,
         )
     privileges = {
         name: [before[name], getattr(instance, name)]
@@ -105,8 +109,19 @@ def credentials_changed(sender, instance, created, update_fields=None, **kwargs)
     }
     if privileges:
         audit.security_event(
-            event=audit.Event.PRIVILEGES_CHANGED, target=instance, details=privileges
+            event=audit.Event.PRIVILEGES_CHANGED, actor=actor, target=instance, details=privileges
         )
+
+
+@receiver(post_delete, sender=get_user_model(), dispatch_uid="user-deleted")
+def user_deleted(sender, instance, **kwargs):
+    # The audit rows keep the id and the name: their user columns have no database constraint.
+    audit.security_event(
+        event=audit.Event.USER_DELETED,
+        actor=audit.acting_user(),
+        target=instance,
+        details={"username": instance.get_username()},
+    )
 
 
 def _hash_upgrade(user, update_fields) -> bool:

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import contextvars
 import functools
 import hashlib
 import hmac
@@ -253,6 +255,24 @@ def _seal(rows: list[ConnectionLog]) -> None:
     )
 
 
+_acting_user: contextvars.ContextVar = contextvars.ContextVar("audit_acting_user", default=None)
+
+
+@contextlib.contextmanager
+def acting_as(user):
+    """Who is behind changes recorded by signal handlers meanwhile (e.g. an admin's edit of a
+    user), which otherwise have no request to ask."""
+    token = _acting_user.set(user)
+    try:
+        yield
+    finally:
+        _acting_user.reset(token)
+
+
+def acting_user():
+    return _acting_user.get()
+
+
 def security_event(**fields) -> SecurityEvent:
     """Record a moderation or account event now, in the caller's transaction.
 
@@ -356,25 +376,36 @@ class AuditBuffer:
                 except IntegrityError:
                     # A row the database refuses (a duplicate) must not hold back the others:
                     # write them one by one, and report what could not be written.
-                    await database_sync_to_async(_append_each)(items)
+                    unwritten = await database_sync_to_async(_append_each)(items)
+                    if unwritten:
+                        self._keep_for_retry(unwritten)
+                        return
                 except Exception:
-                    # The database is unavailable: keep them, in order, ahead of anything
-                    # queued meanwhile, and retry shortly.
-                    self._items[:0] = items
-                    logger.exception("audit flush failed; %d rows kept for retry", len(items))
-                    if self._scheduled is None:
-                        self._scheduled = asyncio.get_running_loop().call_later(
-                            1.0, self._flush_soon
-                        )
+                    logger.exception("audit flush failed")
+                    self._keep_for_retry(items)
                     return
 
+    def _keep_for_retry(self, items: list[AuditItem]) -> None:
+        """The database is unavailable: keep the rows, in order, ahead of anything queued
+        meanwhile, and retry shortly."""
+        self._items[:0] = items
+        logger.warning("%d audit rows kept for retry", len(items))
+        if self._scheduled is None:
+            self._scheduled = asyncio.get_running_loop().call_later(1.0, self._flush_soon)
 
-def _append_each(items: list[AuditItem]) -> None:
-    for item in items:
+
+def _append_each(items: list[AuditItem]) -> list[AuditItem]:
+    """Append one by one, dropping (and logging) rows the database refuses; returns the rows not
+    written because the database itself failed meanwhile, to be kept for a retry."""
+    for index, item in enumerate(items):
         try:
             append([item])
         except IntegrityError:
             logger.error("audit row refused by the database and not written: %r", item)
+        except Exception:
+            logger.exception("audit flush failed")
+            return items[index:]
+    return []
 
 
 # --- reading the chain back ----------------------------------------------------------------------

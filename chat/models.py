@@ -351,6 +351,7 @@ class SecurityEvent(ChainedRow):
         USER_DEACTIVATED = "user_deactivated", "User deactivated"
         USER_REACTIVATED = "user_reactivated", "User reactivated"
         PRIVILEGES_CHANGED = "privileges_changed", "Staff or superuser status changed"
+        USER_DELETED = "user_deleted", "User deleted"
         RATE_LIMITED = "rate_limited", "Rate limit closed a socket"
         ALERT = "alert", "Alert threshold crossed"
         AUDIT_PRUNED = "audit_pruned", "Audit rows pruned"

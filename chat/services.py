@@ -584,14 +584,19 @@ def user_deactivate(*, actor, user, reason: str = "") -> None:
         user_sockets_close(user_id=user.pk, reason="account deactivated")
 
 
-def user_credentials_changed(*, user, password_changed: bool, deactivated: bool) -> None:
+def user_credentials_changed(
+    *, user, password_changed: bool, deactivated: bool, actor=None
+) -> None:
     """A user's password changed or the account was deactivated by any path (admin form,
-    `changepassword`, shell): audit it and close every socket the user has open (4401)."""
+    `changepassword`, shell): audit it and close every socket the user has open (4401).
+    `actor`: who did it, when known (the admin); else the user for a password change."""
     with transaction.atomic():
         if password_changed:
-            audit.security_event(event=audit.Event.PASSWORD_CHANGED, actor=user, target=user)
+            audit.security_event(
+                event=audit.Event.PASSWORD_CHANGED, actor=actor or user, target=user
+            )
         if deactivated:
-            audit.security_event(event=audit.Event.USER_DEACTIVATED, target=user)
+            audit.security_event(event=audit.Event.USER_DEACTIVATED, actor=actor, target=user)
         reason = "account deactivated" if deactivated else "password changed"
         user_sockets_close(user_id=user.pk, reason=reason)
 

@@ -560,6 +560,47 @@ def test_deactivate_action_deactivates_audits_and_closes_sockets(
     assert (revoke["type"], revoke["user"], revoke["code"]) == ("hub.revoke", alice.pk, 4401)
 
 
+def test_privilege_changes_in_the_admin_record_who_made_them(admin_client, admin_user):
+    bob = make_user("bob")
+    form = {
+        "username": "bob",
+        "is_staff": "on",
+        "is_superuser": "on",
+        "date_joined_0": "2026-01-01",
+        "date_joined_1": "00:00:00",
+        "initial-date_joined_0": "2026-01-01",
+        "initial-date_joined_1": "00:00:00",
+    }
+    admin_client.post(admin_url(type(bob), "change", bob.pk), form)
+
+    bob.refresh_from_db()
+    assert bob.is_superuser
+    event = SecurityEvent.objects.get(event=SecurityEvent.Event.PRIVILEGES_CHANGED)
+    assert (event.actor_id, event.target_id) == (admin_user.pk, bob.pk)
+    assert event.details == {"is_staff": [False, True], "is_superuser": [False, True]}
+
+
+@pytest.mark.parametrize("how", ["delete_view", "bulk_action"])
+def test_deleting_users_in_the_admin_is_audited_with_who(admin_client, admin_user, how):
+    bob, carol = make_user("bob"), make_user("carol")
+    if how == "delete_view":
+        admin_client.post(admin_url(type(bob), "delete", bob.pk), {"post": "yes"})
+        gone = [bob]
+    else:
+        admin_client.post(
+            admin_url(type(bob), "changelist"),
+            {"action": "delete_selected", "_selected_action": [bob.pk, carol.pk], "post": "yes"},
+        )
+        gone = [bob, carol]
+
+    events = SecurityEvent.objects.filter(event=SecurityEvent.Event.USER_DELETED)
+    assert sorted((e.actor_id, e.target_id, e.target_name) for e in events) == sorted(
+        (admin_user.pk, user.pk, user.username) for user in gone
+    )
+    assert not type(bob).objects.filter(pk__in=[u.pk for u in gone]).exists()
+    assert audit.verify_chain().ok
+
+
 def test_user_form_cannot_flip_is_active_around_the_service(admin_client):
     alice = make_user("alice")
 

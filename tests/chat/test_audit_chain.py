@@ -453,6 +453,38 @@ async def test_a_row_the_database_refuses_does_not_hold_back_the_others():
     assert (await database_sync_to_async(audit.verify_chain)()).ok
 
 
+@pytest.mark.django_db(transaction=True)
+async def test_a_database_failure_while_writing_one_by_one_keeps_the_rest(monkeypatch):
+    """After a refused row the batch is written one by one; if the database then fails, what
+    is left is kept for the retry, not dropped."""
+    from channels.db import database_sync_to_async
+    from django.db import IntegrityError, OperationalError
+
+    buffer = audit.AuditBuffer()
+    rows = [audit.security_event_row(event="login_failed", reason=f"r{i}") for i in range(3)]
+    append, calls = audit.append, []
+
+    def failing(items):
+        calls.append(len(items))
+        if len(items) > 1:
+            raise IntegrityError("a duplicate somewhere")
+        if len(calls) == 3:  # the second row on its own: the database goes away
+            raise OperationalError("server closed the connection")
+        return append(items)
+
+    monkeypatch.setattr(audit, "append", failing)
+    for row in rows:
+        buffer.add(row)
+    await buffer.flush()
+    assert buffer.pending == 2  # rows 2 and 3, in order
+    monkeypatch.setattr(audit, "append", append)
+    await buffer.flush()
+    reasons = await database_sync_to_async(
+        lambda: list(SecurityEvent.objects.order_by("chain_seq").values_list("reason", flat=True))
+    )()
+    assert reasons == ["r0", "r1", "r2"]
+
+
 @pytest.mark.parametrize(
     ("given", "stored"),
     [
