@@ -144,6 +144,10 @@ class Hub:
             if not users:
                 del self.users[sock.user_id]
                 await self._discard(broadcast.user_group(sock.user_id))
+                if self.users.get(sock.user_id):
+                    # Another socket of the user attached while we unsubscribed: its group_add
+                    # may have landed before our group_discard. Subscribe again.
+                    await self.layer.group_add(broadcast.user_group(sock.user_id), self.channel)
         feed = self.rooms.get(sock.room_id)
         if (
             feed is not None
@@ -154,6 +158,9 @@ class Hub:
             if feed.gap_timer is not None:
                 feed.gap_timer.cancel()
             await self._discard(broadcast.room_group(sock.room_id))
+            if sock.room_id in self.rooms:
+                # The room's first socket again, attached while we unsubscribed (see above).
+                await self.layer.group_add(broadcast.room_group(sock.room_id), self.channel)
 
     def local_sockets(self) -> list[Socket]:
         return [s for feed in self.rooms.values() for s in feed.sockets.values()]

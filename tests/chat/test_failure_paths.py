@@ -199,3 +199,28 @@ async def test_a_change_made_while_joining_is_in_hello_not_in_a_frame_before_it(
     assert hello["muted_until"] is not None
     assert [f for f in await drain(comm) if f["type"] == "membership"] == []
     await comm.disconnect()
+
+
+async def test_a_socket_joining_while_the_last_one_leaves_still_gets_live_messages(
+    people, monkeypatch
+):
+    """The leaver's unsubscribe can land after the joiner's subscribe (two Redis commands)."""
+    alice, bob, room = people
+    leaving, _ = await join(alice, room)
+    hub = get_runtime().hub
+    discard = hub.layer.group_discard
+
+    async def late_discard(group, channel):
+        if group == broadcast.room_group(room.pk):
+            await asyncio.sleep(0.3)  # the joiner subscribes meanwhile
+        await discard(group, channel)
+
+    monkeypatch.setattr(hub.layer, "group_discard", late_discard)
+    left = asyncio.create_task(leaving.disconnect())
+    await asyncio.sleep(0.1)  # alice's socket is unsubscribing now
+    joining, _ = await join(bob, room)
+    await left  # the late unsubscribe has landed
+    await sync(services.message_send)(author=alice, room=room, body="still there?", client_id="c1")
+    frame = await receive_until(joining, "message", timeout=2)
+    assert frame["body"] == "still there?"
+    await joining.disconnect()
