@@ -7,6 +7,9 @@ import logging
 import pprint
 import time
 
+# Not the reactor: importing these installs none (daphne installs asyncio's before it starts).
+from twisted.internet import tcp
+
 logger = logging.getLogger("chat.server")
 
 # A socket whose reader stopped reading: the close code its application sees (RFC 6455 1008,
@@ -192,13 +195,9 @@ def _writes_directly(transport) -> bool:
     every attribute it lacks (TLS, socket, dataBuffer) to the connection beneath: duck typing
     would see cleartext TCP there and put unencrypted bytes into the TLS stream.
     """
-    from twisted.internet import tcp
-    from twisted.internet.interfaces import ISSLTransport
-
     return (
         isinstance(transport, tcp.Connection)
-        and not transport.TLS
-        and not ISSLTransport.providedBy(transport)
+        and not transport.TLS  # startTLS() on the connection itself
         and transport.connected
         and not transport.disconnecting
         and not transport.dataBuffer
