@@ -13,7 +13,11 @@ class User(AbstractUser):
 
 
 class TicketQuerySet(models.QuerySet):
-    """A ticket's life, written once: issued (usable), then used, revoked or expired."""
+    """A ticket's life, written once: issued (usable), then used, revoked or expired.
+
+    A used ticket stays "used" even if its login ended afterwards (revoked_at is then set too,
+    to close a socket that was still joining): it did open a socket.
+    """
 
     @staticmethod
     def state_conditions(now=None) -> dict[str, models.Q]:
@@ -21,9 +25,9 @@ class TicketQuerySet(models.QuerySet):
         unused = models.Q(used_at__isnull=True, revoked_at__isnull=True)
         return {
             "issued": unused & models.Q(expires_at__gt=now),
-            "used": models.Q(used_at__isnull=False, revoked_at__isnull=True),
+            "used": models.Q(used_at__isnull=False),
             "expired": unused & models.Q(expires_at__lte=now),
-            "revoked": models.Q(revoked_at__isnull=False),
+            "revoked": models.Q(revoked_at__isnull=False, used_at__isnull=True),
         }
 
     def in_state(self, state: str, now=None) -> "TicketQuerySet":
@@ -79,10 +83,10 @@ class Ticket(models.Model):
     @property
     def state(self) -> str:
         """The row's state, by the same rules as TicketQuerySet.state_conditions."""
-        if self.revoked_at:
-            return "revoked"
         if self.used_at:
             return "used"
+        if self.revoked_at:
+            return "revoked"
         if self.expires_at <= timezone.now():
             return "expired"
         return "issued"

@@ -8,6 +8,7 @@ from datetime import timedelta
 
 from django.contrib.auth import get_user_model
 from django.db import transaction
+from django.db.models import Q
 from django.utils import timezone
 from rest_framework_simplejwt.exceptions import ExpiredTokenError, TokenError
 from rest_framework_simplejwt.settings import api_settings as jwt_settings
@@ -114,10 +115,10 @@ def ticket_redeem(*, token: str, room_slug: str, ip: str | None) -> Redemption:
     consumed = Ticket.objects.filter(pk=row.pk).usable(now).update(used_at=now, used_ip=ip)
     if consumed != 1:
         row.refresh_from_db()
-        if row.revoked_at is not None:
-            reason = Reason.TICKET_REVOKED
-        elif row.used_at is not None:
+        if row.used_at is not None:
             reason = Reason.TICKET_REUSED
+        elif row.revoked_at is not None:
+            reason = Reason.TICKET_REVOKED
         else:
             reason = Reason.TICKET_EXPIRED
         return Redemption(error=reason, jti=jti)
@@ -133,9 +134,9 @@ def tickets_revoke_for_login(*, user_id: int, credential: str | None = None) -> 
     the revocation broadcast (chat.services.user_sockets_close), which calls this.
     """
     now = timezone.now()
-    tickets = Ticket.objects.filter(
-        user_id=user_id, revoked_at__isnull=True, expires_at__gt=now - JOINING_GRACE
-    )
+    usable = Q(used_at__isnull=True, expires_at__gt=now)
+    joining = Q(used_at__gte=now - JOINING_GRACE)
+    tickets = Ticket.objects.filter(usable | joining, user_id=user_id, revoked_at__isnull=True)
     if credential is not None:
         tickets = tickets.filter(credential=credential)
     return tickets.update(revoked_at=now)

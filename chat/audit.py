@@ -13,14 +13,14 @@ import json
 import logging
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any
 from uuid import UUID
 
 from channels.db import database_sync_to_async
 from django.conf import settings
 from django.db import IntegrityError, transaction
-from django.db.models import Q
+from django.db.models import Max, Q
 from django.utils import timezone
 from django.utils.ipv6 import clean_ipv6_address
 
@@ -516,7 +516,7 @@ def verify_chain() -> VerifyResult:
                     False, 0, row.chain_seq, f"ConnectionLog {row.id} (opening) was altered"
                 )
     start = expected_seq
-    if stray := _rows_outside_the_walk(start):
+    if stray := _rows_outside_the_walk(start, checkpoint):
         return VerifyResult(False, 0, *stray)
     checked = 0
     for link in iter_links(after_seq=expected_seq, upto_seq=head.last_seq if head else 0):
@@ -537,9 +537,9 @@ def verify_chain() -> VerifyResult:
         prev = link.row_hash
         checked += 1
     if head is None:
-        if expected_seq == 0:
+        if expected_seq == 0 and _top_stored_link() == 0:
             return VerifyResult(True, 0)
-        return VerifyResult(False, checked, expected_seq, "the chain head is missing")
+        return VerifyResult(False, checked, expected_seq + 1, "the chain head is missing")
     if head.last_seq != expected_seq or head.last_hash != prev:
         return VerifyResult(
             False,
@@ -547,6 +547,18 @@ def verify_chain() -> VerifyResult:
             expected_seq + 1,
             f"the chain ends at {expected_seq} but its head says {head.last_seq}: "
             "links were removed from the end",
+        )
+    # The walk stopped at the head it read first. Links written since then come with a newer
+    # head (rows and head commit together), so anything above the head read *after* the
+    # highest stored link is a head moved back to hide what follows it.
+    top = _top_stored_link()
+    now = AuditChainHead.objects.filter(pk=1).values_list("last_seq", flat=True).first() or 0
+    if top > now:
+        return VerifyResult(
+            False,
+            checked,
+            now + 1,
+            f"links are stored up to {top} but the chain head says {now}: the head was moved back",
         )
     return VerifyResult(True, checked)
 
@@ -665,23 +677,34 @@ async def _count_rejection(runtime, ip: str) -> None:
         )
 
 
-def _rows_outside_the_walk(start: int) -> tuple[int, str] | None:
+def _top_stored_link() -> int:
+    """The highest chain position any stored row claims (0 if none)."""
+    tops = [
+        ConnectionLog.objects.aggregate(a=Max("chain_seq"), b=Max("close_chain_seq")).values(),
+        [MessageLog.objects.aggregate(a=Max("chain_seq"))["a"]],
+        [SecurityEvent.objects.aggregate(a=Max("chain_seq"))["a"]],
+    ]
+    return max((value or 0 for values in tops for value in values), default=0)
+
+
+def _rows_outside_the_walk(start: int, checkpoint) -> tuple[int, str] | None:
     """Rows a walk from `start` would never read, and close data no close link covers: the
     position to report and the problem, or None."""
     for model in (MessageLog, SecurityEvent):
         row = model.objects.filter(chain_seq__lte=start).order_by("chain_seq").first()
         if row is not None:
             return row.chain_seq, f"{model.__name__} {row.pk} sits below the chain"
-    # Openings of connections that closed after a checkpoint are kept below it; nothing else.
-    stray = (
-        ConnectionLog.objects.filter(
-            Q(chain_seq__lte=start, close_chain_seq__isnull=True)
-            | Q(chain_seq__lte=start, close_chain_seq__lte=start)
-            | Q(close_chain_seq__lte=start)
+    # Below a checkpoint only openings of connections that were still open when it was made
+    # are kept (their hashes are checked above); a closed one, or one the prune would have
+    # deleted as dead, was put back.
+    below = Q(chain_seq=0) | Q(close_chain_seq__lte=start)
+    if checkpoint is not None:
+        # The prune's own cut-off was a moment before the checkpoint's time: a minute of slack.
+        live_since = checkpoint.created_at - timedelta(
+            seconds=settings.CHAT_MAX_CONNECTION_AGE + 60
         )
-        .order_by("chain_seq")
-        .first()
-    )
+        below |= Q(chain_seq__lte=start, close_chain_seq__isnull=True, opened_at__lt=live_since)
+    stray = ConnectionLog.objects.filter(below).order_by("chain_seq").first()
     if stray is not None:
         return stray.chain_seq, f"ConnectionLog {stray.id} sits below the chain"
     unsealed = (
@@ -780,7 +803,6 @@ def prune_before(*, cutoff: datetime, dry_run: bool = False) -> PruneResult:
     and only the verified part can be pruned: a broken chain raises AuditChainBroken and keeps
     every row, since pruning it would sign a checkpoint over the tampering.
     """
-    from datetime import timedelta
 
     from django.db.models import Q
 

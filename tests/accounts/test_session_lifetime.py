@@ -223,3 +223,43 @@ async def test_a_password_hash_upgrade_at_login_is_not_a_password_change(setup, 
     await get_runtime().audit.flush()
     events = await sync(lambda: list(SecurityEvent.objects.values_list("event", flat=True)))()
     assert "password_changed" not in events
+
+
+async def test_ending_a_login_leaves_used_and_expired_tickets_as_they_were(setup):
+    """Only tickets that could still open (or be opening) a socket are revoked; a ticket that
+    opened one stays 'used' in the admin and in cleanup_tickets' counts."""
+    from datetime import timedelta
+
+    from django.utils import timezone
+
+    from accounts.models import Ticket
+
+    def two_tickets_of_one_login():
+        tokens = jwt_login()
+        api = APIClient()
+        api.credentials(HTTP_AUTHORIZATION=f"Bearer {tokens['access']}")
+        issue = [api.post("/api/tickets/", {"room": "lobby"}, format="json") for _ in range(2)]
+        return [r.json()["ticket"] for r in issue], tokens["refresh"]
+
+    (opened, _), refresh = await sync(two_tickets_of_one_login)()
+    comm = await open_socket(opened)
+
+    def expire_one_long_ago():
+        old = Ticket.objects.get(used_at__isnull=True)
+        Ticket.objects.filter(pk=old.pk).update(expires_at=timezone.now() - timedelta(minutes=5))
+
+    await sync(expire_one_long_ago)()
+    assert (await sync(jwt_logout)(refresh)).status_code == 200
+    assert await closed_with(comm) == (4401, "logged out")
+    await comm.disconnect()
+    states = await sync(lambda: sorted(t.state for t in Ticket.objects.all()))()
+    assert states == ["expired", "used"]
+    replay = communicator("/ws/rooms/lobby/", ticket=opened)
+    assert (await replay.connect())[0]
+    assert (await closed_with(replay))[0] == 4401
+    await replay.disconnect()
+    await get_runtime().audit.flush()
+    from chat.models import ConnectionLog
+
+    reasons = await sync(lambda: list(ConnectionLog.objects.values_list("reason", flat=True)))()
+    assert "ticket_reused" in reasons

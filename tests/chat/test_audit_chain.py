@@ -121,6 +121,17 @@ def forge_checkpoint(chain):
     return third.chain_seq, "checkpoint signature is invalid"
 
 
+def delete_the_head(chain):
+    AuditChainHead.objects.all().delete()
+    return 1, "the chain head is missing"
+
+
+def move_the_head_back_and_edit_what_follows(chain):
+    AuditChainHead.objects.filter(pk=1).update(last_seq=3, last_hash=audit.stored_link_hash(3))
+    MessageLog.objects.filter(chain_seq__gt=3).update(username="mallory")
+    return 4, "the head was moved back"
+
+
 def forge_rows_at_position_zero(chain):
     # Below where the walk starts: never read unless looked for.
     forged = SecurityEvent.objects.create(
@@ -152,6 +163,8 @@ def hide_a_close_below_the_chain(chain):
 @pytest.mark.parametrize(
     "tamper",
     [
+        delete_the_head,
+        move_the_head_back_and_edit_what_follows,
         forge_rows_at_position_zero,
         close_an_open_connection_by_hand,
         hide_a_close_below_the_chain,
@@ -251,6 +264,9 @@ def test_prune_keeps_a_connection_that_may_still_be_open():
 
     assert result.seq == 2
     assert result.rows == {"connection logs": 0, "message logs": 0, "security events": 1}
+    still_open = audit.verify_chain()  # kept below the checkpoint, not yet closed: legitimate
+    assert still_open.ok, still_open.problem
+    audit.prune_before(cutoff=timezone.now(), dry_run=True)  # a prune is not refused for it
     log_close(live)
     live.refresh_from_db()
     assert live.close_chain_seq == 4  # after the audit_pruned event

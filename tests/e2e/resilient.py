@@ -27,7 +27,11 @@ class ResilientClient:
     room: str
     messages: dict[int, dict] = field(default_factory=dict)  # seq -> message, each kept once
     duplicates: int = 0
-    outbox: dict[str, str] = field(default_factory=dict)  # client_id -> body, until acked
+    outbox: dict[str, str] = field(default_factory=dict)  # client_id -> body, until stored
+    # docs/protocol.md §5: every message up to resume_seq has arrived; live frames move it only
+    # once a catch-up has ended (during one they are newer than the gap being filled).
+    resume_seq: int = 0
+    caught_up: bool = False
     connects: int = 0
     closes: list[int] = field(default_factory=list)
     _ws: websockets.ClientConnection | None = None
@@ -112,21 +116,39 @@ class ResilientClient:
     async def _on_frame(self, ws, frame: dict) -> None:
         kind = frame["type"]
         if kind == "hello":
+            self.caught_up = False
             for client_id, body in list(self.outbox.items()):
                 await ws.send(json.dumps({"type": "message", "body": body, "client_id": client_id}))
-            if self.max_seq < frame["last_seq"]:
-                await ws.send(json.dumps({"type": "history", "after": self.max_seq, "limit": 100}))
+            if self.resume_seq < frame["last_seq"]:
+                await self._ask_after(ws)
+            else:
+                self._catch_up_done()
         elif kind == "ack":
             self.outbox.pop(frame["client_id"], None)
         elif kind == "message":
             self._keep(frame)
+            if self.caught_up:
+                self.resume_seq = max(self.resume_seq, frame["seq"])
         elif kind == "history":
             for message in frame["messages"]:
                 self._keep(message)
+                self.resume_seq = max(self.resume_seq, message["seq"])
             if frame["has_more"]:
-                await ws.send(json.dumps({"type": "history", "after": self.max_seq, "limit": 100}))
+                await self._ask_after(ws)
+            else:
+                self._catch_up_done()
+
+    async def _ask_after(self, ws) -> None:
+        await ws.send(json.dumps({"type": "history", "after": self.resume_seq, "limit": 100}))
+
+    def _catch_up_done(self) -> None:
+        self.caught_up = True
+        self.resume_seq = max(self.resume_seq, self.max_seq)
 
     def _keep(self, message: dict) -> None:
+        # Our own message in the stream is stored: its ack may have gone down with a socket.
+        if message.get("author") == self.username:
+            self.outbox.pop(message.get("client_id"), None)
         if message["seq"] in self.messages:
             self.duplicates += 1
         else:

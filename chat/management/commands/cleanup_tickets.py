@@ -62,8 +62,8 @@ class Command(BaseCommand):
         spent = Ticket.objects.spent(now).filter(issued_at__lt=cutoff)
         counts = spent.aggregate(
             total=Count("pk"),
-            revoked=Count("pk", filter=Q(revoked_at__isnull=False)),
-            used=Count("pk", filter=Q(revoked_at__isnull=True, used_at__isnull=False)),
+            revoked=Count("pk", filter=Q(revoked_at__isnull=False, used_at__isnull=True)),
+            used=Count("pk", filter=Q(used_at__isnull=False)),
         )
         breakdown = (
             f"used {counts['used']}, revoked {counts['revoked']}, "
