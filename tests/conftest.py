@@ -3,7 +3,7 @@
 import os
 
 import pytest
-from channels.layers import get_channel_layer
+from channels.layers import channel_layers, get_channel_layer
 from django.conf import settings as django_settings
 from django.core.cache import cache
 from django.db import connection
@@ -69,3 +69,7 @@ async def _clean_runtime():
     yield
     await shutdown_runtime()
     await get_channel_layer().flush()
+    # A fresh layer for the next test: channels_redis keeps asyncio locks per layer, bound to
+    # the loop that made them, and each test has its own loop ("bound to a different event
+    # loop" when one was left held by a cancelled receive).
+    channel_layers.backends.clear()

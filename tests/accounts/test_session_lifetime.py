@@ -263,3 +263,16 @@ async def test_ending_a_login_leaves_used_and_expired_tickets_as_they_were(setup
 
     reasons = await sync(lambda: list(ConnectionLog.objects.values_list("reason", flat=True)))()
     assert "ticket_reused" in reasons
+
+
+async def test_making_a_password_unusable_closes_the_sockets(setup):
+    alice, room = setup
+    comm, _ = await join(alice, room)
+
+    def lock_out():
+        alice.set_unusable_password()
+        alice.save(update_fields=["password"])
+
+    await sync(lock_out)()
+    assert await closed_with(comm) == (4401, "password changed")
+    await comm.disconnect()
