@@ -1,6 +1,7 @@
 """Audit Django's own authentication events (logins through any path, session logouts)."""
 
 from django.contrib.auth import get_user_model
+from django.contrib.auth.hashers import is_password_usable
 from django.contrib.auth.signals import user_logged_in, user_logged_out, user_login_failed
 from django.db.models.signals import post_delete, post_save, pre_save
 from django.dispatch import receiver
@@ -132,5 +133,8 @@ def _hash_upgrade(user, update_fields) -> bool:
     set_password saves with `_password` still set.
     """
     return (
-        user._password is None and update_fields is not None and set(update_fields) == {"password"}
+        user._password is None
+        and update_fields is not None
+        and set(update_fields) == {"password"}
+        and is_password_usable(user.password)  # set_unusable_password() is no upgrade
     )
