@@ -18,14 +18,6 @@ from tests.ws import closed_with, receive_until
 pytestmark = pytest.mark.django_db(transaction=True)
 
 
-@pytest.fixture
-def people():
-    alice, bob = make_user("alice"), make_user("bob")
-    room = make_room("lobby", owner=alice)
-    make_member(room, bob)
-    return alice, bob, room
-
-
 # --- hello and messages ---------------------------------------------------------------------------
 
 

@@ -16,18 +16,10 @@ from chat.models import Message, Room
 from chat.runtime import get_runtime
 from chat.services import SendItem
 from tests.chat.helpers import drain, join, send, sync
-from tests.factories import make_member, make_room, make_ticket, make_user
+from tests.factories import make_ticket
 from tests.ws import closed_with, communicator, receive_until
 
 pytestmark = pytest.mark.django_db(transaction=True)
-
-
-@pytest.fixture
-def people():
-    alice, bob = make_user("alice"), make_user("bob")
-    room = make_room("lobby", owner=alice)
-    make_member(room, bob)
-    return alice, bob, room
 
 
 def _frame(seq: int) -> str:
