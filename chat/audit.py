@@ -432,18 +432,6 @@ def iter_links(after_seq: int = 0, upto_seq: int | None = None) -> Iterator[Link
             bounds[f"{field}__lte"] = upto_seq
         return bounds
 
-    def conn_open() -> Iterator[Link]:
-        rows = ConnectionLog.objects.filter(**window("chain_seq")).order_by("chain_seq")
-        for r in rows.iterator(chunk_size=2000):
-            yield Link(
-                r.chain_seq,
-                KIND_CONNECTION_OPEN,
-                r.prev_hash,
-                r.row_hash,
-                row_content(r),
-                f"ConnectionLog {r.id} (opening)",
-            )
-
     def conn_close() -> Iterator[Link]:
         rows = ConnectionLog.objects.filter(**window("close_chain_seq")).order_by("close_chain_seq")
         for r in rows.iterator(chunk_size=2000):
@@ -456,7 +444,7 @@ def iter_links(after_seq: int = 0, upto_seq: int | None = None) -> Iterator[Link
                 f"ConnectionLog {r.id} (close)",
             )
 
-    def simple(model, kind) -> Iterator[Link]:
+    def opening(model, kind, suffix: str = "") -> Iterator[Link]:
         rows = model.objects.filter(**window("chain_seq")).order_by("chain_seq")
         for r in rows.iterator(chunk_size=2000):
             yield Link(
@@ -465,14 +453,14 @@ def iter_links(after_seq: int = 0, upto_seq: int | None = None) -> Iterator[Link
                 r.prev_hash,
                 r.row_hash,
                 row_content(r),
-                f"{model.__name__} {r.pk}",
+                f"{model.__name__} {r.pk}{suffix}",
             )
 
     yield from heapq.merge(
-        conn_open(),
+        opening(ConnectionLog, KIND_CONNECTION_OPEN, " (opening)"),
         conn_close(),
-        simple(MessageLog, KIND_MESSAGE),
-        simple(SecurityEvent, KIND_SECURITY),
+        opening(MessageLog, KIND_MESSAGE),
+        opening(SecurityEvent, KIND_SECURITY),
         key=lambda link: link.seq,
     )
 
