@@ -80,23 +80,16 @@ class LogoutView(APIView):
         except TokenError as error:
             raise InvalidToken(str(error)) from error
         user = selectors.user_by_id(refresh.get("user_id"))
+        family = refresh.get(FAMILY_CLAIM)
         with transaction.atomic():
             refresh.blacklist()
             if user is not None:
-                audit.security_event(
-                    event=audit.Event.LOGOUT,
-                    actor=user,
-                    target=user,
+                chat_services.user_logged_out(
+                    user=user,
+                    credential=services.credential_for_jwt(family) if family else "",
+                    method="jwt",
                     ip=client_ip_from_request(request),
-                    details={"method": "jwt"},
                 )
-                if refresh.get(FAMILY_CLAIM):
-                    credential = services.credential_for_jwt(refresh[FAMILY_CLAIM])
-                    # Its access tokens stop working now, not when they expire.
-                    services.login_end(user=user, credential=credential)
-                    chat_services.user_sockets_close(
-                        user_id=user.pk, credential=credential, reason="logged out"
-                    )
         return Response({"detail": "logged out"})
 
 

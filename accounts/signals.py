@@ -44,18 +44,13 @@ def audit_login_failed(sender, credentials, request=None, **kwargs):
 def audit_logout(sender, request, user, **kwargs):
     if user is None:
         return
-    audit.security_event(
-        event=audit.Event.LOGOUT,
-        actor=user,
-        target=user,
-        ip=_ip(request),
-        details={"method": "session"},
-    )
     session_key = getattr(getattr(request, "session", None), "session_key", None)
-    if session_key:
-        chat_services.user_sockets_close(
-            user_id=user.pk, credential=credential_for_session(session_key), reason="logged out"
-        )
+    chat_services.user_logged_out(
+        user=user,
+        credential=credential_for_session(session_key) if session_key else "",
+        method="session",
+        ip=_ip(request),
+    )
 
 
 @receiver(pre_save, sender=OutstandingToken, dispatch_uid="outstanding-token-digest")

@@ -15,7 +15,7 @@ from django.db.models import Subquery, Value
 from django.db.models.functions import Least
 from django.utils import timezone
 
-from accounts.services import tickets_revoke_for_login
+from accounts.services import login_end, tickets_revoke_for_login
 from chat import audit, broadcast, frames, permissions, sql
 from chat.models import Membership, Message, Room
 from chat.protocol import CLOSE_FORBIDDEN, CLOSE_ROOM_GONE, CLOSE_UNAUTHORIZED
@@ -606,6 +606,20 @@ def user_reactivate(*, actor, user) -> None:
         if User.objects.filter(pk=user.pk, is_active=False).update(is_active=True):
             user.is_active = True
             audit.security_event(event=audit.Event.USER_REACTIVATED, actor=actor, target=user)
+
+
+def user_logged_out(*, user, credential: str, method: str, ip: str | None) -> None:
+    """One login ended (session logout, or JWT logout with its refresh token blacklisted):
+    audit it, refuse that login's remaining access tokens (JWT), close its sockets (4401)."""
+    with transaction.atomic():
+        audit.security_event(
+            event=audit.Event.LOGOUT, actor=user, target=user, ip=ip, details={"method": method}
+        )
+        if not credential:
+            return
+        if method == "jwt":
+            login_end(user=user, credential=credential)
+        user_sockets_close(user_id=user.pk, credential=credential, reason="logged out")
 
 
 def user_sockets_close(*, user_id: int, reason: str, credential: str | None = None) -> None:
