@@ -32,9 +32,7 @@ from chat.protocol import (
     CLOSE_TOO_BIG,
     CLOSE_TRY_AGAIN,
     CLOSE_UNAUTHORIZED,
-    ERR_FORBIDDEN,
     ERR_INVALID_FRAME,
-    ERR_MUTED,
     ERR_RATE_LIMITED,
     ERR_TOO_LONG,
     ERR_UNAVAILABLE,
@@ -304,12 +302,8 @@ class RoomConsumer(AsyncWebsocketConsumer):
                 else {}
             )
             return await self._refuse(error.code, error.detail, **extra)
-        if not permissions.can_post(self.user, self.room, self.membership):
-            return await self._refuse(
-                ERR_FORBIDDEN, "you may not post in this room", client_id=client_id
-            )
-        if permissions.is_muted(self.membership):
-            return await self._refuse(ERR_MUTED, "you are muted in this room", client_id=client_id)
+        if refusal := permissions.post_refusal(self.user, self.room, self.membership):
+            return await self._refuse(*refusal, client_id=client_id)
         if not await self.runtime.state.take_token(
             f"messages:{self.user_id}", settings.CHAT_MESSAGE_RATE, settings.CHAT_MESSAGE_BURST
         ):
@@ -364,10 +358,8 @@ class RoomConsumer(AsyncWebsocketConsumer):
             raise FrameError(error.code, error.detail) from None
 
     async def on_typing(self, frame: dict[str, Any]) -> None:
-        if not permissions.can_post(self.user, self.room, self.membership):
-            raise FrameError(ERR_FORBIDDEN, "you may not post in this room")
-        if permissions.is_muted(self.membership):
-            raise FrameError(ERR_MUTED, "you are muted in this room")
+        if refusal := permissions.post_refusal(self.user, self.room, self.membership):
+            raise FrameError(*refusal)
         if not await self.runtime.state.throttle(
             f"typing:{self.room_id}:{self.user_id}", settings.CHAT_TYPING_INTERVAL
         ):

@@ -70,6 +70,20 @@ def is_muted(membership: Membership | None, now: datetime | None = None) -> bool
     return membership.muted_until > (now or timezone.now())
 
 
+def post_refusal(
+    user, room: Room, membership: Membership | None, now: datetime | None = None
+) -> tuple[str, str] | None:
+    """Why `user` may not post (or type) in `room` now, as (error code, detail); None if they may.
+
+    The one answer the socket (messages, typing) and the message store give.
+    """
+    if not can_post(user, room, membership):
+        return "forbidden", "you may not post in this room"
+    if is_muted(membership, now):
+        return "muted", "you are muted in this room"
+    return None
+
+
 def can_delete(user, room: Room, membership: Membership | None, message: Message) -> bool:
     if not can_view(user, room, membership):
         return False

@@ -202,10 +202,8 @@ def _store_batch(items: list[SendItem]) -> tuple[list[SendResult], list[Publicat
             membership = memberships.get((item.room.pk, item.author.pk))
             if room is None or room.archived_at is not None:
                 result.error, result.detail = "not_found", "room not found"
-            elif not permissions.can_post(item.author, room, membership):
-                result.error, result.detail = "forbidden", "you may not post in this room"
-            elif permissions.is_muted(membership, now):
-                result.error, result.detail = "muted", "you are muted in this room"
+            elif refusal := permissions.post_refusal(item.author, room, membership, now):
+                result.error, result.detail = refusal
             if result.error:
                 logs.append(_rejected_log(item, room, result.error))
                 continue
