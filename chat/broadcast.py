@@ -51,17 +51,9 @@ def messages_event(room_id: int, items: list[tuple[int, str]]) -> dict[str, Any]
     }
 
 
-def frame_event(
-    room_id: int, text: str, *, exclude_user: int | None = None, only_user: int | None = None
-) -> dict[str, Any]:
-    """A ready frame for the room's sockets (all, all but one user's, or one user's)."""
-    return {
-        "type": "hub.frame",
-        "room": room_id,
-        "text": text,
-        "exclude_user": exclude_user,
-        "user": only_user,
-    }
+def frame_event(room_id: int, text: str, *, exclude_user: int | None = None) -> dict[str, Any]:
+    """A ready frame for the room's sockets (all, or all but one user's)."""
+    return {"type": "hub.frame", "room": room_id, "text": text, "exclude_user": exclude_user}
 
 
 def membership_event(

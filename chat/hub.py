@@ -287,12 +287,7 @@ class Hub:
             if "ts" in event:
                 metrics.DELIVERY_LATENCY.observe(max(0.0, time.time() - event["ts"]))
         elif kind == "hub.frame":
-            await self._send_all(
-                feed,
-                event["text"],
-                exclude_user=event.get("exclude_user"),
-                only_user=event.get("user"),
-            )
+            await self._send_all(feed, event["text"], exclude_user=event.get("exclude_user"))
         elif kind in ("hub.membership", "hub.revoke"):
             target = event.get("user")
             for sock in list(feed.sockets.values()):
@@ -369,15 +364,12 @@ class Hub:
         text: str,
         *,
         exclude_user: int | None = None,
-        only_user: int | None = None,
     ) -> None:
         """Write one frame to the room's ready sockets: serialized once, framed once."""
         prepared = None
         sent = 0
         for sock in list(feed.sockets.values()):
             if not sock.ready or sock.closing or sock.user_id == exclude_user:
-                continue
-            if only_user is not None and sock.user_id != only_user:
                 continue
             try:
                 if sock.fast_send is not None:

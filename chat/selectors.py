@@ -24,7 +24,7 @@ from django.db.models.functions import Coalesce, Greatest
 from django.utils import timezone
 
 from accounts.models import Ticket
-from chat import frames, permissions
+from chat import frames
 from chat.models import ConnectionLog, Membership, Message, Room, SecurityEvent
 
 User = get_user_model()
@@ -131,35 +131,19 @@ def message_payloads(messages: list[Message], *, room: Room) -> list[dict]:
 
 def message_frames_between(room_id: int, after: int, upto: int) -> list[tuple[int, str]]:
     """Message frames with after < seq <= upto, in order (the hub's gap filling)."""
-    room = Room.objects.get(pk=room_id)
-    rows = (
+    rows = list(
         Message.objects.filter(room_id=room_id, seq__gt=after, seq__lte=upto)
-        .select_related("author")
+        .select_related("author", "room")
         .order_by("seq")
     )
-    return [
-        (
-            m.seq,
-            frames.message(
-                frames.message_data(
-                    m, room_slug=room.slug, author_name=m.author.username if m.author else None
-                )
-            ),
-        )
-        for m in rows
-    ]
-
-
-def message_get(*, room: Room, seq: int) -> Message | None:
-    return Message.objects.filter(room=room, seq=seq).first()
+    if not rows:
+        return []
+    payloads = message_payloads(rows, room=rows[0].room)
+    return [(data["seq"], frames.message(data)) for data in payloads]
 
 
 def user_get(*, username: str):
     return User.objects.filter(username=username).first()
-
-
-def user_can_view_room(*, user, room: Room) -> bool:
-    return permissions.can_view(user, room, membership_get(room=room, user=user))
 
 
 def user_by_id(user_id) -> object | None:

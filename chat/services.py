@@ -107,10 +107,6 @@ class SendResult:
     error: str | None = None
     detail: str = ""
 
-    @property
-    def ok(self) -> bool:
-        return self.error is None
-
 
 def message_send(
     *,
