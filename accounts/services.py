@@ -134,7 +134,7 @@ def tickets_revoke_for_login(*, user_id: int, credential: str | None = None) -> 
     the revocation broadcast (chat.services.user_sockets_close), which calls this.
     """
     now = timezone.now()
-    usable = Q(used_at__isnull=True, expires_at__gt=now)
+    usable = Ticket.objects.state_conditions(now)["issued"]
     joining = Q(used_at__gte=now - JOINING_GRACE)
     tickets = Ticket.objects.filter(usable | joining, user_id=user_id, revoked_at__isnull=True)
     if credential is not None:
@@ -162,20 +162,23 @@ def login_has_ended(credential: str) -> bool:
 def tickets_revoke(*, actor, tickets) -> int:
     """Revoke unused tickets (admin action); each revocation is audited."""
     now = timezone.now()
-    revoked = 0
     with transaction.atomic():
-        for row in tickets.select_for_update().unused():
-            row.revoked_at = now
-            row.save(update_fields=["revoked_at"])
-            audit.security_event(
-                event=audit.Event.TICKET_REVOKED,
-                actor=actor,
-                target=row.user,
-                room=row.room,
-                details={"jti": row.jti},
-            )
-            revoked += 1
-    return revoked
+        rows = list(tickets.select_for_update().unused().select_related("user", "room"))
+        Ticket.objects.filter(pk__in=[row.pk for row in rows]).update(revoked_at=now)
+        # One append for all of them: one lock of the chain head, not one per ticket.
+        audit.append(
+            [
+                audit.security_event_row(
+                    event=audit.Event.TICKET_REVOKED,
+                    actor=actor,
+                    target=row.user,
+                    room=row.room,
+                    details={"jti": row.jti},
+                )
+                for row in rows
+            ]
+        )
+    return len(rows)
 
 
 def token_digest(token: str) -> str:

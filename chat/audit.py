@@ -792,8 +792,6 @@ def prune_before(*, cutoff: datetime, dry_run: bool = False) -> PruneResult:
     every row, since pruning it would sign a checkpoint over the tampering.
     """
 
-    from django.db.models import Q
-
     verified_upto = AuditChainHead.objects.filter(pk=1).values_list("last_seq", flat=True).first()
     verified = verify_chain()
     if not verified.ok:

@@ -5,7 +5,7 @@ from datetime import timedelta
 
 from django.core.management.base import BaseCommand, CommandError
 from django.db import transaction
-from django.db.models import Count, Q
+from django.db.models import Count
 from django.utils import timezone
 
 from accounts.models import EndedLogin, Ticket
@@ -60,10 +60,11 @@ class Command(BaseCommand):
         # Fixed at the start: a ticket spent by then stays spent (used_at and revoked_at are set
         # once, expiry only comes closer), so every batch re-checks the same condition.
         spent = Ticket.objects.spent(now).filter(issued_at__lt=cutoff)
+        states = Ticket.objects.state_conditions(now)
         counts = spent.aggregate(
             total=Count("pk"),
-            revoked=Count("pk", filter=Q(revoked_at__isnull=False, used_at__isnull=True)),
-            used=Count("pk", filter=Q(used_at__isnull=False)),
+            revoked=Count("pk", filter=states["revoked"]),
+            used=Count("pk", filter=states["used"]),
         )
         breakdown = (
             f"used {counts['used']}, revoked {counts['revoked']}, "
