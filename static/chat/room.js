@@ -321,16 +321,25 @@ function upsertMessage(message) {
   messages.set(message.seq, entry);
   renderMessageInto(li, message);
   renderDeleteControl(entry);
-  // Usually the newest: walk back from the end to the first message with a lower seq.
-  let before = null;
-  for (let node = ui.messages.lastElementChild; node; node = node.previousElementSibling) {
-    if (Number(node.dataset.seq) < message.seq) break;
-    before = node;
-  }
-  ui.messages.insertBefore(li, before);
+  ui.messages.insertBefore(li, firstAbove(message.seq));
   regroup(li);
   if (li.nextElementSibling) regroup(li.nextElementSibling);
   return true;
+}
+
+// The shown message with the lowest seq above `seq` (null: none). Live messages are usually the
+// newest; pages of older messages land anywhere, so the rest is a binary search, not a walk.
+function firstAbove(seq) {
+  const shown = ui.messages.children;
+  let low = 0;
+  let high = shown.length;
+  if (high === 0 || Number(shown[high - 1].dataset.seq) < seq) return null;
+  while (low < high) {
+    const middle = (low + high) >> 1;
+    if (Number(shown[middle].dataset.seq) < seq) low = middle + 1;
+    else high = middle;
+  }
+  return shown[low];
 }
 
 // A message directly after one by the same author, within minutes, drops its header.
