@@ -114,7 +114,7 @@ class TicketCreateView(APIView):
         data.is_valid(raise_exception=True)
         slug = data.validated_data["room"]
         room = selectors.room_get(slug=slug)
-        if room is None or room.archived_at is not None:
+        if room is None:
             raise NotFound("no such room")
         user, ip = request.user, client_ip_from_request(request)
         if not permissions.can_view(user, room, selectors.membership_get(room=room, user=user)):

@@ -43,7 +43,7 @@ class RoomScopedView(APIView):
 
     def room_for(self, request, slug: str) -> Room:
         room = selectors.room_get(slug=slug)
-        if room is None or room.archived_at is not None:
+        if room is None:
             raise NotFound("no such room")
         self.membership = selectors.membership_get(room=room, user=request.user)
         if not permissions.can_view(request.user, room, self.membership):
@@ -122,7 +122,7 @@ class RoomJoinView(APIView):
     def post(self, request, slug: str):
         """Become a member of a public or read-only room."""
         room = selectors.room_get(slug=slug)
-        if room is None or room.archived_at is not None:
+        if room is None:
             raise NotFound("no such room")
         try:
             membership = services.room_join(user=request.user, room=room)

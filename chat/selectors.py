@@ -31,7 +31,9 @@ User = get_user_model()
 
 
 def room_get(*, slug: str) -> Room | None:
-    return Room.objects.filter(slug=slug).first()
+    """The room by slug, if it exists and is not archived: everywhere a user names a room
+    (pages, API, tickets), an archived room is an unknown one (404)."""
+    return Room.objects.filter(slug=slug, archived_at__isnull=True).first()
 
 
 def room_last_seq(room_id: int) -> int:

@@ -35,7 +35,7 @@ def room_list(request):
 @login_required
 def room_page(request, slug: str):
     room = selectors.room_get(slug=slug)
-    if room is None or room.archived_at is not None:
+    if room is None:
         raise Http404("no such room")
     membership = selectors.membership_get(room=room, user=request.user)
     can_view = permissions.can_view(request.user, room, membership)
