@@ -572,14 +572,14 @@ def user_deactivate(*, actor, user, reason: str = "") -> None:
         if not updated:
             return
         user.is_active = False
-        audit.security_event(
-            event=audit.Event.USER_DEACTIVATED, actor=actor, target=user, reason=reason
+        # A queryset update sends no signal: record it the way every other path does.
+        user_credentials_changed(
+            user=user, password_changed=False, deactivated=True, actor=actor, reason=reason
         )
-        user_sockets_close(user_id=user.pk, reason="account deactivated")
 
 
 def user_credentials_changed(
-    *, user, password_changed: bool, deactivated: bool, actor=None
+    *, user, password_changed: bool, deactivated: bool, actor=None, reason: str = ""
 ) -> None:
     """A user's password changed or the account was deactivated by any path (admin form,
     `changepassword`, shell): audit it and close every socket the user has open (4401).
@@ -590,7 +590,9 @@ def user_credentials_changed(
                 event=audit.Event.PASSWORD_CHANGED, actor=actor or user, target=user
             )
         if deactivated:
-            audit.security_event(event=audit.Event.USER_DEACTIVATED, actor=actor, target=user)
+            audit.security_event(
+                event=audit.Event.USER_DEACTIVATED, actor=actor, target=user, reason=reason
+            )
         reason = "account deactivated" if deactivated else "password changed"
         user_sockets_close(user_id=user.pk, reason=reason)
 
