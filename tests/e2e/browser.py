@@ -19,10 +19,9 @@ import pytest
 import pytest_asyncio
 from asgiref.sync import sync_to_async
 from django.conf import settings
-from django.contrib.auth.hashers import make_password
 from django.test import Client
 
-from tests.factories import PASSWORD, make_user
+from tests.factories import PASSWORD
 
 CHROMIUM = Path("/usr/bin/chromium")
 CHROMIUM_ARGS = [
@@ -149,18 +148,6 @@ async def open_tab_fixture(browser):
 
 
 @functools.cache
-def _password_hash() -> str:
-    return make_password(PASSWORD)
-
-
-def make_browser_user(username: str, **fields):
-    """A user who signs in with PASSWORD, without paying for a fresh PBKDF2 hash each time."""
-    user = make_user(username, password=None, **fields)
-    user.password = _password_hash()
-    user.save(update_fields=["password"])
-    return user
-
-
 def _session_for(user) -> str:
     client = Client()
     client.force_login(user)

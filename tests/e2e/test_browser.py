@@ -16,7 +16,6 @@ from tests.e2e.browser import (  # noqa: F401  (the *_fixture names are fixtures
     PHONE,
     assert_healthy,
     browser_fixture,
-    make_browser_user,
     message_seqs,
     open_room,
     open_tab_fixture,
@@ -24,7 +23,7 @@ from tests.e2e.browser import (  # noqa: F401  (the *_fixture names are fixtures
     sign_in,
     sign_in_fast,
 )
-from tests.factories import PASSWORD, make_member, make_room
+from tests.factories import PASSWORD, make_member, make_room, make_user
 
 pytestmark = [pytest.mark.e2e, pytest.mark.browser, pytest.mark.asyncio(loop_scope="module")]
 
@@ -35,7 +34,7 @@ HOSTILE_SCRIPT = "<script>alert(1)</script>"
 @pytest.fixture
 def lobby(transactional_db):
     """alice owns the public lobby; bob and carol are members."""
-    alice, bob, carol = (make_browser_user(name) for name in ("alice", "bob", "carol"))
+    alice, bob, carol = (make_user(name) for name in ("alice", "bob", "carol"))
     room = make_room("lobby", owner=alice, title="Lobby")
     make_member(room, bob)
     make_member(room, carol)
@@ -89,9 +88,9 @@ async def test_two_users_see_each_others_messages_within_two_seconds(open_tab, s
 @pytest.fixture
 def den(transactional_db):
     """alice's room "den", titled with HTML, with a member whose username is HTML."""
-    alice = make_browser_user("alice")
+    alice = make_user("alice")
     room = make_room("den", owner=alice, title=HOSTILE_SCRIPT)
-    make_member(room, make_browser_user(HOSTILE_IMG))
+    make_member(room, make_user(HOSTILE_IMG))
     return room
 
 

@@ -19,12 +19,11 @@ from tests.e2e.browser import (  # noqa: F401  (the *_fixture names are fixtures
     PHONE,
     assert_healthy,
     browser_fixture,
-    make_browser_user,
     open_room,
     open_tab_fixture,
     sign_in_fast,
 )
-from tests.factories import make_member, make_room
+from tests.factories import make_member, make_room, make_user
 
 pytestmark = [pytest.mark.e2e, pytest.mark.browser, pytest.mark.asyncio(loop_scope="module")]
 
@@ -58,7 +57,7 @@ CONVERSATION = [
 
 @pytest.fixture
 def busy_room(transactional_db):
-    users = {name: make_browser_user(name) for name in ("alice", "bob", "carol", "dave", "erin")}
+    users = {name: make_user(name) for name in ("alice", "bob", "carol", "dave", "erin")}
     room = make_room("release", owner=users["alice"], title="Release planning")
     make_member(room, users["bob"], role="moderator")
     for name in ("carol", "dave", "erin"):
