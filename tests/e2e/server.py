@@ -55,9 +55,10 @@ class DaphneServer:
         ws_scheme = "wss" if self.scheme == "https" else "ws"
         return f"{ws_scheme}://127.0.0.1:{self.port}{path}"
 
-    def start(self, timeout: float = 20.0) -> DaphneServer:
+    def start(self, timeout: float = 60.0) -> DaphneServer:
         args = self.extra_args or ["--bind", "127.0.0.1", "--port", str(self.port)]
         log = self.log_path.open("ab")
+        since = log.tell()  # a restart appends: report only this start's output
         self.process = subprocess.Popen(
             [sys.executable, "manage.py", "serve", *args],
             cwd=ROOT,
@@ -69,7 +70,7 @@ class DaphneServer:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
-                raise RuntimeError(f"daphne exited at start:\n{self.log_path.read_text()[-3000:]}")
+                raise RuntimeError(f"daphne exited at start:\n{self._output_since(since)}")
             try:
                 response = httpx.get(f"{self.url}/healthz", timeout=1.0, verify=False)  # noqa: S501
                 if response.status_code < 500:
@@ -77,7 +78,32 @@ class DaphneServer:
             except httpx.HTTPError:
                 pass
             time.sleep(0.1)
-        raise RuntimeError(f"daphne did not start:\n{self.log_path.read_text()[-3000:]}")
+        stacks = self._stacks()
+        self.stop(signal.SIGKILL)
+        raise RuntimeError(
+            f"daphne did not answer /healthz within {timeout:.0f} s.\n"
+            f"Its output:\n{self._output_since(since)}\nWhere it was:\n{stacks}"
+        )
+
+    def _output_since(self, offset: int) -> str:
+        with self.log_path.open("rb") as log:
+            log.seek(offset)
+            return log.read().decode(errors="replace")[-4000:] or "(nothing)"
+
+    def _stacks(self) -> str:
+        """The Python stacks of a server that does not answer, so a hang explains itself."""
+        spy = Path(sys.executable).with_name("py-spy")
+        try:
+            dump = subprocess.run(
+                [spy, "dump", "--pid", str(self.process.pid)],
+                capture_output=True,
+                text=True,
+                timeout=30,
+                check=False,
+            )
+        except (OSError, subprocess.TimeoutExpired) as error:
+            return f"(py-spy failed: {error})"
+        return (dump.stdout + dump.stderr)[-6000:]
 
     def stop(self, sig: int = signal.SIGTERM, timeout: float = 15.0) -> int | None:
         if self.process is None or self.process.poll() is not None:
