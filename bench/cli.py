@@ -64,7 +64,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument(
         "--profile",
         action="store_true",
-        help="py-spy the chat server during broadcast and handshakes",
+        help="py-spy the chat server during broadcast, handshakes and persist",
     )
     p.add_argument("--profile-rate", type=int, help="deliveries/s while profiling")
     p.add_argument("--profile-duration", type=float)
@@ -149,7 +149,7 @@ async def run(args: argparse.Namespace, opts: Options, workdir: Path) -> dict:
                 )
     profile = {}
     if args.profile:
-        for scenario in ("broadcast", "handshakes"):
+        for scenario in [s for s in ("broadcast", "handshakes", "persist") if s in chosen]:
             print(f"== profile: py-spy on chat, {scenario}", flush=True)
             with Stage(TARGETS["chat"], deployment, opts, f"prof{scenario[:4]}") as stage:
                 profile[scenario] = await getattr(scenarios, f"profile_{scenario}")(

@@ -651,6 +651,11 @@ def _profile_section(data: dict) -> list[str]:
                 f"{fmt(p['server_cpu_us_per_delivery'])} µs server CPU per delivery, "
                 f"p99 {fmt(p['p99_ms'])} ms"
             )
+        elif scenario == "persist":
+            what = (
+                f"persist, {p['rooms']} rooms of 2: {fmt(p['messages_per_s'])} messages/s, "
+                f"{fmt(p['server_cpu_us_per_message'])} µs server CPU per message"
+            )
         else:
             what = (
                 f"handshakes: {fmt(p['handshakes_per_s'])}/s, "

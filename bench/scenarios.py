@@ -531,6 +531,8 @@ class PySpy:
         stacks: dict[str, int] = {}
         for line in self.raw.read_text().splitlines():
             stack, _, count = line.rpartition(" ")
+            if not count.isdigit():  # a line cut short when py-spy was stopped
+                continue
             stacks[stack] = stacks.get(stack, 0) + int(count)
         return {**summarize_stacks(stacks), "stacks": stacks}
 
@@ -562,6 +564,12 @@ async def profile_broadcast(stage: Stage, out_path: Path) -> dict:
 async def profile_handshakes(stage: Stage, out_path: Path) -> dict:
     with PySpy(stage, out_path) as spy:
         figures = await handshakes(stage)
+    return {**figures, **spy.result()}
+
+
+async def profile_persist(stage: Stage, out_path: Path) -> dict:
+    with PySpy(stage, out_path) as spy:
+        figures = await persist(stage)
     return {**figures, **spy.result()}
 
 
