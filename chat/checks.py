@@ -275,7 +275,11 @@ def check_channel_layer(app_configs=None, **kwargs: Any) -> Messages:
     if not _production():
         return []
     backend = settings.CHANNEL_LAYERS.get("default", {}).get("BACKEND", "")
-    if backend != IN_MEMORY_LAYER:
+    try:
+        in_memory = issubclass(import_string(backend), import_string(IN_MEMORY_LAYER))
+    except ImportError:
+        in_memory = False
+    if not in_memory:
         return []
     return [
         Warning(

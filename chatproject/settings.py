@@ -180,7 +180,8 @@ else:
     CACHES = {"default": {"BACKEND": "django.core.cache.backends.locmem.LocMemCache"}}
     CHANNEL_LAYERS = {
         "default": {
-            "BACKEND": "channels.layers.InMemoryChannelLayer",
+            # Channels' in-memory layer, its expiry sweep amortised (chat/layers.py).
+            "BACKEND": "chat.layers.InMemoryChannelLayer",
             "CONFIG": {"capacity": 20000, "expiry": 30},
         }
     }

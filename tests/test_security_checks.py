@@ -288,6 +288,11 @@ BAD_CONFIGURATIONS = [
         {"CHANNEL_LAYERS": {"default": {"BACKEND": checks.IN_MEMORY_LAYER}}},
         id="in-memory-layer",
     ),
+    pytest.param(
+        "chat.W001",
+        {"CHANNEL_LAYERS": {"default": {"BACKEND": "chat.layers.InMemoryChannelLayer"}}},
+        id="in-memory-layer-of-the-embedded-default",
+    ),
 ]
 
 
