@@ -159,7 +159,6 @@ def _store_batch(items: list[SendItem]) -> tuple[list[SendResult], list[Publicat
     now = timezone.now()
     results = [SendResult() for _ in items]
     room_ids = sorted({i.room.pk for i in items})
-    author_ids = {i.author.pk for i in items}
     published: dict[int, list[tuple[int, str]]] = {}
     with transaction.atomic():
         # Lock rooms in id order (no deadlock between batches); also gives their fresh state.
@@ -170,15 +169,20 @@ def _store_batch(items: list[SendItem]) -> tuple[list[SendResult], list[Publicat
         }
         memberships = {
             (m.room_id, m.user_id): m
-            for m in sql.select_in(Membership, MEMBERSHIP_FIELDS, room=room_ids, user=author_ids)
+            for m in sql.select_pairs(
+                Membership,
+                MEMBERSHIP_FIELDS,
+                ("room", "user"),
+                ((i.room.pk, i.author.pk) for i in items),
+            )
         }
         existing = {
             (m.author_id, m.client_id): m
-            for m in sql.select_in(
+            for m in sql.select_pairs(
                 Message,
                 ["author", "client_id", "room", "seq"],
-                author=author_ids,
-                client_id={i.client_id for i in items},
+                ("author", "client_id"),
+                ((i.author.pk, i.client_id) for i in items),
             )
         }
         new_messages: list[Message] = []

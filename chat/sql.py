@@ -5,6 +5,10 @@ from typing import Any
 
 from django.db import models, transaction
 
+# Pairs per query in select_pairs: the OR chain stays well inside SQLite's expression depth
+# limit (1,000).
+PAIRS_PER_QUERY = 200
+
 
 def update_many(
     model: type[models.Model], fields: Sequence[str], rows: Iterable[tuple[Any, Sequence[Any]]]
@@ -73,18 +77,68 @@ def select_in(
     connection = transaction.get_connection()
     quote = connection.ops.quote_name
     meta = model._meta
-    columns = [meta.pk, *(meta.get_field(name) for name in fields)]
     conditions, params = [], []
     for name, values in where.items():
-        field = meta.pk if name == "pk" else meta.get_field(name)
+        field = _field(meta, name)
         values = list(values)
         if not values:
             return []
         conditions.append(f"{quote(field.column)} IN ({', '.join(['%s'] * len(values))})")
         params += [field.get_db_prep_value(v, connection) for v in values]
+    return _select(model, fields, " AND ".join(conditions), params, for_update, order_by)
+
+
+def select_pairs(
+    model: type[models.Model],
+    fields: Sequence[str],
+    columns: tuple[str, str],
+    pairs: Iterable[tuple[Any, Any]],
+) -> list[models.Model]:
+    """Instances of `model` with `fields` loaded whose two `columns` equal one of `pairs`.
+
+    The WHERE clause is (a = %s AND b = %s) OR ...: one probe of a two-column index per pair,
+    on SQLite and PostgreSQL alike. `a IN (...) AND b IN (...)` probes every combination (for a
+    batch of 200 messages by 180 authors SQLite made 36,000 probes, 11 ms, against 0.1 ms),
+    and SQLite answers a row-value `(a, b) IN (...)` with a table scan.
+    """
+    connection = transaction.get_connection()
+    quote = connection.ops.quote_name
+    meta = model._meta
+    first, second = _field(meta, columns[0]), _field(meta, columns[1])
+    term = f"({quote(first.column)} = %s AND {quote(second.column)} = %s)"
+    pairs = list(dict.fromkeys(pairs))
+    found: list[models.Model] = []
+    for start in range(0, len(pairs), PAIRS_PER_QUERY):
+        chunk = pairs[start : start + PAIRS_PER_QUERY]
+        params = []
+        for a, b in chunk:
+            params += [
+                first.get_db_prep_value(a, connection),
+                second.get_db_prep_value(b, connection),
+            ]
+        found += _select(model, fields, " OR ".join([term] * len(chunk)), params)
+    return found
+
+
+def _field(meta, name: str):
+    return meta.pk if name == "pk" else meta.get_field(name)
+
+
+def _select(
+    model: type[models.Model],
+    fields: Sequence[str],
+    where: str,
+    params: list[Any],
+    for_update: bool = False,
+    order_by: str | None = None,
+) -> list[models.Model]:
+    connection = transaction.get_connection()
+    quote = connection.ops.quote_name
+    meta = model._meta
+    columns = [meta.pk, *(meta.get_field(name) for name in fields)]
     sql = (
         f"SELECT {', '.join(quote(c.column) for c in dict.fromkeys(columns))} "  # noqa: S608
-        f"FROM {quote(meta.db_table)} WHERE {' AND '.join(conditions)}"
+        f"FROM {quote(meta.db_table)} WHERE {where}"
     )
     if order_by:
         sql += f" ORDER BY {quote(meta.get_field(order_by).column)}"

@@ -1,0 +1,60 @@
+"""chat.sql: the raw queries of the message path answer what the ORM would."""
+
+import pytest
+from django.db import connection
+from django.test.utils import CaptureQueriesContext
+
+from chat import sql
+from chat.models import Membership
+from tests.factories import make_member, make_room, make_user
+
+pytestmark = pytest.mark.django_db
+
+
+@pytest.fixture
+def grid():
+    """Three rooms, three users, every user in every room."""
+    rooms = [make_room() for _ in range(3)]
+    users = [make_user() for _ in range(3)]
+    for room in rooms:
+        for user in users:
+            make_member(room, user)
+    return rooms, users
+
+
+def pairs_of(rows):
+    return sorted((m.room_id, m.user_id) for m in rows)
+
+
+def test_select_pairs_answers_the_pairs_and_not_their_combinations(grid):
+    (r1, r2, _), (u1, u2, _) = grid
+    wanted = [(r1.pk, u1.pk), (r2.pk, u2.pk)]
+    rows = sql.select_pairs(Membership, ["room", "user", "role"], ("room", "user"), wanted)
+    assert pairs_of(rows) == sorted(wanted)  # not (r1, u2) nor (r2, u1)
+    assert {m.role for m in rows} == {Membership.Role.MEMBER}
+
+
+def test_select_pairs_skips_pairs_that_match_nothing_and_repeats(grid):
+    (r1, _, _), (u1, _, _) = grid
+    wanted = [(r1.pk, u1.pk), (r1.pk, u1.pk), (r1.pk, 10**9), (10**9, u1.pk)]
+    rows = sql.select_pairs(Membership, ["room", "user"], ("room", "user"), wanted)
+    assert pairs_of(rows) == [(r1.pk, u1.pk)]
+    assert sql.select_pairs(Membership, ["room"], ("room", "user"), []) == []
+
+
+def test_select_pairs_splits_long_lists_into_queries(grid, monkeypatch):
+    rooms, users = grid
+    monkeypatch.setattr(sql, "PAIRS_PER_QUERY", 4)
+    wanted = [(r.pk, u.pk) for r in rooms for u in users]  # 9 pairs: 3 queries
+    with CaptureQueriesContext(connection) as queries:
+        rows = sql.select_pairs(Membership, ["room", "user"], ("room", "user"), wanted)
+    assert pairs_of(rows) == sorted(wanted)
+    assert len(queries) == 3
+    assert " OR " in queries[0]["sql"] and " IN " not in queries[0]["sql"]
+
+
+def test_select_in_still_answers_value_lists(grid):
+    (r1, r2, _), (u1, _, _) = grid
+    rows = sql.select_in(Membership, ["room", "user"], room=[r1.pk, r2.pk], user=[u1.pk])
+    assert pairs_of(rows) == sorted([(r1.pk, u1.pk), (r2.pk, u1.pk)])
+    assert sql.select_in(Membership, ["room"], room=[]) == []
