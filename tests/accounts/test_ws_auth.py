@@ -2,6 +2,7 @@
 
 import asyncio
 import base64
+import gc
 import json
 import threading
 from datetime import timedelta
@@ -386,3 +387,19 @@ async def test_with_redis_down_a_handshake_gets_its_close_code_not_a_500(
     await comm.disconnect()
     [row] = await audit_rows()
     assert (row.outcome, row.reason) == ("rejected", reason)
+
+
+@pytest.mark.parametrize("transport", ["subprotocol", "query", "first_frame"])
+async def test_an_open_socket_does_not_keep_the_ticket_row(alice, lobby, transport):
+    token = await database_sync_to_async(make_ticket)(alice, lobby)
+    comm = communicator(
+        LOBBY, transport=transport, ticket=None if transport == "first_frame" else token
+    )
+    assert (await comm.connect())[0]
+    if transport == "first_frame":
+        await comm.send_json_to({"type": "auth", "ticket": token})
+    await receive_until(comm, "hello")
+    gc.collect()
+    # type(), not isinstance(): gc.get_objects() also returns dead weak proxies.
+    assert not [o for o in gc.get_objects() if type(o) is Ticket]
+    await comm.disconnect()
