@@ -423,7 +423,7 @@ async def idle(stage: Stage) -> dict:
 # --- persist: many small rooms, every member sending as fast as acks come back ---
 
 
-async def persist(stage: Stage) -> dict:
+async def persist(stage: Stage, profile_path: Path | None = None) -> dict:
     opts = stage.opts
     specs = stage.seed(opts.persist_rooms, 2)
     books = Books()
@@ -458,7 +458,8 @@ async def persist(stage: Stage) -> dict:
             conn.inflight.add(conn.send_message())
             sent += 1
 
-    with Window(stage) as window:
+    spy = PySpy(stage, profile_path) if profile_path else contextlib.nullcontext()
+    with spy, Window(stage) as window:
         await asyncio.gather(*(pump(c) for c in conns))
         acked_in_window = books.acks
     expected = sum(len(r.sent) * len(r.conns) for r in rooms)
@@ -484,6 +485,8 @@ async def persist(stage: Stage) -> dict:
         figures["rows_in_database"] = stage.deployment.count_messages(stage.db_env, stage.prefix)
         figures["rows_match_acks"] = figures["rows_in_database"] == books.acks
     _log(stage, "persist", figures)
+    if profile_path:
+        figures.update(spy.result())
     return figures
 
 
@@ -568,9 +571,8 @@ async def profile_handshakes(stage: Stage, out_path: Path) -> dict:
 
 
 async def profile_persist(stage: Stage, out_path: Path) -> dict:
-    with PySpy(stage, out_path) as spy:
-        figures = await persist(stage)
-    return {**figures, **spy.result()}
+    """The persist scenario with py-spy on the measured window only (not on the connects)."""
+    return await persist(stage, out_path)
 
 
 _FRAME = re.compile(r"^(?P<func>.*?) \((?P<file>[^()]*?)(?::\d+)?\)$")

@@ -321,7 +321,8 @@ def message_log(
 ) -> MessageLog:
     """Build (not write) a MessageLog row; pass it to append() or AuditBuffer.add()."""
     metrics.MESSAGE_EVENTS.labels(event, reason).inc()
-    return MessageLog(
+    return sql.build(  # not MessageLog(...): one per message, on the hot path
+        MessageLog,
         event=event,
         reason=reason,
         user_id=getattr(user, "pk", None),

@@ -313,8 +313,9 @@ class RoomConsumer(AsyncWebsocketConsumer):
         item = SendItem(self.room, self.user, body, client_id, self.record.id, self.record.ip)
         # The writer answers (ack, or the error the service found, e.g. a ban committed a moment
         # ago) before it broadcasts the message. We read on meanwhile, up to a limit.
-        self._inflight.add(self.runtime.writer.submit(item, self.send_text))
-        self._inflight = {f for f in self._inflight if not f.done()}
+        answered = self.runtime.writer.submit(item, self.send_text)
+        self._inflight.add(answered)
+        answered.add_done_callback(self._inflight.discard)
         if len(self._inflight) >= MAX_IN_FLIGHT:
             await asyncio.wait(self._inflight, return_when=asyncio.FIRST_COMPLETED)
         return None

@@ -208,10 +208,11 @@ def _store_batch(items: list[SendItem]) -> tuple[list[SendResult], list[Publicat
                 logs.append(_rejected_log(item, room, result.error))
                 continue
             room.last_seq += 1
-            message = Message(
-                room=room,
+            message = sql.build(
+                Message,
+                room_id=room.pk,
                 seq=room.last_seq,
-                author=item.author,
+                author_id=item.author.pk,
                 body=item.body,
                 client_id=item.client_id,
                 created_at=now,

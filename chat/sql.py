@@ -1,6 +1,7 @@
 """Bulk writes the ORM makes expensive."""
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
+from functools import cache
 from typing import Any
 
 from django.db import models, transaction
@@ -8,6 +9,36 @@ from django.db import models, transaction
 # Pairs per query in select_pairs: the OR chain stays well inside SQLite's expression depth
 # limit (1,000).
 PAIRS_PER_QUERY = 200
+
+
+def build(model: type[models.Model], **values: Any) -> models.Model:
+    """A new, unsaved instance from attribute names (`room_id`, not `room`), built positionally.
+
+    `Model(**kwargs)` resolves every keyword against every field and asks each missing field for
+    its default (a foreign key's default checks it against the related model): a sixth of the
+    server's CPU when persisting many small messages with their audit rows. Passing values in
+    field order is how Django builds the rows it reads. Callable defaults are called per
+    instance, as Model() does.
+    """
+    args = []
+    for attname, default in _layout(model):
+        args.append(values.pop(attname) if attname in values else default())
+    if values:
+        raise TypeError(f"{model.__name__} has no field(s) {', '.join(sorted(values))}")
+    return model(*args)
+
+
+@cache
+def _layout(model: type[models.Model]) -> list[tuple[str, Callable[[], Any]]]:
+    layout = []
+    for field in model._meta.concrete_fields:
+        if field.has_default():
+            default = field.get_default
+        else:
+            constant = field.get_default()
+            default = lambda constant=constant: constant  # noqa: E731
+        layout.append((field.attname, default))
+    return layout
 
 
 def update_many(

@@ -5,7 +5,7 @@ from django.db import connection
 from django.test.utils import CaptureQueriesContext
 
 from chat import sql
-from chat.models import Membership
+from chat.models import ConnectionLog, Membership, Message, MessageLog
 from tests.factories import make_member, make_room, make_user
 
 pytestmark = pytest.mark.django_db
@@ -59,3 +59,41 @@ def test_select_in_still_answers_value_lists(grid):
     rows = sql.select_in(Membership, ["room", "user"], room=[r1.pk, r2.pk], user=[u1.pk])
     assert pairs_of(rows) == sorted([(r1.pk, u1.pk), (r2.pk, u1.pk)])
     assert sql.select_in(Membership, ["room"], room=[]) == []
+
+
+def field_values(instance) -> dict:
+    return {f.attname: getattr(instance, f.attname) for f in type(instance)._meta.concrete_fields}
+
+
+@pytest.mark.parametrize(
+    ("model", "values"),
+    [
+        (Message, {"room_id": 1, "seq": 7, "author_id": 2, "body": "hi", "client_id": "c-1"}),
+        (MessageLog, {"event": "sent", "user_id": 2, "username": "bob", "ip": "::1", "seq": 3}),
+        (ConnectionLog, {"username": "bob", "outcome": "accepted"}),
+    ],
+)
+def test_build_makes_what_the_model_constructor_makes(model, values):
+    built, constructed = sql.build(model, **values), model(**values)
+    # Callable defaults (uuid4, timezone.now) differ per instance by design.
+    per_instance = {
+        f.attname for f in model._meta.concrete_fields if f.has_default() and callable(f.default)
+    }
+    built_values, constructed_values = field_values(built), field_values(constructed)
+    for name in per_instance:
+        assert built_values.pop(name) is not None
+        constructed_values.pop(name)
+    assert built_values == constructed_values
+    assert built._state.adding
+
+
+def test_build_calls_callable_defaults_per_instance():
+    first, second = sql.build(ConnectionLog), sql.build(ConnectionLog)
+    assert first.id != second.id  # uuid4 per row
+    message = sql.build(Message, room_id=1, seq=1, author_id=1, body="x", client_id="c")
+    assert message.created_at is not None  # timezone.now
+
+
+def test_build_refuses_names_that_are_not_attribute_names():
+    with pytest.raises(TypeError, match="room"):
+        sql.build(Message, room=object(), seq=1)
