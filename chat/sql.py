@@ -15,10 +15,10 @@ def build(model: type[models.Model], **values: Any) -> models.Model:
     """A new, unsaved instance from attribute names (`room_id`, not `room`), built positionally.
 
     `Model(**kwargs)` resolves every keyword against every field and asks each missing field for
-    its default (a foreign key's default checks it against the related model): a sixth of the
-    server's CPU when persisting many small messages with their audit rows. Passing values in
-    field order is how Django builds the rows it reads. Callable defaults are called per
-    instance, as Model() does.
+    its default (a foreign key's default checks it against the related model): 8.3 µs for a
+    MessageLog, 5.7 µs this way, and every message builds two rows. Passing values in field
+    order is how Django builds the rows it reads. Callable defaults are called per instance, as
+    Model() does.
     """
     args = []
     for attname, default in _layout(model):
