@@ -443,7 +443,7 @@ async def persist(stage: Stage, profile_path: Path | None = None) -> dict:
     conns = [c for r in rooms for c in r.conns]
     books.reset()
     loop = asyncio.get_running_loop()
-    stop_at = loop.time() + opts.persist_duration
+    stop_at = 0.0  # set once py-spy (if any) is running: it takes a second to attach
     sent = 0
 
     async def pump(conn) -> None:
@@ -460,6 +460,7 @@ async def persist(stage: Stage, profile_path: Path | None = None) -> dict:
 
     spy = PySpy(stage, profile_path) if profile_path else contextlib.nullcontext()
     with spy, Window(stage) as window:
+        stop_at = loop.time() + opts.persist_duration
         await asyncio.gather(*(pump(c) for c in conns))
         acked_in_window = books.acks
     expected = sum(len(r.sent) * len(r.conns) for r in rooms)

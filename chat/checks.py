@@ -277,7 +277,7 @@ def check_channel_layer(app_configs=None, **kwargs: Any) -> Messages:
     backend = settings.CHANNEL_LAYERS.get("default", {}).get("BACKEND", "")
     try:
         in_memory = issubclass(import_string(backend), import_string(IN_MEMORY_LAYER))
-    except ImportError:
+    except (ImportError, TypeError):  # not importable, or not a class: not the in-memory layer
         in_memory = False
     if not in_memory:
         return []
