@@ -2,6 +2,7 @@
 
 import pytest
 from django.db import connection
+from django.db.models.functions import Now
 from django.test.utils import CaptureQueriesContext
 
 from chat import sql
@@ -97,3 +98,16 @@ def test_build_calls_callable_defaults_per_instance():
 def test_build_refuses_names_that_are_not_attribute_names():
     with pytest.raises(TypeError, match="room"):
         sql.build(Message, room=object(), seq=1)
+
+
+def test_build_refuses_models_it_cannot_build_like_the_constructor(monkeypatch):
+    # Model() gives each instance a fresh DatabaseDefault; build() would share one.
+    monkeypatch.setattr(Message._meta.get_field("body"), "db_default", Now())
+    sql._layout.cache_clear()
+    try:
+        with pytest.raises(TypeError, match=r"Message\.body"):
+            sql.build(Message, room_id=1, seq=1, author_id=1, client_id="c")
+    finally:
+        monkeypatch.undo()
+        sql._layout.cache_clear()
+    assert sql.build(Message, room_id=1, seq=1, author_id=1, body="b", client_id="c").body == "b"
