@@ -44,13 +44,18 @@ def test_inactive_user_cannot_log_in(api):
 
 
 def test_access_token_lifetime_comes_from_settings(api, settings):
-    from rest_framework_simplejwt.tokens import AccessToken
+    from rest_framework_simplejwt.tokens import AccessToken, RefreshToken
 
     make_user("alice")
-    access = AccessToken(login(api).json()["access"])
+    tokens = login(api).json()
+    access, refresh = AccessToken(tokens["access"]), RefreshToken(tokens["refresh"])
+    # simplejwt dates the access token's expiry from the login (the refresh token's creation);
+    # its own iat can be a second later, so exp - iat is not the lifetime in every run.
+    lifetime = settings.SIMPLE_JWT["ACCESS_TOKEN_LIFETIME"].total_seconds()
+    assert access["exp"] == refresh["iat"] + lifetime
     assert (
-        access["exp"] - access["iat"]
-        == settings.SIMPLE_JWT["ACCESS_TOKEN_LIFETIME"].total_seconds()
+        refresh["exp"] - refresh["iat"]
+        == settings.SIMPLE_JWT["REFRESH_TOKEN_LIFETIME"].total_seconds()
     )
 
 
