@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import json
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
@@ -120,23 +119,14 @@ def chosen_subprotocol(scope: Scope) -> str | None:
     return SUBPROTOCOL if SUBPROTOCOL in scope.get("subprotocols", []) else None
 
 
-@dataclass(frozen=True, slots=True)
-class Grant:
-    """What a redeemed ticket lets a socket do, without the row: the scope lives with the socket."""
-
-    jti: str
-    room_id: int
-    credential: str
-
-
 class TicketAuthMiddleware:
     """Authenticates a WebSocket by its single-use ticket; the consumer acts on the result.
 
-    Sets scope["user"] and scope["ticket"] (a Grant) on success; on failure scope["user"] is
-    anonymous and scope["auth_error"] holds the precise reason (for the audit trail, never for
-    the client). With no ticket in the handshake it accepts the socket and waits
-    CHAT_AUTH_TIMEOUT for a first frame {"type": "auth", "ticket": ...}; the inner application
-    then sees an ordinary connect.
+    Sets scope["user"] and scope["ticket"] (a services.Grant) on success; on failure
+    scope["user"] is anonymous and scope["auth_error"] holds the precise reason (for the audit
+    trail, never for the client). With no ticket in the handshake it accepts the socket and
+    waits CHAT_AUTH_TIMEOUT for a first frame {"type": "auth", "ticket": ...}; the inner
+    application then sees an ordinary connect.
     """
 
     def __init__(self, inner) -> None:
@@ -185,9 +175,7 @@ class TicketAuthMiddleware:
         if result.error:
             scope["auth_error"] = result.error
         else:
-            row = result.ticket
-            scope["user"] = result.user
-            scope["ticket"] = Grant(jti=row.jti, room_id=row.room_id, credential=row.credential)
+            scope["user"], scope["ticket"] = result.user, result.grant
 
     async def _first_frame(
         self, scope: Scope, receive: Receive, send: Send

@@ -40,11 +40,20 @@ class IssuedTicket:
 
 
 @dataclass(frozen=True, slots=True)
+class Grant:
+    """What a redeemed ticket lets a socket do. Not the row: a socket keeps this while it lives."""
+
+    jti: str
+    room_id: int
+    credential: str
+
+
+@dataclass(frozen=True, slots=True)
 class Redemption:
-    """What presenting a ticket came to: a user and ticket row, or the precise reason it failed."""
+    """What presenting a ticket came to: a user and their grant, or the precise reason it failed."""
 
     user: object | None = None
-    ticket: Ticket | None = None
+    grant: Grant | None = None
     error: str = ""
     jti: str = ""
 
@@ -122,8 +131,7 @@ def ticket_redeem(*, token: str, room_slug: str, ip: str | None) -> Redemption:
         else:
             reason = Reason.TICKET_EXPIRED
         return Redemption(error=reason, jti=jti)
-    row.used_at, row.used_ip = now, ip
-    return Redemption(user=user, ticket=row, jti=jti)
+    return Redemption(user=user, grant=Grant(jti, row.room_id, row.credential), jti=jti)
 
 
 def tickets_revoke_for_login(*, user_id: int, credential: str | None = None) -> int:
