@@ -32,7 +32,3 @@ class InMemoryChannelLayer(StockInMemoryChannelLayer):
             return
         self._next_clean = now + self.clean_interval
         super()._clean_expired()
-
-    async def flush(self) -> None:
-        await super().flush()
-        self._next_clean = 0.0
