@@ -1,10 +1,18 @@
 """Bulk writes the ORM makes expensive."""
 
 from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
 from functools import cache
+from inspect import getattr_static
+from types import NoneType
 from typing import Any
 
 from django.db import models, transaction
+from django.db.backends.base.operations import BaseDatabaseOperations
+from django.db.models.base import ModelState
+from django.db.models.fields.related_descriptors import ForeignKeyDeferredAttribute
+from django.db.models.query_utils import DeferredAttribute
+from django.db.models.signals import post_init, pre_init
 
 # Pairs per query in select_pairs: the OR chain stays well inside SQLite's expression depth
 # limit (1,000).
@@ -16,21 +24,41 @@ def build(model: type[models.Model], **values: Any) -> models.Model:
 
     `Model(**kwargs)` resolves every keyword against every field and asks each missing field for
     its default (a foreign key's default checks it against the related model): 8.3 µs for a
-    MessageLog, 5.7 µs this way, and every message builds two rows. Passing values in field
-    order is how Django builds the rows it reads. Callable defaults are called per instance, as
-    Model() does.
+    MessageLog, and every message builds two rows. Callable defaults are called per instance, as
+    Model() does. For a model with Django's own constructor and plain field attributes, and while
+    nobody listens to pre_init/post_init, the instance is filled in directly, as
+    Model.__init__ itself would do with positional values (its signals are then no-ops and its
+    setattr calls store into the instance dict); otherwise Model(*values) builds it.
     """
+    layout = _layout(model)
     args = []
-    for attname, default in _layout(model):
+    for attname, default in layout.fields:
         args.append(values.pop(attname) if attname in values else default())
     if values:
         raise TypeError(f"{model.__name__} has no field(s) {', '.join(sorted(values))}")
+    if layout.plain and not pre_init.receivers and not post_init.receivers:
+        instance = model.__new__(model)
+        state = instance.__dict__
+        state["_state"] = ModelState()
+        state.update(zip(layout.attnames, args, strict=True))
+        return instance
     return model(*args)
 
 
+@dataclass(frozen=True, slots=True)
+class _Layout:
+    fields: list[tuple[str, Callable[[], Any]]]  # (attname, default) in concrete field order
+    attnames: tuple[str, ...]
+    plain: bool  # Model.__init__ and plain descriptors: build() may fill the dict itself
+
+
+_PLAIN_DESCRIPTORS = (DeferredAttribute, ForeignKeyDeferredAttribute)
+
+
 @cache
-def _layout(model: type[models.Model]) -> list[tuple[str, Callable[[], Any]]]:
-    layout = []
+def _layout(model: type[models.Model]) -> _Layout:
+    fields = []
+    plain = model.__init__ is models.Model.__init__
     for field in model._meta.concrete_fields:
         if field.has_db_default() or getattr(field, "generated", False):
             # Model() makes a fresh DatabaseDefault per instance and leaves generated fields
@@ -41,8 +69,11 @@ def _layout(model: type[models.Model]) -> list[tuple[str, Callable[[], Any]]]:
         else:
             constant = field.get_default()
             default = lambda constant=constant: constant  # noqa: E731
-        layout.append((field.attname, default))
-    return layout
+        fields.append((field.attname, default))
+        # ForeignKeyDeferredAttribute.__set__ only drops a cached related object, which a new
+        # instance has not got; anything else (a custom descriptor) goes through Model().
+        plain = plain and type(getattr_static(model, field.attname, None)) in _PLAIN_DESCRIPTORS
+    return _Layout(fields, tuple(attname for attname, _ in fields), plain)
 
 
 def update_many(
@@ -75,23 +106,97 @@ def insert_many(objs: Sequence[models.Model]) -> None:
 
     One prepared statement executed per row, like update_many. QuerySet.bulk_create compiles the
     SQL and converts each value through the whole compiler, most of the cost of writing a batch
-    of messages with their audit rows. Generated primary keys are not read back.
+    of messages with their audit rows. Values go through each field's get_db_prep_save, except
+    those that _unchanged_types shows it returns as they are, and a value object shared by many
+    rows (the batch's timestamp) is converted once. Generated primary keys are not read back.
     """
     if not objs:
         return
-    model = type(objs[0])
+    connection = transaction.get_connection()
+    sql, columns = _insert_plan(type(objs[0]), connection.vendor)
+    # (column, id(value)) -> (value, converted): keeping the value keeps its id from being reused
+    converted: dict[tuple[int, int], tuple[Any, Any]] = {}
+    params = []
+    for obj in objs:
+        row = []
+        for index, (attname, pre_save, unchanged, prep) in enumerate(columns):
+            value = getattr(obj, attname) if pre_save is None else pre_save(obj, True)
+            if type(value) not in unchanged:
+                key = (index, id(value))
+                if key not in converted:
+                    converted[key] = (value, prep(value, connection))
+                value = converted[key][1]
+            row.append(value)
+        params.append(row)
+    with connection.cursor() as cursor:
+        cursor.executemany(sql, params)
+
+
+_Column = tuple[str, Callable | None, frozenset[type], Callable]
+
+
+@cache
+def _insert_plan(model: type[models.Model], vendor: str) -> tuple[str, list[_Column]]:
     connection = transaction.get_connection()
     quote = connection.ops.quote_name
     meta = model._meta
     fields = [f for f in meta.concrete_fields if not (f.primary_key and f.db_returning)]
-    columns = ", ".join(quote(f.column) for f in fields)
+    names = ", ".join(quote(f.column) for f in fields)
     placeholders = ", ".join(["%s"] * len(fields))
-    sql = f"INSERT INTO {quote(meta.db_table)} ({columns}) VALUES ({placeholders})"  # noqa: S608
-    params = [
-        [f.get_db_prep_save(f.pre_save(obj, True), connection) for f in fields] for obj in objs
-    ]
-    with connection.cursor() as cursor:
-        cursor.executemany(sql, params)
+    sql = f"INSERT INTO {quote(meta.db_table)} ({names}) VALUES ({placeholders})"  # noqa: S608
+    columns = []
+    for field in fields:
+        reads_attribute = type(field).pre_save is models.Field.pre_save or (
+            type(field) is models.DateTimeField and not (field.auto_now or field.auto_now_add)
+        )
+        columns.append(
+            (
+                field.attname,
+                None if reads_attribute else field.pre_save,
+                _unchanged_types(field, connection),
+                field.get_db_prep_save,
+            )
+        )
+    return sql, columns
+
+
+_INTEGER_FIELDS = (
+    models.IntegerField,
+    models.BigIntegerField,
+    models.SmallIntegerField,
+    models.PositiveIntegerField,
+    models.PositiveBigIntegerField,
+    models.PositiveSmallIntegerField,
+)
+_AUTO_FIELDS = (models.AutoField, models.BigAutoField, models.SmallAutoField)
+
+
+def _unchanged_types(field: models.Field, connection) -> frozenset[type]:
+    """The value types that `field.get_db_prep_save(value, connection)` returns unchanged.
+
+    Read from Django's code for fields of exactly these classes (a subclass may convert):
+    CharField and TextField return a str or None as it is; integer fields return an int as it is
+    unless the backend adapts integers (psycopg 3 wraps them in typed integers), and a foreign
+    key to an auto field only runs the backend's validate_autopk_value (MySQL refuses 0);
+    date-times, UUIDs and IP addresses are converted, but None stays None.
+    tests/chat/test_sql.py compares this with get_db_prep_save on every backend CI runs.
+    """
+    ops = type(connection.ops)
+    ints_kept = ops.adapt_integerfield_value is BaseDatabaseOperations.adapt_integerfield_value
+    pks_kept = ops.validate_autopk_value is BaseDatabaseOperations.validate_autopk_value
+    kind = type(field)
+    if kind in (models.CharField, models.TextField):
+        return frozenset({str, NoneType})
+    if kind in _INTEGER_FIELDS:
+        return frozenset({int, NoneType}) if ints_kept else frozenset({NoneType})
+    if kind is models.ForeignKey:
+        target = type(field.target_field)
+        if (target in _AUTO_FIELDS and pks_kept) or (target in _INTEGER_FIELDS and ints_kept):
+            return frozenset({int, NoneType})
+        return frozenset({NoneType})
+    if kind in (models.DateTimeField, models.UUIDField, models.GenericIPAddressField):
+        return frozenset({NoneType})
+    return frozenset()
 
 
 def select_in(

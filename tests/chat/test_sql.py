@@ -1,12 +1,17 @@
 """chat.sql: the raw queries of the message path answer what the ORM would."""
 
+import uuid
+from datetime import UTC, datetime, timedelta
+
 import pytest
-from django.db import connection
+from django.db import connection, models
+from django.db.backends.base.operations import BaseDatabaseOperations
 from django.db.models.functions import Now
+from django.db.models.signals import pre_init
 from django.test.utils import CaptureQueriesContext
 
 from chat import sql
-from chat.models import ConnectionLog, Membership, Message, MessageLog
+from chat.models import ConnectionLog, Membership, Message, MessageLog, Room, SecurityEvent
 from tests.factories import make_member, make_room, make_user
 
 pytestmark = pytest.mark.django_db
@@ -111,3 +116,208 @@ def test_build_refuses_models_it_cannot_build_like_the_constructor(monkeypatch):
         monkeypatch.undo()
         sql._layout.cache_clear()
     assert sql.build(Message, room_id=1, seq=1, author_id=1, body="b", client_id="c").body == "b"
+
+
+# --- insert_many: values converted as get_db_prep_save would, at a fraction of its cost ----------
+
+NOW = datetime(2026, 12, 4, 17, 30, 1, 234567, tzinfo=UTC)
+
+
+def hot_rows():
+    """Rows of every model the message path inserts, with each kind of value it writes."""
+    message = sql.build(
+        Message,
+        room_id=3,
+        seq=2**40,
+        author_id=None,
+        body="ünï\ncode",
+        client_id="c-1",
+        created_at=NOW,
+    )
+    log = sql.build(
+        MessageLog,
+        event="sent",
+        user_id=5,
+        username="bob",
+        room_id=3,
+        room_slug="r",
+        seq=7,
+        connection_id=uuid.uuid4(),
+        ip="2001:db8::1",
+        created_at=NOW,
+        chain_seq=9,
+        prev_hash="a" * 64,
+        row_hash="b" * 64,
+    )
+    connection_row = sql.build(
+        ConnectionLog,
+        username="bob",
+        outcome="accepted",
+        ip="10.0.0.1",
+        opened_at=NOW,
+        chain_seq=10,
+        prev_hash="c" * 64,
+        row_hash="d" * 64,
+    )
+    event = SecurityEvent(
+        event=SecurityEvent.Event.RATE_LIMITED,
+        details={"n": 1, "why": "x"},
+        ip=None,
+        created_at=NOW,
+        chain_seq=11,
+        prev_hash="e" * 64,
+        row_hash="f" * 64,
+    )
+    return [message, log, connection_row, event]
+
+
+@pytest.mark.parametrize("row", hot_rows(), ids=lambda row: type(row).__name__)
+def test_insert_many_converts_values_exactly_as_get_db_prep_save(row):
+    _, columns = sql._insert_plan(type(row), connection.vendor)
+    fields = [f for f in type(row)._meta.concrete_fields if not (f.primary_key and f.db_returning)]
+    for (attname, _, unchanged, _), field in zip(columns, fields, strict=True):
+        assert attname == field.attname
+        value = field.pre_save(row, True)
+        if type(value) in unchanged:
+            expected = field.get_db_prep_save(value, connection)
+            # Same value and same type: psycopg 3 binds a typed integer differently from an int.
+            assert (type(expected), expected) == (type(value), value), field.name
+
+
+@pytest.mark.parametrize(
+    "field",
+    [
+        models.CharField(max_length=5),
+        models.TextField(null=True),
+        models.PositiveBigIntegerField(null=True),
+        models.IntegerField(),
+        models.ForeignKey(Room, on_delete=models.CASCADE),
+        models.DateTimeField(null=True),
+        models.UUIDField(null=True),
+        models.GenericIPAddressField(null=True),
+        models.JSONField(null=True),
+        models.EmailField(),  # a subclass: trusted with nothing
+    ],
+    ids=lambda field: type(field).__name__,
+)
+@pytest.mark.parametrize("value", ["x", "", 0, 7, 2**62, True, None, NOW, uuid.uuid4(), 1.5])
+def test_values_passed_unchanged_are_the_ones_django_leaves_unchanged(field, value):
+    if isinstance(field, models.ForeignKey):
+        field.set_attributes_from_name("room")
+        field.remote_field.model = Room
+    unchanged = sql._unchanged_types(field, connection)
+    if type(value) not in unchanged:
+        return
+    converted = field.get_db_prep_save(value, connection)
+    assert (type(converted), converted) == (type(value), value)
+
+
+def test_the_integer_shortcut_follows_the_backend():
+    kept = sql._unchanged_types(models.IntegerField(), connection)
+    adapts = type(connection.ops).adapt_integerfield_value is not (
+        BaseDatabaseOperations.adapt_integerfield_value
+    )
+    assert (int in kept) is not adapts  # psycopg 3 wraps ints (Int8...): no shortcut there
+    assert sql._unchanged_types(models.EmailField(), connection) == frozenset()
+    assert sql._unchanged_types(models.JSONField(null=True), connection) == frozenset()
+
+
+def test_insert_many_writes_what_the_orm_reads_back(grid):
+    (room, _, _), (author, _, _) = grid
+    shared_at, other_at = NOW, NOW + timedelta(seconds=1)
+    rows = [
+        sql.build(
+            Message,
+            room_id=room.pk,
+            seq=seq,
+            author_id=author.pk if seq != 2 else None,
+            body=f"body {seq}",
+            client_id=f"c-{seq}",
+            created_at=at,
+        )
+        for seq, at in [(1, shared_at), (2, shared_at), (3, other_at), (4, shared_at)]
+    ]
+    sql.insert_many(rows)
+    stored = list(Message.objects.filter(room=room).order_by("seq"))
+    assert [(m.seq, m.author_id, m.body, m.client_id, m.created_at) for m in stored] == [
+        (1, author.pk, "body 1", "c-1", shared_at),
+        (2, None, "body 2", "c-2", shared_at),
+        (3, author.pk, "body 3", "c-3", other_at),
+        (4, author.pk, "body 4", "c-4", shared_at),
+    ]
+
+
+def test_insert_many_converts_a_value_shared_by_rows_once(grid, monkeypatch):
+    (room, _, _), (author, _, _) = grid
+    field = Message._meta.get_field("created_at")
+    calls = []
+    original = field.get_db_prep_save
+    monkeypatch.setattr(
+        field, "get_db_prep_save", lambda v, connection: calls.append(v) or original(v, connection)
+    )
+    sql._insert_plan.cache_clear()
+    try:
+        later = NOW + timedelta(seconds=1)
+        sql.insert_many(
+            [
+                sql.build(
+                    Message,
+                    room_id=room.pk,
+                    seq=seq,
+                    author_id=author.pk,
+                    body="b",
+                    client_id=f"s-{seq}",
+                    created_at=at,
+                )
+                for seq, at in [(1, NOW), (2, NOW), (3, later), (4, NOW)]
+            ]
+        )
+    finally:
+        sql._insert_plan.cache_clear()
+    assert calls == [NOW, later]  # one conversion per value object, not per row
+
+
+# --- build: Django's constructor only when something could tell the difference -------------------
+
+
+def test_build_calls_a_model_s_own_constructor(monkeypatch):
+    calls = []
+
+    def __init__(self, *args, **kwargs):
+        calls.append(args)
+        models.Model.__init__(self, *args, **kwargs)
+
+    monkeypatch.setattr(Message, "__init__", __init__, raising=False)
+    sql._layout.cache_clear()
+    try:
+        message = sql.build(Message, room_id=1, seq=1, author_id=2, body="b", client_id="c")
+    finally:
+        monkeypatch.undo()
+        sql._layout.cache_clear()
+    assert len(calls) == 1
+    assert message.body == "b"
+    sql.build(Message, room_id=1, seq=1, author_id=2, body="b", client_id="c")
+    assert len(calls) == 1  # Django's own constructor again: build fills the instance itself
+
+
+def test_build_goes_through_the_constructor_while_init_signals_are_heard():
+    heard = []
+
+    def receiver(sender, **kwargs):
+        heard.append(sender)
+
+    pre_init.connect(receiver, sender=Message)
+    try:
+        message = sql.build(Message, room_id=1, seq=1, author_id=2, body="b", client_id="c")
+    finally:
+        pre_init.disconnect(receiver, sender=Message)
+    assert heard == [Message]
+    assert message.body == "b"
+    quiet = sql.build(Message, room_id=1, seq=1, author_id=2, body="b", client_id="c")
+    assert heard == [Message]  # nobody listening: no constructor, no signal
+    assert field_values(quiet) | {"created_at": None} == field_values(message) | {
+        "created_at": None
+    }
+    assert quiet._state.adding
+    assert quiet._state.db is None
+    assert "room" not in quiet._state.fields_cache
