@@ -228,6 +228,7 @@ def _store_batch(items: list[SendItem]) -> tuple[list[SendResult], list[Publicat
                     seq=message.seq,
                     connection_id=item.connection_id,
                     ip=item.ip,
+                    at=now,
                 )
             )
             data = frames.message_data(
