@@ -118,11 +118,34 @@ def install_daphne_fixes() -> None:
                 # Compression, or autobahn has queued frames of its own: its path keeps order.
                 self.sendPreparedMessage(prepared)
                 return True
+            return self._write(data)
+
+        def sendData(self, data, sync=False, chopsize=None):  # autobahn's name
+            """Every frame this socket writes (acks, errors, history pages, closes).
+
+            autobahn's own version hands each frame to transport.write(): see _write().
+            """
+            if (
+                chopsize
+                or sync
+                or self.send_queue
+                or self.logOctets
+                or self.state != self.STATE_OPEN
+            ):
+                super().sendData(data, sync, chopsize)
+                return
+            self._write(data)
+            self.trafficStats.outgoingOctetsWireLevel += len(data)
+
+        def _write(self, data: bytes) -> bool:
+            """Write now if the socket takes it, as asyncio's transports do; False if closed.
+
+            Twisted's write() registers the fd for writability, writes on the next loop turn
+            and unregisters it: two epoll_ctl calls and a callback per frame, the bulk of a
+            broadcast's cost when done for each recipient.
+            """
             transport = self.transport
             if _writes_directly(transport):
-                # What asyncio's transports do: try the socket now. Twisted would register the
-                # fd for writability, write on the next loop turn and unregister it: two
-                # epoll_ctl calls and a callback per recipient, the bulk of a broadcast's cost.
                 try:
                     sent = transport.socket.send(data)
                 except BlockingIOError:

@@ -161,3 +161,42 @@ async def test_history_of_long_messages_comes_in_pages_within_the_frame_limit(
         assert first["has_more"] is True
         assert [m["seq"] for m in first["messages"]] == list(range(1, len(first["messages"]) + 1))
         await reader.close()
+
+
+async def test_frames_written_while_a_reader_lags_arrive_whole_and_in_order(server_factory, people):
+    """Every frame (answers, acks, the fan-out) tries the socket first and leaves the rest to
+    Twisted; once anything is queued, later frames queue behind it. A reader with a 4 KB receive
+    buffer that reads nothing for a while gets history pages far bigger than what the kernel
+    takes at once, with acks and its own messages between them: each must arrive whole (a
+    frame written past queued bytes would break the framing) and in order."""
+    server = server_factory(CHAT_MESSAGE_RATE="10000", CHAT_MESSAGE_BURST="10000")
+    await _seed(server, 20, "é" * 4000)
+    async with ChatClient(server.url, server.origin, "bob") as bob:
+        stalled = await connect_without_reading(bob, server)
+        for i in range(3):
+            await stalled.send(json.dumps({"type": "history", "after": 0, "limit": 50}))
+            await stalled.send(
+                json.dumps({"type": "message", "body": f"m{i}", "client_id": f"b{i}"})
+            )
+        await asyncio.sleep(1.0)  # the server writes what it can and queues the rest
+        frames = []
+        async with asyncio.timeout(10):
+            while len(frames) < 9:  # 3 pages, 3 acks, 3 messages
+                frames.append(json.loads(await stalled.recv()))
+        await stalled.close()
+    kinds = [f["type"] for f in frames]
+    assert sorted(kinds) == ["ack"] * 3 + ["history"] * 3 + ["message"] * 3
+    pages = [f for f in frames if f["type"] == "history"]
+    first_page = [m["seq"] for m in pages[0]["messages"]]
+    assert first_page == list(range(1, len(first_page) + 1))
+    assert all([m["seq"] for m in page["messages"]] == first_page for page in pages)
+    assert all(len(m["body"]) == 4000 for page in pages for m in page["messages"])
+    acks = [f["seq"] for f in frames if f["type"] == "ack"]
+    own = [f["seq"] for f in frames if f["type"] == "message"]
+    assert acks == own == [21, 22, 23]
+    for seq in own:  # a sender sees its ack before the broadcast of its message
+        ack_at = next(i for i, f in enumerate(frames) if f["type"] == "ack" and f["seq"] == seq)
+        message_at = next(
+            i for i, f in enumerate(frames) if f["type"] == "message" and f["seq"] == seq
+        )
+        assert ack_at < message_at
