@@ -228,6 +228,21 @@ def select_in(
     return _select(model, fields, " AND ".join(conditions), params, for_update, order_by)
 
 
+def get(model: type[models.Model], **where: Any) -> models.Model | None:
+    """The row whose columns equal `where`, with every field loaded, or None.
+
+    For lookups that name at most one row (a primary key, a unique column or constraint): the
+    handshake path's reads, where QuerySet.first() spent more in the query compiler (and in the
+    ORDER BY it adds) than SQLite spent answering.
+    """
+    meta = model._meta
+    fields = [f.name for f in meta.concrete_fields if not f.primary_key]
+    found = select_in(model, fields, **{name: [value] for name, value in where.items()})
+    if len(found) > 1:
+        raise model.MultipleObjectsReturned(f"sql.get({model.__name__}, {sorted(where)})")
+    return found[0] if found else None
+
+
 def select_pairs(
     model: type[models.Model],
     fields: Sequence[str],

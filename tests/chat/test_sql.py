@@ -321,3 +321,23 @@ def test_build_goes_through_the_constructor_while_init_signals_are_heard():
     assert quiet._state.adding
     assert quiet._state.db is None
     assert "room" not in quiet._state.fields_cache
+
+
+# --- get: the handshake path's lookups by key ----------------------------------------------------
+
+
+def test_get_loads_every_field_of_the_one_row(grid, django_assert_num_queries):
+    (room, _, _), (user, _, _) = grid
+    with django_assert_num_queries(1):
+        found = sql.get(Membership, room=room.pk, user=user.pk)
+        loaded = field_values(found)  # no deferred field left to fetch
+    assert loaded == field_values(Membership.objects.get(room=room, user=user))
+    assert found._state.adding is False  # a stored row: save() would UPDATE it
+    assert sql.get(Room, slug=room.slug).title == room.title
+    assert sql.get(Room, slug="no-such-room") is None
+
+
+def test_get_refuses_a_lookup_that_names_several_rows(grid):
+    (room, _, _), _ = grid
+    with pytest.raises(Membership.MultipleObjectsReturned):
+        sql.get(Membership, room=room.pk)
