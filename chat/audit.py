@@ -174,11 +174,13 @@ def append(items: list[AuditItem]) -> None:
             # Seal only rows that exist (stored, or opened earlier in this batch) and are still
             # open: a chain position is never allocated for nothing.
             open_ids = {i.id for i in items if isinstance(i, ConnectionLog)}
-            open_ids |= set(
-                ConnectionLog.objects.filter(
-                    id__in=[c.connection_id for c in closes], close_chain_seq__isnull=True
-                ).values_list("id", flat=True)
-            )
+            open_ids |= {
+                row.pk
+                for row in sql.select_in(
+                    ConnectionLog, ["close_chain_seq"], pk=[c.connection_id for c in closes]
+                )
+                if row.close_chain_seq is None
+            }
         inserts: dict[type, list[ChainedRow]] = {
             ConnectionLog: [],
             MessageLog: [],
@@ -217,7 +219,7 @@ def append(items: list[AuditItem]) -> None:
             sql.insert_many(rows)
         if sealed:
             _seal(sealed)
-        AuditChainHead.objects.filter(pk=1).update(last_seq=seq, last_hash=prev)
+        sql.update_many(AuditChainHead, ["last_seq", "last_hash"], [(1, [seq, prev])])
 
 
 class ChainHeadMissing(RuntimeError):
