@@ -36,29 +36,52 @@ def build(model: type[models.Model], **values: Any) -> models.Model:
         args.append(values.pop(attname) if attname in values else default())
     if values:
         raise TypeError(f"{model.__name__} has no field(s) {', '.join(sorted(values))}")
-    if layout.plain and not pre_init.receivers and not post_init.receivers:
-        instance = model.__new__(model)
-        state = instance.__dict__
-        state["_state"] = ModelState()
-        state.update(zip(layout.attnames, args, strict=True))
-        return instance
+    if _fills_directly(model):
+        return _filled(model, layout.attnames, args, ModelState())
     return model(*args)
+
+
+def _filled(model, attnames, values, state: ModelState) -> models.Model:
+    """What Model.__init__ makes of positional values, for a model _fills_directly allows."""
+    instance = model.__new__(model)
+    instance.__dict__["_state"] = state
+    instance.__dict__.update(zip(attnames, values, strict=True))
+    return instance
+
+
+_PLAIN_DESCRIPTORS = (DeferredAttribute, ForeignKeyDeferredAttribute)
+
+
+def _fills_directly(model: type[models.Model]) -> bool:
+    """Whether an instance may be filled in without Model.__init__: Django's own constructor
+    and from_db, plain field attributes, and nobody listening to pre_init/post_init (whose
+    sends are then no-ops)."""
+    return _plain(model) and not pre_init.receivers and not post_init.receivers
+
+
+@cache
+def _plain(model: type[models.Model]) -> bool:
+    if model.__init__ is not models.Model.__init__:
+        return False
+    if model.from_db.__func__ is not models.Model.from_db.__func__:
+        return False
+    # ForeignKeyDeferredAttribute.__set__ only drops a cached related object, which a new
+    # instance has not got; anything else (a custom descriptor) goes through Model().
+    return all(
+        type(getattr_static(model, field.attname, None)) in _PLAIN_DESCRIPTORS
+        for field in model._meta.concrete_fields
+    )
 
 
 @dataclass(frozen=True, slots=True)
 class _Layout:
     fields: list[tuple[str, Callable[[], Any]]]  # (attname, default) in concrete field order
     attnames: tuple[str, ...]
-    plain: bool  # Model.__init__ and plain descriptors: build() may fill the dict itself
-
-
-_PLAIN_DESCRIPTORS = (DeferredAttribute, ForeignKeyDeferredAttribute)
 
 
 @cache
 def _layout(model: type[models.Model]) -> _Layout:
     fields = []
-    plain = model.__init__ is models.Model.__init__
     for field in model._meta.concrete_fields:
         if field.has_db_default() or getattr(field, "generated", False):
             # Model() makes a fresh DatabaseDefault per instance and leaves generated fields
@@ -70,10 +93,7 @@ def _layout(model: type[models.Model]) -> _Layout:
             constant = field.get_default()
             default = lambda constant=constant: constant  # noqa: E731
         fields.append((field.attname, default))
-        # ForeignKeyDeferredAttribute.__set__ only drops a cached related object, which a new
-        # instance has not got; anything else (a custom descriptor) goes through Model().
-        plain = plain and type(getattr_static(model, field.attname, None)) in _PLAIN_DESCRIPTORS
-    return _Layout(fields, tuple(attname for attname, _ in fields), plain)
+    return _Layout(fields, tuple(attname for attname, _ in fields))
 
 
 def update_many(
@@ -287,16 +307,67 @@ def _select(
     for_update: bool = False,
     order_by: str | None = None,
 ) -> list[models.Model]:
+    """Instances read by `SELECT <pk and fields> FROM <table> WHERE <where>`.
+
+    What Model.objects.raw() does with such a query, without the RawQuerySet machinery, which
+    cost more than SQLite's answer (one-message batch: four selects): the columns are read in
+    field order, each value goes through the converters the ORM would apply (backend's and
+    field's, e.g. SQLite's text dates to aware datetimes), and each row becomes an instance as
+    Model.from_db makes it (fields not read are deferred, `_state.adding` is False).
+    """
+    connection = transaction.get_connection()
+    plan = _read_plan(model, tuple(fields), connection.vendor)
+    sql = f"SELECT {plan.columns} FROM {plan.table} WHERE {where}"  # noqa: S608
+    if order_by:
+        sql += f" ORDER BY {connection.ops.quote_name(model._meta.get_field(order_by).column)}"
+    if for_update and connection.features.has_select_for_update:
+        sql += " FOR UPDATE"
+    with connection.cursor() as cursor:
+        cursor.execute(sql, params)
+        rows = cursor.fetchall()
+    alias, found = connection.alias, []
+    direct = _fills_directly(model)
+    for row in rows:
+        values = list(row)
+        for position, converters, expression in plan.converters:
+            value = values[position]
+            for converter in converters:
+                value = converter(value, expression, connection)
+            values[position] = value
+        if direct:
+            state = ModelState()
+            state.adding, state.db = False, alias
+            found.append(_filled(model, plan.attnames, values, state))
+        else:
+            found.append(model.from_db(alias, plan.attnames, values))
+    return found
+
+
+@dataclass(frozen=True, slots=True)
+class _ReadPlan:
+    columns: str  # quoted, in concrete field order
+    table: str
+    attnames: tuple[str, ...]  # of those columns, same order
+    converters: tuple[tuple[int, tuple[Callable, ...], Any], ...]  # (position, converters, Col)
+
+
+@cache
+def _read_plan(model: type[models.Model], fields: tuple[str, ...], vendor: str) -> _ReadPlan:
     connection = transaction.get_connection()
     quote = connection.ops.quote_name
     meta = model._meta
-    columns = [meta.pk, *(meta.get_field(name) for name in fields)]
-    sql = (
-        f"SELECT {', '.join(quote(c.column) for c in dict.fromkeys(columns))} "  # noqa: S608
-        f"FROM {quote(meta.db_table)} WHERE {where}"
+    wanted = {meta.pk, *(meta.get_field(name) for name in fields)}
+    read = [f for f in meta.concrete_fields if f in wanted]
+    converters = []
+    for position, field in enumerate(read):
+        # What SQLCompiler.get_converters finds for this column (RawQuerySet does the same).
+        column = field.get_col(meta.db_table)
+        found = connection.ops.get_db_converters(column) + column.get_db_converters(connection)
+        if found:
+            converters.append((position, tuple(found), column))
+    return _ReadPlan(
+        columns=", ".join(quote(f.column) for f in read),
+        table=quote(meta.db_table),
+        attnames=tuple(f.attname for f in read),
+        converters=tuple(converters),
     )
-    if order_by:
-        sql += f" ORDER BY {quote(meta.get_field(order_by).column)}"
-    if for_update and connection.features.has_select_for_update:
-        sql += " FOR UPDATE"
-    return list(model.objects.raw(sql, params))

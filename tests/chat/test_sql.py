@@ -7,10 +7,10 @@ import pytest
 from django.db import connection, models
 from django.db.backends.base.operations import BaseDatabaseOperations
 from django.db.models.functions import Now
-from django.db.models.signals import pre_init
+from django.db.models.signals import post_init, pre_init
 from django.test.utils import CaptureQueriesContext
 
-from chat import sql
+from chat import audit, sql
 from chat.models import ConnectionLog, Membership, Message, MessageLog, Room, SecurityEvent
 from tests.factories import make_member, make_room, make_user
 
@@ -288,12 +288,12 @@ def test_build_calls_a_model_s_own_constructor(monkeypatch):
         models.Model.__init__(self, *args, **kwargs)
 
     monkeypatch.setattr(Message, "__init__", __init__, raising=False)
-    sql._layout.cache_clear()
+    sql._plain.cache_clear()
     try:
         message = sql.build(Message, room_id=1, seq=1, author_id=2, body="b", client_id="c")
     finally:
         monkeypatch.undo()
-        sql._layout.cache_clear()
+        sql._plain.cache_clear()
     assert len(calls) == 1
     assert message.body == "b"
     sql.build(Message, room_id=1, seq=1, author_id=2, body="b", client_id="c")
@@ -341,3 +341,68 @@ def test_get_refuses_a_lookup_that_names_several_rows(grid):
     (room, _, _), _ = grid
     with pytest.raises(Membership.MultipleObjectsReturned):
         sql.get(Membership, room=room.pk)
+
+
+# --- reads: what Model.objects.raw() would give, without its machinery ---------------------------
+
+
+def typed_values(instance) -> dict:
+    return {
+        f.attname: (type(getattr(instance, f.attname)), getattr(instance, f.attname))
+        for f in type(instance)._meta.concrete_fields
+    }
+
+
+def stored_rows(grid):
+    """One stored row of each model whose columns need converting on the way out."""
+    (room, _, _), (user, _, _) = grid
+    Room.objects.filter(pk=room.pk).update(archived_at=NOW)  # datetime
+    audit.append(
+        [
+            sql.build(ConnectionLog, username="bob", outcome="accepted", ip="::1", opened_at=NOW),
+            audit.security_event_row(event=SecurityEvent.Event.RATE_LIMITED, details={"n": [1]}),
+        ]
+    )
+    return [
+        Room.objects.get(pk=room.pk),
+        type(user).objects.get(pk=user.pk),  # booleans (integers in SQLite)
+        ConnectionLog.objects.get(),  # UUID primary key (text in SQLite), IP
+        SecurityEvent.objects.get(),  # JSON
+    ]
+
+
+def test_reads_convert_every_column_as_the_orm_does(grid):
+    for expected in stored_rows(grid):
+        found = sql.get(type(expected), pk=expected.pk)
+        assert typed_values(found) == typed_values(expected), type(expected).__name__
+        assert found._state.adding is False
+        assert found._state.db == "default"
+        assert found.get_deferred_fields() == set()
+
+
+def test_fields_not_read_are_deferred_and_load_on_access(grid, django_assert_num_queries):
+    (room, _, _), _ = grid
+    with django_assert_num_queries(1):
+        (found,) = sql.select_in(Room, ["last_seq"], pk=[room.pk])
+    assert found.get_deferred_fields() == {
+        f.attname for f in Room._meta.concrete_fields if f.attname not in ("id", "last_seq")
+    }
+    with django_assert_num_queries(1):
+        assert found.title == room.title
+
+
+def test_reads_go_through_from_db_while_init_signals_are_heard(grid):
+    (room, _, _), _ = grid
+    heard = []
+
+    def receiver(sender, instance, **kwargs):
+        heard.append(instance)
+
+    post_init.connect(receiver, sender=Room)
+    try:
+        found = sql.get(Room, pk=room.pk)
+    finally:
+        post_init.disconnect(receiver, sender=Room)
+    assert heard == [found]
+    assert found._state.adding is False
+    assert typed_values(found) == typed_values(Room.objects.get(pk=room.pk))
