@@ -125,8 +125,15 @@ def ticket_redeem(*, token: str, room_slug: str, ip: str | None) -> Redemption:
         return Redemption(error=Reason.TICKET_INVALID, jti=jti)
     now = timezone.now()
     # The single-use guarantee: one conditional UPDATE, atomic in the database.
-    consumed = Ticket.objects.filter(pk=row.pk).usable(now).update(used_at=now, used_ip=ip)
-    if consumed != 1:
+    # Usable = TicketQuerySet's "issued": neither used nor revoked, and not expired.
+    consumed = sql.update_if(
+        Ticket,
+        row.pk,
+        {"used_at": now, "used_ip": ip},
+        null=["used_at", "revoked_at"],
+        later={"expires_at": now},
+    )
+    if not consumed:
         row.refresh_from_db()
         if row.used_at is not None:
             reason = Reason.TICKET_REUSED

@@ -403,3 +403,31 @@ async def test_an_open_socket_does_not_keep_the_ticket_row(alice, lobby, transpo
     # type(), not isinstance(): gc.get_objects() also returns dead weak proxies.
     assert not [o for o in gc.get_objects() if type(o) is Ticket]
     await comm.disconnect()
+
+
+@pytest.mark.parametrize(
+    ("change", "reason"),
+    [
+        ({}, None),
+        ({"used_at": "now"}, "ticket_reused"),
+        ({"revoked_at": "now"}, "ticket_revoked"),
+        # The row's expiry, checked by the database even while the signed token still holds.
+        ({"expires_at": "past"}, "ticket_expired"),
+    ],
+    ids=["issued", "used", "revoked", "expired_row"],
+)
+def test_redemption_claims_exactly_the_tickets_the_queryset_calls_usable(
+    alice, lobby, change, reason
+):
+    token = make_ticket(alice, lobby)
+    now = timezone.now()
+    values = {"now": now, "past": now - timedelta(seconds=1)}
+    ticket = Ticket.objects.get()
+    Ticket.objects.filter(pk=ticket.pk).update(**{k: values[v] for k, v in change.items()})
+    was_usable = Ticket.objects.usable().filter(pk=ticket.pk).exists()
+    result = services.ticket_redeem(token=token, room_slug="lobby", ip="127.0.0.1")
+    assert was_usable is (reason is None)
+    assert result.error == (reason or "")
+    assert (result.user == alice) is (reason is None)
+    ticket.refresh_from_db()
+    assert (ticket.used_ip == "127.0.0.1") is (reason is None)  # only a claim writes it

@@ -406,3 +406,30 @@ def test_reads_go_through_from_db_while_init_signals_are_heard(grid):
     assert heard == [found]
     assert found._state.adding is False
     assert typed_values(found) == typed_values(Room.objects.get(pk=room.pk))
+
+
+# --- update_if: a conditional claim of one row ---------------------------------------------------
+
+
+def test_update_if_changes_the_row_once_while_its_conditions_hold(grid):
+    (room, _, _), (user, _, _) = grid
+    membership = Membership.objects.get(room=room, user=user)
+    claim = {"banned_at": NOW}
+    assert sql.update_if(Membership, membership.pk, claim, null=["banned_at"]) is True
+    assert sql.update_if(Membership, membership.pk, claim, null=["banned_at"]) is False
+    membership.refresh_from_db()
+    assert membership.banned_at == NOW
+
+
+def test_update_if_leaves_the_row_when_a_later_than_condition_fails(grid):
+    (room, _, _), (user, _, _) = grid
+    membership = Membership.objects.get(room=room, user=user)
+    Membership.objects.filter(pk=membership.pk).update(muted_until=NOW)
+    mute = {"role": Membership.Role.MODERATOR}
+    assert not sql.update_if(Membership, membership.pk, mute, later={"muted_until": NOW})
+    assert sql.update_if(
+        Membership, membership.pk, mute, later={"muted_until": NOW - timedelta(seconds=1)}
+    )
+    assert not sql.update_if(Membership, 10**9, mute)  # no such row
+    membership.refresh_from_db()
+    assert membership.role == Membership.Role.MODERATOR
