@@ -11,6 +11,7 @@ import time
 import uuid
 from typing import Any
 
+from autobahn.websocket.protocol import PreparedMessage
 from channels.consumer import get_handler_name
 from channels.db import database_sync_to_async
 from channels.exceptions import StopConsumer
@@ -384,6 +385,14 @@ class RoomConsumer(AsyncWebsocketConsumer):
         if self.closing:
             return
         self.sent += 1
+        # Straight to the socket under `manage.py serve` (acks, errors, hello, history), as the
+        # hub's fan-out writes, instead of an ASGI message through daphne and autobahn's
+        # per-frame path. Writes stay in call order either way; a socket that is not open
+        # (before accept, while closing) takes daphne's path, which knows what to do then.
+        if self.fast_send is not None and self.fast_send(
+            PreparedMessage(text.encode("utf-8"), False, False, False)
+        ):
+            return
         await self.base_send({"type": "websocket.send", "text": text})
 
     async def on_control(self, event: dict[str, Any]) -> None:
