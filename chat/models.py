@@ -109,8 +109,14 @@ class Membership(models.Model):
 class Message(models.Model):
     """One message in a room, numbered by `seq`. A deleted message stays as a tombstone."""
 
+    # No index of their own on room and author: the unique constraints below lead with them,
+    # and every index is one more B-tree insert for every message stored.
     room = models.ForeignKey(
-        Room, on_delete=models.CASCADE, related_name="messages", verbose_name="room"
+        Room,
+        on_delete=models.CASCADE,
+        related_name="messages",
+        verbose_name="room",
+        db_index=False,
     )
     seq = models.PositiveBigIntegerField("number in room")
     author = models.ForeignKey(
@@ -119,6 +125,7 @@ class Message(models.Model):
         null=True,
         related_name="messages",
         verbose_name="author",
+        db_index=False,
     )
     body = models.TextField("body")
     # Chosen by the sending client; a re-send with the same id is the same message.
@@ -132,12 +139,22 @@ class Message(models.Model):
         blank=True,
         related_name="+",
         verbose_name="deleted by",
+        db_index=False,  # indexed below, only where set
     )
 
     class Meta:
         verbose_name = "message"
         verbose_name_plural = "messages"
         ordering = ["room", "seq"]
+        indexes = [
+            # For SET_NULL when a user is deleted; nearly every message has no deleter, and a
+            # partial index costs an insert nothing then.
+            models.Index(
+                fields=["deleted_by"],
+                name="message_deleted_by",
+                condition=models.Q(deleted_by__isnull=False),
+            ),
+        ]
         constraints = [
             models.UniqueConstraint(fields=["room", "seq"], name="message_unique_room_seq"),
             models.UniqueConstraint(
