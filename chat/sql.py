@@ -1,8 +1,14 @@
-"""Bulk writes the ORM makes expensive."""
+"""The message and handshake paths' SQL, built from model metadata without the query compiler.
+
+Batched inserts and updates, reads by key or by value lists, and a conditional single-row claim:
+on these paths Django's query compiler (and QuerySet.raw()'s machinery) cost more than the
+database spent answering. Names come from the models and are quoted by the backend; every value
+is a parameter, converted as the ORM would convert it.
+"""
 
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
-from functools import cache
+from functools import cache, lru_cache
 from inspect import getattr_static
 from types import NoneType
 from typing import Any
@@ -61,7 +67,7 @@ def _fills_directly(model: type[models.Model]) -> bool:
 
 @cache
 def _plain(model: type[models.Model]) -> bool:
-    if model.__init__ is not models.Model.__init__:
+    if model.__init__ is not models.Model.__init__ or model.__setattr__ is not object.__setattr__:
         return False
     if model.from_db.__func__ is not models.Model.from_db.__func__:
         return False
@@ -272,8 +278,8 @@ def select_in(
 
     `select_in(Room, ["slug"], pk=[1, 2])` runs SELECT id, slug FROM chat_room WHERE id IN (1, 2).
     The SQL text comes from the model's metadata (names quoted by the backend, values always
-    parameters) and goes through Model.objects.raw(), which converts values like the ORM does
-    but skips the query compiler: on the message path that compiler cost more than the queries.
+    parameters); rows come back as _select makes them. Values are matched with IN, so None
+    (which the ORM would turn into IS NULL) is refused.
     """
     connection = transaction.get_connection()
     quote = connection.ops.quote_name
@@ -284,6 +290,8 @@ def select_in(
         values = list(values)
         if not values:
             return []
+        if any(value is None for value in values):
+            raise ValueError(f"select_in({model.__name__}, {name}=...) cannot match None")
         conditions.append(f"{quote(field.column)} IN ({', '.join(['%s'] * len(values))})")
         params += [field.get_db_prep_value(v, connection) for v in values]
     return _select(model, fields, " AND ".join(conditions), params, for_update, order_by)
@@ -357,7 +365,7 @@ def _select(
     Model.from_db makes it (fields not read are deferred, `_state.adding` is False).
     """
     connection = transaction.get_connection()
-    plan = _read_plan(model, tuple(fields), connection.vendor)
+    plan = _read_plan(model, tuple(fields), connection)
     sql = f"SELECT {plan.columns} FROM {plan.table} WHERE {where}"  # noqa: S608
     if order_by:
         sql += f" ORDER BY {connection.ops.quote_name(model._meta.get_field(order_by).column)}"
@@ -392,9 +400,10 @@ class _ReadPlan:
     converters: tuple[tuple[int, tuple[Callable, ...], Any], ...]  # (position, converters, Col)
 
 
-@cache
-def _read_plan(model: type[models.Model], fields: tuple[str, ...], vendor: str) -> _ReadPlan:
-    connection = transaction.get_connection()
+# Per connection, not per backend: the backend's converters are methods of that connection's
+# operations (SQLite's read the connection's time zone). A process uses a handful of connections.
+@lru_cache(maxsize=256)
+def _read_plan(model: type[models.Model], fields: tuple[str, ...], connection) -> _ReadPlan:
     quote = connection.ops.quote_name
     meta = model._meta
     wanted = {meta.pk, *(meta.get_field(name) for name in fields)}

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import errno
 import logging
 import pprint
 import time
@@ -121,7 +122,8 @@ def install_daphne_fixes() -> None:
             return self._write(data)
 
         def sendData(self, data, sync=False, chopsize=None):  # autobahn's name
-            """Every frame this socket writes (acks, errors, history pages, closes).
+            """Frames written the ordinary way: closes, pings and pongs, and anything sent
+            through daphne (the consumers' frames go through send_prepared).
 
             autobahn's own version hands each frame to transport.write(): see _write().
             """
@@ -150,8 +152,12 @@ def install_daphne_fixes() -> None:
                     sent = transport.socket.send(data)
                 except BlockingIOError:
                     sent = 0
-                except OSError:
-                    return False  # the connection is going; Twisted will notice it
+                except OSError as error:
+                    # As Twisted's own writeSomeData: no buffer space means "later", anything
+                    # else means the connection is going, which Twisted will notice.
+                    if error.errno != errno.ENOBUFS:
+                        return False
+                    sent = 0
                 if sent == len(data):
                     return True
                 data = data[sent:]

@@ -5,7 +5,6 @@ from datetime import UTC, datetime, timedelta
 
 import pytest
 from django.db import connection, models
-from django.db.backends.base.operations import BaseDatabaseOperations
 from django.db.models.functions import Now
 from django.db.models.signals import post_init, pre_init
 from django.test.utils import CaptureQueriesContext
@@ -214,10 +213,8 @@ def test_values_passed_unchanged_are_the_ones_django_leaves_unchanged(field, val
 
 def test_the_integer_shortcut_follows_the_backend():
     kept = sql._unchanged_types(models.IntegerField(), connection)
-    adapts = type(connection.ops).adapt_integerfield_value is not (
-        BaseDatabaseOperations.adapt_integerfield_value
-    )
-    assert (int in kept) is not adapts  # psycopg 3 wraps ints (Int8...): no shortcut there
+    # SQLite's driver takes ints as they are; psycopg 3 gets typed integers (Int4, Int8...).
+    assert (int in kept) is (connection.vendor == "sqlite")
     assert sql._unchanged_types(models.EmailField(), connection) == frozenset()
     assert sql._unchanged_types(models.JSONField(null=True), connection) == frozenset()
 
@@ -337,6 +334,14 @@ def test_get_loads_every_field_of_the_one_row(grid, django_assert_num_queries):
     assert sql.get(Room, slug="no-such-room") is None
 
 
+def test_lookups_refuse_none_rather_than_match_nothing(grid):
+    # The ORM reads filter(x=None) as IS NULL; an IN list cannot say that.
+    with pytest.raises(ValueError, match="None"):
+        sql.get(Message, author=None, client_id="c")
+    with pytest.raises(ValueError, match="None"):
+        sql.select_in(Room, ["slug"], pk=[1, None])
+
+
 def test_get_refuses_a_lookup_that_names_several_rows(grid):
     (room, _, _), _ = grid
     with pytest.raises(Membership.MultipleObjectsReturned):
@@ -433,3 +438,27 @@ def test_update_if_leaves_the_row_when_a_later_than_condition_fails(grid):
     assert not sql.update_if(Membership, 10**9, mute)  # no such row
     membership.refresh_from_db()
     assert membership.role == Membership.Role.MODERATOR
+
+
+# --- the message table's indexes (migration 0006) ------------------------------------------------
+
+
+def test_a_stored_message_updates_only_the_indexes_it_needs():
+    """Two unique constraints (room, seq) and (author, client_id), which also serve lookups by
+    room and by author, and a partial index on deleted_by where it is set: the migration leaves
+    the database as the model declares it, on each backend."""
+    with connection.cursor() as cursor:
+        constraints = connection.introspection.get_constraints(cursor, Message._meta.db_table)
+    indexes = {
+        tuple(info["columns"]): info["unique"]
+        for info in constraints.values()
+        if (info["index"] or info["unique"]) and not info["primary_key"]
+    }
+    assert indexes == {
+        ("room_id", "seq"): True,
+        ("author_id", "client_id"): True,
+        ("deleted_by_id",): False,
+    }
+    foreign_keys = {info["columns"][0] for info in constraints.values() if info["foreign_key"]}
+    if connection.features.supports_foreign_keys:
+        assert foreign_keys == {"room_id", "author_id", "deleted_by_id"}
