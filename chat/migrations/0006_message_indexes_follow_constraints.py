@@ -13,6 +13,14 @@ from django.db import migrations, models
 COLUMNS = ("room_id", "author_id", "deleted_by_id")
 
 
+def deleted_by_index():
+    return models.Index(
+        condition=models.Q(("deleted_by__isnull", False)),
+        fields=["deleted_by"],
+        name="message_deleted_by",
+    )
+
+
 def drop_plain_indexes(apps, schema_editor):
     """Drop the single-column, non-unique indexes Django made for the three foreign keys."""
     connection = schema_editor.connection
@@ -81,22 +89,14 @@ class Migration(migrations.Migration):
                 ),
                 migrations.AddIndex(
                     model_name="message",
-                    index=models.Index(
-                        condition=models.Q(("deleted_by__isnull", False)),
-                        fields=["deleted_by"],
-                        name="message_deleted_by",
-                    ),
+                    index=deleted_by_index(),
                 ),
             ],
             database_operations=[
                 migrations.RunPython(drop_plain_indexes, restore_plain_indexes),
                 migrations.AddIndex(
                     model_name="message",
-                    index=models.Index(
-                        condition=models.Q(("deleted_by__isnull", False)),
-                        fields=["deleted_by"],
-                        name="message_deleted_by",
-                    ),
+                    index=deleted_by_index(),
                 ),
             ],
         ),
