@@ -4,12 +4,18 @@ from django.contrib.auth.models import AbstractUser
 from django.db import models
 from django.utils import timezone
 
+from chat import sql
+
 
 class User(AbstractUser):
     """A person who can sign in. Deactivate (is_active=False) rather than delete."""
 
     class Meta(AbstractUser.Meta):
         swappable = "AUTH_USER_MODEL"
+
+
+# Both NULL while a ticket is neither used nor revoked.
+_UNUSED_WHILE_NULL = ("used_at", "revoked_at")
 
 
 class TicketQuerySet(models.QuerySet):
@@ -22,7 +28,7 @@ class TicketQuerySet(models.QuerySet):
     @staticmethod
     def state_conditions(now=None) -> dict[str, models.Q]:
         now = now or timezone.now()
-        unused = models.Q(used_at__isnull=True, revoked_at__isnull=True)
+        unused = models.Q(**{f"{name}__isnull": True for name in _UNUSED_WHILE_NULL})
         return {
             "issued": unused & models.Q(expires_at__gt=now),
             "used": models.Q(used_at__isnull=False),
@@ -35,10 +41,25 @@ class TicketQuerySet(models.QuerySet):
 
     def unused(self) -> "TicketQuerySet":
         """Neither used nor revoked (usable, or expired unused)."""
-        return self.filter(used_at__isnull=True, revoked_at__isnull=True)
+        return self.filter(**{f"{name}__isnull": True for name in _UNUSED_WHILE_NULL})
 
     def usable(self, now=None) -> "TicketQuerySet":
         return self.in_state("issued", now)
+
+    def claim(self, pk, *, now, ip: str) -> bool:
+        """Mark ticket `pk` used from `ip` if it is usable ("issued" above); True if it was.
+
+        The single-use guarantee: one conditional UPDATE, so of concurrent claims one wins.
+        Written with chat.sql rather than usable().update(): on every handshake the query
+        compiler cost more than the statement.
+        """
+        return sql.update_if(
+            self.model,
+            pk,
+            {"used_at": now, "used_ip": ip},
+            null=_UNUSED_WHILE_NULL,
+            later={"expires_at": now},
+        )
 
     def spent(self, now=None) -> "TicketQuerySet":
         return self.exclude(self.state_conditions(now)["issued"])

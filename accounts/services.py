@@ -123,17 +123,7 @@ def ticket_redeem(*, token: str, room_slug: str, ip: str | None) -> Redemption:
     room = sql.select_in(Room, ["slug"], pk=[row.room_id])
     if not room or room[0].slug != room_slug:
         return Redemption(error=Reason.TICKET_INVALID, jti=jti)
-    now = timezone.now()
-    # The single-use guarantee: one conditional UPDATE, atomic in the database.
-    # Usable = TicketQuerySet's "issued": neither used nor revoked, and not expired.
-    consumed = sql.update_if(
-        Ticket,
-        row.pk,
-        {"used_at": now, "used_ip": ip},
-        null=["used_at", "revoked_at"],
-        later={"expires_at": now},
-    )
-    if not consumed:
+    if not Ticket.objects.claim(row.pk, now=timezone.now(), ip=ip):
         row.refresh_from_db()
         if row.used_at is not None:
             reason = Reason.TICKET_REUSED
