@@ -111,12 +111,9 @@ def update_many(
     and row instead, which costs more to build than the rows cost to write.
     """
     connection = transaction.get_connection()
-    quote = connection.ops.quote_name
     meta = model._meta
-    columns = [meta.get_field(name) for name in fields]
-    assignments = ", ".join(f"{quote(field.column)} = %s" for field in columns)
-    # Only names from the model go into the text; every value is a parameter.
-    sql = f"UPDATE {quote(meta.db_table)} SET {assignments} WHERE {quote(meta.pk.column)} = %s"  # noqa: S608
+    update, columns = _update_of(model, fields, connection)
+    sql = f"{update} WHERE {connection.ops.quote_name(meta.pk.column)} = %s"
     params = [
         [f.get_db_prep_save(value, connection) for f, value in zip(columns, values, strict=True)]
         + [meta.pk.get_db_prep_value(pk, connection)]
@@ -145,11 +142,10 @@ def update_if(
     connection = transaction.get_connection()
     quote = connection.ops.quote_name
     meta = model._meta
-    assignments, params = [], []
-    for name, value in values.items():
-        field = meta.get_field(name)
-        assignments.append(f"{quote(field.column)} = %s")
-        params.append(field.get_db_prep_save(value, connection))
+    update, columns = _update_of(model, list(values), connection)
+    params = [
+        f.get_db_prep_save(v, connection) for f, v in zip(columns, values.values(), strict=True)
+    ]
     conditions = [f"{quote(meta.pk.column)} = %s"]
     params.append(meta.pk.get_db_prep_value(pk, connection))
     for name in null:
@@ -158,14 +154,18 @@ def update_if(
         field = meta.get_field(name)
         conditions.append(f"{quote(field.column)} > %s")
         params.append(field.get_db_prep_value(value, connection))
-    # Only names from the model go into the text; every value is a parameter.
-    sql = (
-        f"UPDATE {quote(meta.db_table)} SET {', '.join(assignments)} "  # noqa: S608
-        f"WHERE {' AND '.join(conditions)}"
-    )
     with connection.cursor() as cursor:
-        cursor.execute(sql, params)
+        cursor.execute(f"{update} WHERE {' AND '.join(conditions)}", params)
         return cursor.rowcount == 1
+
+
+def _update_of(model: type[models.Model], fields: Sequence[str], connection):
+    """`UPDATE <table> SET <column> = %s, ...` for `fields`, and those fields in that order."""
+    quote = connection.ops.quote_name
+    columns = [model._meta.get_field(name) for name in fields]
+    assignments = ", ".join(f"{quote(field.column)} = %s" for field in columns)
+    # Only names from the model go into the text; every value is a parameter.
+    return f"UPDATE {quote(model._meta.db_table)} SET {assignments}", columns  # noqa: S608
 
 
 def insert_many(objs: Sequence[models.Model]) -> None:
