@@ -11,7 +11,6 @@ import time
 import uuid
 from typing import Any
 
-from autobahn.websocket.protocol import PreparedMessage
 from channels.consumer import get_handler_name
 from channels.db import database_sync_to_async
 from channels.exceptions import StopConsumer
@@ -389,9 +388,7 @@ class RoomConsumer(AsyncWebsocketConsumer):
         # hub's fan-out writes, instead of an ASGI message through daphne and autobahn's
         # per-frame path. Writes stay in call order either way; a socket that is not open
         # (before accept, while closing) takes daphne's path, which knows what to do then.
-        if self.fast_send is not None and self.fast_send(
-            PreparedMessage(text.encode("utf-8"), False, False, False)
-        ):
+        if self.fast_send is not None and self.fast_send(frames.prepared(text)):
             return
         await self.base_send({"type": "websocket.send", "text": text})
 

@@ -3,11 +3,18 @@
 import json
 from typing import Any
 
+from autobahn.websocket.protocol import PreparedMessage
+
 from chat.models import Message
 
 
 def dumps(data: dict[str, Any]) -> str:
     return json.dumps(data, ensure_ascii=False, separators=(",", ":"))
+
+
+def prepared(text: str) -> PreparedMessage:
+    """A text frame framed once, for the protocol's send_prepared (chatproject/server.py)."""
+    return PreparedMessage(text.encode("utf-8"), False, False, False)
 
 
 def iso(value) -> str | None:

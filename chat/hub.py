@@ -21,12 +21,11 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol
 
-from autobahn.websocket.protocol import PreparedMessage
 from channels.db import database_sync_to_async
 from channels.layers import get_channel_layer
 from django.conf import settings
 
-from chat import broadcast, metrics, selectors
+from chat import broadcast, frames, metrics, selectors
 from chat.protocol import CLOSE_TRY_AGAIN, CLOSE_UNAUTHORIZED
 
 if TYPE_CHECKING:
@@ -374,7 +373,7 @@ class Hub:
             try:
                 if sock.fast_send is not None:
                     if prepared is None:
-                        prepared = PreparedMessage(text.encode("utf-8"), False, False, False)
+                        prepared = frames.prepared(text)
                     if sock.fast_send(prepared):
                         sock.sent += 1
                         sent += 1
