@@ -352,10 +352,7 @@ def test_get_refuses_a_lookup_that_names_several_rows(grid):
 
 
 def typed_values(instance) -> dict:
-    return {
-        f.attname: (type(getattr(instance, f.attname)), getattr(instance, f.attname))
-        for f in type(instance)._meta.concrete_fields
-    }
+    return {name: (type(value), value) for name, value in field_values(instance).items()}
 
 
 def stored_rows(grid):
