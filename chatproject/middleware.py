@@ -25,10 +25,11 @@ class UntrustedProxyHeadersMiddleware:
 class SyncChainMiddleware:
     """Does nothing; being sync-only and innermost, it makes Django run the middleware chain sync.
 
-    Under ASGI, Django runs each async-capable MiddlewareMixin's process_request and
-    process_response through sync_to_async: two thread hops per middleware, about fifteen per
-    request. With a sync-only middleware innermost, every middleware outside it runs sync, and a
-    request crosses threads three times in all.
+    For requests to async views (/healthz, /metrics), which chatproject.handlers leaves on
+    Django's own async path: there Django runs each async-capable MiddlewareMixin's
+    process_request and process_response through sync_to_async, two thread hops per middleware,
+    about fifteen per request. With a sync-only middleware innermost, every middleware outside it
+    runs sync, and a request crosses threads three times in all.
     """
 
     sync_capable, async_capable = True, False

@@ -1,0 +1,191 @@
+"""chatproject/handlers.py: a sync view's request in one hop, answering exactly as Django would."""
+
+import asyncio
+import json
+import re
+import threading
+
+import pytest
+from django.core import signals
+from django.core.handlers.asgi import ASGIHandler
+from django.http import HttpResponse, JsonResponse, StreamingHttpResponse
+from django.urls import include, path
+
+from chatproject.handlers import OneHopASGIHandler
+
+pytestmark = pytest.mark.django_db(transaction=True)
+
+seen: list[tuple[str, int]] = []
+
+
+def sync_view(request):
+    seen.append(("view", threading.get_ident()))
+    response = HttpResponse(f"{request.method} {request.body!r}", content_type="text/plain")
+    response.set_cookie("flavour", "plain", httponly=True, samesite="Lax")
+    response["X-Thing"] = "é"  # latin-1, as Django encodes header values
+    return response
+
+
+async def async_view(request):
+    seen.append(("view", threading.get_ident()))
+    return JsonResponse({"async": True})
+
+
+def streaming_view(request):
+    return StreamingHttpResponse((f"row {i}\n" for i in range(3)), content_type="text/csv")
+
+
+def big_view(request):
+    return HttpResponse(b"x" * (ASGIHandler.chunk_size + 10), content_type="application/octet-stream")
+
+
+def failing_view(request):
+    raise RuntimeError("boom")
+
+
+def body_view(request):
+    return HttpResponse(len(request.body))
+
+
+urlpatterns = [
+    path("t/sync/", sync_view),
+    path("t/async/", async_view),
+    path("t/stream/", streaming_view),
+    path("t/big/", big_view),
+    path("t/fail/", failing_view),
+    path("t/body/", body_view),
+    path("", include("chatproject.urls")),
+]
+
+
+@pytest.fixture(autouse=True)
+def _urls(settings):
+    settings.ROOT_URLCONF = __name__
+    seen.clear()
+
+
+def _scope(method: str, path_: str, headers=()) -> dict:
+    return {
+        "type": "http",
+        "asgi": {"version": "3.0"},
+        "http_version": "1.1",
+        "method": method,
+        "scheme": "http",
+        "path": path_,
+        "raw_path": path_.encode(),
+        "query_string": b"",
+        "root_path": "",
+        "headers": [(b"host", b"testserver"), *headers],
+        "client": ("127.0.0.1", 40000),
+        "server": ("testserver", 80),
+    }
+
+
+async def _call(app, method: str, path_: str, body: bytes = b"", headers=()) -> list[dict]:
+    incoming = [{"type": "http.request", "body": body, "more_body": False}]
+    sent: list[dict] = []
+
+    async def receive():
+        if incoming:
+            return incoming.pop(0)
+        await asyncio.Event().wait()  # a client that stays: no disconnect
+
+    async def send(message):
+        sent.append(message)
+
+    await app(_scope(method, path_, headers), receive, send)
+    return sent
+
+
+def _answer(sent: list[dict]) -> tuple:
+    start, bodies = sent[0], sent[1:]
+    assert start["type"] == "http.response.start"
+    assert all(m["type"] == "http.response.body" for m in bodies)
+    assert [m.get("more_body", False) for m in bodies] == [True] * (len(bodies) - 1) + [False]
+    headers = sorted(
+        # The CSRF cookie's value is random on every answer: compare its name.
+        (name, value.split(b"=")[0]) if value.startswith(b"csrftoken=") else (name, value)
+        for name, value in start["headers"]
+    )
+    body = b"".join(m.get("body", b"") for m in bodies)
+    body = re.sub(rb'name="csrf-token" content="[^"]+"', b"csrf-token", body)
+    return start["status"], headers, len(bodies), body
+
+
+REQUESTS = {
+    "sync view, cookie and latin-1 header": ("GET", "/t/sync/", b"", ()),
+    "sync view with a body": ("POST", "/t/sync/", b"a=1", ((b"content-type", b"text/plain"),)),
+    "async view": ("GET", "/t/async/", b"", ()),
+    "streaming response": ("GET", "/t/stream/", b"", ()),
+    "body bigger than one chunk": ("GET", "/t/big/", b"", ()),
+    "unknown path": ("GET", "/no/such/page/", b"", ()),
+    "view raises": ("GET", "/t/fail/", b"", ()),
+    "body over DATA_UPLOAD_MAX_MEMORY_SIZE": ("POST", "/t/body/", b"y" * 3000, ()),
+    "API without credentials": ("GET", "/api/rooms/", b"", ()),
+    "API with malformed JSON": (
+        "POST",
+        "/api/auth/token/",
+        b"{not json",
+        ((b"content-type", b"application/json"),),
+    ),
+}
+
+
+@pytest.mark.filterwarnings("ignore:StreamingHttpResponse must consume synchronous iterators")
+@pytest.mark.parametrize("request_", REQUESTS.values(), ids=REQUESTS.keys())
+async def test_answers_exactly_as_djangos_own_asgi_handler(request_, settings):
+    settings.DATA_UPLOAD_MAX_MEMORY_SIZE = 2500
+    settings.DEBUG_PROPAGATE_EXCEPTIONS = False
+    ours = _answer(await _call(OneHopASGIHandler(), *request_))
+    djangos = _answer(await _call(ASGIHandler(), *request_))
+    assert ours == djangos
+
+
+async def test_a_sync_request_runs_in_one_thread_from_request_started_to_request_finished():
+    def started(**kwargs):
+        seen.append(("started", threading.get_ident()))
+
+    def finished(**kwargs):
+        seen.append(("finished", threading.get_ident()))
+
+    signals.request_started.connect(started)
+    signals.request_finished.connect(finished)
+    try:
+        status, headers, _, body = _answer(await _call(OneHopASGIHandler(), "GET", "/t/sync/"))
+    finally:
+        signals.request_started.disconnect(started)
+        signals.request_finished.disconnect(finished)
+    assert (status, body) == (200, b"GET b''")
+    assert (b"X-Thing", "é".encode("latin1")) in headers
+    assert (b"Set-Cookie", b"flavour=plain; HttpOnly; Path=/; SameSite=Lax") in headers
+    assert [event for event, _ in seen] == ["started", "view", "finished"]
+    threads = {thread for _, thread in seen}
+    assert len(threads) == 1 and threading.get_ident() not in threads
+
+
+async def test_an_async_view_runs_on_the_event_loop():
+    status, _, _, body = _answer(await _call(OneHopASGIHandler(), "GET", "/t/async/"))
+    assert (status, json.loads(body)) == (200, {"async": True})
+    assert seen == [("view", threading.get_ident())]
+
+
+async def test_a_client_gone_before_its_body_ends_gets_no_view_and_no_answer():
+    sent = []
+    incoming = [
+        {"type": "http.request", "body": b"part", "more_body": True},
+        {"type": "http.disconnect"},
+    ]
+
+    async def receive():
+        return incoming.pop(0)
+
+    async def send(message):
+        sent.append(message)
+
+    await OneHopASGIHandler()(_scope("POST", "/t/sync/"), receive, send)
+    assert sent == [] and seen == []
+
+
+async def test_only_http_is_served():
+    with pytest.raises(ValueError, match="websocket"):
+        await OneHopASGIHandler()({"type": "websocket"}, None, None)
