@@ -20,22 +20,3 @@ class UntrustedProxyHeadersMiddleware:
             for header in _PROXY_HEADERS:
                 request.META.pop(header, None)
         return self.get_response(request)
-
-
-class SyncChainMiddleware:
-    """Does nothing; being sync-only and innermost, it makes Django run the middleware chain sync.
-
-    For requests to async views (/healthz, /metrics), which chatproject.handlers leaves on
-    Django's own async path: there Django runs each async-capable MiddlewareMixin's
-    process_request and process_response through sync_to_async, two thread hops per middleware,
-    about fifteen per request. With a sync-only middleware innermost, every middleware outside it
-    runs sync, and a request crosses threads three times in all.
-    """
-
-    sync_capable, async_capable = True, False
-
-    def __init__(self, get_response):
-        self.get_response = get_response
-
-    def __call__(self, request):
-        return self.get_response(request)

@@ -78,8 +78,6 @@ MIDDLEWARE = [
     "django.contrib.messages.middleware.MessageMiddleware",
     "django.middleware.clickjacking.XFrameOptionsMiddleware",
     "csp.middleware.CSPMiddleware",
-    # Last: keeps the whole chain sync, which costs fewer thread hops (see its docstring).
-    "chatproject.middleware.SyncChainMiddleware",
 ]
 
 ROOT_URLCONF = "chatproject.urls"

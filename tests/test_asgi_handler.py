@@ -1,6 +1,5 @@
 """chatproject/handlers.py: a sync view's request in one hop, answering exactly as Django would."""
 
-import asyncio
 import json
 import re
 import threading
@@ -12,6 +11,7 @@ from django.http import HttpResponse, JsonResponse, StreamingHttpResponse
 from django.urls import include, path
 
 from chatproject.handlers import OneHopASGIHandler
+from tests.asgi_http import call, scope
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
@@ -36,7 +36,9 @@ def streaming_view(request):
 
 
 def big_view(request):
-    return HttpResponse(b"x" * (ASGIHandler.chunk_size + 10), content_type="application/octet-stream")
+    return HttpResponse(
+        b"x" * (ASGIHandler.chunk_size + 10), content_type="application/octet-stream"
+    )
 
 
 def failing_view(request):
@@ -62,39 +64,6 @@ urlpatterns = [
 def _urls(settings):
     settings.ROOT_URLCONF = __name__
     seen.clear()
-
-
-def _scope(method: str, path_: str, headers=()) -> dict:
-    return {
-        "type": "http",
-        "asgi": {"version": "3.0"},
-        "http_version": "1.1",
-        "method": method,
-        "scheme": "http",
-        "path": path_,
-        "raw_path": path_.encode(),
-        "query_string": b"",
-        "root_path": "",
-        "headers": [(b"host", b"testserver"), *headers],
-        "client": ("127.0.0.1", 40000),
-        "server": ("testserver", 80),
-    }
-
-
-async def _call(app, method: str, path_: str, body: bytes = b"", headers=()) -> list[dict]:
-    incoming = [{"type": "http.request", "body": body, "more_body": False}]
-    sent: list[dict] = []
-
-    async def receive():
-        if incoming:
-            return incoming.pop(0)
-        await asyncio.Event().wait()  # a client that stays: no disconnect
-
-    async def send(message):
-        sent.append(message)
-
-    await app(_scope(method, path_, headers), receive, send)
-    return sent
 
 
 def _answer(sent: list[dict]) -> tuple:
@@ -136,8 +105,8 @@ REQUESTS = {
 async def test_answers_exactly_as_djangos_own_asgi_handler(request_, settings):
     settings.DATA_UPLOAD_MAX_MEMORY_SIZE = 2500
     settings.DEBUG_PROPAGATE_EXCEPTIONS = False
-    ours = _answer(await _call(OneHopASGIHandler(), *request_))
-    djangos = _answer(await _call(ASGIHandler(), *request_))
+    ours = _answer(await call(OneHopASGIHandler(), *request_))
+    djangos = _answer(await call(ASGIHandler(), *request_))
     assert ours == djangos
 
 
@@ -151,7 +120,7 @@ async def test_a_sync_request_runs_in_one_thread_from_request_started_to_request
     signals.request_started.connect(started)
     signals.request_finished.connect(finished)
     try:
-        status, headers, _, body = _answer(await _call(OneHopASGIHandler(), "GET", "/t/sync/"))
+        status, headers, _, body = _answer(await call(OneHopASGIHandler(), "GET", "/t/sync/"))
     finally:
         signals.request_started.disconnect(started)
         signals.request_finished.disconnect(finished)
@@ -160,11 +129,12 @@ async def test_a_sync_request_runs_in_one_thread_from_request_started_to_request
     assert (b"Set-Cookie", b"flavour=plain; HttpOnly; Path=/; SameSite=Lax") in headers
     assert [event for event, _ in seen] == ["started", "view", "finished"]
     threads = {thread for _, thread in seen}
-    assert len(threads) == 1 and threading.get_ident() not in threads
+    assert len(threads) == 1
+    assert threading.get_ident() not in threads
 
 
 async def test_an_async_view_runs_on_the_event_loop():
-    status, _, _, body = _answer(await _call(OneHopASGIHandler(), "GET", "/t/async/"))
+    status, _, _, body = _answer(await call(OneHopASGIHandler(), "GET", "/t/async/"))
     assert (status, json.loads(body)) == (200, {"async": True})
     assert seen == [("view", threading.get_ident())]
 
@@ -182,8 +152,9 @@ async def test_a_client_gone_before_its_body_ends_gets_no_view_and_no_answer():
     async def send(message):
         sent.append(message)
 
-    await OneHopASGIHandler()(_scope("POST", "/t/sync/"), receive, send)
-    assert sent == [] and seen == []
+    await OneHopASGIHandler()(scope("POST", "/t/sync/"), receive, send)
+    assert sent == []
+    assert seen == []
 
 
 async def test_only_http_is_served():

@@ -1,9 +1,16 @@
 """/healthz and /metrics."""
 
+import asyncio
+import json
+import threading
+
 import pytest
+from asgiref.sync import sync_to_async
 from django.test import Client
 
+from chat import health
 from chat.runtime import get_runtime
+from tests.asgi_http import call
 from tests.chat.helpers import join, send, sync
 from tests.factories import make_room, make_user
 from tests.ws import communicator, receive_until
@@ -29,6 +36,54 @@ def test_healthz_reports_database_and_channel_layer():
     assert body["checks"]["database"]["ok"] is True
     assert body["checks"]["channel_layer"]["ok"] is True
     assert response["Cache-Control"] == "no-store"
+
+
+@pytest.fixture
+def held_database_thread():
+    """asgiref's one thread-sensitive thread (every sync view and socket query) kept busy, as a
+    stuck query would keep it."""
+    release = threading.Event()
+
+    async def hold():
+        holder = asyncio.ensure_future(
+            sync_to_async(release.wait, thread_sensitive=True)(timeout=30)
+        )
+        await asyncio.sleep(0.05)
+        return holder
+
+    yield hold
+    release.set()
+
+
+async def healthz() -> tuple[int, dict]:
+    from chatproject.asgi import application
+
+    sent = await asyncio.wait_for(call(application, "GET", "/healthz"), timeout=10)
+    return sent[0]["status"], json.loads(b"".join(m.get("body", b"") for m in sent[1:]))
+
+
+@pytest.mark.django_db(transaction=True)
+async def test_healthz_answers_while_a_stuck_query_holds_the_database_thread(
+    held_database_thread,
+):
+    holder = await held_database_thread()
+    status, body = await healthz()
+    assert not holder.done()
+    assert (status, body["checks"]["database"]["ok"]) == (200, True)
+
+
+@pytest.mark.django_db(transaction=True)
+async def test_healthz_is_503_when_the_database_stops_answering(monkeypatch):
+    stopped = threading.Event()
+    monkeypatch.setattr(health, "PROBE_TIMEOUT", 0.3)
+    monkeypatch.setattr(health, "_database", lambda: stopped.wait(timeout=30))
+    try:
+        status, body = await healthz()
+    finally:
+        stopped.set()
+    assert status == 503
+    assert body["checks"]["database"] == {"ok": False, "error": "TimeoutError"}
+    assert body["checks"]["channel_layer"]["ok"] is True
 
 
 @pytest.mark.django_db(transaction=True)
