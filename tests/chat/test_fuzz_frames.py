@@ -65,7 +65,10 @@ REGRESSION_SURROGATE_CLIENT_ID = '{"type":"message","client_id":"\\ud800","body"
 
 def weighted(*choices: tuple[int, st.SearchStrategy]) -> st.SearchStrategy:
     """one_of with weights: aim at the protocol, keep costly big frames (a reconnect each) rare."""
-    return st.sampled_from([s for weight, s in choices for _ in range(weight)]).flatmap(lambda s: s)
+    # Sampling indices, not the strategies: the strategy's repr (which Hypothesis builds) stays
+    # small instead of repeating every choice, big literals included, once per unit of weight.
+    indices = [i for i, (weight, _) in enumerate(choices) for _ in range(weight)]
+    return st.sampled_from(indices).flatmap(lambda i: choices[i][1])
 
 
 FRAME_TYPES = ["message", "history", "delete", "typing", "ping"]
@@ -132,9 +135,14 @@ nasty_literals = st.sampled_from(
         '{"type":"\ud800"}',  # a raw lone surrogate, not an escape
         '{"type":"message","client_id":"\\ud800","body":""}',  # an escaped one
         '{"type":"history","limit":1e400}',
-        "1" * 5000,  # more digits than Python will parse
-        '{"type":"history","after":' + "9" * 5000 + "}",
     ]
+) | st.sampled_from(["long number", "long seq"]).map(
+    # Built when drawn, so that the strategy's repr does not carry them.
+    lambda kind: (
+        "1" * 5000  # more digits than Python will parse
+        if kind == "long number"
+        else '{"type":"history","after":' + "9" * 5000 + "}"
+    )
 )
 # Depths far from the parser's recursion limit, so the test and the server agree on the outcome.
 deep_nesting = st.builds(
