@@ -2,26 +2,41 @@
 
 import asyncio
 import time
+from concurrent.futures import Future, ThreadPoolExecutor
 
-from asgiref.sync import sync_to_async
 from channels.layers import get_channel_layer
 from django.db import connection
 from django.http import JsonResponse
 
 PROBE_TIMEOUT = 2.0  # seconds; a probe that takes longer is a failed check
 
+# The database probe's own thread: never the thread every other database call of the process
+# shares (a query stuck there must not hold the health check), nor the default pool (a probe
+# stuck on a dead database would keep a worker of it). One probe at a time: while the last one
+# has not come back, the check fails at once.
+_PROBE_THREAD = ThreadPoolExecutor(max_workers=1, thread_name_prefix="healthz-db")
+_running: Future | None = None
 
-def _database() -> None:
-    """SELECT 1 from a pool thread on a connection of its own, closed after.
 
-    Not in the thread every other database call shares: a query stuck there must not hold the
-    health check, and a database that stopped answering must time the probe out, not queue it.
-    """
+class PreviousProbeRunning(Exception):
+    """The last database probe has not come back: the database is not answering."""
+
+
+def _select_one() -> None:
+    """SELECT 1 on a connection of this thread's own, closed after (checks hold none)."""
     try:
         with connection.cursor() as cursor:
             cursor.execute("SELECT 1")
     finally:
         connection.close()
+
+
+async def _database() -> None:
+    global _running
+    if _running is not None and not _running.done():
+        raise PreviousProbeRunning
+    _running = _PROBE_THREAD.submit(_select_one)
+    await asyncio.wrap_future(_running)
 
 
 async def _channel_layer() -> None:
@@ -41,10 +56,8 @@ async def _check(probe) -> dict:
 
 
 async def healthz(request):
-    checks = {
-        "database": await _check(sync_to_async(_database, thread_sensitive=False)),
-        "channel_layer": await _check(_channel_layer),
-    }
+    database, channel_layer = await asyncio.gather(_check(_database), _check(_channel_layer))
+    checks = {"database": database, "channel_layer": channel_layer}
     healthy = all(c["ok"] for c in checks.values())
     return JsonResponse(
         {"status": "ok" if healthy else "unavailable", "checks": checks},

@@ -7,25 +7,32 @@ from django.core import signals
 from django.core.exceptions import RequestAborted
 from django.core.handlers import base
 from django.core.handlers.asgi import ASGIHandler, get_script_prefix
+from django.db import connections
+from django.http import FileResponse
 from django.urls import Resolver404, get_resolver, set_script_prefix
+
+_CACHED_PATH_LENGTH = 256  # longer paths are resolved each time, so clients cannot fill the cache
 
 
 class OneHopASGIHandler(ASGIHandler):
-    """Runs a request, from `request_started` to `request_finished`, in one call to a thread.
+    """Runs a request's sync work, from `request_started` to `request_finished`, in one call.
 
     Stock Django crosses between the event loop and the sync thread five or six times for a
     request to a sync view (the request_started signal, the middleware chain, the view, the
     template-response render, `response.close()`), and copies every context variable each way.
     At about 0.15 ms of CPU a crossing that was half a ticket request's cost. Here the body is
     read on the loop, then one call does what Django's WSGI handler does, with the same sync
-    middleware chain, and the finished bytes are sent from the loop.
+    middleware chain, and the finished bytes are sent from the loop. `request_finished` thus
+    fires before the bytes go out; a streaming response is sent by Django's own code, and
+    closed (`request_finished`) in a second call once sent.
 
     Sync views run in asgiref's one thread-sensitive thread, which the sockets' database calls
     share, with its long-lived connection (stock Django gives each request a thread of its own,
     hence a new connection each time); requests are short, and concurrency comes from running
-    several processes. Async views (/healthz) run their middleware in a pool thread instead and
+    several processes. Async views (/healthz) run their middleware in a pool thread instead, and
     the view itself on the loop: a health check must answer while a stuck query holds the
-    database thread. Streaming responses are sent by Django's own code.
+    database thread. Which kind a path leads to is read from the root URLconf; a middleware
+    that sets `request.urlconf` would not be seen here (none does).
     """
 
     def __init__(self):
@@ -39,27 +46,36 @@ class OneHopASGIHandler(ASGIHandler):
             body_file = await self.read_body(receive)
         except RequestAborted:
             return
+        shared_thread = not _leads_to_async_view(scope)
         status, headers, content, response = await sync_to_async(
-            self._respond, thread_sensitive=not _async_view(get_resolver(), scope["path"])
-        )(scope, body_file)
-        if response is not None:  # streaming
-            await self.send_response(response, send)
-            await sync_to_async(response.close)()
+            self._respond, thread_sensitive=shared_thread
+        )(scope, body_file, shared_thread)
+        if response is not None:  # streaming: it may still read the request body
+            try:
+                await self.send_response(response, send)
+                await sync_to_async(response.close)()
+            finally:
+                body_file.close()
             return
         await send({"type": "http.response.start", "status": status, "headers": headers})
         for chunk, last in self.chunk_bytes(content):
             await send({"type": "http.response.body", "body": chunk, "more_body": not last})
 
-    def _respond(self, scope, body_file):
+    def _respond(self, scope, body_file, shared_thread: bool):
         """The request as WSGIHandler runs it: (status, headers, body, None), or
         (None, None, None, response) for a streaming response, still to be sent and closed."""
+        streaming = False
         try:
             set_script_prefix(get_script_prefix(scope))
             signals.request_started.send(sender=self.__class__, scope=scope)
             request, response = self.create_request(scope, body_file)
             if request is not None:
                 response = self.get_response(request)
+            response._handler_class = self.__class__
+            if isinstance(response, FileResponse):
+                response.block_size = self.chunk_size
             if response.streaming:
+                streaming = True
                 return None, None, None, response
             headers = [
                 (
@@ -76,14 +92,26 @@ class OneHopASGIHandler(ASGIHandler):
             response.close()  # request_finished: Django closes the connections it must
             return response.status_code, headers, content, None
         finally:
-            body_file.close()
+            if not streaming:
+                body_file.close()
+            if not shared_thread:
+                # A pool thread keeps no persistent connection an async view's ORM call opened.
+                connections.close_all()
+
+
+def _leads_to_async_view(scope) -> bool:
+    path, prefix = scope["path"], get_script_prefix(scope)
+    path_info = path.removeprefix(prefix) if prefix else path  # as ASGIRequest computes it
+    if len(path_info) > _CACHED_PATH_LENGTH:
+        return _async_view.__wrapped__(get_resolver(), path_info)
+    return _async_view(get_resolver(), path_info)
 
 
 @lru_cache(maxsize=1024)
-def _async_view(resolver, path: str) -> bool:
-    """Does `path` lead to an async view? Per URLconf (a new resolver when it changes)."""
+def _async_view(resolver, path_info: str) -> bool:
+    """Does the path lead to an async view? Per URLconf (a new resolver when it changes)."""
     try:
-        match = resolver.resolve(path)
+        match = resolver.resolve(path_info)
     except Resolver404:
         return False
     return iscoroutinefunction(match.func)

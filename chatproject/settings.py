@@ -121,6 +121,12 @@ if DATABASES["default"]["ENGINE"] == "django.db.backends.sqlite3":
 else:
     # One test database per test process, so concurrent test runs never share one.
     DATABASES["default"]["TEST"] = {"NAME": f"test_{DATABASES['default']['NAME']}_{os.getpid()}"}
+if DATABASES["default"]["ENGINE"] == "django.db.backends.postgresql":
+    # libpq waits for an unreachable server as long as the OS does: a health probe or request
+    # stuck on connecting would hold its thread for minutes.
+    DATABASES["default"].setdefault("OPTIONS", {}).setdefault(
+        "connect_timeout", env.int("DATABASE_CONNECT_TIMEOUT", default=5)
+    )
 # Persistent connections, on every engine: a new connection per database_sync_to_async call
 # costs more than the query (and closing SQLite's last connection checkpoints the WAL, with an
 # fsync). Health checks drop connections the server closed meanwhile.

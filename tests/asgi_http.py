@@ -3,7 +3,7 @@
 import asyncio
 
 
-def scope(method: str, path_: str, headers=()) -> dict:
+def scope(method: str, path_: str, headers=(), *, query: bytes = b"", root_path: str = "") -> dict:
     return {
         "type": "http",
         "asgi": {"version": "3.0"},
@@ -12,15 +12,17 @@ def scope(method: str, path_: str, headers=()) -> dict:
         "scheme": "http",
         "path": path_,
         "raw_path": path_.encode(),
-        "query_string": b"",
-        "root_path": "",
+        "query_string": query,
+        "root_path": root_path,
         "headers": [(b"host", b"testserver"), *headers],
         "client": ("127.0.0.1", 40000),
         "server": ("testserver", 80),
     }
 
 
-async def call(app, method: str, path_: str, body: bytes = b"", headers=()) -> list[dict]:
+async def call(
+    app, method: str, path_: str, body: bytes = b"", headers=(), **scope_args
+) -> list[dict]:
     incoming = [{"type": "http.request", "body": body, "more_body": False}]
     sent: list[dict] = []
 
@@ -33,5 +35,5 @@ async def call(app, method: str, path_: str, body: bytes = b"", headers=()) -> l
     async def send(message):
         sent.append(message)
 
-    await app(scope(method, path_, headers), receive, send)
+    await app(scope(method, path_, headers, **scope_args), receive, send)
     return sent

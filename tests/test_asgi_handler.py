@@ -5,6 +5,7 @@ import re
 import threading
 
 import pytest
+from asgiref.sync import SyncToAsync
 from django.core import signals
 from django.core.handlers.asgi import ASGIHandler
 from django.http import HttpResponse, JsonResponse, StreamingHttpResponse
@@ -35,6 +36,11 @@ def streaming_view(request):
     return StreamingHttpResponse((f"row {i}\n" for i in range(3)), content_type="text/csv")
 
 
+def lazy_streaming_view(request):
+    # Reads the body only while the response is being sent.
+    return StreamingHttpResponse(chunk for chunk in (b"got ", request.body))
+
+
 def big_view(request):
     return HttpResponse(
         b"x" * (ASGIHandler.chunk_size + 10), content_type="application/octet-stream"
@@ -53,6 +59,7 @@ urlpatterns = [
     path("t/sync/", sync_view),
     path("t/async/", async_view),
     path("t/stream/", streaming_view),
+    path("t/lazy/", lazy_streaming_view),
     path("t/big/", big_view),
     path("t/fail/", failing_view),
     path("t/body/", body_view),
@@ -84,8 +91,10 @@ def _answer(sent: list[dict]) -> tuple:
 REQUESTS = {
     "sync view, cookie and latin-1 header": ("GET", "/t/sync/", b"", ()),
     "sync view with a body": ("POST", "/t/sync/", b"a=1", ((b"content-type", b"text/plain"),)),
+    "HEAD": ("HEAD", "/t/sync/", b"", ()),
     "async view": ("GET", "/t/async/", b"", ()),
     "streaming response": ("GET", "/t/stream/", b"", ()),
+    "streaming response reading the body as it goes": ("POST", "/t/lazy/", b"abc", ()),
     "body bigger than one chunk": ("GET", "/t/big/", b"", ()),
     "unknown path": ("GET", "/no/such/page/", b"", ()),
     "view raises": ("GET", "/t/fail/", b"", ()),
@@ -98,32 +107,51 @@ REQUESTS = {
         ((b"content-type", b"application/json"),),
     ),
 }
+SCOPES = {
+    "plain": {},
+    "under a root path": {"root_path": "/chat"},
+    "query string not UTF-8": {"query": b"a=%ff\xff"},
+}
 
 
 @pytest.mark.filterwarnings("ignore:StreamingHttpResponse must consume synchronous iterators")
+@pytest.mark.parametrize("scope_args", SCOPES.values(), ids=SCOPES.keys())
 @pytest.mark.parametrize("request_", REQUESTS.values(), ids=REQUESTS.keys())
-async def test_answers_exactly_as_djangos_own_asgi_handler(request_, settings):
+async def test_answers_exactly_as_djangos_own_asgi_handler(request_, scope_args, settings):
     settings.DATA_UPLOAD_MAX_MEMORY_SIZE = 2500
     settings.DEBUG_PROPAGATE_EXCEPTIONS = False
-    ours = _answer(await call(OneHopASGIHandler(), *request_))
-    djangos = _answer(await call(ASGIHandler(), *request_))
+    method, path_, body, headers = request_
+    if scope_args.get("root_path"):
+        path_ = scope_args["root_path"] + path_
+    ours = _answer(await call(OneHopASGIHandler(), method, path_, body, headers, **scope_args))
+    djangos = _answer(await call(ASGIHandler(), method, path_, body, headers, **scope_args))
     assert ours == djangos
 
 
-async def test_a_sync_request_runs_in_one_thread_from_request_started_to_request_finished():
+async def test_a_sync_request_crosses_into_one_thread_once_from_start_to_finish(monkeypatch):
     def started(**kwargs):
         seen.append(("started", threading.get_ident()))
 
     def finished(**kwargs):
         seen.append(("finished", threading.get_ident()))
 
+    handler = OneHopASGIHandler()
+    hops = []
+    real_call = SyncToAsync.__call__
+
+    def counted(self, *args, **kwargs):
+        hops.append(self.func)
+        return real_call(self, *args, **kwargs)
+
     signals.request_started.connect(started)
     signals.request_finished.connect(finished)
+    monkeypatch.setattr(SyncToAsync, "__call__", counted)
     try:
-        status, headers, _, body = _answer(await call(OneHopASGIHandler(), "GET", "/t/sync/"))
+        status, headers, _, body = _answer(await call(handler, "GET", "/t/sync/"))
     finally:
         signals.request_started.disconnect(started)
         signals.request_finished.disconnect(finished)
+    assert len(hops) == 1  # Django's own handler: 19 for this request
     assert (status, body) == (200, b"GET b''")
     assert (b"X-Thing", "é".encode("latin1")) in headers
     assert (b"Set-Cookie", b"flavour=plain; HttpOnly; Path=/; SameSite=Lax") in headers

@@ -6,6 +6,7 @@ import threading
 
 import pytest
 from asgiref.sync import sync_to_async
+from django.db import connection
 from django.test import Client
 
 from chat import health
@@ -39,20 +40,33 @@ def test_healthz_reports_database_and_channel_layer():
 
 
 @pytest.fixture
-def held_database_thread():
+async def held_database_thread():
     """asgiref's one thread-sensitive thread (every sync view and socket query) kept busy, as a
     stuck query would keep it."""
     release = threading.Event()
+    holders = []
 
     async def hold():
-        holder = asyncio.ensure_future(
-            sync_to_async(release.wait, thread_sensitive=True)(timeout=30)
+        holders.append(
+            asyncio.ensure_future(sync_to_async(release.wait, thread_sensitive=True)(timeout=30))
         )
         await asyncio.sleep(0.05)
-        return holder
+        return holders[-1]
 
     yield hold
     release.set()
+    await asyncio.gather(*holders)
+
+
+@pytest.fixture
+def stuck_database(monkeypatch):
+    """The database probe's SELECT never comes back (until the test ends)."""
+    stopped = threading.Event()
+    monkeypatch.setattr(health, "PROBE_TIMEOUT", 0.3)
+    monkeypatch.setattr(health, "_select_one", lambda: stopped.wait(timeout=30))
+    yield
+    stopped.set()
+    health._PROBE_THREAD.submit(lambda: None).result(timeout=5)  # the stuck probe came back
 
 
 async def healthz() -> tuple[int, dict]:
@@ -73,17 +87,25 @@ async def test_healthz_answers_while_a_stuck_query_holds_the_database_thread(
 
 
 @pytest.mark.django_db(transaction=True)
-async def test_healthz_is_503_when_the_database_stops_answering(monkeypatch):
-    stopped = threading.Event()
-    monkeypatch.setattr(health, "PROBE_TIMEOUT", 0.3)
-    monkeypatch.setattr(health, "_database", lambda: stopped.wait(timeout=30))
-    try:
-        status, body = await healthz()
-    finally:
-        stopped.set()
+async def test_healthz_probes_on_a_connection_it_closes():
+    status, _ = await healthz()
+    assert status == 200
+    closed = health._PROBE_THREAD.submit(lambda: connection.connection is None).result(timeout=5)
+    assert closed
+
+
+@pytest.mark.django_db(transaction=True)
+@pytest.mark.usefixtures("stuck_database")
+async def test_healthz_is_503_when_the_database_stops_answering():
+    status, body = await healthz()
     assert status == 503
     assert body["checks"]["database"] == {"ok": False, "error": "TimeoutError"}
     assert body["checks"]["channel_layer"]["ok"] is True
+    # The stuck probe still holds its thread: the next check fails at once, and takes no other
+    # thread to wait for the database.
+    status, body = await healthz()
+    assert status == 503
+    assert body["checks"]["database"] == {"ok": False, "error": "PreviousProbeRunning"}
 
 
 @pytest.mark.django_db(transaction=True)
