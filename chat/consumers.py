@@ -37,6 +37,7 @@ from chat.protocol import (
     ERR_TOO_LONG,
     ERR_UNAVAILABLE,
     ERR_UNKNOWN_TYPE,
+    RESYNC_MAX_SEQS,
     SUBPROTOCOL,
 )
 from chat.runtime import get_runtime
@@ -343,6 +344,33 @@ class RoomConsumer(AsyncWebsocketConsumer):
         )
         return selectors.message_payloads(page, room=self.room), has_more
 
+    async def on_resync(self, frame: dict[str, Any]) -> None:
+        """What changed among messages the client already shows: deletions and restorations
+        made while it was away (live ones reach it as `deleted` and `restored` frames)."""
+        first, last = _seq(frame, "from"), _seq(frame, "to")
+        if first is None or last is None or not 1 <= first <= last:
+            raise FrameError(ERR_INVALID_FRAME, "give from and to, with 1 <= from <= to")
+        if last - first >= RESYNC_MAX_SEQS:
+            raise FrameError(ERR_INVALID_FRAME, f"resync at most {RESYNC_MAX_SEQS} seqs at a time")
+        shown = frame.get("deleted", [])
+        if (
+            type(shown) is not list
+            or len(shown) > RESYNC_MAX_SEQS
+            or any(type(seq) is not int or not first <= seq <= last for seq in shown)
+        ):
+            raise FrameError(ERR_INVALID_FRAME, "deleted must list seqs from `from` to `to`")
+        deleted, restored = await database_sync_to_async(selectors.changes_between)(
+            room=self.room, first=first, last=last, shown_deleted=set(shown)
+        )
+        # The oldest restored messages that fit in a frame; the answer then covers up to the
+        # last of them, and the client asks again from the next seq.
+        kept = _within(restored, settings.CHAT_MAX_FRAME_BYTES // 2, newest=False)
+        if len(kept) < len(restored):
+            last = kept[-1]["seq"]
+            deleted = [seq for seq in deleted if seq <= last]
+        reply = {"type": "resync", "from": first, "to": last, "deleted": deleted, "restored": kept}
+        await self.send_text(frames.dumps(reply))
+
     async def on_delete(self, frame: dict[str, Any]) -> None:
         seq = _seq(frame, "seq")
         if seq is None:
@@ -373,6 +401,7 @@ class RoomConsumer(AsyncWebsocketConsumer):
     _handlers = {
         "message": on_message,
         "history": on_history,
+        "resync": on_resync,
         "delete": on_delete,
         "typing": on_typing,
         "ping": on_ping,

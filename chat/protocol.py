@@ -36,3 +36,7 @@ ERR_NOT_FOUND = "not_found"
 ERR_MUTED = "muted"
 ERR_RATE_LIMITED = "rate_limited"
 ERR_UNAVAILABLE = "unavailable"
+
+# A resync covers at most this many seqs: its answer's list of deleted seqs stays well inside
+# CHAT_MAX_FRAME_BYTES beside at least one restored message.
+RESYNC_MAX_SEQS = 1000

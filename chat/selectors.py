@@ -136,6 +136,27 @@ def message_payloads(messages: list[Message], *, room: Room) -> list[dict]:
     ]
 
 
+def changes_between(
+    *, room: Room, first: int, last: int, shown_deleted: set[int]
+) -> tuple[list[int], list[dict]]:
+    """What changed for a client showing messages first..last, `shown_deleted` of them as
+    deleted: the seqs deleted since (deleted now, not shown so) and the messages restored since
+    (shown deleted, not deleted now), oldest first."""
+    in_range = Message.objects.filter(room=room, seq__gte=first, seq__lte=last)
+    deleted_now = set(in_range.filter(deleted_at__isnull=False).values_list("seq", flat=True))
+    restored_seqs = shown_deleted - deleted_now
+    restored = (
+        list(
+            in_range.filter(seq__in=restored_seqs, deleted_at__isnull=True)
+            .select_related("author")
+            .order_by("seq")
+        )
+        if restored_seqs
+        else []
+    )
+    return sorted(deleted_now - shown_deleted), message_payloads(restored, room=room)
+
+
 def message_frames_between(room_id: int, after: int, upto: int) -> list[tuple[int, str]]:
     """Message frames with after < seq <= upto, in order (the hub's gap filling)."""
     rows = list(

@@ -126,6 +126,100 @@ async def test_history_pages_after_and_before_with_tombstones(people):
     await b.disconnect()
 
 
+# --- resync: deletions and restorations made while a client was away ------------------------------
+
+
+def _seed_messages(room, author, count: int, *, body: str = "m{}") -> None:
+    for i in range(1, count + 1):
+        services.message_send(room=room, author=author, body=body.format(i), client_id=f"r{i}")
+
+
+async def test_resync_reports_what_was_deleted_and_restored_while_away(people):
+    alice, bob, room = people
+
+    def before():
+        _seed_messages(room, alice, 6)
+        services.message_delete(actor=alice, room=room, seq=2)
+
+    def while_away():
+        services.message_delete(actor=alice, room=room, seq=4)
+        services.message_delete(actor=alice, room=room, seq=5)
+        services.message_restore(actor=alice, message=Message.objects.get(room=room, seq=2))
+
+    await sync(before)()
+    # Bob's page shows 1-6 with 2 deleted; his socket drops, and meanwhile:
+    await sync(while_away)()
+    b, _ = await join(bob, room)
+    await send(b, type="resync", **{"from": 1, "to": 6, "deleted": [2]})
+    answer = await receive_until(b, "resync")
+    assert answer["from"] == 1
+    assert answer["to"] == 6
+    assert answer["deleted"] == [4, 5]
+    assert [(m["seq"], m["body"], m["author"]) for m in answer["restored"]] == [(2, "m2", "alice")]
+    # Asked again with the state the answer gave, nothing is left to change.
+    await send(b, type="resync", **{"from": 1, "to": 6, "deleted": [4, 5]})
+    again = await receive_until(b, "resync")
+    assert (again["deleted"], again["restored"]) == ([], [])
+    await b.disconnect()
+
+
+async def test_a_resync_answer_too_big_for_a_frame_covers_a_prefix_of_the_range(people, settings):
+    alice, bob, room = people
+    settings.CHAT_MAX_FRAME_BYTES = 8192
+
+    def seed():
+        _seed_messages(room, alice, 6, body="{}" + "x" * 3000)
+        for seq in (1, 2, 3, 5, 6):
+            services.message_delete(actor=alice, room=room, seq=seq)
+        for seq in (1, 2, 3):
+            services.message_restore(actor=alice, message=Message.objects.get(room=room, seq=seq))
+
+    await sync(seed)()
+    b, _ = await join(bob, room)
+    # As a client does: ask from the seq after each answer's `to` until the range is covered.
+    asked, restored, deleted, start = [], [], [], 1
+    while start <= 6:
+        shown_deleted = [seq for seq in (1, 2, 3) if seq >= start]
+        await send(b, type="resync", **{"from": start, "to": 6, "deleted": shown_deleted})
+        answer = await receive_until(b, "resync")
+        assert answer["from"] == start
+        asked.append((start, answer["to"]))
+        restored += [m["seq"] for m in answer["restored"]]
+        deleted += answer["deleted"]
+        start = answer["to"] + 1
+    # Half a frame holds one 3 KB message: an answer stops after the first restored one that
+    # fills it, and the next covers the rest.
+    assert asked == [(1, 1), (2, 2), (3, 6)]
+    assert restored == [1, 2, 3]
+    assert deleted == [5, 6]
+    await b.disconnect()
+
+
+RESYNC_REFUSED = {
+    "no from": {"to": 3},
+    "no to": {"from": 1},
+    "from 0": {"from": 0, "to": 3},
+    "to before from": {"from": 5, "to": 4},
+    "from not an integer": {"from": "1", "to": 3},
+    "more than RESYNC_MAX_SEQS": {"from": 1, "to": 1000 + 1},
+    "deleted not a list": {"from": 1, "to": 3, "deleted": "2"},
+    "deleted outside the range": {"from": 1, "to": 3, "deleted": [4]},
+    "deleted not integers": {"from": 1, "to": 3, "deleted": [True]},
+    "deleted longer than the range allows": {"from": 1, "to": 3, "deleted": [1] * 1001},
+}
+
+
+@pytest.mark.parametrize("fields", RESYNC_REFUSED.values(), ids=RESYNC_REFUSED.keys())
+async def test_malformed_resync_gets_an_invalid_frame_error(people, fields):
+    alice, _, room = people
+    a, _ = await join(alice, room)
+    await send(a, type="resync", **fields)
+    error = await receive_until(a, "error")
+    assert error["code"] == "invalid_frame"
+    assert not [f for f in await drain(a) if f["type"] == "resync"]
+    await a.disconnect()
+
+
 # --- delete, typing, ping -------------------------------------------------------------------------
 
 

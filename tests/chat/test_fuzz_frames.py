@@ -71,7 +71,7 @@ def weighted(*choices: tuple[int, st.SearchStrategy]) -> st.SearchStrategy:
     return st.sampled_from(indices).flatmap(lambda i: choices[i][1])
 
 
-FRAME_TYPES = ["message", "history", "delete", "typing", "ping"]
+FRAME_TYPES = ["message", "history", "resync", "delete", "typing", "ping"]
 VALID_CLIENT_ID = st.from_regex(r"\A[A-Za-z0-9_-]{1,64}\Z")
 
 numbers = st.sampled_from(
@@ -95,6 +95,9 @@ field_values = {
     "after": numbers | json_values,
     "limit": numbers | json_values,
     "seq": st.integers(0, 5) | numbers | json_values,
+    "from": st.integers(0, 5) | numbers | json_values,
+    "to": st.integers(0, 1010) | numbers | json_values,
+    "deleted": st.lists(st.integers(0, 6), max_size=4) | json_values,
     "ticket": awkward_text,
 }
 # Frames of the protocol's own types with fuzzed fields, and frames whose type is wrong.
@@ -211,6 +214,11 @@ def check_answer(frame: dict, sent: object) -> None:
     elif kind == "history":
         assert isinstance(frame["messages"], list), (frame, sent)
         assert type(frame["has_more"]) is bool, (frame, sent)
+    elif kind == "resync":
+        assert set(frame) == {"type", "from", "to", "deleted", "restored"}, (frame, sent)
+        assert 1 <= frame["from"] <= frame["to"], (frame, sent)
+        assert all(type(seq) is int for seq in frame["deleted"]), (frame, sent)
+        assert isinstance(frame["restored"], list), (frame, sent)
     else:
         assert kind == "pong", (frame, sent)
 
