@@ -112,11 +112,15 @@ function onFrame(frame) {
     case "ack":
       return onAck(frame);
     case "deleted":
+      resync.touched.add(frame.seq);
       return onDeleted(frame);
     case "restored":
+      resync.touched.add(frame.message.seq);
       deletedAhead.delete(frame.message.seq);
       if (messages.has(frame.message.seq)) changeLog(() => upsertMessage(frame.message));
       return undefined;
+    case "resync":
+      return onResync(frame);
     case "typing":
       return onTyping(frame.user);
     case "presence":
@@ -158,15 +162,56 @@ function onHello(hello) {
       state.loaded = true;
       caughtUp();
     }
-  } else if (state.resumeSeq < hello.last_seq) {
-    requestMissed();
   } else {
-    caughtUp();
+    startResync();
+    if (state.resumeSeq < hello.last_seq) requestMissed();
+    else caughtUp();
   }
   renderMessageControls();
   updateComposer();
   renderMembers();
   loadMembers();
+}
+
+// --- resync: what changed among the messages shown while the socket was away ---------------------
+// Live `deleted` and `restored` frames only reach an open socket. After a reconnect the client
+// asks, RESYNC_MAX_SEQS at a time, which of the messages it shows (up to resumeSeq) were deleted
+// or restored meanwhile. A live frame about a seq while its answer is on the way is newer than
+// the answer, so the answer leaves that seq alone.
+
+const RESYNC_MAX_SEQS = 1000; // docs/protocol.md
+const resync = { upto: 0, from: null, touched: new Set() };
+
+function startResync() {
+  resync.upto = state.resumeSeq;
+  const shown = [...messages.keys()];
+  requestResync(shown.length ? Math.min(...shown) : 0);
+}
+
+function requestResync(from) {
+  resync.from = null;
+  if (from < 1 || from > resync.upto) return;
+  const to = Math.min(resync.upto, from + RESYNC_MAX_SEQS - 1);
+  const deleted = [];
+  for (const [seq, entry] of messages) {
+    if (seq >= from && seq <= to && entry.data.deleted) deleted.push(seq);
+  }
+  if (connection.send({ type: "resync", from, to, deleted })) {
+    resync.from = from;
+    resync.touched.clear();
+  }
+}
+
+function onResync(frame) {
+  if (frame.from !== resync.from) return; // not the answer awaited (or not ours to apply)
+  changeLog(() => {
+    for (const seq of frame.deleted) if (!resync.touched.has(seq)) onDeleted({ seq });
+    for (const message of frame.restored) {
+      if (!resync.touched.has(message.seq) && messages.has(message.seq)) upsertMessage(message);
+    }
+    return false;
+  });
+  requestResync(frame.to + 1);
 }
 
 function requestMissed() {

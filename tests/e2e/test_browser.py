@@ -511,3 +511,49 @@ async def test_a_deletion_that_overtakes_its_message_still_hides_the_body(open_t
     await expect(first).to_have_class(re.compile(r"\bdeleted\b"))
     await expect(first).not_to_contain_text("m1")
     await expect(tab.page.locator("[data-seq='2']")).to_contain_text("m2")
+
+
+async def test_a_reconnected_page_catches_up_on_deletions_and_restorations(open_tab, server):
+    """Shown: 1, 2 (deleted), 3. Away: 1 and 3 deleted, 2 restored; while the resync answer is
+    on its way, a live `restored` for 1 comes first: newer, so the answer leaves 1 alone."""
+    import json
+
+    tab = await signed_in(open_tab, server, "bob")
+    sockets, resyncs = [], []
+    tombstone = {**scripted_message(2), "deleted": True}
+    del tombstone["body"], tombstone["client_id"]
+
+    def handler(ws):
+        n = len(sockets)
+        sockets.append(ws)
+
+        def on_message(text):
+            frame = json.loads(text)
+            if frame["type"] == "history":
+                page = [scripted_message(1), tombstone, scripted_message(3)]
+                ws.send(json.dumps({"type": "history", "messages": page, "has_more": False}))
+            elif frame["type"] == "resync":
+                resyncs.append(frame)
+                ws.send(json.dumps({"type": "restored", "message": scripted_message(1)}))
+                answer = {"from": 1, "to": 3, "deleted": [1, 3], "restored": [scripted_message(2)]}
+                ws.send(json.dumps({"type": "resync", **answer}))
+
+        ws.on_message(on_message)
+        ws.send(json.dumps(scripted_hello(3)))
+        assert n <= 1
+
+    await tab.page.route_web_socket(re.compile(r".*/ws/rooms/lobby/"), handler)
+    await tab.page.goto("/rooms/lobby/")
+    await expect(tab.page.locator("#log")).to_have_attribute("aria-busy", "false")
+    await expect(tab.page.locator("[data-seq='2']")).to_have_class(re.compile(r"\bdeleted\b"))
+    assert resyncs == []  # a first load has nothing to resync
+    await sockets[0].close(code=1001, reason="restart")
+    await expect(tab.page.locator("[data-seq='3']")).to_have_class(re.compile(r"\bdeleted\b"))
+    assert resyncs == [{"type": "resync", "from": 1, "to": 3, "deleted": [2]}]
+    second = tab.page.locator("[data-seq='2']")
+    await expect(second).not_to_have_class(re.compile(r"\bdeleted\b"))
+    await expect(second).to_contain_text("m2")
+    first = tab.page.locator("[data-seq='1']")
+    await expect(first).not_to_have_class(re.compile(r"\bdeleted\b"))
+    await expect(first).to_contain_text("m1")
+    assert await message_seqs(tab) == [1, 2, 3]
