@@ -66,6 +66,18 @@ def presence(room_slug: str, *, joined: str | None = None, left: str | None = No
     return dumps({"type": "presence", "room": room_slug, **change})
 
 
+def room(room_slug: str, *, title: str, visibility: str, can_post: bool) -> str:
+    return dumps(
+        {
+            "type": "room",
+            "room": room_slug,
+            "title": title,
+            "visibility": visibility,
+            "can_post": can_post,
+        }
+    )
+
+
 def membership(room_slug: str, *, role: str | None, muted_until) -> str:
     return dumps(
         {"type": "membership", "room": room_slug, "role": role, "muted_until": iso(muted_until)}

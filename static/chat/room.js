@@ -127,6 +127,8 @@ function onFrame(frame) {
       return onPresence(frame);
     case "membership":
       return onMembership(frame);
+    case "room":
+      return onRoomChanged(frame);
     case "error":
       return onError(frame);
     default:
@@ -311,6 +313,15 @@ function onError(frame) {
     return;
   }
   showToast(frame.detail);
+}
+
+function onRoomChanged(frame) {
+  // An owner changed the title or the mode; losing access closes the socket instead.
+  state.visibility = frame.visibility;
+  state.canPost = frame.can_post;
+  ui.title.textContent = frame.title;
+  document.title = `${frame.title} · Securechat`;
+  updateComposer();
 }
 
 function onMembership(frame) {

@@ -437,6 +437,27 @@ async def test_moderation_closes_open_sockets_at_once(action, code):
     assert closes == [code, code]
 
 
+async def test_room_changes_reach_open_sockets_with_each_users_right_to_post(people):
+    alice, bob, room = people
+    a, _ = await join(alice, room)
+    b, _ = await join(bob, room)
+    await sync(services.room_update)(
+        actor=alice, room=room, title="Quiet lobby", visibility=Room.Visibility.READ_ONLY
+    )
+    assert await receive_until(b, "room") == {
+        "type": "room",
+        "room": "lobby",
+        "title": "Quiet lobby",
+        "visibility": "read_only",
+        "can_post": False,
+    }
+    assert (await receive_until(a, "room"))["can_post"] is True  # the owner moderates
+    await send(b, type="message", body="may I?", client_id="ro1")
+    assert (await receive_until(b, "error"))["code"] == "forbidden"
+    await a.disconnect()
+    await b.disconnect()
+
+
 async def test_mute_refuses_messages_until_unmuted(people):
     alice, bob, room = people
     b, _ = await join(bob, room)

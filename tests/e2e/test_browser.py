@@ -557,3 +557,24 @@ async def test_a_reconnected_page_catches_up_on_deletions_and_restorations(open_
     await expect(first).not_to_have_class(re.compile(r"\bdeleted\b"))
     await expect(first).to_contain_text("m1")
     assert await message_seqs(tab) == [1, 2, 3]
+
+
+async def test_a_room_made_read_only_stops_the_composer_at_once(open_tab, server):
+    import json
+
+    tab = await signed_in(open_tab, server, "bob")
+    sockets = []
+
+    def handler(ws):
+        sockets.append(ws)
+        ws.send(json.dumps(scripted_hello(0)))
+
+    await tab.page.route_web_socket(re.compile(r".*/ws/rooms/lobby/"), handler)
+    await tab.page.goto("/rooms/lobby/")
+    await expect(tab.page.locator("#composer-input")).to_be_enabled()
+    change = {"room": "lobby", "title": "Quiet lobby", "visibility": "read_only", "can_post": False}
+    sockets[0].send(json.dumps({"type": "room", **change}))
+    await expect(tab.page.locator("#composer-input")).to_be_disabled()
+    await expect(tab.page.locator("#composer-notice")).to_contain_text("read-only")
+    await expect(tab.page.locator("h1")).to_have_text("Quiet lobby")
+    await expect(tab.page).to_have_title("Quiet lobby · Securechat")
