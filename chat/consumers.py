@@ -37,8 +37,8 @@ from chat.protocol import (
     ERR_TOO_LONG,
     ERR_UNAVAILABLE,
     ERR_UNKNOWN_TYPE,
-    RESYNC_MAX_SEQS,
     SUBPROTOCOL,
+    resync_max_seqs,
 )
 from chat.runtime import get_runtime
 from chat.services import SendItem
@@ -204,6 +204,7 @@ class RoomConsumer(AsyncWebsocketConsumer):
             "limits": {
                 "max_length": settings.CHAT_MAX_MESSAGE_LENGTH,
                 "history_limit": settings.CHAT_HISTORY_LIMIT,
+                "resync_max_seqs": resync_max_seqs(settings.CHAT_MAX_FRAME_BYTES),
             },
         }
 
@@ -350,20 +351,25 @@ class RoomConsumer(AsyncWebsocketConsumer):
         first, last = _seq(frame, "from"), _seq(frame, "to")
         if first is None or last is None or not 1 <= first <= last:
             raise FrameError(ERR_INVALID_FRAME, "give from and to, with 1 <= from <= to")
-        if last - first >= RESYNC_MAX_SEQS:
-            raise FrameError(ERR_INVALID_FRAME, f"resync at most {RESYNC_MAX_SEQS} seqs at a time")
+        most = resync_max_seqs(settings.CHAT_MAX_FRAME_BYTES)
+        if last - first >= most:
+            raise FrameError(ERR_INVALID_FRAME, f"resync at most {most} seqs at a time")
         shown = frame.get("deleted", [])
         if (
             type(shown) is not list
-            or len(shown) > RESYNC_MAX_SEQS
+            or len(shown) > last - first + 1
             or any(type(seq) is not int or not first <= seq <= last for seq in shown)
         ):
             raise FrameError(ERR_INVALID_FRAME, "deleted must list seqs from `from` to `to`")
-        deleted, restored = await database_sync_to_async(selectors.changes_between)(
-            room=self.room, first=first, last=last, shown_deleted=set(shown)
+        deleted, restored, last = await database_sync_to_async(selectors.changes_between)(
+            room=self.room,
+            first=first,
+            last=last,
+            shown_deleted=set(shown),
+            most_restored=settings.CHAT_HISTORY_LIMIT,
         )
-        # The oldest restored messages that fit in a frame; the answer then covers up to the
-        # last of them, and the client asks again from the next seq.
+        # The oldest restored messages that fit in half a frame; the answer then covers up to
+        # the last of them, and the client asks again from the next seq.
         kept = _within(restored, settings.CHAT_MAX_FRAME_BYTES // 2, newest=False)
         if len(kept) < len(restored):
             last = kept[-1]["seq"]

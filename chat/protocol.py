@@ -37,6 +37,8 @@ ERR_MUTED = "muted"
 ERR_RATE_LIMITED = "rate_limited"
 ERR_UNAVAILABLE = "unavailable"
 
-# A resync covers at most this many seqs: its answer's list of deleted seqs stays well inside
-# CHAT_MAX_FRAME_BYTES beside at least one restored message.
-RESYNC_MAX_SEQS = 1000
+
+def resync_max_seqs(max_frame_bytes: int) -> int:
+    """How many seqs one resync may cover: its request lists the deleted ones among them (up to
+    21 bytes each), which must fit in half a frame the server accepts. 1,000 at the default."""
+    return max(1, min(1000, (max_frame_bytes // 2 - 200) // 21))

@@ -137,24 +137,29 @@ def message_payloads(messages: list[Message], *, room: Room) -> list[dict]:
 
 
 def changes_between(
-    *, room: Room, first: int, last: int, shown_deleted: set[int]
-) -> tuple[list[int], list[dict]]:
+    *, room: Room, first: int, last: int, shown_deleted: set[int], most_restored: int
+) -> tuple[list[int], list[dict], int]:
     """What changed for a client showing messages first..last, `shown_deleted` of them as
-    deleted: the seqs deleted since (deleted now, not shown so) and the messages restored since
-    (shown deleted, not deleted now), oldest first."""
+    deleted: the seqs deleted now that it does not show so, and the messages it shows deleted
+    that are not deleted now (at most `most_restored`, oldest first), with the seq up to which
+    the answer is complete (`last`, or less when restored messages were left for later)."""
     in_range = Message.objects.filter(room=room, seq__gte=first, seq__lte=last)
     deleted_now = set(in_range.filter(deleted_at__isnull=False).values_list("seq", flat=True))
-    restored_seqs = shown_deleted - deleted_now
+    candidates = sorted(shown_deleted - deleted_now)
+    if len(candidates) > most_restored:
+        last = candidates[most_restored] - 1
+        candidates = candidates[:most_restored]
     restored = (
         list(
-            in_range.filter(seq__in=restored_seqs, deleted_at__isnull=True)
+            in_range.filter(seq__in=candidates, deleted_at__isnull=True)
             .select_related("author")
             .order_by("seq")
         )
-        if restored_seqs
+        if candidates
         else []
     )
-    return sorted(deleted_now - shown_deleted), message_payloads(restored, room=room)
+    deleted = sorted(seq for seq in deleted_now - shown_deleted if seq <= last)
+    return deleted, message_payloads(restored, room=room), last
 
 
 def message_frames_between(room_id: int, after: int, upto: int) -> list[tuple[int, str]]:

@@ -146,6 +146,9 @@ function onHello(hello) {
   state.visibility = hello.visibility;
   state.maxLength = hello.limits.max_length;
   state.historyLimit = hello.limits.history_limit;
+  resync.maxSeqs = hello.limits.resync_max_seqs ?? resync.maxSeqs;
+  // History pages and live frames from here on carry the current state of what they bring.
+  deletedAhead.clear();
   ui.title.textContent = hello.title;
   document.title = `${hello.title} · Securechat`;
   online = new Set(hello.presence);
@@ -177,31 +180,39 @@ function onHello(hello) {
 
 // --- resync: what changed among the messages shown while the socket was away ---------------------
 // Live `deleted` and `restored` frames only reach an open socket. After a reconnect the client
-// asks, RESYNC_MAX_SEQS at a time, which of the messages it shows (up to resumeSeq) were deleted
-// or restored meanwhile. A live frame about a seq while its answer is on the way is newer than
-// the answer, so the answer leaves that seq alone.
+// asks, hello.limits.resync_max_seqs at a time, which of the messages it shows (up to resumeSeq)
+// were deleted or restored meanwhile. A live frame about a seq while its answer is on the way is
+// newer than the answer, so the answer leaves that seq alone.
 
-const RESYNC_MAX_SEQS = 1000; // docs/protocol.md
-const resync = { upto: 0, from: null, touched: new Set() };
+const RESYNC_RETRY_MS = 3000;
+const resync = { upto: 0, from: null, touched: new Set(), maxSeqs: 1000, retry: null };
 
 function startResync() {
   resync.upto = state.resumeSeq;
-  const shown = [...messages.keys()];
-  requestResync(shown.length ? Math.min(...shown) : 0);
+  requestResync(Number(ui.messages.querySelector("[data-seq]")?.dataset.seq ?? 0));
 }
 
 function requestResync(from) {
+  clearTimeout(resync.retry);
   resync.from = null;
+  resync.touched.clear();
   if (from < 1 || from > resync.upto) return;
-  const to = Math.min(resync.upto, from + RESYNC_MAX_SEQS - 1);
+  const to = Math.min(resync.upto, from + resync.maxSeqs - 1);
   const deleted = [];
   for (const [seq, entry] of messages) {
     if (seq >= from && seq <= to && entry.data.deleted) deleted.push(seq);
   }
-  if (connection.send({ type: "resync", from, to, deleted })) {
-    resync.from = from;
-    resync.touched.clear();
-  }
+  if (connection.send({ type: "resync", from, to, deleted })) resync.from = from;
+}
+
+// An `unavailable` error (the database failed) may be the answer to the resync: ask again.
+function retryResync() {
+  const from = resync.from;
+  if (from === null) return;
+  clearTimeout(resync.retry);
+  resync.retry = setTimeout(() => {
+    if (resync.from === from) requestResync(from);
+  }, RESYNC_RETRY_MS);
 }
 
 function onResync(frame) {
@@ -307,6 +318,7 @@ function onDeleted(frame) {
 }
 
 function onError(frame) {
+  if (frame.code === "unavailable" && !frame.client_id) retryResync();
   if (frame.client_id && outbox.has(frame.client_id)) {
     outbox.refuse(frame.client_id, frame.code, frame.detail);
     if (frame.code === "muted" || frame.code === "forbidden") loadMembers();

@@ -9,7 +9,7 @@ from django.utils import timezone
 
 from chat import broadcast, frames, services
 from chat.hub import GAP_WAIT
-from chat.models import ConnectionLog, Membership, Message, MessageLog, Room
+from chat.models import MAX_SEQ, ConnectionLog, Membership, Message, MessageLog, Room
 from chat.runtime import get_runtime
 from tests.chat.helpers import drain, join, send, sync
 from tests.factories import make_member, make_room, make_user
@@ -195,17 +195,59 @@ async def test_a_resync_answer_too_big_for_a_frame_covers_a_prefix_of_the_range(
     await b.disconnect()
 
 
+async def test_resync_reads_at_most_a_history_page_of_restored_messages(people, settings):
+    alice, bob, room = people
+    settings.CHAT_HISTORY_LIMIT = 2
+
+    def seed():
+        _seed_messages(room, alice, 6)
+        for seq in range(1, 7):
+            services.message_delete(actor=alice, room=room, seq=seq)
+        for seq in (1, 2, 3, 4):
+            services.message_restore(actor=alice, message=Message.objects.get(room=room, seq=seq))
+
+    await sync(seed)()
+    b, _ = await join(bob, room)
+    await send(b, type="resync", **{"from": 1, "to": 6, "deleted": [1, 2, 3, 4, 5]})
+    answer = await receive_until(b, "resync")
+    # Two restored messages read; the answer stops before the third candidate (3).
+    assert (answer["to"], answer["deleted"]) == (2, [])
+    assert [m["seq"] for m in answer["restored"]] == [1, 2]
+    await send(b, type="resync", **{"from": 3, "to": 6, "deleted": [3, 4, 5]})
+    rest = await receive_until(b, "resync")
+    assert (rest["to"], rest["deleted"]) == (6, [6])
+    assert [m["seq"] for m in rest["restored"]] == [3, 4]
+    await b.disconnect()
+
+
+@pytest.mark.parametrize(("frame_bytes", "most"), [(64 * 1024, 1000), (2048, 39)])
+async def test_hello_says_how_many_seqs_a_resync_may_cover(people, settings, frame_bytes, most):
+    alice, _, room = people
+    settings.CHAT_MAX_FRAME_BYTES = frame_bytes
+    a, hello = await join(alice, room)
+    assert hello["limits"]["resync_max_seqs"] == most
+    # A request listing every seq of the widest range as deleted fits in a frame.
+    widest = {"type": "resync", "from": MAX_SEQ - most + 1, "to": MAX_SEQ}
+    widest["deleted"] = list(range(widest["from"], widest["to"] + 1))
+    assert len(json.dumps(widest, separators=(",", ":"))) <= frame_bytes
+    await send(a, type="resync", **{"from": 1, "to": most})
+    assert (await receive_until(a, "resync"))["to"] == most
+    await send(a, type="resync", **{"from": 1, "to": most + 1})
+    assert (await receive_until(a, "error"))["code"] == "invalid_frame"
+    await a.disconnect()
+
+
 RESYNC_REFUSED = {
     "no from": {"to": 3},
     "no to": {"from": 1},
     "from 0": {"from": 0, "to": 3},
     "to before from": {"from": 5, "to": 4},
     "from not an integer": {"from": "1", "to": 3},
-    "more than RESYNC_MAX_SEQS": {"from": 1, "to": 1000 + 1},
+    "more seqs than hello.limits.resync_max_seqs": {"from": 1, "to": 1000 + 1},
     "deleted not a list": {"from": 1, "to": 3, "deleted": "2"},
     "deleted outside the range": {"from": 1, "to": 3, "deleted": [4]},
     "deleted not integers": {"from": 1, "to": 3, "deleted": [True]},
-    "deleted longer than the range allows": {"from": 1, "to": 3, "deleted": [1] * 1001},
+    "deleted longer than the range": {"from": 1, "to": 3, "deleted": [1, 1, 1, 1]},
 }
 
 
