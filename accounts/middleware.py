@@ -6,7 +6,7 @@ import asyncio
 import json
 from collections.abc import Awaitable, Callable
 from typing import Any
-from urllib.parse import parse_qs, urlsplit
+from urllib.parse import parse_qs, parse_qsl, urlencode, urlsplit
 
 from channels.db import database_sync_to_async
 from django.conf import settings
@@ -113,6 +113,39 @@ def ticket_from_handshake(scope: Scope) -> tuple[str | None, str]:
     return None, audit.Transport.FIRST_FRAME
 
 
+def without_ticket(scope: Scope) -> Scope:
+    """The scope with the handshake's ticket taken out of the offered subprotocols, their header
+    and the query string. The ticket is redeemed at connect and needed nowhere after; a scope
+    that a log line or an error report prints then carries no credential."""
+    query = [
+        (key, value)
+        for key, value in parse_qsl(
+            scope.get("query_string", b"").decode("latin1"), keep_blank_values=True
+        )
+        if key != "ticket"
+    ]
+    return dict(
+        scope,
+        subprotocols=[
+            offered
+            for offered in scope.get("subprotocols", [])
+            if not offered.startswith(TICKET_SUBPROTOCOL_PREFIX)
+        ],
+        headers=[
+            (name, _without_ticket_protocol(value) if name == b"sec-websocket-protocol" else value)
+            for name, value in scope.get("headers", [])
+        ],
+        query_string=urlencode(query).encode("latin1"),
+    )
+
+
+def _without_ticket_protocol(value: bytes) -> bytes:
+    prefix = TICKET_SUBPROTOCOL_PREFIX.encode()
+    return b", ".join(
+        offered.strip() for offered in value.split(b",") if not offered.strip().startswith(prefix)
+    )
+
+
 def chosen_subprotocol(scope: Scope) -> str | None:
     # Answer with our protocol if offered, never with the ticket: a browser fails the handshake when
     # the server picks nothing it offered, and an echoed ticket would sit in every proxy log.
@@ -139,6 +172,7 @@ class TicketAuthMiddleware:
         scope["client_ip"] = client_ip_from_scope(scope)
         scope["room_slug"] = room_slug_from_path(scope["path"])
         token, transport = ticket_from_handshake(scope)
+        scope = without_ticket(scope)
         scope["ticket_transport"] = transport
         runtime = get_runtime()
 

@@ -6,19 +6,23 @@ import gc
 import json
 import threading
 from datetime import timedelta
+from urllib.parse import quote
 
 import jwt
 import pytest
 import time_machine
 from channels.db import database_sync_to_async
+from channels.testing import WebsocketCommunicator
 from django.conf import settings
 from django.utils import timezone
 from rest_framework_simplejwt.tokens import AccessToken
 
 from accounts import services
+from accounts.middleware import TicketAuthMiddleware, chosen_subprotocol
 from accounts.models import Ticket
 from chat.models import ConnectionLog
 from chat.runtime import get_runtime
+from tests.conftest import ORIGIN
 from tests.factories import make_room, make_ticket, make_user
 from tests.ws import closed_with, communicator, receive_until
 
@@ -305,6 +309,40 @@ async def test_transport_accepted_when_valid(alice, lobby, transport):
     row = (await audit_rows())[0]
     assert (row.outcome, row.transport, row.jti) == ("accepted", transport, _payload(token)["jti"])
     assert (await ticket_state(token)).used_at is not None
+
+
+@pytest.mark.parametrize("transport", ["subprotocol", "query"])
+async def test_the_application_behind_the_handshake_never_sees_the_ticket(alice, lobby, transport):
+    seen = {}
+
+    async def application(scope, receive, send):
+        seen.update(scope)
+        await receive()
+        await send({"type": "websocket.accept", "subprotocol": chosen_subprotocol(scope)})
+
+    token = await database_sync_to_async(make_ticket)(alice, lobby)
+    path, protocols = LOBBY, ["chat.v1"]
+    if transport == "subprotocol":
+        protocols.append(f"ticket.{token}")
+    else:
+        path += f"?v=1&ticket={quote(token)}&empty="
+    headers = [
+        (b"origin", ORIGIN.encode()),
+        # As daphne passes it: the offered subprotocols are in the headers too.
+        (b"sec-websocket-protocol", ", ".join(protocols).encode()),
+    ]
+    comm = WebsocketCommunicator(
+        TicketAuthMiddleware(application), path, headers=headers, subprotocols=protocols
+    )
+    comm.scope["client"] = ["127.0.0.1", 50000]
+    assert await comm.connect() == (True, "chat.v1")
+    await comm.disconnect()
+    assert seen["user"] == alice  # redeemed first
+    assert seen["ticket_transport"] == transport
+    assert token not in repr(seen)
+    assert seen["subprotocols"] == ["chat.v1"]
+    assert (b"sec-websocket-protocol", b"chat.v1") in seen["headers"]
+    assert seen["query_string"] == (b"v=1&empty=" if transport == "query" else b"")
 
 
 async def test_first_frame_transport_accepted_when_valid(alice, lobby):
