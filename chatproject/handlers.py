@@ -22,9 +22,9 @@ class OneHopASGIHandler(ASGIHandler):
     template-response render, `response.close()`), and copies every context variable each way.
     At about 0.15 ms of CPU a crossing that was half a ticket request's cost. Here the body is
     read on the loop, then one call does what Django's WSGI handler does, with the same sync
-    middleware chain, and the finished bytes are sent from the loop. `request_finished` thus
-    fires before the bytes go out; a streaming response is sent by Django's own code, and
-    closed (`request_finished`) in a second call once sent.
+    middleware chain, and Django's own `send_response` sends the finished bytes from the loop.
+    `request_finished` thus fires before the bytes go out; a streaming response is closed
+    (`request_finished`) in a second call once sent.
 
     Sync views run in asgiref's one thread-sensitive thread, which the sockets' database calls
     share, with its long-lived connection (stock Django gives each request a thread of its own,
@@ -47,24 +47,21 @@ class OneHopASGIHandler(ASGIHandler):
         except RequestAborted:
             return
         shared_thread = not _leads_to_async_view(scope)
-        status, headers, content, response = await sync_to_async(
-            self._respond, thread_sensitive=shared_thread
-        )(scope, body_file, shared_thread)
-        if response is not None:  # streaming: it may still read the request body
-            try:
-                await self.send_response(response, send)
+        try:
+            response = await sync_to_async(self._respond, thread_sensitive=shared_thread)(
+                scope, body_file, shared_thread
+            )
+            # A closed response with its content in bytes goes out without a thread; a
+            # streaming one may still read the request body, and is closed once sent.
+            await self.send_response(response, send)
+            if response.streaming:
                 await sync_to_async(response.close)()
-            finally:
-                body_file.close()
-            return
-        await send({"type": "http.response.start", "status": status, "headers": headers})
-        for chunk, last in self.chunk_bytes(content):
-            await send({"type": "http.response.body", "body": chunk, "more_body": not last})
+        finally:
+            body_file.close()
 
     def _respond(self, scope, body_file, shared_thread: bool):
-        """The request as WSGIHandler runs it: (status, headers, body, None), or
-        (None, None, None, response) for a streaming response, still to be sent and closed."""
-        streaming = False
+        """The response, as WSGIHandler gets it (rendered); unless streaming, closed already
+        (request_finished: Django closes the connections it must)."""
         try:
             set_script_prefix(get_script_prefix(scope))
             signals.request_started.send(sender=self.__class__, scope=scope)
@@ -74,26 +71,10 @@ class OneHopASGIHandler(ASGIHandler):
             response._handler_class = self.__class__
             if isinstance(response, FileResponse):
                 response.block_size = self.chunk_size
-            if response.streaming:
-                streaming = True
-                return None, None, None, response
-            headers = [
-                (
-                    header.encode("ascii") if isinstance(header, str) else bytes(header),
-                    value.encode("latin1") if isinstance(value, str) else bytes(value),
-                )
-                for header, value in response.items()
-            ]
-            headers.extend(
-                (b"Set-Cookie", cookie.output(header="").encode("ascii").strip())
-                for cookie in response.cookies.values()
-            )
-            content = response.content
-            response.close()  # request_finished: Django closes the connections it must
-            return response.status_code, headers, content, None
+            if not response.streaming:
+                response.close()
+            return response
         finally:
-            if not streaming:
-                body_file.close()
             if not shared_thread:
                 # A pool thread keeps no persistent connection an async view's ORM call opened.
                 connections.close_all()
