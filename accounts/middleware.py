@@ -6,7 +6,7 @@ import asyncio
 import json
 from collections.abc import Awaitable, Callable
 from typing import Any
-from urllib.parse import parse_qs, parse_qsl, urlencode, urlsplit
+from urllib.parse import parse_qsl, urlencode, urlsplit
 
 from channels.db import database_sync_to_async
 from django.conf import settings
@@ -102,48 +102,45 @@ def _redeem(token: str, room_slug: str, ip: str | None) -> services.Redemption:
     return services.ticket_redeem(token=token, room_slug=room_slug, ip=ip)
 
 
-def ticket_from_handshake(scope: Scope) -> tuple[str | None, str]:
-    """The ticket and how it came: subprotocol first, then query string; else the first frame."""
-    for offered in scope.get("subprotocols", []):
-        if offered.startswith(TICKET_SUBPROTOCOL_PREFIX):
-            return offered[len(TICKET_SUBPROTOCOL_PREFIX) :], audit.Transport.SUBPROTOCOL
-    query = parse_qs(scope.get("query_string", b"").decode("latin1"))
-    if query.get("ticket"):
-        return query["ticket"][0], audit.Transport.QUERY
-    return None, audit.Transport.FIRST_FRAME
+def take_ticket(scope: Scope) -> tuple[str | None, str, Scope]:
+    """The ticket, how it came (subprotocol first, then query string; else the first frame), and
+    the scope without it: not in the offered subprotocols, their header or the query string.
 
-
-def without_ticket(scope: Scope) -> Scope:
-    """The scope with the handshake's ticket taken out of the offered subprotocols, their header
-    and the query string. The ticket is redeemed at connect and needed nowhere after; a scope
-    that a log line or an error report prints then carries no credential."""
-    query = [
-        (key, value)
-        for key, value in parse_qsl(
-            scope.get("query_string", b"").decode("latin1"), keep_blank_values=True
-        )
-        if key != "ticket"
-    ]
-    return dict(
+    The ticket is redeemed at connect and needed nowhere after; a scope that a log line or an
+    error report prints then carries no credential.
+    """
+    offered = scope.get("subprotocols", [])
+    query = parse_qsl(scope.get("query_string", b"").decode("latin1"), keep_blank_values=True)
+    in_protocols = [p[len(TICKET_SUBPROTOCOL_PREFIX) :] for p in offered if _is_ticket(p)]
+    in_query = [value for key, value in query if key == _TICKET_QUERY_KEY and value]
+    if in_protocols:
+        token, transport = in_protocols[0], audit.Transport.SUBPROTOCOL
+    elif in_query:
+        token, transport = in_query[0], audit.Transport.QUERY
+    else:
+        token, transport = None, audit.Transport.FIRST_FRAME
+    scrubbed = dict(
         scope,
-        subprotocols=[
-            offered
-            for offered in scope.get("subprotocols", [])
-            if not offered.startswith(TICKET_SUBPROTOCOL_PREFIX)
-        ],
+        subprotocols=[p for p in offered if not _is_ticket(p)],
         headers=[
             (name, _without_ticket_protocol(value) if name == b"sec-websocket-protocol" else value)
             for name, value in scope.get("headers", [])
         ],
-        query_string=urlencode(query).encode("latin1"),
+        query_string=urlencode([(k, v) for k, v in query if k != _TICKET_QUERY_KEY]).encode(),
     )
+    return token, transport, scrubbed
+
+
+_TICKET_QUERY_KEY = "ticket"
+
+
+def _is_ticket(offered: str) -> bool:
+    return offered.startswith(TICKET_SUBPROTOCOL_PREFIX)
 
 
 def _without_ticket_protocol(value: bytes) -> bytes:
-    prefix = TICKET_SUBPROTOCOL_PREFIX.encode()
-    return b", ".join(
-        offered.strip() for offered in value.split(b",") if not offered.strip().startswith(prefix)
-    )
+    offered = (p.strip() for p in value.decode("latin1").split(","))
+    return ", ".join(p for p in offered if not _is_ticket(p)).encode("latin1")
 
 
 def chosen_subprotocol(scope: Scope) -> str | None:
@@ -171,8 +168,7 @@ class TicketAuthMiddleware:
         scope = dict(scope, user=AnonymousUser(), ticket=None, auth_error="")
         scope["client_ip"] = client_ip_from_scope(scope)
         scope["room_slug"] = room_slug_from_path(scope["path"])
-        token, transport = ticket_from_handshake(scope)
-        scope = without_ticket(scope)
+        token, transport, scope = take_ticket(scope)
         scope["ticket_transport"] = transport
         runtime = get_runtime()
 
