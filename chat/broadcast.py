@@ -73,8 +73,9 @@ def membership_event(
     }
 
 
-def room_state_event(room_id: int, state: dict[str, Any]) -> dict[str, Any]:
-    return {"type": "hub.room", "room": room_id, "state": state}
+def room_state_event(room_id: int, state: dict[str, Any], texts: list[str]) -> dict[str, Any]:
+    """`texts`: the room frame for sockets that may not post, then for those that may."""
+    return {"type": "hub.room", "room": room_id, "state": state, "texts": texts}
 
 
 def revoke_event(

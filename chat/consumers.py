@@ -464,14 +464,8 @@ class RoomConsumer(AsyncWebsocketConsumer):
         elif notify and kind == "hub.membership" and event.get("text"):
             await self.send_text(event["text"])
         elif notify and kind == "hub.room":
-            # Rare (an owner's edit): one small frame per socket, since can_post is per user.
-            room = self.room
-            can_post = permissions.can_post(self.user, room, self.membership)
-            await self.send_text(
-                frames.room(
-                    room.slug, title=room.title, visibility=room.visibility, can_post=can_post
-                )
-            )
+            can_post = permissions.can_post(self.user, self.room, self.membership)
+            await self.send_text(event["texts"][1 if can_post else 0])
 
     # --- close ---------------------------------------------------------------------------------
 

@@ -362,9 +362,15 @@ def room_update(
         audit.security_event(
             event=audit.Event.ROOM_UPDATED, actor=actor, room=room, details=changes
         )
-        # Sockets re-check access against the new visibility (private: non-members are closed).
+        # Sockets re-check access against the new visibility (private: non-members are closed)
+        # and pass the change on; the frame is framed here once for each answer to can_post.
+        texts = [
+            frames.room(room.slug, title=room.title, visibility=room.visibility, can_post=allowed)
+            for allowed in (False, True)
+        ]
         broadcast.publish(
-            broadcast.room_group(room.pk), broadcast.room_state_event(room.pk, room_state(room))
+            broadcast.room_group(room.pk),
+            broadcast.room_state_event(room.pk, room_state(room), texts),
         )
     return room
 
