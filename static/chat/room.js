@@ -149,8 +149,7 @@ function onHello(hello) {
   resync.maxSeqs = hello.limits.resync_max_seqs ?? resync.maxSeqs;
   // History pages and live frames from here on carry the current state of what they bring.
   deletedAhead.clear();
-  ui.title.textContent = hello.title;
-  document.title = `${hello.title} · Securechat`;
+  showTitle(hello.title);
   online = new Set(hello.presence);
   state.caughtUp = false;
   state.loadingOlder = false; // an answer the last socket never got will not come
@@ -331,8 +330,7 @@ function onRoomChanged(frame) {
   // An owner changed the title or the mode; losing access closes the socket instead.
   state.visibility = frame.visibility;
   state.canPost = frame.can_post;
-  ui.title.textContent = frame.title;
-  document.title = `${frame.title} · Securechat`;
+  showTitle(frame.title);
   updateComposer();
 }
 
@@ -519,16 +517,26 @@ function markRead() {
 
 let unseen = 0;
 
+function showTitle(title) {
+  ui.title.textContent = title;
+  renderDocumentTitle();
+}
+
+function renderDocumentTitle() {
+  const count = unseen ? `(${unseen}) ` : "";
+  document.title = `${count}${ui.title.textContent} · Securechat`;
+}
+
 function noteUnseen() {
   if (document.visibilityState === "visible") return;
   unseen += 1;
-  document.title = `(${unseen}) ${ui.title.textContent} · Securechat`;
+  renderDocumentTitle();
 }
 
 document.addEventListener("visibilitychange", () => {
   if (document.visibilityState !== "visible") return;
   unseen = 0;
-  document.title = `${ui.title.textContent} · Securechat`;
+  renderDocumentTitle();
   markRead();
 });
 
