@@ -1,12 +1,22 @@
 """chatproject/server.py's direct socket write is taken only where it cannot corrupt the stream."""
 
+import asyncio
 import socket
 
 import pytest
 from twisted.internet import protocol, reactor, ssl, tcp
 from twisted.protocols.tls import TLSMemoryBIOFactory
 
-from chatproject.server import _writes_directly
+from accounts.middleware import take_ticket
+from chatproject.server import HANDSHAKE_LEFTOVERS, Inbox, _writes_directly
+
+
+def _tcp_pair() -> tuple[socket.socket, socket.socket]:
+    """Two connected TCP sockets on 127.0.0.1: a real peer and host address for daphne."""
+    with socket.create_server(("127.0.0.1", 0)) as listener:
+        theirs = socket.create_connection(listener.getsockname())
+        ours, _ = listener.accept()
+    return ours, theirs
 
 
 @pytest.fixture
@@ -15,9 +25,10 @@ def tcp_server():
     made = []
 
     def make(app: protocol.Protocol) -> tcp.Server:
-        ours, theirs = socket.socketpair()
+        ours, theirs = _tcp_pair()
         ours.setblocking(False)
         transport = tcp.Server(ours, app, ("127.0.0.1", 1), None, 1, reactor)
+        transport.repstr = "<test connection>"  # set by the listening port when it accepts
         made.append((transport, ours, theirs))
         app.makeConnection(transport)
         return transport
@@ -63,3 +74,113 @@ def test_tls_transport_is_never_written_directly(tls_app_transport):
 def test_closing_transport_is_not_written_directly(plain_transport):
     plain_transport.loseConnection()
     assert not _writes_directly(plain_transport)
+
+
+# --- what an open socket keeps (chatproject/server.py) -------------------------------------------
+
+TICKET = "tk.SECRET-TICKET-VALUE"
+
+
+def _handshake(path: str, protocols: list[str]) -> bytes:
+    lines = [
+        f"GET {path} HTTP/1.1",
+        "Host: 127.0.0.1",
+        "Upgrade: websocket",
+        "Connection: Upgrade",
+        "Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==",
+        "Sec-WebSocket-Version: 13",
+        "Origin: http://127.0.0.1",
+        # As browsers and `websockets` offer it: autobahn calls perMessageCompressionAccept.
+        "Sec-WebSocket-Extensions: permessage-deflate; client_max_window_bits",
+        f"Sec-WebSocket-Protocol: {', '.join(protocols)}",
+    ]
+    return ("\r\n".join(lines) + "\r\n\r\n").encode()
+
+
+@pytest.fixture
+def daphne_server():
+    """daphne's Server with our fixes, as `manage.py serve` runs it, minus the listening."""
+    from daphne import server as daphne_server_module
+
+    from chatproject.server import install_daphne_fixes
+
+    made = []
+
+    def make(application):
+        server_class = install_daphne_fixes()
+        server = server_class(application=application, endpoints=["tcp:port=0"])
+        server.connections = {}
+        factory = daphne_server_module.WebSocketFactory(server, server="test")
+        factory.setProtocolOptions(allowNullOrigin=True, maxMessagePayloadSize=4321)
+        made.append(server)
+        return server, factory
+
+    yield make
+    for server in made:
+        for details in server.connections.values():
+            if "application_instance" in details:
+                details["application_instance"].cancel()
+
+
+async def _open(tcp_server, factory, handshake: bytes, query: bytes = b""):
+    protocol = factory.buildProtocol(("127.0.0.1", 1))
+    protocol._raw_query_string = query  # set by daphne's HTTP protocol before the upgrade
+    tcp_server(protocol)
+    protocol.dataReceived(handshake)
+    for _ in range(200):
+        if protocol.state == protocol.STATE_OPEN:
+            return protocol
+        await asyncio.sleep(0.005)
+    raise AssertionError(f"not open: state {protocol.state}")
+
+
+def ticket_auth_like(inner):
+    """What TicketAuthMiddleware does to the scope, without a database: take the ticket out."""
+
+    async def app(scope, receive, send):
+        token, _ = take_ticket(scope)
+        assert token == TICKET
+        await inner(scope, receive, send)
+
+    return app
+
+
+@pytest.mark.parametrize("transport", ["subprotocol", "query"])
+async def test_an_open_socket_keeps_nothing_of_its_handshake(tcp_server, daphne_server, transport):
+    seen = {}
+
+    async def application(scope, receive, send):
+        seen["scope"] = scope
+        assert (await receive())["type"] == "websocket.connect"
+        await send({"type": "websocket.accept", "subprotocol": "chat.v1"})
+        await receive()
+
+    _, factory = daphne_server(ticket_auth_like(application))
+    protocols = ["chat.v1"] + ([f"ticket.{TICKET}"] if transport == "subprotocol" else [])
+    query = f"ticket={TICKET}".encode() if transport == "query" else b""
+    path = "/ws/rooms/lobby/" + (f"?{query.decode()}" if query else "")
+    protocol = await _open(tcp_server, factory, _handshake(path, protocols), query)
+
+    kept = vars(protocol)
+    assert not set(HANDSHAKE_LEFTOVERS) & set(kept)
+    assert protocol.request.path == "/ws/rooms/lobby/"  # what daphne's log lines read
+    assert TICKET not in repr(kept)
+    assert TICKET.encode() not in b"".join(v for v in kept.values() if isinstance(v, bytes))
+    # ...nor in the scope daphne built, which the frames above the middleware hold.
+    assert TICKET not in repr(seen["scope"])
+
+
+async def test_protocol_options_live_on_the_class_not_on_each_socket(tcp_server, daphne_server):
+    async def application(scope, receive, send):
+        await receive()
+        await send({"type": "websocket.accept"})
+        await receive()
+
+    server, factory = daphne_server(application)
+    protocol = await _open(tcp_server, factory, _handshake("/ws/rooms/lobby/", ["chat.v1"]))
+    assert not set(protocol.CONFIG_ATTRS) & set(vars(protocol))
+    # The values are the factory's, setProtocolOptions() after construction included.
+    assert protocol.maxMessagePayloadSize == factory.maxMessagePayloadSize == 4321
+    assert protocol.failByDrop is False  # our reset of autobahn's default
+    assert isinstance(server.connections[protocol]["application_instance"], asyncio.Future)
+    assert isinstance(protocol.application_queue, Inbox)

@@ -57,8 +57,9 @@ class Command(BaseCommand):
             "--no-server-name",
             settings.ASGI_APPLICATION.replace(".application", ":application"),
         ]
-        install_daphne_fixes()
+        cli = CommandLineInterface()
+        cli.server_class = install_daphne_fixes()
         try:
-            CommandLineInterface().run(argv)
+            cli.run(argv)
         finally:
             finish_event_loop()
