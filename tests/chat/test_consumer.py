@@ -1,6 +1,7 @@
 """The room socket: frames, errors, presence, live moderation, limits, resume and audit."""
 
 import asyncio
+import gc
 import json
 from datetime import timedelta
 
@@ -8,6 +9,7 @@ import pytest
 from django.utils import timezone
 
 from chat import broadcast, frames, services
+from chat.consumers import RoomConsumer
 from chat.hub import GAP_WAIT
 from chat.models import MAX_SEQ, ConnectionLog, Membership, Message, MessageLog, Room
 from chat.runtime import get_runtime
@@ -732,3 +734,20 @@ async def test_connection_log_records_the_whole_session(people):
     assert row.instance
     sent = await sync(MessageLog.objects.get)(event="sent")
     assert (sent.seq, sent.connection_id, sent.username) == (1, row.id, "alice")
+
+
+async def test_an_open_socket_keeps_its_state_in_slots(people):
+    # CPython gives an instance with more attribute names than it shares (30) a dict of its
+    # own, 1.6 KB: RoomConsumer declares its state in __slots__. An attribute added without its
+    # slot lands in the instance dict, and this fails.
+    alice, bob, room = people
+    a, _ = await join(alice, room)
+    b, _ = await join(bob, room)
+    await send(a, type="message", body="hi", client_id="c-1")
+    await receive_until(b, "message")
+    consumers = [o for o in gc.get_objects() if isinstance(o, RoomConsumer)]
+    assert {c.username for c in consumers if getattr(c, "ready", False)} == {"alice", "bob"}
+    for consumer in consumers:
+        assert set(vars(consumer)) <= {"groups"}  # channels' own, set in __init__
+    await a.disconnect()
+    await b.disconnect()
