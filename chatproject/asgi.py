@@ -7,11 +7,11 @@ import django
 os.environ.setdefault("DJANGO_SETTINGS_MODULE", "chatproject.settings")
 django.setup(set_prefix=False)
 
-from channels.routing import ProtocolTypeRouter, URLRouter  # noqa: E402
+from channels.routing import ProtocolTypeRouter  # noqa: E402
 from django.contrib.staticfiles.handlers import ASGIStaticFilesHandler  # noqa: E402
 
 from accounts.middleware import TicketAuthMiddlewareStack  # noqa: E402
-from chat.routing import websocket_urlpatterns  # noqa: E402
+from chat.consumers import RoomConsumer  # noqa: E402
 from chatproject.handlers import OneHopASGIHandler  # noqa: E402
 
 application = ProtocolTypeRouter(
@@ -19,6 +19,8 @@ application = ProtocolTypeRouter(
         # /static/ for deployments without a proxy in front (the embedded default, tests);
         # anything else goes straight to Django.
         "http": ASGIStaticFilesHandler(OneHopASGIHandler()),
-        "websocket": TicketAuthMiddlewareStack(URLRouter(websocket_urlpatterns)),
+        # Every path: the consumer serves /ws/rooms/<slug>/ and closes anything else with 4404
+        # (chat/routing.py).
+        "websocket": TicketAuthMiddlewareStack(RoomConsumer.as_asgi()),
     }
 )

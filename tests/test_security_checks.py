@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from channels.routing import ProtocolTypeRouter, URLRouter
+from channels.routing import ProtocolTypeRouter
 from channels.security.websocket import AllowedHostsOriginValidator
 from django.conf import settings
 from django.core.checks import registry
@@ -16,7 +16,7 @@ from django.test import override_settings
 
 from accounts.middleware import StrictOriginMiddleware, TicketAuthMiddleware
 from chat import checks
-from chat.routing import websocket_urlpatterns
+from chat.consumers import RoomConsumer
 from chatproject.asgi import application
 from tests import envdoc
 from tests.factories import PASSWORD, make_user
@@ -134,18 +134,14 @@ def test_channel_layer_check_is_registered_for_deploy_only():
 
 # Applications that lack part of the WebSocket guard, for chat.E001.
 APP_WITHOUT_ORIGIN_CHECK = ProtocolTypeRouter(
-    {"websocket": TicketAuthMiddleware(URLRouter(websocket_urlpatterns))}
+    {"websocket": TicketAuthMiddleware(RoomConsumer.as_asgi())}
 )
 # channels' own validator ignores scheme and port: not the strict check.
 APP_WITH_HOST_ORIGIN_VALIDATOR = ProtocolTypeRouter(
-    {
-        "websocket": AllowedHostsOriginValidator(
-            TicketAuthMiddleware(URLRouter(websocket_urlpatterns))
-        )
-    }
+    {"websocket": AllowedHostsOriginValidator(TicketAuthMiddleware(RoomConsumer.as_asgi()))}
 )
 APP_WITHOUT_TICKET_AUTH = ProtocolTypeRouter(
-    {"websocket": StrictOriginMiddleware(URLRouter(websocket_urlpatterns))}
+    {"websocket": StrictOriginMiddleware(RoomConsumer.as_asgi())}
 )
 # The HTTP side alone: not a router at all.
 HTTP_ONLY = application.application_mapping["http"]
