@@ -745,8 +745,10 @@ async def test_an_open_socket_keeps_its_state_in_slots(people):
     b, _ = await join(bob, room)
     await send(a, type="message", body="hi", client_id="c-1")
     await receive_until(b, "message")
+    gc.collect()
     consumers = [o for o in gc.get_objects() if isinstance(o, RoomConsumer)]
-    assert {c.username for c in consumers if getattr(c, "ready", False)} == {"alice", "bob"}
+    # Ours, and any an earlier test left for the collector: the rule holds for every one.
+    assert {"alice", "bob"} <= {getattr(c, "username", None) for c in consumers}
     for consumer in consumers:
         assert set(vars(consumer)) <= {"groups"}  # channels' own, set in __init__
     await a.disconnect()
