@@ -394,6 +394,28 @@ class AuditBuffer:
                     self._keep_for_retry(items)
                     return
 
+    def spool(self) -> None:
+        """At shutdown, after the last flush: keep on disk what the database would not take, for
+        the next start to append (chat/spool.py). Nothing is queued after a clean flush."""
+        items, self._items = self._items, []
+        if self._scheduled is not None:
+            self._scheduled.cancel()
+            self._scheduled = None
+        if not items:
+            return
+        from chat import spool  # spool builds on this module
+
+        try:
+            path = spool.save(items)
+        except Exception:
+            logger.exception("%d audit rows could not be written or spooled: lost", len(items))
+            return
+        logger.error(
+            "%d audit rows could not be written before shutdown; kept in %s for the next start",
+            len(items),
+            path,
+        )
+
     def _keep_for_retry(self, items: list[AuditItem]) -> None:
         """The database is unavailable: keep the rows, in order, ahead of anything queued
         meanwhile, and retry shortly."""

@@ -373,6 +373,8 @@ class SecurityEvent(ChainedRow):
         ALERT = "alert", "Alert threshold crossed"
         AUDIT_PRUNED = "audit_pruned", "Audit rows pruned"
         AUDIT_EXPORTED = "audit_exported", "Audit rows exported"
+        AUDIT_SPOOLED = "audit_spooled", "Audit rows written late, from the spool"
+        AUDIT_SPOOL_REJECTED = "audit_spool_rejected", "Audit spool file rejected"
 
     event = models.CharField("event", max_length=32, choices=Event.choices, db_index=True)
     actor = _audit_fk(settings.AUTH_USER_MODEL, "actor")

@@ -26,10 +26,12 @@ class Runtime:
         self.writer: MessageWriter = MessageWriter()
 
     async def shutdown(self) -> None:
-        """Stop background work and write everything still queued (clean shutdown loses nothing)."""
+        """Stop background work and write everything still queued (clean shutdown loses nothing;
+        audit rows the database will not take go to the spool, chat/spool.py)."""
         await self.hub.stop()
         await self.writer.drain()
         await self.audit.flush()
+        self.audit.spool()
         await self.state.close()
 
 

@@ -299,6 +299,8 @@ if not CHAT_AUDIT_HMAC_KEY:
     CHAT_AUDIT_HMAC_KEY = "development-only-audit-key"
 # Audit rows queued by sockets are written in batches at most this often (seconds).
 CHAT_AUDIT_FLUSH_INTERVAL = env.float("CHAT_AUDIT_FLUSH_INTERVAL", default=0.05)
+# Audit rows the database would not take at shutdown wait here for the next start (chat/spool.py).
+CHAT_AUDIT_SPOOL_DIR = DATA_DIR / "audit-spool"
 # Rejections from one IP within the window that raise a chat.security WARNING.
 CHAT_SECURITY_ALERT_THRESHOLD = env.int("CHAT_SECURITY_ALERT_THRESHOLD", default=20)
 CHAT_SECURITY_ALERT_WINDOW = env.int("CHAT_SECURITY_ALERT_WINDOW", default=300)

@@ -29,3 +29,29 @@ async def test_login_ticket_connect_and_chat(daphne):
         await ws.send(json.dumps({"type": "message", "body": "hi", "client_id": "c1"}))
         frames = [json.loads(await ws.recv()) for _ in range(2)]
         assert {f["type"] for f in frames} == {"ack", "message"}
+
+
+def test_serve_appends_the_audit_spool_before_it_listens(server_factory, settings, tmp_path):
+    """Rows a server spooled at a shutdown the database was down for (chat/spool.py) are in the
+    chain once the next server answers, followed by the event that accounts for them."""
+    import uuid
+
+    from django.utils import timezone
+
+    from chat import audit, spool
+    from chat.models import ConnectionLog, SecurityEvent
+
+    settings.CHAT_AUDIT_SPOOL_DIR = tmp_path / "audit-spool"  # the server's CHAT_DATA_DIR below
+    connection = uuid.uuid4()
+    path = spool.save(
+        [
+            ConnectionLog(id=connection, outcome="accepted", opened_at=timezone.now()),
+            audit.ConnectionClose(connection, timezone.now(), 1001, 0, 0),
+        ]
+    )
+    server_factory(CHAT_DATA_DIR=str(tmp_path))
+    assert ConnectionLog.objects.get(id=connection).close_code == 1001
+    event = SecurityEvent.objects.get(event=audit.Event.AUDIT_SPOOLED)
+    assert event.details == {"file": path.name, "rows": 2, "already_stored": 0}
+    assert not path.exists()
+    assert audit.verify_chain().ok

@@ -57,9 +57,25 @@ class Command(BaseCommand):
             "--no-server-name",
             settings.ASGI_APPLICATION.replace(".application", ":application"),
         ]
+        _replay_audit_spool()
         cli = CommandLineInterface()
         cli.server_class = install_daphne_fixes()
         try:
             cli.run(argv)
         finally:
             finish_event_loop()
+
+
+def _replay_audit_spool() -> None:
+    """Audit rows the last shutdown kept on disk go into the chain before anything new does."""
+    import logging
+
+    from chat import spool
+
+    try:
+        spool.replay()
+    except Exception:
+        # The database is still down: the files stay for the next start (or the command).
+        logging.getLogger("chat.audit").exception(
+            "audit spool not replayed; run manage.py replay_audit_spool once the database is back"
+        )

@@ -1,0 +1,186 @@
+"""Audit rows the database would not take at shutdown: kept on disk, appended at the next start.
+
+The socket path queues its audit rows (chat.audit.AuditBuffer) and a clean shutdown writes them
+all. If the database is down for the whole shutdown, those rows would die with the process: so
+they are written to a spool file instead (CHAT_AUDIT_SPOOL_DIR, one file per shutdown, mode 0600,
+signed with the audit key), and `manage.py serve` appends them to the chain when it next starts
+(`manage.py replay_audit_spool` does it by hand). A replayed batch is followed by a security event
+saying where the rows came from, since their chain position is later than their time. A file
+whose signature does not match is not replayed: it is set aside and reported as an event.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import json
+import logging
+import os
+import secrets
+import time
+from dataclasses import asdict, dataclass
+from datetime import datetime
+from pathlib import Path
+from uuid import UUID
+
+from django.conf import settings
+from django.core import serializers
+from django.core.serializers.json import DjangoJSONEncoder
+from django.utils.dateparse import parse_datetime
+
+from chat import audit, sql
+from chat.models import ConnectionLog
+
+logger = logging.getLogger("chat.audit")
+
+FORMAT = 1
+_CLOSE = "connection.close"  # ConnectionClose is not a model: its own tag in the file
+
+
+@dataclass(frozen=True)
+class Replayed:
+    files: int = 0
+    rows: int = 0
+    already_stored: int = 0
+    rejected_files: int = 0
+
+
+def spool_dir() -> Path:
+    return Path(settings.CHAT_AUDIT_SPOOL_DIR)
+
+
+def save(items: list[audit.AuditItem]) -> Path | None:
+    """Write `items` to a new spool file, atomically; return its path (None if nothing to keep)."""
+    if not items:
+        return None
+    rows = [_dump(item) for item in items]
+    body = json.dumps(rows, cls=_Encoder, sort_keys=True, separators=(",", ":"))
+    text = json.dumps({"format": FORMAT, "rows": body, "mac": _mac(body)})
+    directory = spool_dir()
+    directory.mkdir(parents=True, exist_ok=True, mode=0o700)
+    # Names sort by time, so files replay in the order they were written.
+    name = f"{time.time_ns():020d}-{os.getpid()}-{secrets.token_hex(4)}.json"
+    temporary = directory / f".{name}.tmp"
+    descriptor = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(descriptor, "w") as handle:
+        handle.write(text)
+        handle.flush()
+        os.fsync(handle.fileno())
+    path = directory / name
+    os.replace(temporary, path)
+    return path
+
+
+def replay() -> Replayed:
+    """Append every spooled file's rows to the chain, oldest file first; delete what was written.
+
+    Each file is claimed by renaming it first, so two processes starting together never append it
+    twice. Raises if the database fails; the file being replayed is then put back for next time.
+    """
+    directory = spool_dir()
+    if not directory.is_dir():
+        return Replayed()
+    files = rows = already_stored = rejected = 0
+    for path in sorted(directory.glob("*.json")):
+        claimed = path.with_suffix(".replaying")
+        try:
+            os.rename(path, claimed)
+        except FileNotFoundError:
+            continue  # another process took it
+        try:
+            items = _load(claimed)
+        except SpoolRejected as error:
+            claimed.rename(path.with_suffix(".rejected"))
+            audit.security_event(
+                event=audit.Event.AUDIT_SPOOL_REJECTED,
+                reason=str(error),
+                details={"file": path.name},
+            )
+            logger.error("audit spool file %s rejected: %s", path.name, error)
+            rejected += 1
+            continue
+        try:
+            written, stored = _append(items, path.name)
+        except BaseException:
+            claimed.rename(path)
+            raise
+        claimed.unlink()
+        files, rows, already_stored = files + 1, rows + written, already_stored + stored
+        logger.warning("%d audit rows replayed from the spool file %s", written, path.name)
+    return Replayed(files=files, rows=rows, already_stored=already_stored, rejected_files=rejected)
+
+
+class SpoolRejected(Exception):
+    pass
+
+
+class _Encoder(DjangoJSONEncoder):
+    """Django's, but times to the microsecond: Django's cuts them to milliseconds, and an audit
+    row must come back exactly as it was made."""
+
+    def default(self, o):
+        if isinstance(o, datetime):
+            return o.isoformat()
+        return super().default(o)
+
+
+def _append(items: list[audit.AuditItem], name: str) -> tuple[int, int]:
+    """Append the rows and the event that accounts for them, in one transaction; return (rows
+    written, connection rows already stored).
+
+    A connection row already stored was written before: its COMMIT reached the database but not
+    the process, which then kept it for a retry. It is skipped, not written twice (its id is its
+    own, unlike message and security rows).
+    """
+    opened = [item.pk for item in items if isinstance(item, ConnectionLog)]
+    stored = {row.pk for row in sql.select_in(ConnectionLog, [], pk=opened)} if opened else set()
+    fresh = [i for i in items if not (isinstance(i, ConnectionLog) and i.pk in stored)]
+    event = audit.security_event_row(
+        event=audit.Event.AUDIT_SPOOLED,
+        reason="kept on disk at a shutdown the database was down for",
+        details={"file": name, "rows": len(fresh), "already_stored": len(stored)},
+    )
+    audit.append([*fresh, event])
+    return len(fresh), len(stored)
+
+
+def _mac(body: str) -> str:
+    key = settings.CHAT_AUDIT_HMAC_KEY.encode()
+    return hmac.new(key, b"audit-spool|" + body.encode(), hashlib.sha256).hexdigest()
+
+
+def _dump(item: audit.AuditItem) -> dict:
+    if isinstance(item, audit.ConnectionClose):
+        return {"model": _CLOSE, "fields": asdict(item)}
+    return serializers.serialize("python", [item])[0]
+
+
+def _load(path: Path) -> list[audit.AuditItem]:
+    try:
+        envelope = json.loads(path.read_text())
+        body, mac = envelope["rows"], envelope["mac"]
+        if envelope.get("format") != FORMAT:
+            raise SpoolRejected(f"unknown format {envelope.get('format')!r}")
+    except (ValueError, KeyError, TypeError) as error:
+        raise SpoolRejected(f"unreadable: {type(error).__name__}") from None
+    if not isinstance(mac, str) or not hmac.compare_digest(mac, _mac(body)):
+        raise SpoolRejected("signature does not match (edited, or another audit key)")
+    rows = json.loads(body)
+    closes = [r for r in rows if r["model"] == _CLOSE]
+    models = iter(serializers.deserialize("python", [r for r in rows if r["model"] != _CLOSE]))
+    items: list[audit.AuditItem] = []
+    for row in rows:
+        if row["model"] == _CLOSE:
+            fields = closes.pop(0)["fields"]
+            items.append(
+                audit.ConnectionClose(
+                    connection_id=UUID(fields["connection_id"]),
+                    closed_at=parse_datetime(fields["closed_at"]),
+                    close_code=fields["close_code"],
+                    messages_received=fields["messages_received"],
+                    messages_sent=fields["messages_sent"],
+                )
+            )
+        else:
+            items.append(next(models).object)
+    return items

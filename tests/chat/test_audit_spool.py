@@ -1,0 +1,201 @@
+"""Audit rows the database would not take at shutdown are kept on disk and appended at the next
+start (chat/spool.py): nothing lost, nothing twice, and a spool file that was tampered with is
+never appended."""
+
+import json
+import stat
+import uuid
+
+import pytest
+from channels.db import database_sync_to_async
+from django.core.management import CommandError, call_command
+from django.db import OperationalError
+from django.utils import timezone
+
+from chat import audit, spool
+from chat.models import ConnectionLog, MessageLog, SecurityEvent
+
+pytestmark = pytest.mark.django_db(transaction=True)
+
+
+@pytest.fixture(autouse=True)
+def spool_dir(settings, tmp_path):
+    settings.CHAT_AUDIT_SPOOL_DIR = tmp_path / "audit-spool"
+    return settings.CHAT_AUDIT_SPOOL_DIR
+
+
+def _rows():
+    """One of each kind the socket path queues: an open, a message event, a close, an event."""
+    connection = uuid.uuid4()
+    return [
+        ConnectionLog(
+            id=connection,
+            outcome=audit.Outcome.ACCEPTED,
+            username="alice",
+            ip="203.0.113.7",
+            opened_at=timezone.now(),
+        ),
+        audit.message_log(event=audit.MessageEvent.SENT, user=None, connection_id=connection),
+        audit.ConnectionClose(connection, timezone.now(), 1001, 3, 4),
+        audit.security_event_row(event=audit.Event.RATE_LIMITED, reason="frames", ip="::1"),
+    ]
+
+
+def _trail() -> list[tuple[str, str]]:
+    """Every link of the chain in order, as (kind, what)."""
+    links = []
+    for row in ConnectionLog.objects.all():
+        links.append((row.chain_seq, ("open", str(row.id))))
+        if row.close_chain_seq:
+            links.append((row.close_chain_seq, ("close", str(row.close_code))))
+    links += [(r.chain_seq, ("message", r.event)) for r in MessageLog.objects.all()]
+    links += [(r.chain_seq, ("security", r.event)) for r in SecurityEvent.objects.all()]
+    return [what for _, what in sorted(links)]
+
+
+async def _spool_at_a_shutdown_without_database(monkeypatch, rows):
+    buffer = audit.AuditBuffer()
+    append = audit.append
+
+    def database_down(items):
+        raise OperationalError("could not connect to server")
+
+    monkeypatch.setattr(audit, "append", database_down)
+    for row in rows:
+        buffer.add(row)
+    await buffer.flush()  # as Runtime.shutdown() does: the rows are kept for a retry...
+    assert buffer.pending == len(rows)
+    buffer.spool()  # ...and, the process ending, go to disk
+    monkeypatch.setattr(audit, "append", append)
+    assert buffer.pending == 0
+
+
+async def test_rows_kept_at_shutdown_are_appended_at_the_next_start(monkeypatch, spool_dir):
+    rows = _rows()
+    await _spool_at_a_shutdown_without_database(monkeypatch, rows)
+    [path] = spool_dir.glob("*.json")
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600
+    assert await database_sync_to_async(_trail)() == []
+
+    result = await database_sync_to_async(spool.replay)()
+
+    assert (result.files, result.rows, result.rejected_files) == (1, 4, 0)
+    assert not list(spool_dir.iterdir())
+    trail = await database_sync_to_async(_trail)()
+    assert trail == [
+        ("open", str(rows[0].id)),
+        ("message", "sent"),
+        ("close", "1001"),
+        ("security", "rate_limited"),
+        ("security", "audit_spooled"),  # says where they came from, after them
+    ]
+    event = await SecurityEvent.objects.aget(event=audit.Event.AUDIT_SPOOLED)
+    assert event.details == {"file": path.name, "rows": 4, "already_stored": 0}
+    assert (await database_sync_to_async(audit.verify_chain)()).ok
+    # The original times are kept: the chain says when they were written, the rows when.
+    stored = await ConnectionLog.objects.aget(id=rows[0].id)
+    assert stored.opened_at == rows[0].opened_at
+
+
+async def test_a_connection_already_stored_is_not_written_twice(monkeypatch):
+    rows = _rows()
+    # The open was committed, but the answer was lost: the process kept it for a retry.
+    await database_sync_to_async(audit.append)([rows[0]])
+    await _spool_at_a_shutdown_without_database(monkeypatch, rows)
+    result = await database_sync_to_async(spool.replay)()
+    assert (result.rows, result.already_stored) == (3, 1)
+    assert await ConnectionLog.objects.acount() == 1
+    assert (await ConnectionLog.objects.aget()).close_code == 1001
+    assert (await database_sync_to_async(audit.verify_chain)()).ok
+
+
+def _edit(path, change):
+    envelope = json.loads(path.read_text())
+    change(envelope)
+    path.write_text(json.dumps(envelope))
+
+
+def _edit_rows(change):
+    def edit(envelope):
+        rows = json.loads(envelope["rows"])
+        change(rows)
+        envelope["rows"] = json.dumps(rows)
+
+    return lambda path: _edit(path, edit)
+
+
+TAMPERING = {
+    "a row edited": _edit_rows(lambda rows: rows[3]["fields"].update(reason="nothing")),
+    "a row removed": _edit_rows(lambda rows: rows.pop(1)),
+    "rows reordered": _edit_rows(lambda rows: rows.reverse()),
+    "signature replaced": lambda path: _edit(path, lambda e: e.update(mac="0" * 64)),
+    "signature removed": lambda path: _edit(path, lambda e: e.pop("mac")),
+    "not JSON": lambda path: path.write_text("{"),
+    "unknown format": lambda path: _edit(path, lambda e: e.update(format=2)),
+}
+
+
+@pytest.mark.parametrize("tamper", TAMPERING.values(), ids=TAMPERING.keys())
+async def test_a_tampered_spool_file_is_set_aside_and_reported(monkeypatch, spool_dir, tamper):
+    await _spool_at_a_shutdown_without_database(monkeypatch, _rows())
+    [path] = spool_dir.glob("*.json")
+    tamper(path)
+
+    result = await database_sync_to_async(spool.replay)()
+
+    assert (result.files, result.rows, result.rejected_files) == (0, 0, 1)
+    assert [p.name for p in spool_dir.iterdir()] == [path.with_suffix(".rejected").name]
+    assert await database_sync_to_async(_trail)() == [("security", "audit_spool_rejected")]
+    event = await SecurityEvent.objects.aget()
+    assert event.details == {"file": path.name}
+    assert event.reason
+
+
+async def test_a_file_signed_with_another_audit_key_is_rejected(monkeypatch, spool_dir, settings):
+    await _spool_at_a_shutdown_without_database(monkeypatch, _rows())
+    settings.CHAT_AUDIT_HMAC_KEY = "another-audit-key-" + "z" * 40
+    result = await database_sync_to_async(spool.replay)()
+    assert result.rejected_files == 1
+    assert "signature" in (await SecurityEvent.objects.aget()).reason
+
+
+async def test_a_replay_the_database_fails_puts_the_file_back(monkeypatch, spool_dir):
+    await _spool_at_a_shutdown_without_database(monkeypatch, _rows())
+    [path] = spool_dir.glob("*.json")
+    append = audit.append
+
+    def database_down(items):
+        raise OperationalError("could not connect to server")
+
+    monkeypatch.setattr(audit, "append", database_down)
+    with pytest.raises(OperationalError):
+        await database_sync_to_async(spool.replay)()
+    assert list(spool_dir.iterdir()) == [path]  # back where it was, for the next start
+    monkeypatch.setattr(audit, "append", append)
+    assert (await database_sync_to_async(spool.replay)()).rows == 4
+
+
+async def test_files_replay_oldest_first(monkeypatch):
+    first, second = _rows(), _rows()
+    await _spool_at_a_shutdown_without_database(monkeypatch, first)
+    await _spool_at_a_shutdown_without_database(monkeypatch, second)
+    assert (await database_sync_to_async(spool.replay)()).files == 2
+    opens = [what for kind, what in await database_sync_to_async(_trail)() if kind == "open"]
+    assert opens == [str(first[0].id), str(second[0].id)]
+
+
+def test_the_command_replays_and_fails_on_a_rejected_file(spool_dir, capsys):
+    spool.save(_rows())
+    call_command("replay_audit_spool")
+    assert "1 spool file(s) replayed: 4 audit rows appended" in capsys.readouterr().out
+    path = spool.save(_rows())
+    path.write_text("{}")
+    with pytest.raises(CommandError, match="rejected spool files"):
+        call_command("replay_audit_spool")
+    assert path.with_suffix(".rejected").exists()
+
+
+def test_nothing_queued_writes_no_file(spool_dir):
+    audit.AuditBuffer().spool()
+    assert spool.save([]) is None
+    assert not spool_dir.exists()
