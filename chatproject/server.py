@@ -39,6 +39,9 @@ def install_daphne_fixes() -> type:
       a busy room would grow the server's memory forever. A push producer on each transport
       learns when its buffer is full; a socket still backed up after CHAT_SLOW_CLIENT_TIMEOUT
       seconds, or with more than CHAT_SLOW_CLIENT_MAX_BYTES queued meanwhile, is dropped.
+    - Idle memory (docs/performance.md): an open socket lets go of its handshake, which also
+      held the ticket (_forget_handshake); autobahn's options live on a class, not on each
+      socket; daphne's asyncio.Queue per connection is an Inbox; autobahn's send_queue a list.
     """
     from autobahn.websocket import protocol as autobahn_protocol
     from daphne import server, ws_protocol
