@@ -167,7 +167,7 @@ class TicketAuthMiddleware:
         if scope["type"] != "websocket":
             return await self.inner(scope, receive, send)
         # In place, as take_ticket(): a copy would be one more dict per open socket (0.5 KB),
-        # and nothing above this middleware reads the scope once it has called it.
+        # and nothing above this middleware reads the scope after handing it on.
         token, transport = take_ticket(scope)
         scope.update(user=AnonymousUser(), ticket=None, auth_error="")
         scope["client_ip"] = client_ip_from_scope(scope)

@@ -226,6 +226,12 @@ class ChainHeadMissing(RuntimeError):
     pass
 
 
+def lock_chain() -> None:
+    """Take the chain's append lock for the rest of the caller's transaction: for a writer that
+    must look at the chain before it appends, with no other append in between."""
+    _locked_head()
+
+
 def _locked_head() -> AuditChainHead:
     found = sql.select_in(AuditChainHead, ["last_seq", "last_hash"], pk=[1], for_update=True)
     if found:

@@ -4,13 +4,15 @@ The socket path queues its audit rows (chat.audit.AuditBuffer) and a clean shutd
 all. If the database is down for the whole shutdown, those rows would die with the process: so
 they are written to a spool file instead (CHAT_AUDIT_SPOOL_DIR, one file per shutdown, mode 0600,
 signed with the audit key), and `manage.py serve` appends them to the chain when it next starts
-(`manage.py replay_audit_spool` does it by hand). A replayed batch is followed by a security event
-saying where the rows came from, since their chain position is later than their time. A file
-whose signature does not match is not replayed: it is set aside and reported as an event.
+(`manage.py replay_audit_spool` does it by hand), each file at most once. A replayed batch is
+followed by a security event saying where the rows came from, since their chain position is
+later than their time. A file whose signature does not match is not replayed: it is set aside
+and reported as an event.
 """
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import hmac
 import json
@@ -26,10 +28,11 @@ from uuid import UUID
 from django.conf import settings
 from django.core import serializers
 from django.core.serializers.json import DjangoJSONEncoder
+from django.db import transaction
 from django.utils.dateparse import parse_datetime
 
 from chat import audit, sql
-from chat.models import ConnectionLog
+from chat.models import ConnectionLog, SecurityEvent
 
 logger = logging.getLogger("chat.audit")
 
@@ -74,37 +77,41 @@ def save(items: list[audit.AuditItem]) -> Path | None:
 def replay() -> Replayed:
     """Append every spooled file's rows to the chain, oldest file first; delete what was written.
 
-    Each file is claimed by renaming it first, so two processes starting together never append it
-    twice. Raises if the database fails; the file being replayed is then put back for next time.
+    A file is locked while it is replayed (another process starting meanwhile skips it), and
+    appended at most once: its rows and the event naming it commit together, and a file whose
+    event is already in the chain (the process stopped before deleting it) is only deleted.
+    Raises if the database fails; the file then stays for the next start.
     """
     directory = spool_dir()
     if not directory.is_dir():
         return Replayed()
     files = rows = already_stored = rejected = 0
     for path in sorted(directory.glob("*.json")):
-        claimed = path.with_suffix(".replaying")
         try:
-            os.rename(path, claimed)
+            handle = open(path, "rb")  # noqa: SIM115 (held across the branches below)
         except FileNotFoundError:
-            continue  # another process took it
-        try:
-            items = _load(claimed)
-        except SpoolRejected as error:
-            claimed.rename(path.with_suffix(".rejected"))
-            audit.security_event(
-                event=audit.Event.AUDIT_SPOOL_REJECTED,
-                reason=str(error),
-                details={"file": path.name},
-            )
-            logger.error("audit spool file %s rejected: %s", path.name, error)
-            rejected += 1
-            continue
-        try:
+            continue  # replayed and deleted by another process meanwhile
+        with handle:
+            try:
+                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                continue  # another process is replaying it
+            if not path.exists():
+                continue  # it finished with it while we opened it
+            try:
+                items = _load(handle.read())
+            except SpoolRejected as error:
+                path.rename(path.with_suffix(".rejected"))
+                audit.security_event(
+                    event=audit.Event.AUDIT_SPOOL_REJECTED,
+                    reason=str(error),
+                    details={"file": path.name},
+                )
+                logger.error("audit spool file %s rejected: %s", path.name, error)
+                rejected += 1
+                continue
             written, stored = _append(items, path.name)
-        except BaseException:
-            claimed.rename(path)
-            raise
-        claimed.unlink()
+            path.unlink()
         files, rows, already_stored = files + 1, rows + written, already_stored + stored
         logger.warning("%d audit rows replayed from the spool file %s", written, path.name)
     return Replayed(files=files, rows=rows, already_stored=already_stored, rejected_files=rejected)
@@ -126,21 +133,26 @@ class _Encoder(DjangoJSONEncoder):
 
 def _append(items: list[audit.AuditItem], name: str) -> tuple[int, int]:
     """Append the rows and the event that accounts for them, in one transaction; return (rows
-    written, connection rows already stored).
+    written, rows already in the chain).
 
     A connection row already stored was written before: its COMMIT reached the database but not
     the process, which then kept it for a retry. It is skipped, not written twice (its id is its
     own, unlike message and security rows).
     """
-    opened = [item.pk for item in items if isinstance(item, ConnectionLog)]
-    stored = {row.pk for row in sql.select_in(ConnectionLog, [], pk=opened)} if opened else set()
-    fresh = [i for i in items if not (isinstance(i, ConnectionLog) and i.pk in stored)]
-    event = audit.security_event_row(
-        event=audit.Event.AUDIT_SPOOLED,
-        reason="kept on disk at a shutdown the database was down for",
-        details={"file": name, "rows": len(fresh), "already_stored": len(stored)},
-    )
-    audit.append([*fresh, event])
+    with transaction.atomic():
+        audit.lock_chain()
+        if SecurityEvent.objects.filter(event=audit.Event.AUDIT_SPOOLED, details__file=name):
+            return 0, len(items)  # appended before, but the file outlived it
+        opened = [item.pk for item in items if isinstance(item, ConnectionLog)]
+        found = sql.select_in(ConnectionLog, [], pk=opened) if opened else []
+        stored = {row.pk for row in found}
+        fresh = [i for i in items if not (isinstance(i, ConnectionLog) and i.pk in stored)]
+        event = audit.security_event_row(
+            event=audit.Event.AUDIT_SPOOLED,
+            reason="kept on disk at a shutdown the database was down for",
+            details={"file": name, "rows": len(fresh), "already_stored": len(stored)},
+        )
+        audit.append([*fresh, event])
     return len(fresh), len(stored)
 
 
@@ -155,9 +167,9 @@ def _dump(item: audit.AuditItem) -> dict:
     return serializers.serialize("python", [item])[0]
 
 
-def _load(path: Path) -> list[audit.AuditItem]:
+def _load(text: bytes) -> list[audit.AuditItem]:
     try:
-        envelope = json.loads(path.read_text())
+        envelope = json.loads(text)
         body, mac = envelope["rows"], envelope["mac"]
         if envelope.get("format") != FORMAT:
             raise SpoolRejected(f"unknown format {envelope.get('format')!r}")

@@ -2,6 +2,7 @@
 start (chat/spool.py): nothing lost, nothing twice, and a spool file that was tampered with is
 never appended."""
 
+import fcntl
 import json
 import stat
 import uuid
@@ -173,6 +174,31 @@ async def test_a_replay_the_database_fails_puts_the_file_back(monkeypatch, spool
     assert list(spool_dir.iterdir()) == [path]  # back where it was, for the next start
     monkeypatch.setattr(audit, "append", append)
     assert (await database_sync_to_async(spool.replay)()).rows == 4
+
+
+async def test_a_file_that_outlived_its_replay_is_not_appended_again(monkeypatch, spool_dir):
+    # The process stopped between the commit and deleting the file.
+    await _spool_at_a_shutdown_without_database(monkeypatch, _rows())
+    [path] = spool_dir.glob("*.json")
+    kept = path.read_bytes()
+    assert (await database_sync_to_async(spool.replay)()).rows == 4
+    path.write_bytes(kept)
+    again = await database_sync_to_async(spool.replay)()
+    assert (again.files, again.rows, again.already_stored) == (1, 0, 4)
+    assert not path.exists()
+    assert await MessageLog.objects.acount() == 1
+    assert await SecurityEvent.objects.filter(event=audit.Event.AUDIT_SPOOLED).acount() == 1
+
+
+async def test_a_file_another_process_is_replaying_is_left_to_it(monkeypatch, spool_dir):
+    await _spool_at_a_shutdown_without_database(monkeypatch, _rows())
+    [path] = spool_dir.glob("*.json")
+    with path.open("rb") as held:
+        fcntl.flock(held, fcntl.LOCK_EX)  # as a process that is replaying it holds it
+        result = await database_sync_to_async(spool.replay)()
+    assert (result.files, result.rows) == (0, 0)
+    assert path.exists()
+    assert await database_sync_to_async(_trail)() == []
 
 
 async def test_files_replay_oldest_first(monkeypatch):

@@ -70,6 +70,8 @@ def _replay_audit_spool() -> None:
     """Audit rows the last shutdown kept on disk go into the chain before anything new does."""
     import logging
 
+    from django.db import connections
+
     from chat import spool
 
     try:
@@ -79,3 +81,5 @@ def _replay_audit_spool() -> None:
         logging.getLogger("chat.audit").exception(
             "audit spool not replayed; run manage.py replay_audit_spool once the database is back"
         )
+    finally:
+        connections.close_all()  # this thread becomes the event loop's: it queries no more
