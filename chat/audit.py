@@ -159,15 +159,18 @@ def _normalise(row: ChainedRow) -> None:
 # --- the writer ----------------------------------------------------------------------------------
 
 
-def append(items: list[AuditItem]) -> None:
-    """Append `items` to the chain, in order, inside the caller's transaction (or a new one).
+def append(items: list[AuditItem]) -> int:
+    """Append `items` to the chain, in order, inside the caller's transaction (or a new one);
+    return how many were skipped as already in the chain (see _not_yet_stored).
 
     This is the only code that inserts or seals audit rows.
     """
     if not items:
-        return
+        return 0
     with transaction.atomic():
         head = _locked_head()
+        given = len(items)
+        items = _not_yet_stored(items)
         closes = [i for i in items if isinstance(i, ConnectionClose)]
         open_ids: set[UUID] = set()
         if closes:
@@ -220,6 +223,32 @@ def append(items: list[AuditItem]) -> None:
         if sealed:
             _seal(sealed)
         sql.update_many(AuditChainHead, ["last_seq", "last_hash"], [(1, [seq, prev])])
+    return given - len(items)
+
+
+def _not_yet_stored(items: list[AuditItem]) -> list[AuditItem]:
+    """`items` without the rows an earlier append already stored.
+
+    A row an append has tried carries the chain position and hash that append gave it. When the
+    COMMIT reached the database but its answer did not reach the process, the row was kept for
+    a retry (or spooled) though the chain holds it: looking its position up (a unique index)
+    keeps the retry from writing it twice. A row never tried has no hash and costs no lookup.
+    Closes need no check: an append seals only connections still open.
+    """
+    tried = [i for i in items if not isinstance(i, ConnectionClose) and i.row_hash]
+    if not tried:
+        return items
+    stored: set[tuple[type, int, str]] = set()
+    for model in (ConnectionLog, MessageLog, SecurityEvent):
+        positions = [i.chain_seq for i in tried if type(i) is model]
+        if positions:
+            found = sql.select_in(model, ["chain_seq", "row_hash"], chain_seq=positions)
+            stored |= {(model, row.chain_seq, row.row_hash) for row in found}
+    return [
+        i
+        for i in items
+        if isinstance(i, ConnectionClose) or (type(i), i.chain_seq, i.row_hash) not in stored
+    ]
 
 
 class ChainHeadMissing(RuntimeError):
@@ -353,6 +382,10 @@ def message_log(
 # --- batching for the socket path ----------------------------------------------------------------
 
 
+# The name of an AuditBuffer's database-write task: finish_event_loop() lets it finish.
+WRITE_TASK_NAME = "chat-audit-write"
+
+
 class AuditBuffer:
     """Collects audit rows from sockets in this process and appends them in batches, in order.
 
@@ -365,6 +398,7 @@ class AuditBuffer:
         self._lock = asyncio.Lock()
         self._scheduled: asyncio.TimerHandle | None = None
         self._tasks: set[asyncio.Task] = set()
+        self._writing: asyncio.Task[bool] | None = None
 
     def add(self, item: AuditItem) -> None:
         self._items.append(item)
@@ -383,22 +417,40 @@ class AuditBuffer:
         return len(self._items)
 
     async def flush(self) -> None:
+        """Write everything queued, in order; on a database failure keep the rest for a retry.
+
+        The database write runs in a task of its own (WRITE_TASK_NAME) that cancelling the caller
+        does not stop: at shutdown every socket's task is cancelled, possibly mid-flush, and the
+        rows in flight must still end up written or kept, never dropped.
+        """
         async with self._lock:
-            while self._items:
-                items, self._items = self._items, []
-                try:
-                    await database_sync_to_async(append)(items)
-                except IntegrityError:
-                    # A row the database refuses (a duplicate) must not hold back the others:
-                    # write them one by one, and report what could not be written.
-                    unwritten = await database_sync_to_async(_append_each)(items)
-                    if unwritten:
-                        self._keep_for_retry(unwritten)
-                        return
-                except Exception:
-                    logger.exception("audit flush failed")
-                    self._keep_for_retry(items)
-                    return
+            while self._items or self._writing is not None:
+                if self._writing is None:
+                    items, self._items = self._items, []
+                    self._writing = asyncio.get_running_loop().create_task(
+                        self._write(items), name=WRITE_TASK_NAME
+                    )
+                if not await asyncio.shield(self._writing):
+                    return  # kept for a retry
+
+    async def _write(self, items: list[AuditItem]) -> bool:
+        try:
+            await database_sync_to_async(append)(items)
+            return True
+        except IntegrityError:
+            # A row the database refuses (a duplicate) must not hold back the others:
+            # write them one by one, and report what could not be written.
+            unwritten = await database_sync_to_async(_append_each)(items)
+            if unwritten:
+                self._keep_for_retry(unwritten)
+                return False
+            return True
+        except Exception:
+            logger.exception("audit flush failed")
+            self._keep_for_retry(items)
+            return False
+        finally:
+            self._writing = None
 
     def spool(self) -> None:
         """At shutdown, after the last flush: keep on disk what the database would not take, for

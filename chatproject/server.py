@@ -8,7 +8,6 @@ import logging
 import pprint
 import time
 from functools import partial
-from types import FunctionType
 
 # Not the reactor: importing these installs none (daphne installs asyncio's before it starts).
 from twisted.internet import tcp
@@ -235,8 +234,9 @@ def install_daphne_fixes() -> type:
             base = ChatWebSocketProtocol
             options = {
                 # A function on a class would be bound to each socket (perMessageCompressionAccept
-                # is one): the connection must call it as the factory holds it.
-                name: staticmethod(value) if isinstance(value, FunctionType) else value
+                # is one): the connection must call it as the factory holds it. staticmethod()
+                # leaves any other callable as it is.
+                name: staticmethod(value) if callable(value) else value
                 for name in base.CONFIG_ATTRS
                 if hasattr(self, name)
                 for value in [getattr(self, name)]
@@ -397,6 +397,7 @@ def finish_event_loop() -> None:
     and can crash (SIGSEGV formatting a Future's repr). Finishing them here also runs each
     socket's cleanup, so its audit record is complete.
     """
+    from chat.audit import WRITE_TASK_NAME
     from chat.runtime import shutdown_runtime
 
     loop = asyncio.get_event_loop_policy().get_event_loop()
@@ -404,7 +405,10 @@ def finish_event_loop() -> None:
         return
     pending = [task for task in asyncio.all_tasks(loop) if not task.done()]
     for task in pending:
-        task.cancel()
+        # An audit write in flight is waited for, not cancelled: its rows are either written or
+        # kept, and then spooled if the database is down (chat/spool.py).
+        if task.get_name() != WRITE_TASK_NAME:
+            task.cancel()
     if pending:
         loop.run_until_complete(asyncio.gather(*pending, return_exceptions=True))
     loop.run_until_complete(shutdown_runtime())

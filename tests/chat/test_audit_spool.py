@@ -2,9 +2,11 @@
 start (chat/spool.py): nothing lost, nothing twice, and a spool file that was tampered with is
 never appended."""
 
+import asyncio
 import fcntl
 import json
 import stat
+import time
 import uuid
 
 import pytest
@@ -76,6 +78,7 @@ async def test_rows_kept_at_shutdown_are_appended_at_the_next_start(monkeypatch,
     await _spool_at_a_shutdown_without_database(monkeypatch, rows)
     [path] = spool_dir.glob("*.json")
     assert stat.S_IMODE(path.stat().st_mode) == 0o600
+    kept = path.read_text()
     assert await database_sync_to_async(_trail)() == []
 
     result = await database_sync_to_async(spool.replay)()
@@ -91,7 +94,12 @@ async def test_rows_kept_at_shutdown_are_appended_at_the_next_start(monkeypatch,
         ("security", "audit_spooled"),  # says where they came from, after them
     ]
     event = await SecurityEvent.objects.aget(event=audit.Event.AUDIT_SPOOLED)
-    assert event.details == {"file": path.name, "rows": 4, "already_stored": 0}
+    assert event.details == {
+        "spool": json.loads(json.loads(kept)["body"])["spool"],
+        "file": path.name,
+        "rows": 4,
+        "already_stored": 0,
+    }
     assert (await database_sync_to_async(audit.verify_chain)()).ok
     # The original times are kept: the chain says when they were written, the rows when.
     stored = await ConnectionLog.objects.aget(id=rows[0].id)
@@ -118,9 +126,9 @@ def _edit(path, change):
 
 def _edit_rows(change):
     def edit(envelope):
-        rows = json.loads(envelope["rows"])
-        change(rows)
-        envelope["rows"] = json.dumps(rows)
+        body = json.loads(envelope["body"])
+        change(body["rows"])
+        envelope["body"] = json.dumps(body)
 
     return lambda path: _edit(path, edit)
 
@@ -131,6 +139,9 @@ TAMPERING = {
     "rows reordered": _edit_rows(lambda rows: rows.reverse()),
     "signature replaced": lambda path: _edit(path, lambda e: e.update(mac="0" * 64)),
     "signature removed": lambda path: _edit(path, lambda e: e.pop("mac")),
+    "spool id changed": lambda path: _edit(
+        path, lambda e: e.update(body=e["body"].replace('"spool":"', '"spool":"0'))
+    ),
     "not JSON": lambda path: path.write_text("{"),
     "unknown format": lambda path: _edit(path, lambda e: e.update(format=2)),
 }
@@ -190,6 +201,17 @@ async def test_a_file_that_outlived_its_replay_is_not_appended_again(monkeypatch
     assert await SecurityEvent.objects.filter(event=audit.Event.AUDIT_SPOOLED).acount() == 1
 
 
+async def test_a_copy_of_a_replayed_file_under_another_name_is_not_appended(monkeypatch, spool_dir):
+    await _spool_at_a_shutdown_without_database(monkeypatch, _rows())
+    [path] = spool_dir.glob("*.json")
+    copy = path.with_name("0" + path.name)  # sorts first, so it is replayed first
+    copy.write_bytes(path.read_bytes())
+    result = await database_sync_to_async(spool.replay)()
+    assert (result.files, result.rows, result.already_stored) == (2, 4, 4)
+    assert await MessageLog.objects.acount() == 1
+    assert not list(spool_dir.iterdir())
+
+
 async def test_a_file_another_process_is_replaying_is_left_to_it(monkeypatch, spool_dir):
     await _spool_at_a_shutdown_without_database(monkeypatch, _rows())
     [path] = spool_dir.glob("*.json")
@@ -225,3 +247,75 @@ def test_nothing_queued_writes_no_file(spool_dir):
     audit.AuditBuffer().spool()
     assert spool.save([]) is None
     assert not spool_dir.exists()
+
+
+# --- the live buffer: a write in flight is never dropped, a stored row never written twice ----
+
+
+def _slow(outcome):
+    """audit.append as a database that answers after a moment: stores the rows, or fails."""
+    append = audit.append
+
+    def slow(items):
+        time.sleep(0.3)
+        if outcome == "fails":
+            raise OperationalError("could not connect to server")
+        return append(items)
+
+    return slow
+
+
+@pytest.mark.parametrize("outcome", ["fails", "stores"])
+async def test_a_flush_cancelled_mid_write_loses_nothing_and_writes_nothing_twice(
+    monkeypatch, spool_dir, outcome
+):
+    # At shutdown every socket's task is cancelled, possibly while its flush waits on the database.
+    buffer = audit.AuditBuffer()
+    for row in _rows():
+        buffer.add(row)
+    monkeypatch.setattr(audit, "append", _slow(outcome))
+    flushing = asyncio.ensure_future(buffer.flush())
+    await asyncio.sleep(0.1)  # the write is in flight
+    flushing.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await flushing
+    await buffer.flush()  # as Runtime.shutdown(): waits for the write in flight
+    buffer.spool()
+    monkeypatch.undo()
+    if outcome == "fails":
+        assert len(list(spool_dir.glob("*.json"))) == 1
+        assert (await database_sync_to_async(spool.replay)()).rows == 4
+    else:
+        assert not spool_dir.exists()
+    assert [kind for kind, _ in await database_sync_to_async(_trail)()][:4] == [
+        "open",
+        "message",
+        "close",
+        "security",
+    ]
+    assert await MessageLog.objects.acount() == 1
+    assert (await database_sync_to_async(audit.verify_chain)()).ok
+
+
+async def test_rows_whose_commit_answer_was_lost_are_not_written_again(monkeypatch):
+    # The COMMIT reached the database, the error reached the process: the buffer keeps the rows
+    # for a retry, and the retry must find them stored.
+    buffer = audit.AuditBuffer()
+    append = audit.append
+
+    def commit_then_lose_the_answer(items):
+        append(items)
+        raise OperationalError("server closed the connection unexpectedly")
+
+    for row in _rows():
+        buffer.add(row)
+    monkeypatch.setattr(audit, "append", commit_then_lose_the_answer)
+    await buffer.flush()
+    assert buffer.pending == 4
+    monkeypatch.setattr(audit, "append", append)
+    buffer.add(audit.security_event_row(event=audit.Event.ALERT, reason="after"))
+    await buffer.flush()
+    assert buffer.pending == 0
+    trail = await database_sync_to_async(_trail)()
+    assert [kind for kind, _ in trail] == ["open", "message", "close", "security", "security"]
+    assert (await database_sync_to_async(audit.verify_chain)()).ok
