@@ -31,8 +31,8 @@ from django.core.serializers.json import DjangoJSONEncoder
 from django.db import transaction
 from django.utils.dateparse import parse_datetime
 
-from chat import audit, sql
-from chat.models import ConnectionLog, SecurityEvent
+from chat import audit
+from chat.models import SecurityEvent
 
 logger = logging.getLogger("chat.audit")
 
@@ -57,8 +57,15 @@ def save(items: list[audit.AuditItem]) -> Path | None:
     if not items:
         return None
     rows = [_dump(item) for item in items]
-    body = json.dumps(rows, cls=_Encoder, sort_keys=True, separators=(",", ":"))
-    text = json.dumps({"format": FORMAT, "rows": body, "mac": _mac(body)})
+    # The id, inside what is signed, is what makes a replay happen once: a copy of the file under
+    # another name is the same spool.
+    body = json.dumps(
+        {"spool": secrets.token_hex(16), "rows": rows},
+        cls=_Encoder,
+        sort_keys=True,
+        separators=(",", ":"),
+    )
+    text = json.dumps({"format": FORMAT, "body": body, "mac": _mac(body)})
     directory = spool_dir()
     directory.mkdir(parents=True, exist_ok=True, mode=0o700)
     # Names sort by time, so files replay in the order they were written.
@@ -71,7 +78,16 @@ def save(items: list[audit.AuditItem]) -> Path | None:
         os.fsync(handle.fileno())
     path = directory / name
     os.replace(temporary, path)
+    _sync_directory(directory)  # the new name survives a power cut too
     return path
+
+
+def _sync_directory(directory: Path) -> None:
+    descriptor = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(descriptor)
+    finally:
+        os.close(descriptor)
 
 
 def replay() -> Replayed:
@@ -99,18 +115,20 @@ def replay() -> Replayed:
             if not path.exists():
                 continue  # it finished with it while we opened it
             try:
-                items = _load(handle.read())
+                spool_id, items = _load(handle.read())
             except SpoolRejected as error:
-                path.rename(path.with_suffix(".rejected"))
+                # Logged first, then recorded; set aside only once recorded (if the database
+                # fails meanwhile, the file is looked at again next time).
+                logger.error("audit spool file %s rejected: %s", path.name, error)
                 audit.security_event(
                     event=audit.Event.AUDIT_SPOOL_REJECTED,
                     reason=str(error),
                     details={"file": path.name},
                 )
-                logger.error("audit spool file %s rejected: %s", path.name, error)
+                path.rename(path.with_suffix(".rejected"))
                 rejected += 1
                 continue
-            written, stored = _append(items, path.name)
+            written, stored = _append(items, spool_id, path.name)
             path.unlink()
         files, rows, already_stored = files + 1, rows + written, already_stored + stored
         logger.warning("%d audit rows replayed from the spool file %s", written, path.name)
@@ -131,29 +149,33 @@ class _Encoder(DjangoJSONEncoder):
         return super().default(o)
 
 
-def _append(items: list[audit.AuditItem], name: str) -> tuple[int, int]:
+def _append(items: list[audit.AuditItem], spool_id: str, name: str) -> tuple[int, int]:
     """Append the rows and the event that accounts for them, in one transaction; return (rows
     written, rows already in the chain).
 
-    A connection row already stored was written before: its COMMIT reached the database but not
-    the process, which then kept it for a retry. It is skipped, not written twice (its id is its
-    own, unlike message and security rows).
+    Rows already in the chain are those whose COMMIT reached the database while the process saw
+    an error and kept them: audit.append() skips them by the position and hash it gave them.
     """
     with transaction.atomic():
         audit.lock_chain()
-        if SecurityEvent.objects.filter(event=audit.Event.AUDIT_SPOOLED, details__file=name):
-            return 0, len(items)  # appended before, but the file outlived it
-        opened = [item.pk for item in items if isinstance(item, ConnectionLog)]
-        found = sql.select_in(ConnectionLog, [], pk=opened) if opened else []
-        stored = {row.pk for row in found}
-        fresh = [i for i in items if not (isinstance(i, ConnectionLog) and i.pk in stored)]
-        event = audit.security_event_row(
-            event=audit.Event.AUDIT_SPOOLED,
-            reason="kept on disk at a shutdown the database was down for",
-            details={"file": name, "rows": len(fresh), "already_stored": len(stored)},
+        if SecurityEvent.objects.filter(event=audit.Event.AUDIT_SPOOLED, details__spool=spool_id):
+            return 0, len(items)  # appended before, but the file outlived it (or is a copy)
+        stored = audit.append(items)
+        audit.append(
+            [
+                audit.security_event_row(
+                    event=audit.Event.AUDIT_SPOOLED,
+                    reason="kept on disk at a shutdown the database was down for",
+                    details={
+                        "spool": spool_id,
+                        "file": name,
+                        "rows": len(items) - stored,
+                        "already_stored": stored,
+                    },
+                )
+            ]
         )
-        audit.append([*fresh, event])
-    return len(fresh), len(stored)
+    return len(items) - stored, stored
 
 
 def _mac(body: str) -> str:
@@ -167,32 +189,37 @@ def _dump(item: audit.AuditItem) -> dict:
     return serializers.serialize("python", [item])[0]
 
 
-def _load(text: bytes) -> list[audit.AuditItem]:
+def _load(text: bytes) -> tuple[str, list[audit.AuditItem]]:
+    """The spool's id and rows; SpoolRejected for anything but a file this code wrote, signed with
+    this key, unchanged."""
     try:
         envelope = json.loads(text)
-        body, mac = envelope["rows"], envelope["mac"]
         if envelope.get("format") != FORMAT:
             raise SpoolRejected(f"unknown format {envelope.get('format')!r}")
-    except (ValueError, KeyError, TypeError) as error:
+        body, mac = envelope["body"], envelope["mac"]
+        signed = isinstance(body, str) and isinstance(mac, str)
+    except SpoolRejected:
+        raise
+    except (ValueError, KeyError, TypeError, AttributeError) as error:
         raise SpoolRejected(f"unreadable: {type(error).__name__}") from None
-    if not isinstance(mac, str) or not hmac.compare_digest(mac, _mac(body)):
+    if not signed or not hmac.compare_digest(mac, _mac(body)):
         raise SpoolRejected("signature does not match (edited, or another audit key)")
-    rows = json.loads(body)
-    closes = [r for r in rows if r["model"] == _CLOSE]
-    models = iter(serializers.deserialize("python", [r for r in rows if r["model"] != _CLOSE]))
-    items: list[audit.AuditItem] = []
-    for row in rows:
-        if row["model"] == _CLOSE:
-            fields = closes.pop(0)["fields"]
-            items.append(
-                audit.ConnectionClose(
-                    connection_id=UUID(fields["connection_id"]),
-                    closed_at=parse_datetime(fields["closed_at"]),
-                    close_code=fields["close_code"],
-                    messages_received=fields["messages_received"],
-                    messages_sent=fields["messages_sent"],
-                )
-            )
-        else:
-            items.append(next(models).object)
-    return items
+    try:
+        content = json.loads(body)
+        return content["spool"], [_item(row) for row in content["rows"]]
+    except Exception as error:  # signed by us, but not readable by this version of the code
+        raise SpoolRejected(f"rows unreadable: {type(error).__name__}: {error}") from None
+
+
+def _item(row: dict) -> audit.AuditItem:
+    if row["model"] == _CLOSE:
+        fields = row["fields"]
+        return audit.ConnectionClose(
+            connection_id=UUID(fields["connection_id"]),
+            closed_at=parse_datetime(fields["closed_at"]),
+            close_code=fields["close_code"],
+            messages_received=fields["messages_received"],
+            messages_sent=fields["messages_sent"],
+        )
+    [deserialized] = serializers.deserialize("python", [row])
+    return deserialized.object

@@ -52,6 +52,6 @@ def test_serve_appends_the_audit_spool_before_it_listens(server_factory, setting
     server_factory(CHAT_DATA_DIR=str(tmp_path))
     assert ConnectionLog.objects.get(id=connection).close_code == 1001
     event = SecurityEvent.objects.get(event=audit.Event.AUDIT_SPOOLED)
-    assert event.details == {"file": path.name, "rows": 2, "already_stored": 0}
+    assert (event.details["file"], event.details["rows"]) == (path.name, 2)
     assert not path.exists()
     assert audit.verify_chain().ok
