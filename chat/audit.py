@@ -77,7 +77,8 @@ AuditItem = ConnectionLog | MessageLog | SecurityEvent | ConnectionClose
 # --- hashing -------------------------------------------------------------------------------------
 
 
-def _canonical_value(value: Any) -> Any:
+def canonical_value(value: Any) -> Any:
+    """A value as the chain hashes it: times in UTC to the microsecond, UUIDs as strings."""
     if isinstance(value, datetime):
         return value.astimezone(UTC).isoformat(timespec="microseconds")
     if isinstance(value, UUID):
@@ -87,7 +88,7 @@ def _canonical_value(value: Any) -> Any:
 
 def canonical_content(values: Iterable[Any]) -> str:
     return json.dumps(
-        [_canonical_value(v) for v in values],
+        [canonical_value(v) for v in values],
         ensure_ascii=False,
         separators=(",", ":"),
         sort_keys=True,
@@ -106,6 +107,11 @@ def row_content(row: ChainedRow | ConnectionLog, *, close: bool = False) -> str:
 
 def checkpoint_signature(seq: int, row_hash: str, created_at: datetime, rows_pruned: int) -> str:
     return link_hash(row_hash, seq, "checkpoint", canonical_content([created_at, rows_pruned]))
+
+
+def spool_signature(body: str) -> str:
+    """A spool file's signature (chat/spool.py), under the chain's key as a checkpoint's is."""
+    return link_hash("", 0, "spool", body)
 
 
 # --- normalising what goes in --------------------------------------------------------------------
@@ -925,7 +931,7 @@ def prune_before(*, cutoff: datetime, dry_run: bool = False) -> PruneResult:
         security_event(
             event=Event.AUDIT_PRUNED,
             reason=f"audit rows up to chain position {seq} older than the cutoff",
-            details={"seq": seq, "cutoff": _canonical_value(cutoff), "rows": rows},
+            details={"seq": seq, "cutoff": canonical_value(cutoff), "rows": rows},
         )
     return PruneResult(cutoff=cutoff, dry_run=False, seq=seq, rows=rows, checkpoint=checkpoint)
 

@@ -13,7 +13,6 @@ and reported as an event.
 from __future__ import annotations
 
 import fcntl
-import hashlib
 import hmac
 import json
 import logging
@@ -21,7 +20,6 @@ import os
 import secrets
 import time
 from dataclasses import asdict, dataclass
-from datetime import datetime
 from pathlib import Path
 from uuid import UUID
 
@@ -65,7 +63,7 @@ def save(items: list[audit.AuditItem]) -> Path | None:
         sort_keys=True,
         separators=(",", ":"),
     )
-    text = json.dumps({"format": FORMAT, "body": body, "mac": _mac(body)})
+    text = json.dumps({"format": FORMAT, "body": body, "mac": audit.spool_signature(body)})
     directory = spool_dir()
     directory.mkdir(parents=True, exist_ok=True, mode=0o700)
     # Names sort by time, so files replay in the order they were written.
@@ -140,13 +138,12 @@ class SpoolRejected(Exception):
 
 
 class _Encoder(DjangoJSONEncoder):
-    """Django's, but times to the microsecond: Django's cuts them to milliseconds, and an audit
-    row must come back exactly as it was made."""
+    """Django's, with times and UUIDs as the chain writes them: Django's cuts times to the
+    millisecond, and an audit row must come back exactly as it was made."""
 
     def default(self, o):
-        if isinstance(o, datetime):
-            return o.isoformat()
-        return super().default(o)
+        value = audit.canonical_value(o)
+        return super().default(o) if value is o else value
 
 
 def _append(items: list[audit.AuditItem], spool_id: str, name: str) -> tuple[int, int]:
@@ -178,11 +175,6 @@ def _append(items: list[audit.AuditItem], spool_id: str, name: str) -> tuple[int
     return len(items) - stored, stored
 
 
-def _mac(body: str) -> str:
-    key = settings.CHAT_AUDIT_HMAC_KEY.encode()
-    return hmac.new(key, b"audit-spool|" + body.encode(), hashlib.sha256).hexdigest()
-
-
 def _dump(item: audit.AuditItem) -> dict:
     if isinstance(item, audit.ConnectionClose):
         return {"model": _CLOSE, "fields": asdict(item)}
@@ -202,7 +194,7 @@ def _load(text: bytes) -> tuple[str, list[audit.AuditItem]]:
         raise
     except (ValueError, KeyError, TypeError, AttributeError) as error:
         raise SpoolRejected(f"unreadable: {type(error).__name__}") from None
-    if not signed or not hmac.compare_digest(mac, _mac(body)):
+    if not signed or not hmac.compare_digest(mac, audit.spool_signature(body)):
         raise SpoolRejected("signature does not match (edited, or another audit key)")
     try:
         content = json.loads(body)
