@@ -184,3 +184,48 @@ async def test_protocol_options_live_on_the_class_not_on_each_socket(tcp_server,
     assert protocol.failByDrop is False  # our reset of autobahn's default
     assert isinstance(server.connections[protocol]["application_instance"], asyncio.Future)
     assert isinstance(protocol.application_queue, Inbox)
+
+
+# --- HTTP requests: Twisted's form parsing is skipped (chatproject/server.py) ---------------------
+
+
+@pytest.mark.parametrize(
+    ("content_type", "body"),
+    [
+        ("application/json", b'{"room": "lobby"}'),
+        ("application/x-www-form-urlencoded", b"room=lobby&x=%26"),
+        ("multipart/form-data; boundary=b", b'--b\r\nContent-Disposition: form-data; name="a"'),
+    ],
+)
+async def test_a_posted_body_reaches_the_application_unparsed(
+    tcp_server, daphne_server, monkeypatch, content_type, body
+):
+    from daphne import server as daphne_server_module
+    from twisted.web import http
+
+    def parsed(line):
+        raise AssertionError("Twisted parsed the Content-Type to parse a form")
+
+    monkeypatch.setattr(http, "_parseContentType", parsed)
+    seen = {}
+
+    async def application(scope, receive, send):
+        seen["body"] = (await receive())["body"]
+        await send({"type": "http.response.start", "status": 204, "headers": []})
+        await send({"type": "http.response.body", "body": b""})
+
+    server, _ = daphne_server(application)
+    protocol = daphne_server_module.HTTPFactory(server).buildProtocol(("127.0.0.1", 1))
+    tcp_server(protocol)
+    head = (
+        f"POST /api/tickets/ HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: {content_type}\r\n"
+        f"Content-Length: {len(body)}\r\n\r\n"
+    )
+    protocol.dataReceived(head.encode() + body)
+    for _ in range(200):
+        if "body" in seen:
+            break
+        await asyncio.sleep(0.005)
+    assert seen.get("body") == body
+    request = next(iter(server.connections))
+    assert request.args == {}  # no form parsed into it
