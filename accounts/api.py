@@ -21,13 +21,22 @@ from chat import services as chat_services
 
 
 def exception_handler(exc, context):
-    """DRF's handler, with a machine-readable `code` beside every `detail`."""
+    """DRF's handler, with a machine-readable `code` beside every `detail`.
+
+    simplejwt's errors carry their code in the body already (`user_inactive`,
+    `password_changed`, `token_not_valid`...): it is kept.
+    """
     response = drf_exception_handler(exc, context)
     if response is not None and isinstance(response.data, dict) and "detail" in response.data:
         codes = exc.get_codes() if hasattr(exc, "get_codes") else None
+        given = response.data.get("code")
         response.data = {
             "detail": str(response.data["detail"]),
-            "code": codes if isinstance(codes, str) else "error",
+            "code": str(given)
+            if isinstance(given, str)
+            else codes
+            if isinstance(codes, str)
+            else "error",
         }
     return response
 

@@ -121,6 +121,7 @@ def test_only_access_tokens_are_bearer_tokens(api, kind):
     api.credentials(HTTP_AUTHORIZATION=f"Bearer {token}")
     response = api.get("/api/rooms/")
     assert response.status_code == 401
+    assert response.json()["code"] == "token_not_valid"
 
 
 @pytest.mark.parametrize(
@@ -180,3 +181,39 @@ def test_form_logins_share_the_api_login_limits(monkeypatch, path, throttle, rat
     assert b"Too many sign-in attempts" in refused.content
     assert "_auth_user_id" not in browser.session
     assert browser.get(path).status_code == 200  # only POSTs count
+
+
+@pytest.mark.parametrize(
+    ("change", "code"),
+    [
+        ("delete", "user_not_found"),
+        ("deactivate", "user_inactive"),
+        ("password", "password_changed"),
+    ],
+)
+def test_an_access_token_is_refused_once_its_user_changes_behind_our_signals(api, change, code):
+    """simplejwt's own user checks still decide (accounts.authentication.UsersByKey reads the
+    user). QuerySet.update() skips the signals that would also end the login, so nothing else
+    refuses the token first; the code says which check did."""
+    from django.contrib.auth import get_user_model
+    from django.contrib.auth.hashers import make_password
+
+    from accounts.serializers import TokenObtainPairSerializer
+
+    user = make_user("alice")
+    make_room("lobby")
+    access = TokenObtainPairSerializer.get_token(user).access_token
+    if change == "delete":  # a user id that names no row: as if deleted
+        access["user_id"] = str(user.pk + 1000)
+    else:
+        api.credentials(HTTP_AUTHORIZATION=f"Bearer {access}")
+        assert api.get("/api/rooms/").status_code == 200
+    api.credentials(HTTP_AUTHORIZATION=f"Bearer {access}")
+    users = get_user_model().objects.filter(pk=user.pk)
+    if change == "deactivate":
+        users.update(is_active=False)
+    elif change == "password":
+        users.update(password=make_password("a-brand-new-password-77"))
+    response = api.post("/api/tickets/", {"room": "lobby"}, format="json")
+    assert response.status_code == 401
+    assert response.json()["code"] == code
