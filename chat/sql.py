@@ -168,6 +168,9 @@ def _update_of(model: type[models.Model], fields: Sequence[str], connection):
     return f"UPDATE {quote(model._meta.db_table)} SET {assignments}", columns  # noqa: S608
 
 
+_Column = tuple[str, Callable | None, frozenset[type], Callable]
+
+
 def insert_many(objs: Sequence[models.Model]) -> None:
     """INSERT model instances of one model, in order, in the current transaction.
 
@@ -183,23 +186,52 @@ def insert_many(objs: Sequence[models.Model]) -> None:
     sql, columns = _insert_plan(type(objs[0]), connection.vendor)
     # (column, id(value)) -> (value, converted): keeping the value keeps its id from being reused
     converted: dict[tuple[int, int], tuple[Any, Any]] = {}
-    params = []
-    for obj in objs:
-        row = []
-        for index, (attname, pre_save, unchanged, prep) in enumerate(columns):
-            value = getattr(obj, attname) if pre_save is None else pre_save(obj, True)
-            if type(value) not in unchanged:
-                key = (index, id(value))
-                if key not in converted:
-                    converted[key] = (value, prep(value, connection))
-                value = converted[key][1]
-            row.append(value)
-        params.append(row)
+    params = [_insert_params(obj, columns, connection, converted) for obj in objs]
     with connection.cursor() as cursor:
         cursor.executemany(sql, params)
 
 
-_Column = tuple[str, Callable | None, frozenset[type], Callable]
+def insert(obj: models.Model) -> None:
+    """INSERT one new instance, as `obj.save()` would, and set its generated primary key.
+
+    For a row written on a request's path (a ticket): Model.save() and QuerySet.create() run the
+    query compiler and the save machinery (signals included), several times what the database
+    spends on the INSERT. Values are converted as insert_many converts them; the key is read
+    back with RETURNING where the backend has it, else as the last insert id. No pre_save or
+    post_save signal is sent: use the ORM for a model that has receivers.
+    """
+    model = type(obj)
+    connection = transaction.get_connection()
+    sql, columns = _insert_plan(model, connection.vendor)
+    params = _insert_params(obj, columns, connection, {})
+    pk = model._meta.pk
+    generated = pk.db_returning  # else the key is one of the columns written
+    with connection.cursor() as cursor:
+        if not generated:
+            cursor.execute(sql, params)
+        elif connection.features.can_return_columns_from_insert:
+            returning, returning_params = connection.ops.return_insert_columns([pk])
+            cursor.execute(f"{sql} {returning}", [*params, *returning_params])
+            key = connection.ops.fetch_returned_insert_columns(cursor, returning_params)[0]
+            setattr(obj, pk.attname, key)
+        else:
+            cursor.execute(sql, params)
+            key = connection.ops.last_insert_id(cursor, model._meta.db_table, pk.column)
+            setattr(obj, pk.attname, key)
+    obj._state.adding, obj._state.db = False, connection.alias
+
+
+def _insert_params(obj, columns: list[_Column], connection, converted: dict) -> list[Any]:
+    row = []
+    for index, (attname, pre_save, unchanged, prep) in enumerate(columns):
+        value = getattr(obj, attname) if pre_save is None else pre_save(obj, True)
+        if type(value) not in unchanged:
+            key = (index, id(value))
+            if key not in converted:
+                converted[key] = (value, prep(value, connection))
+            value = converted[key][1]
+        row.append(value)
+    return row
 
 
 @cache

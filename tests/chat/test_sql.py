@@ -459,3 +459,74 @@ def test_a_stored_message_updates_only_the_indexes_it_needs():
     foreign_keys = {info["columns"][0] for info in constraints.values() if info["foreign_key"]}
     if connection.features.supports_foreign_keys:
         assert foreign_keys == {"room_id", "author_id", "deleted_by_id"}
+
+
+@pytest.mark.parametrize(
+    "returning",
+    [
+        True,
+        pytest.param(
+            False,
+            marks=pytest.mark.skipif(
+                connection.vendor != "sqlite",
+                reason="the last-insert-id path is for backends without RETURNING",
+            ),
+        ),
+    ],
+)
+def test_insert_sets_the_generated_key_and_writes_what_the_orm_reads_back(
+    grid, monkeypatch, returning
+):
+    from accounts.models import Ticket
+
+    monkeypatch.setattr(connection.features, "can_return_columns_from_insert", returning)
+
+    (room, other, _), (user, _, _) = grid
+    rows = [
+        sql.build(
+            Ticket,
+            jti=f"jti-{n}",
+            user_id=user.pk,
+            room_id=target.pk,
+            ip=ip,
+            issued_at=NOW,
+            expires_at=NOW + timedelta(seconds=30),
+        )
+        for n, (target, ip) in enumerate([(room, "127.0.0.1"), (other, "2001:db8::1")])
+    ]
+    for row in rows:
+        sql.insert(row)
+    assert rows[0].pk is not None
+    assert rows[1].pk == rows[0].pk + 1
+    assert not rows[0]._state.adding
+    assert rows[0]._state.db == "default"
+    stored = {t.pk: t for t in Ticket.objects.all()}
+    assert [
+        (s.jti, s.user_id, s.room_id, s.ip, s.issued_at, s.expires_at, s.used_at)
+        for s in (stored[rows[0].pk], stored[rows[1].pk])
+    ] == [
+        ("jti-0", user.pk, room.pk, "127.0.0.1", NOW, NOW + timedelta(seconds=30), None),
+        ("jti-1", user.pk, other.pk, "2001:db8::1", NOW, NOW + timedelta(seconds=30), None),
+    ]
+
+
+def test_insert_of_a_model_whose_key_it_writes_reads_nothing_back(grid, monkeypatch):
+    # ConnectionLog's key is a UUID made by its default: written with the row, not returned.
+    (room, _, _), (user, _, _) = grid
+    row = sql.build(
+        ConnectionLog,
+        chain_seq=10**9,  # a chain position no test appends up to; the link itself is not checked
+        prev_hash="0" * 64,
+        row_hash="1" * 64,
+        user_id=user.pk,
+        room_id=room.pk,
+        ip="127.0.0.1",
+        outcome="accepted",
+        opened_at=NOW,
+    )
+    key = row.pk
+    with CaptureQueriesContext(connection) as queries:
+        sql.insert(row)
+    assert row.pk == key
+    assert ConnectionLog.objects.filter(pk=key, room=room).exists()
+    assert "RETURNING" not in queries[0]["sql"].upper()
