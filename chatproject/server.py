@@ -202,11 +202,17 @@ def install_daphne_fixes() -> type:
             # autobahn applies maxMessagePayloadSize, the limit on what a client may send
             # (1009), to the server's own messages as well: a long history page would raise
             # into the application. What we send is bounded by the application instead.
-            limit, self.maxMessagePayloadSize = self.maxMessagePayloadSize, 0
+            # The limit normally lives on the class (_options_on_class): lift it on the socket
+            # for this call only, and leave the socket's __dict__ as it was.
+            own = vars(self).get("maxMessagePayloadSize")
+            self.maxMessagePayloadSize = 0
             try:
                 super().serverSend(content, binary)
             finally:
-                self.maxMessagePayloadSize = limit
+                if own is None:
+                    del self.maxMessagePayloadSize
+                else:
+                    self.maxMessagePayloadSize = own
 
         def handle_reply(self, message):
             if message.get("type") == "websocket.close" and self.state != self.STATE_CONNECTING:

@@ -184,6 +184,11 @@ async def test_protocol_options_live_on_the_class_not_on_each_socket(tcp_server,
     assert protocol.failByDrop is False  # our reset of autobahn's default
     assert isinstance(server.connections[protocol]["application_instance"], asyncio.Future)
     assert isinstance(protocol.application_queue, Inbox)
+    # Sending lifts the payload limit for the call only (the server's frames are not limited),
+    # and leaves nothing on the socket.
+    protocol.serverSend("x" * 5000)
+    assert "maxMessagePayloadSize" not in vars(protocol)
+    assert protocol.maxMessagePayloadSize == 4321
 
 
 # --- HTTP requests: Twisted's form parsing is skipped (chatproject/server.py) ---------------------
