@@ -7,7 +7,9 @@ signed with the audit key), and `manage.py serve` appends them to the chain when
 (`manage.py replay_audit_spool` does it by hand), each file at most once. A replayed batch is
 followed by a security event saying where the rows came from, since their chain position is
 later than their time. A file whose signature does not match is not replayed: it is set aside
-and reported as an event.
+and reported as an event. A temporary file left by a process that stopped while writing one is
+looked at once nobody holds it and it is a minute old: complete and signed, it is replayed like
+the others; cut short, it is set aside and reported, its rows lost.
 """
 
 from __future__ import annotations
@@ -35,6 +37,8 @@ from chat.models import SecurityEvent
 logger = logging.getLogger("chat.audit")
 
 FORMAT = 1
+# A temporary spool file untouched for this long, and not locked, has no writer any more.
+UNFINISHED_AFTER = 60.0
 _CLOSE = "connection.close"  # ConnectionClose is not a model: its own tag in the file
 
 
@@ -68,16 +72,21 @@ def save(items: list[audit.AuditItem]) -> Path | None:
     directory.mkdir(parents=True, exist_ok=True, mode=0o700)
     # Names sort by time, so files replay in the order they were written.
     name = f"{time.time_ns():020d}-{os.getpid()}-{secrets.token_hex(4)}.json"
-    temporary = directory / f".{name}.tmp"
+    temporary = directory / f".{name}{_TEMPORARY}"
+    path = directory / name
     descriptor = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     with os.fdopen(descriptor, "w") as handle:
+        # Held until renamed: a replay meanwhile leaves the file to us (_recover_unfinished).
+        fcntl.flock(handle, fcntl.LOCK_EX)
         handle.write(text)
         handle.flush()
         os.fsync(handle.fileno())
-    path = directory / name
-    os.replace(temporary, path)
+        os.replace(temporary, path)
     _sync_directory(directory)  # the new name survives a power cut too
     return path
+
+
+_TEMPORARY = ".tmp"
 
 
 def _sync_directory(directory: Path) -> None:
@@ -100,6 +109,8 @@ def replay() -> Replayed:
     if not directory.is_dir():
         return Replayed()
     files = rows = already_stored = rejected = 0
+    for path in sorted(directory.glob(f".*.json{_TEMPORARY}")):
+        rejected += _recover_unfinished(path)
     for path in sorted(directory.glob("*.json")):
         try:
             handle = open(path, "rb")  # noqa: SIM115 (held across the branches below)
@@ -115,15 +126,7 @@ def replay() -> Replayed:
             try:
                 spool_id, items = _load(handle.read())
             except SpoolRejected as error:
-                # Logged first, then recorded; set aside only once recorded (if the database
-                # fails meanwhile, the file is looked at again next time).
-                logger.error("audit spool file %s rejected: %s", path.name, error)
-                audit.security_event(
-                    event=audit.Event.AUDIT_SPOOL_REJECTED,
-                    reason=str(error),
-                    details={"file": path.name},
-                )
-                path.rename(path.with_suffix(".rejected"))
+                _reject(path, path.name, str(error))
                 rejected += 1
                 continue
             written, stored = _append(items, spool_id, path.name)
@@ -131,6 +134,46 @@ def replay() -> Replayed:
         files, rows, already_stored = files + 1, rows + written, already_stored + stored
         logger.warning("%d audit rows replayed from the spool file %s", written, path.name)
     return Replayed(files=files, rows=rows, already_stored=already_stored, rejected_files=rejected)
+
+
+def _recover_unfinished(path: Path) -> bool:
+    """A temporary file its writer never renamed: it stopped between creating and renaming it.
+
+    Left alone while locked (being written) or younger than UNFINISHED_AFTER. Complete and
+    signed, it gets its spool name and is replayed with the others; otherwise it is rejected
+    (returns True), since its rows cannot be trusted or are cut short.
+    """
+    name = path.name.removeprefix(".").removesuffix(_TEMPORARY)
+    try:
+        handle = open(path, "rb")  # noqa: SIM115 (held across the branches below)
+    except FileNotFoundError:
+        return False  # renamed by its writer meanwhile
+    with handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return False  # still being written, or another process is looking at it
+        if not path.exists() or time.time() - os.fstat(handle.fileno()).st_mtime < UNFINISHED_AFTER:
+            return False
+        try:
+            _load(handle.read())
+        except SpoolRejected as error:
+            _reject(path, name, f"unfinished spool file (its writer stopped): {error}")
+            return True
+        os.replace(path, path.with_name(name))
+        _sync_directory(path.parent)
+        logger.warning("audit spool file %s was complete but not renamed; replaying it", name)
+        return False
+
+
+def _reject(path: Path, name: str, reason: str) -> None:
+    """Log, record, then set the file aside: only once recorded (if the database fails
+    meanwhile, the file is looked at again next time)."""
+    logger.error("audit spool file %s rejected: %s", name, reason)
+    audit.security_event(
+        event=audit.Event.AUDIT_SPOOL_REJECTED, reason=reason, details={"file": name}
+    )
+    path.rename(path.with_name(name).with_suffix(".rejected"))
 
 
 class SpoolRejected(Exception):

@@ -5,6 +5,7 @@ never appended."""
 import asyncio
 import fcntl
 import json
+import os
 import stat
 import time
 import uuid
@@ -319,3 +320,66 @@ async def test_rows_whose_commit_answer_was_lost_are_not_written_again(monkeypat
     trail = await database_sync_to_async(_trail)()
     assert [kind for kind, _ in trail] == ["open", "message", "close", "security", "security"]
     assert (await database_sync_to_async(audit.verify_chain)()).ok
+
+
+# --- a process that stopped while writing a spool file ----------------------------------------
+
+
+def _unfinished(path, *, age: float, cut: int | None = None):
+    """The spool file as its writer left it before the rename: a hidden temporary, `age` seconds
+    old, whole or cut to `cut` bytes."""
+    temporary = path.with_name(f".{path.name}.tmp")
+    text = path.read_bytes()
+    path.unlink()
+    temporary.write_bytes(text if cut is None else text[:cut])
+    old = time.time() - age
+    os.utime(temporary, (old, old))
+    return temporary
+
+
+async def test_a_complete_file_its_writer_did_not_rename_is_replayed(monkeypatch, spool_dir):
+    rows = _rows()
+    await _spool_at_a_shutdown_without_database(monkeypatch, rows)
+    [path] = spool_dir.glob("*.json")
+    _unfinished(path, age=spool.UNFINISHED_AFTER + 5)
+
+    result = await database_sync_to_async(spool.replay)()
+
+    assert (result.files, result.rows, result.rejected_files) == (1, 4, 0)
+    assert not list(spool_dir.iterdir())
+    assert ("open", str(rows[0].id)) in await database_sync_to_async(_trail)()
+    event = await SecurityEvent.objects.aget(event=audit.Event.AUDIT_SPOOLED)
+    assert event.details["file"] == path.name
+    assert (await database_sync_to_async(audit.verify_chain)()).ok
+
+
+async def test_a_file_cut_short_while_written_is_set_aside_and_reported(monkeypatch, spool_dir):
+    await _spool_at_a_shutdown_without_database(monkeypatch, _rows())
+    [path] = spool_dir.glob("*.json")
+    _unfinished(path, age=spool.UNFINISHED_AFTER + 5, cut=100)
+
+    result = await database_sync_to_async(spool.replay)()
+
+    assert (result.files, result.rows, result.rejected_files) == (0, 0, 1)
+    assert [p.name for p in spool_dir.iterdir()] == [path.with_suffix(".rejected").name]
+    assert await database_sync_to_async(_trail)() == [("security", "audit_spool_rejected")]
+    event = await SecurityEvent.objects.aget()
+    assert event.details == {"file": path.name}
+    assert event.reason.startswith("unfinished spool file")
+
+
+@pytest.mark.parametrize("why", ["locked by its writer", "written a moment ago"])
+async def test_a_temporary_file_that_may_still_be_written_is_left_alone(
+    monkeypatch, spool_dir, why
+):
+    await _spool_at_a_shutdown_without_database(monkeypatch, _rows())
+    [path] = spool_dir.glob("*.json")
+    locked = why == "locked by its writer"
+    temporary = _unfinished(path, age=spool.UNFINISHED_AFTER + 5 if locked else 1, cut=100)
+    with temporary.open("rb") as held:
+        if locked:
+            fcntl.flock(held, fcntl.LOCK_EX)  # as spool.save() holds it until the rename
+        result = await database_sync_to_async(spool.replay)()
+    assert (result.files, result.rows, result.rejected_files) == (0, 0, 0)
+    assert list(spool_dir.iterdir()) == [temporary]
+    assert await database_sync_to_async(_trail)() == []
