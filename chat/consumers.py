@@ -109,6 +109,11 @@ class RoomConsumer(AsyncWebsocketConsumer):
         protocol = send.args[0] if isinstance(send, functools.partial) and send.args else None
         self.fast_send = getattr(protocol, "send_prepared", None)
         self.record = audit.ConnectionAudit(scope, room_slug=scope.get("room_slug", ""))
+        # Whatever reads the handshake's headers has read them: the origin check, the ticket,
+        # the client IP, the record above. The scope, which the frames above this one hold for
+        # the socket's life, lets go of them: their memory (docs/performance.md, idle), and the
+        # cookies a browser sends with them, which no later log line or error report should see.
+        scope.pop("headers", None)
         self.attached = self.ready = self.closing = False
         self.close_code: int | None = None
         self.received = self.sent = 0

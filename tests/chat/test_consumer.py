@@ -736,6 +736,25 @@ async def test_connection_log_records_the_whole_session(people):
     assert (sent.seq, sent.connection_id, sent.username) == (1, row.id, "alice")
 
 
+async def test_an_open_socket_lets_go_of_its_handshake_headers_once_they_are_read(people):
+    alice, _, room = people
+    cookie = b"sessionid=SECRET-SESSION-COOKIE; csrftoken=abc"
+    comm, hello = await join(
+        alice, room, headers=[(b"cookie", cookie), (b"user-agent", b"TestBrowser/1.0")]
+    )
+    assert hello["user"] == "alice"
+    # The scope the frames above the consumer hold for the socket's life: no headers, so no
+    # cookie; what was read from them at connect is kept where it is needed.
+    assert "headers" not in comm.scope
+    assert b"SECRET-SESSION-COOKIE" not in repr(comm.scope).encode()
+    await send(comm, type="message", body="hi", client_id="c-1")
+    await receive_until(comm, "ack")
+    await comm.disconnect()
+    await get_runtime().audit.flush()
+    row = await sync(ConnectionLog.objects.get)(username="alice")
+    assert (row.user_agent, row.origin) == ("TestBrowser/1.0", "http://testserver")
+
+
 async def test_an_open_socket_keeps_its_state_in_slots(people):
     # CPython gives an instance with more attribute names than it shares (30) a dict of its
     # own, 1.6 KB: RoomConsumer declares its state in __slots__. An attribute added without its
