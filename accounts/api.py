@@ -29,15 +29,10 @@ def exception_handler(exc, context):
     response = drf_exception_handler(exc, context)
     if response is not None and isinstance(response.data, dict) and "detail" in response.data:
         codes = exc.get_codes() if hasattr(exc, "get_codes") else None
-        given = response.data.get("code")
-        response.data = {
-            "detail": str(response.data["detail"]),
-            "code": str(given)
-            if isinstance(given, str)
-            else codes
-            if isinstance(codes, str)
-            else "error",
-        }
+        code = response.data.get("code")  # set by simplejwt's errors
+        if not isinstance(code, str):
+            code = codes if isinstance(codes, str) else "error"
+        response.data = {"detail": str(response.data["detail"]), "code": str(code)}
     return response
 
 
