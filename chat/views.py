@@ -28,7 +28,11 @@ def room_list(request):
     return render(
         request,
         "chat/room_list.html",
-        {"rooms": rooms, "visibilities": _VISIBILITY_CHOICES},
+        {
+            "rooms": rooms,
+            "visibilities": _VISIBILITY_CHOICES,
+            "unread_refresh_ms": max(0, round(settings.CHAT_UNREAD_REFRESH_SECONDS * 1000)),
+        },
     )
 
 

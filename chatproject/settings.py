@@ -268,6 +268,9 @@ CHAT_AUTH_TIMEOUT = env.float("CHAT_AUTH_TIMEOUT", default=5.0)
 CHAT_MAX_MESSAGE_LENGTH = env.int("CHAT_MAX_MESSAGE_LENGTH", default=4000)
 CHAT_MAX_FRAME_BYTES = env.int("CHAT_MAX_FRAME_BYTES", default=64 * 1024)
 CHAT_HISTORY_LIMIT = env.int("CHAT_HISTORY_LIMIT", default=100)
+# The room list refreshes its unread badges this often while it is shown (0: only when shown
+# again); one GET /api/rooms/ per open list.
+CHAT_UNREAD_REFRESH_SECONDS = env.float("CHAT_UNREAD_REFRESH_SECONDS", default=15.0)
 
 CHAT_MESSAGE_RATE = env.float("CHAT_MESSAGE_RATE", default=5.0)
 CHAT_MESSAGE_BURST = env.int("CHAT_MESSAGE_BURST", default=20)

@@ -94,12 +94,18 @@ form.addEventListener("submit", async (event) => {
 
 // --- unread counts -------------------------------------------------------------------------------
 
+let refreshing = false;
+
 async function refreshUnread() {
+  if (refreshing) return; // one request at a time, however slow the server
+  refreshing = true;
   let rooms;
   try {
     rooms = await api("/api/rooms/");
   } catch {
     return;
+  } finally {
+    refreshing = false;
   }
   for (const room of rooms) {
     const badge = document.querySelector(`[data-unread-for="${CSS.escape(room.slug)}"]`);
@@ -116,3 +122,10 @@ window.addEventListener("pageshow", (event) => {
 document.addEventListener("visibilitychange", () => {
   if (document.visibilityState === "visible") refreshUnread();
 });
+// And while the list is shown, every CHAT_UNREAD_REFRESH_SECONDS (a hidden tab asks nothing).
+const refreshMs = Number(layout.dataset.unreadRefreshMs) || 0;
+if (refreshMs > 0) {
+  setInterval(() => {
+    if (document.visibilityState === "visible") refreshUnread();
+  }, refreshMs);
+}

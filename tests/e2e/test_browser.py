@@ -578,3 +578,19 @@ async def test_a_room_made_read_only_stops_the_composer_at_once(open_tab, server
     await expect(tab.page.locator("#composer-notice")).to_contain_text("read-only")
     await expect(tab.page.locator("h1")).to_have_text("Quiet lobby")
     await expect(tab.page).to_have_title("Quiet lobby · Securechat")
+
+
+async def test_room_list_badges_follow_new_messages_while_shown(
+    open_tab, garden, lobby, server_factory
+):
+    server = server_factory(CHAT_UNREAD_REFRESH_SECONDS="0.3")
+    alice = await signed_in(open_tab, server, "alice")
+    page = alice.page
+    await page.goto("/")
+    badge = page.locator(".room-row[data-slug='lobby'] .unread")
+    await expect(badge).to_have_text("2 unread")
+
+    bob = await user("bob")
+    await sync_to_async(services.message_send)(room=lobby, author=bob, body="three", client_id="c3")
+    await expect(badge).to_have_text("3 unread")  # no reload: the list asked again by itself
+    await assert_healthy(alice)
