@@ -261,8 +261,8 @@ def install_daphne_fixes() -> type:
 
     class ChatWebRequest(http_protocol.WebRequest):
         def __init__(self, *args, **kwargs):
-            super().__init__(*args, **kwargs)
-            self._parsePOSTFormSubmission = False  # Twisted's flag (Request.__init__ argument)
+            # Twisted >= 25.5's argument (an older Twisted refuses it rather than ignore it).
+            super().__init__(*args, parsePOSTFormSubmission=False, **kwargs)
 
     class ChatHTTPFactory(http_protocol.HTTPFactory):
         def buildProtocol(self, addr):

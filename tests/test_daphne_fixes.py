@@ -184,9 +184,17 @@ async def test_protocol_options_live_on_the_class_not_on_each_socket(tcp_server,
     assert protocol.failByDrop is False  # our reset of autobahn's default
     assert isinstance(server.connections[protocol]["application_instance"], asyncio.Future)
     assert isinstance(protocol.application_queue, Inbox)
-    # Sending lifts the payload limit for the call only (the server's frames are not limited),
-    # and leaves nothing on the socket.
-    protocol.serverSend("x" * 5000)
+
+
+async def test_sending_lifts_the_payload_limit_for_the_call_only(tcp_server, daphne_server):
+    async def application(scope, receive, send):
+        await receive()
+        await send({"type": "websocket.accept"})
+        await receive()
+
+    _, factory = daphne_server(application)
+    protocol = await _open(tcp_server, factory, _handshake("/ws/rooms/lobby/", ["chat.v1"]))
+    protocol.serverSend("x" * 5000)  # over the limit on what a client may send: not refused
     assert "maxMessagePayloadSize" not in vars(protocol)
     assert protocol.maxMessagePayloadSize == 4321
 
