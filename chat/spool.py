@@ -8,8 +8,8 @@ signed with the audit key), and `manage.py serve` appends them to the chain when
 followed by a security event saying where the rows came from, since their chain position is
 later than their time. A file whose signature does not match is not replayed: it is set aside
 and reported as an event. A temporary file left by a process that stopped while writing one is
-looked at once nobody holds it and it is a minute old: complete and signed, it is replayed like
-the others; cut short, it is set aside and reported, its rows lost.
+looked at once nobody holds it: complete and signed, it is replayed like the others; cut short
+(and a minute old, so not a file being created), it is set aside and reported, its rows lost.
 """
 
 from __future__ import annotations
@@ -37,7 +37,9 @@ from chat.models import SecurityEvent
 logger = logging.getLogger("chat.audit")
 
 FORMAT = 1
-# A temporary spool file untouched for this long, and not locked, has no writer any more.
+_TEMPORARY = ".tmp"
+# An unlocked temporary file this old and still incomplete has no writer any more (a younger
+# one may be between its creation and its writer's lock).
 UNFINISHED_AFTER = 60.0
 _CLOSE = "connection.close"  # ConnectionClose is not a model: its own tag in the file
 
@@ -84,9 +86,6 @@ def save(items: list[audit.AuditItem]) -> Path | None:
         os.replace(temporary, path)
     _sync_directory(directory)  # the new name survives a power cut too
     return path
-
-
-_TEMPORARY = ".tmp"
 
 
 def _sync_directory(directory: Path) -> None:
@@ -139,9 +138,11 @@ def replay() -> Replayed:
 def _recover_unfinished(path: Path) -> bool:
     """A temporary file its writer never renamed: it stopped between creating and renaming it.
 
-    Left alone while locked (being written) or younger than UNFINISHED_AFTER. Complete and
-    signed, it gets its spool name and is replayed with the others; otherwise it is rejected
-    (returns True), since its rows cannot be trusted or are cut short.
+    Left alone while locked: its writer holds it from before the first byte until the rename.
+    Complete and signed, it gets its spool name and is replayed with the others. Otherwise it
+    is rejected (returns True), its rows cut short or untrustworthy; unless it is younger than
+    UNFINISHED_AFTER, when it may be a file created a moment ago whose writer has not locked
+    it yet: it waits for the next replay.
     """
     name = path.name.removeprefix(".").removesuffix(_TEMPORARY)
     try:
@@ -153,11 +154,14 @@ def _recover_unfinished(path: Path) -> bool:
             fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             return False  # still being written, or another process is looking at it
-        if not path.exists() or time.time() - os.fstat(handle.fileno()).st_mtime < UNFINISHED_AFTER:
+        if not path.exists():
             return False
         try:
             _load(handle.read())
         except SpoolRejected as error:
+            if time.time() - os.fstat(handle.fileno()).st_mtime < UNFINISHED_AFTER:
+                logger.warning("audit spool file %s is incomplete; left for the next replay", name)
+                return False
             _reject(path, name, f"unfinished spool file (its writer stopped): {error}")
             return True
         os.replace(path, path.with_name(name))

@@ -337,11 +337,13 @@ def _unfinished(path, *, age: float, cut: int | None = None):
     return temporary
 
 
-async def test_a_complete_file_its_writer_did_not_rename_is_replayed(monkeypatch, spool_dir):
+@pytest.mark.parametrize("age", [1, spool.UNFINISHED_AFTER + 5], ids=["new", "old"])
+async def test_a_complete_file_its_writer_did_not_rename_is_replayed(monkeypatch, spool_dir, age):
+    # Complete and unlocked: its writer, which holds it until the rename, has stopped.
     rows = _rows()
     await _spool_at_a_shutdown_without_database(monkeypatch, rows)
     [path] = spool_dir.glob("*.json")
-    _unfinished(path, age=spool.UNFINISHED_AFTER + 5)
+    _unfinished(path, age=age)
 
     result = await database_sync_to_async(spool.replay)()
 
@@ -368,13 +370,30 @@ async def test_a_file_cut_short_while_written_is_set_aside_and_reported(monkeypa
     assert event.reason.startswith("unfinished spool file")
 
 
-@pytest.mark.parametrize("why", ["locked by its writer", "written a moment ago"])
+def test_the_writer_holds_its_file_locked_until_it_is_renamed(monkeypatch, spool_dir):
+    replace = os.replace
+    seen = []
+
+    def rename(source, target):
+        # As a replay starting meanwhile opens it:
+        with open(source, "rb") as other, pytest.raises(BlockingIOError):
+            fcntl.flock(other, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        seen.append(target)
+        replace(source, target)
+
+    monkeypatch.setattr(os, "replace", rename)
+    path = spool.save(_rows())
+    assert seen == [path]
+    assert [p.name for p in spool_dir.iterdir()] == [path.name]
+
+
+@pytest.mark.parametrize("why", ["locked by its writer", "cut short a moment ago"])
 async def test_a_temporary_file_that_may_still_be_written_is_left_alone(
     monkeypatch, spool_dir, why
 ):
     await _spool_at_a_shutdown_without_database(monkeypatch, _rows())
     [path] = spool_dir.glob("*.json")
-    locked = why == "locked by its writer"
+    locked = why == "locked by its writer"  # (a complete one would be replayed if unlocked)
     temporary = _unfinished(path, age=spool.UNFINISHED_AFTER + 5 if locked else 1, cut=100)
     with temporary.open("rb") as held:
         if locked:
