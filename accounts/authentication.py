@@ -1,6 +1,5 @@
 """JWT authentication that also refuses the access tokens of a login that has been logged out."""
 
-from django.contrib.auth import get_user_model
 from drf_spectacular.contrib.rest_framework_simplejwt import SimpleJWTScheme
 from rest_framework_simplejwt.authentication import JWTAuthentication
 from rest_framework_simplejwt.exceptions import InvalidToken
@@ -27,13 +26,13 @@ class UsersByKey:
     """The user model as simplejwt's `get_user` uses it (`objects.get(id=...)`, `DoesNotExist`),
     with the one lookup by key read through chat.sql.
 
-    Every API request makes it, and the ORM's query compiler cost several times what SQLite
-    spent answering (docs/performance.md, handshakes). simplejwt's own checks (user found,
-    active, password unchanged since the token) still run, in its `get_user`.
+    Every API request makes it, and on a ticket request the ORM's `get()` cost twice what the
+    rest of the authentication did (docs/performance.md, handshakes). simplejwt's own checks
+    (user found, active, password unchanged since the token) still run, in its `get_user`.
     """
 
-    def __init__(self, model=None) -> None:
-        self.model = model or get_user_model()
+    def __init__(self, model) -> None:
+        self.model = model
         self.DoesNotExist = self.model.DoesNotExist
         self.objects = self
 

@@ -217,3 +217,23 @@ def test_an_access_token_is_refused_once_its_user_changes_behind_our_signals(api
     response = api.post("/api/tickets/", {"room": "lobby"}, format="json")
     assert response.status_code == 401
     assert response.json()["code"] == code
+
+
+def test_the_token_s_user_is_read_by_key_through_chat_sql(api, monkeypatch):
+    from django.contrib.auth import get_user_model
+
+    from accounts import authentication
+
+    user = make_user("alice")
+    reads = []
+    get = authentication.sql.get
+
+    def recorded(model, **where):
+        reads.append((model, where))
+        return get(model, **where)
+
+    monkeypatch.setattr(authentication.sql, "get", recorded)
+    api.credentials(HTTP_AUTHORIZATION=f"Bearer {login(api).json()['access']}")
+    reads.clear()  # the login's own reads
+    assert api.get("/api/rooms/").status_code == 200
+    assert reads == [(get_user_model(), {"id": str(user.pk)})]
