@@ -206,6 +206,9 @@ def insert(obj: models.Model) -> None:
     params = _insert_params(obj, columns, connection, {})
     pk = model._meta.pk
     generated = pk.db_returning  # else the key is one of the columns written
+    if generated and getattr(obj, pk.attname) is not None:
+        # save() would write it; the plan leaves the column out. Not a case this path has.
+        raise ValueError(f"sql.insert({model.__name__}): the database generates its key")
     with connection.cursor() as cursor:
         if not generated:
             cursor.execute(sql, params)

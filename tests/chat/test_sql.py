@@ -530,3 +530,15 @@ def test_insert_of_a_model_whose_key_it_writes_reads_nothing_back(grid, monkeypa
     assert row.pk == key
     assert ConnectionLog.objects.filter(pk=key, room=room).exists()
     assert "RETURNING" not in queries[0]["sql"].upper()
+
+
+def test_insert_refuses_a_key_the_database_would_generate(grid):
+    from accounts.models import Ticket
+
+    (room, _, _), (user, _, _) = grid
+    row = sql.build(
+        Ticket, jti="j", user_id=user.pk, room_id=room.pk, ip="::1", expires_at=NOW, id=12345
+    )
+    with pytest.raises(ValueError, match="generates its key"):
+        sql.insert(row)
+    assert not Ticket.objects.exists()
