@@ -1,5 +1,7 @@
 """Pages: the room list and a room. All data after the first paint comes from the API and socket."""
 
+import math
+
 from django.conf import settings
 from django.contrib.auth.decorators import login_required
 from django.http import Http404
@@ -31,9 +33,16 @@ def room_list(request):
         {
             "rooms": rooms,
             "visibilities": _VISIBILITY_CHOICES,
-            "unread_refresh_ms": max(0, round(settings.CHAT_UNREAD_REFRESH_SECONDS * 1000)),
+            "unread_refresh_ms": _unread_refresh_ms(settings.CHAT_UNREAD_REFRESH_SECONDS),
         },
     )
+
+
+def _unread_refresh_ms(seconds: float) -> int:
+    """The room list's refresh period: 0 (off) for 0 or a nonsense value, else at least 1 s."""
+    if not math.isfinite(seconds) or seconds <= 0:
+        return 0
+    return max(1000, round(seconds * 1000))
 
 
 @login_required

@@ -95,6 +95,7 @@ form.addEventListener("submit", async (event) => {
 // --- unread counts -------------------------------------------------------------------------------
 
 let refreshing = false;
+let timer = null;
 
 async function refreshUnread() {
   if (refreshing) return; // one request at a time, however slow the server
@@ -102,7 +103,9 @@ async function refreshUnread() {
   let rooms;
   try {
     rooms = await api("/api/rooms/");
-  } catch {
+  } catch (error) {
+    // Signed out (here or in another tab): stop asking until the page is loaded again.
+    if ((error.status === 401 || error.status === 403) && timer !== null) clearInterval(timer);
     return;
   } finally {
     refreshing = false;
@@ -125,7 +128,7 @@ document.addEventListener("visibilitychange", () => {
 // And while the list is shown, every CHAT_UNREAD_REFRESH_SECONDS (a hidden tab asks nothing).
 const refreshMs = Number(layout.dataset.unreadRefreshMs) || 0;
 if (refreshMs > 0) {
-  setInterval(() => {
+  timer = setInterval(() => {
     if (document.visibilityState === "visible") refreshUnread();
   }, refreshMs);
 }

@@ -1,5 +1,6 @@
 """The page views through Django's test client: who may see what, escaping, CSP-safe markup."""
 
+import math
 from html.parser import HTMLParser
 
 import pytest
@@ -199,3 +200,16 @@ def test_pages_show_a_sign_out_form_that_posts(client, alice):
     content = client.get("/").content.decode()
     assert '<form method="post" action="/logout/"' in content
     assert 'name="csrfmiddlewaretoken"' in content
+
+
+@pytest.mark.parametrize(
+    ("seconds", "ms"),
+    [(15.0, 15000), (2.5, 2500), (0.01, 1000), (0.0, 0), (-3.0, 0), (math.inf, 0), (math.nan, 0)],
+)
+def test_the_room_list_refreshes_every_second_or_more_or_never(
+    alice, client, settings, seconds, ms
+):
+    settings.CHAT_UNREAD_REFRESH_SECONDS = seconds
+    page = client.get("/")
+    assert page.status_code == 200
+    assert f'data-unread-refresh-ms="{ms}"' in page.content.decode()
