@@ -170,13 +170,15 @@ async def test_an_open_socket_keeps_nothing_of_its_handshake(tcp_server, daphne_
     assert TICKET not in repr(seen["scope"])
 
 
-async def test_protocol_options_live_on_the_class_not_on_each_socket(tcp_server, daphne_server):
-    async def application(scope, receive, send):
-        await receive()
-        await send({"type": "websocket.accept"})
-        await receive()
+async def accepting(scope, receive, send):
+    """An application that accepts the socket and waits."""
+    await receive()
+    await send({"type": "websocket.accept"})
+    await receive()
 
-    server, factory = daphne_server(application)
+
+async def test_protocol_options_live_on_the_class_not_on_each_socket(tcp_server, daphne_server):
+    server, factory = daphne_server(accepting)
     protocol = await _open(tcp_server, factory, _handshake("/ws/rooms/lobby/", ["chat.v1"]))
     assert not set(protocol.CONFIG_ATTRS) & set(vars(protocol))
     # The values are the factory's, setProtocolOptions() after construction included.
@@ -187,12 +189,7 @@ async def test_protocol_options_live_on_the_class_not_on_each_socket(tcp_server,
 
 
 async def test_sending_lifts_the_payload_limit_for_the_call_only(tcp_server, daphne_server):
-    async def application(scope, receive, send):
-        await receive()
-        await send({"type": "websocket.accept"})
-        await receive()
-
-    _, factory = daphne_server(application)
+    _, factory = daphne_server(accepting)
     protocol = await _open(tcp_server, factory, _handshake("/ws/rooms/lobby/", ["chat.v1"]))
     protocol.serverSend("x" * 5000)  # over the limit on what a client may send: not refused
     assert "maxMessagePayloadSize" not in vars(protocol)

@@ -148,6 +148,16 @@ TAMPERING = {
 }
 
 
+async def _set_aside_and_reported(result, spool_dir, path) -> str:
+    """Nothing appended, the file renamed *.rejected, one event naming it; returns its reason."""
+    assert (result.files, result.rows, result.rejected_files) == (0, 0, 1)
+    assert [p.name for p in spool_dir.iterdir()] == [path.with_suffix(".rejected").name]
+    assert await database_sync_to_async(_trail)() == [("security", "audit_spool_rejected")]
+    event = await SecurityEvent.objects.aget()
+    assert event.details == {"file": path.name}
+    return event.reason
+
+
 @pytest.mark.parametrize("tamper", TAMPERING.values(), ids=TAMPERING.keys())
 async def test_a_tampered_spool_file_is_set_aside_and_reported(monkeypatch, spool_dir, tamper):
     await _spool_at_a_shutdown_without_database(monkeypatch, _rows())
@@ -156,12 +166,8 @@ async def test_a_tampered_spool_file_is_set_aside_and_reported(monkeypatch, spoo
 
     result = await database_sync_to_async(spool.replay)()
 
-    assert (result.files, result.rows, result.rejected_files) == (0, 0, 1)
-    assert [p.name for p in spool_dir.iterdir()] == [path.with_suffix(".rejected").name]
-    assert await database_sync_to_async(_trail)() == [("security", "audit_spool_rejected")]
-    event = await SecurityEvent.objects.aget()
-    assert event.details == {"file": path.name}
-    assert event.reason
+    reason = await _set_aside_and_reported(result, spool_dir, path)
+    assert reason
 
 
 async def test_a_file_signed_with_another_audit_key_is_rejected(monkeypatch, spool_dir, settings):
@@ -362,12 +368,8 @@ async def test_a_file_cut_short_while_written_is_set_aside_and_reported(monkeypa
 
     result = await database_sync_to_async(spool.replay)()
 
-    assert (result.files, result.rows, result.rejected_files) == (0, 0, 1)
-    assert [p.name for p in spool_dir.iterdir()] == [path.with_suffix(".rejected").name]
-    assert await database_sync_to_async(_trail)() == [("security", "audit_spool_rejected")]
-    event = await SecurityEvent.objects.aget()
-    assert event.details == {"file": path.name}
-    assert event.reason.startswith("unfinished spool file")
+    reason = await _set_aside_and_reported(result, spool_dir, path)
+    assert reason.startswith("unfinished spool file")
 
 
 def test_the_writer_holds_its_file_locked_until_it_is_renamed(monkeypatch, spool_dir):
