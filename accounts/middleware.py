@@ -15,7 +15,7 @@ from django.contrib.auth.models import AnonymousUser
 from accounts import services
 from accounts.ip import client_ip_from_scope
 from chat import audit
-from chat.protocol import SUBPROTOCOL, TICKET_SUBPROTOCOL_PREFIX
+from chat.protocol import TICKET_SUBPROTOCOL_PREFIX, chosen_subprotocol
 from chat.routing import room_slug_from_path
 from chat.runtime import get_runtime
 from chat.state import StateUnavailable
@@ -142,12 +142,6 @@ def _is_ticket(offered: str) -> bool:
 def _without_ticket_protocol(value: bytes) -> bytes:
     offered = (p.strip() for p in value.decode("latin1").split(","))
     return ", ".join(p for p in offered if not _is_ticket(p)).encode("latin1")
-
-
-def chosen_subprotocol(scope: Scope) -> str | None:
-    # Answer with our protocol if offered, never with the ticket: a browser fails the handshake when
-    # the server picks nothing it offered, and an echoed ticket would sit in every proxy log.
-    return SUBPROTOCOL if SUBPROTOCOL in scope.get("subprotocols", []) else None
 
 
 class TicketAuthMiddleware:

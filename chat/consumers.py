@@ -37,7 +37,7 @@ from chat.protocol import (
     ERR_TOO_LONG,
     ERR_UNAVAILABLE,
     ERR_UNKNOWN_TYPE,
-    SUBPROTOCOL,
+    chosen_subprotocol,
     resync_max_seqs,
 )
 from chat.runtime import get_runtime
@@ -248,8 +248,7 @@ class RoomConsumer(AsyncWebsocketConsumer):
 
     async def _accept(self) -> None:
         if not self.scope.get("socket_accepted"):
-            subprotocol = SUBPROTOCOL if SUBPROTOCOL in self.scope.get("subprotocols", []) else None
-            await self.accept(subprotocol)
+            await self.accept(chosen_subprotocol(self.scope))
 
     async def _reject(self, reason: str) -> None:
         """Accept and close at once: a close code is the only answer a browser can read."""

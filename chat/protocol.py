@@ -1,5 +1,7 @@
 """Names and numbers of the WebSocket protocol (docs/protocol.md is the reference)."""
 
+from typing import Any
+
 SUBPROTOCOL = "chat.v1"
 TICKET_SUBPROTOCOL_PREFIX = "ticket."
 
@@ -36,6 +38,13 @@ ERR_NOT_FOUND = "not_found"
 ERR_MUTED = "muted"
 ERR_RATE_LIMITED = "rate_limited"
 ERR_UNAVAILABLE = "unavailable"
+
+
+def chosen_subprotocol(scope: dict[str, Any]) -> str | None:
+    """The subprotocol a socket is accepted with: ours if offered, never the ticket. A browser
+    fails the handshake when the server picks nothing it offered, and an echoed ticket would sit
+    in every proxy log."""
+    return SUBPROTOCOL if SUBPROTOCOL in scope.get("subprotocols", []) else None
 
 
 def resync_max_seqs(max_frame_bytes: int) -> int:
