@@ -3,6 +3,7 @@
 import daphne.server  # noqa: F401  (installs Twisted's asyncio reactor before anything else)
 from django.conf import settings
 from django.core.management.base import BaseCommand, CommandError
+from django.db import connections
 
 
 class Command(BaseCommand):
@@ -68,17 +69,13 @@ class Command(BaseCommand):
 
 def _replay_audit_spool() -> None:
     """Audit rows the last shutdown kept on disk go into the chain before anything new does."""
-    import logging
-
-    from django.db import connections
-
     from chat import spool
 
     try:
         spool.replay()
     except Exception:
         # The database is still down: the files stay for the next start (or the command).
-        logging.getLogger("chat.audit").exception(
+        spool.logger.exception(
             "audit spool not replayed; run manage.py replay_audit_spool once the database is back"
         )
     finally:
