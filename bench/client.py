@@ -234,6 +234,21 @@ class Timing:
     connect_ns: int = 0
 
 
+@dataclass(frozen=True)
+class Ticket:
+    """A ticket the chat issued, and the socket path it opens."""
+
+    ws_path: str
+    ticket: str
+
+
+async def take_ticket(http: Http, slug: str, token: str) -> Ticket:
+    status, answer = await http.post_json("/api/tickets/", {"room": slug}, token)
+    if status != 201:
+        raise RefusedError(f"ticket: HTTP {status} {answer}")
+    return Ticket(answer["ws_url"], answer["ticket"])
+
+
 async def open_conn(
     target: Target,
     room: Room,
@@ -244,20 +259,21 @@ async def open_conn(
     http: Http | None = None,
     name: str = "c",
     timing: Timing | None = None,
+    ticket: Ticket | None = None,
 ) -> Conn:
-    """Ticket (chat), WebSocket upgrade with Origin and subprotocols, then hello (chat)."""
+    """Ticket (chat; taken beforehand if given), WebSocket upgrade with Origin and
+    subprotocols, then hello (chat)."""
     origin = f"http://127.0.0.1:{port}"
     headers = {"Origin": origin}
     path = target.ws_path(room.slug)
     started = _now()
     if target.authenticated:
-        assert http is not None
-        assert token is not None
-        status, answer = await http.post_json("/api/tickets/", {"room": room.slug}, token)
-        if status != 201:
-            raise RefusedError(f"ticket: HTTP {status} {answer}")
-        path = answer["ws_url"]
-        headers["Sec-WebSocket-Protocol"] = f"chat.v1, ticket.{answer['ticket']}"
+        if ticket is None:
+            assert http is not None
+            assert token is not None
+            ticket = await take_ticket(http, room.slug, token)
+        path = ticket.ws_path
+        headers["Sec-WebSocket-Protocol"] = f"chat.v1, ticket.{ticket.ticket}"
     ticketed = _now()
     _, conn = await ws_connect(
         lambda: Conn(target, room, books, name),

@@ -141,6 +141,18 @@ def rows(data: dict) -> list[tuple[str, dict, str]]:
         lambda t: _get(data, "handshakes", t, "server_cpu_us_per_handshake"),
     )
     add(
+        "Server CPU per ticket POST, measured apart",
+        "µs",
+        lambda t: _get(data, "handshakes", t, "apart")["server_cpu_us_per_ticket_post"],
+    )
+    add(
+        "Server CPU per connect + hello + close, measured apart (baselines: their handshake)",
+        "µs",
+        lambda t: (_get(data, "handshakes", t, "apart") or {}).get(
+            "server_cpu_us_per_connect", _get(data, "handshakes", t, "server_cpu_us_per_handshake")
+        ),
+    )
+    add(
         "Handshake p99 (ticket POST / connect→hello)",
         "ms",
         lambda t: _pair(data, t),
@@ -566,6 +578,36 @@ def _other_sections(data: dict, targets: list[str], opts: dict) -> list[str]:
             ],
         )
         out.append("")
+        apart = {t: f["apart"] for t, f in res["handshakes"].items() if f.get("apart")}
+        if apart:
+            out += [
+                "Measured apart, to show where a handshake's cost lies: the same clients first "
+                "take all their tickets (one window), then open a socket with each, wait for "
+                "`hello` and close (a second window, again 1 s past the last).",
+                "",
+            ]
+            out += _table(
+                [
+                    "target",
+                    "ticket POSTs/s",
+                    "server µs/POST",
+                    "connects/s",
+                    "server µs/connect",
+                    "failed",
+                ],
+                [
+                    [
+                        t,
+                        a["ticket_posts_per_s"],
+                        a["server_cpu_us_per_ticket_post"],
+                        a["connects_per_s"],
+                        a["server_cpu_us_per_connect"],
+                        sum(a["failed"].values()),
+                    ]
+                    for t, a in apart.items()
+                ],
+            )
+            out.append("")
     if "idle" in res:
         out += [
             "## Idle connections",

@@ -16,7 +16,17 @@ from pathlib import Path
 
 import numpy as np
 
-from bench.client import Books, Http, Room, Timing, open_conn, open_room, settle
+from bench.client import (
+    Books,
+    Http,
+    Room,
+    Ticket,
+    Timing,
+    open_conn,
+    open_room,
+    settle,
+    take_ticket,
+)
 from bench.servers import Deployment, Server, Target, core_busy_seconds, free_port
 
 # A client using more than this share of its core measures itself, not the server.
@@ -371,8 +381,77 @@ async def handshakes(stage: Stage) -> dict:
         "ticket_ms": latency_figures(ticket_ns),
         "connect_to_hello_ms": latency_figures(connect_ns),
     }
+    if stage.target.authenticated:
+        figures["apart"] = await _handshake_halves(stage, specs, per_worker)
     _log(stage, "handshakes", figures)
     return figures
+
+
+async def _handshake_halves(stage: Stage, specs: list[dict], per_worker: int) -> dict:
+    """The same handshakes in two windows: every client takes all its tickets, then opens a
+    socket with each (hello, close). Server CPU per ticket POST and per connect, apart.
+
+    A ticket lives CHAT_TICKET_LIFETIME (30 s) from its POST: the POSTs of the whole run must
+    end, and the connects reach the last ticket, within it. At the rates measured here both
+    windows last seconds; a ticket that expired first counts as a failed connect.
+    """
+    workers = len(specs)
+    tickets: list[list[Ticket]] = [[] for _ in specs]
+    failures: Counter[str] = Counter()
+
+    async def post(i: int) -> None:
+        http = Http(stage.ports[i % len(stage.ports)])
+        try:
+            for _ in range(per_worker):
+                try:
+                    tickets[i].append(
+                        await take_ticket(http, specs[i]["slug"], specs[i]["members"][0]["token"])
+                    )
+                except Exception as error:
+                    failures["ticket: " + type(error).__name__ + ": " + str(error)[:80]] += 1
+        finally:
+            http.close()
+
+    connected = 0
+
+    async def connect(i: int) -> None:
+        nonlocal connected
+        room, books = Room(specs[i]["slug"]), Books()
+        for ticket in tickets[i]:
+            try:
+                conn = await open_conn(
+                    stage.target,
+                    room,
+                    books,
+                    port=stage.ports[i % len(stage.ports)],
+                    name=f"a{i}",
+                    ticket=ticket,
+                )
+            except Exception as error:
+                failures["connect: " + type(error).__name__ + ": " + str(error)[:80]] += 1
+                continue
+            conn.close()
+            connected += 1
+
+    with Window(stage) as posts:
+        started = time.perf_counter()
+        await asyncio.gather(*(post(i) for i in range(workers)))
+        post_elapsed = time.perf_counter() - started
+    issued = sum(map(len, tickets))
+    with Window(stage) as connects:
+        started = time.perf_counter()
+        await asyncio.gather(*(connect(i) for i in range(workers)))
+        connect_elapsed = time.perf_counter() - started
+        await asyncio.sleep(1.0)  # closes and audit flushes belong to the connect's cost
+    return {
+        "failed": dict(failures),
+        "ticket_posts_per_s": round(issued / post_elapsed, 1) if post_elapsed else 0.0,
+        "server_cpu_us_per_ticket_post": _per(posts.server, issued),
+        "client_core_share_posts": round(posts.client / (posts.wall or 1e-9), 3),
+        "connects_per_s": round(connected / connect_elapsed, 1) if connect_elapsed else 0.0,
+        "server_cpu_us_per_connect": _per(connects.server, connected),
+        "client_core_share_connects": round(connects.client / (connects.wall or 1e-9), 3),
+    }
 
 
 # --- idle: RSS per idle authenticated connection ---
@@ -700,4 +779,6 @@ def _log(stage: Stage, what: str, figures: dict) -> None:
         "server_cpu_us_per_message",
     )
     shown = ", ".join(f"{k}={figures[k]}" for k in keys if k in figures)
+    if apart := figures.get("apart"):
+        shown += ", apart: " + ", ".join(f"{k}={v}" for k, v in apart.items())
     print(f"  [{stage.target.name}] {what}: {shown}", flush=True)

@@ -45,3 +45,37 @@ def test_bench_quick_broadcast_delivers_everything_once(tmp_path):
         assert point["duplicated"] == 0
         assert point["out_of_order"] == 0
         assert point["deliveries_per_s"] > 0
+
+
+def test_bench_quick_handshakes_measures_the_ticket_and_the_connect_apart(tmp_path):
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "bench",
+            "--quick",
+            "--scenario",
+            "handshakes",
+            "--targets",
+            "chat",
+            "--results-dir",
+            str(tmp_path),
+            "--no-docs",
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=90,
+        check=False,
+    )
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
+    (path,) = tmp_path.glob("bench-*.json")
+    figures = json.loads(path.read_text())["results"]["handshakes"]["chat"]
+    assert figures["failed"] == {}
+    assert figures["completed"] == figures["attempted"] == 40
+    apart = figures["apart"]
+    assert apart["failed"] == {}
+    assert apart["ticket_posts_per_s"] > 0
+    assert apart["connects_per_s"] > 0
+    assert apart["server_cpu_us_per_ticket_post"] > 0
+    assert apart["server_cpu_us_per_connect"] > 0
