@@ -15,7 +15,7 @@ from django.contrib.auth.models import AnonymousUser
 from accounts import services
 from accounts.ip import client_ip_from_scope
 from chat import audit
-from chat.protocol import TICKET_SUBPROTOCOL_PREFIX, chosen_subprotocol
+from chat.protocol import TICKET_SUBPROTOCOL_PREFIX, chosen_subprotocol, handshake_header
 from chat.routing import room_slug_from_path
 from chat.runtime import get_runtime
 from chat.state import StateUnavailable
@@ -53,13 +53,6 @@ def origin_allowed(origin: str | None, allowed: list[str]) -> bool:
     return canonical is not None and canonical in {normalise_origin(a) for a in allowed}
 
 
-def _header(scope: Scope, name: bytes) -> str | None:
-    for key, value in scope.get("headers", []):
-        if key == name:
-            return value.decode("latin1")
-    return None
-
-
 class StrictOriginMiddleware:
     """Refuses (HTTP 403) a WebSocket handshake unless its Origin is exactly an allowed origin.
 
@@ -81,7 +74,7 @@ class StrictOriginMiddleware:
             if self.allowed_origins is not None
             else settings.CHAT_ALLOWED_ORIGINS
         )
-        if origin_allowed(_header(scope, b"origin"), allowed):
+        if origin_allowed(handshake_header(scope, b"origin"), allowed):
             return await self.inner(scope, receive, send)
         scope = dict(scope, client_ip=client_ip_from_scope(scope))
         runtime = get_runtime()

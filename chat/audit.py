@@ -33,6 +33,7 @@ from chat.models import (
     MessageLog,
     SecurityEvent,
 )
+from chat.protocol import handshake_header
 from chat.state import StateUnavailable
 
 logger = logging.getLogger("chat.audit")
@@ -651,13 +652,6 @@ def verify_chain() -> VerifyResult:
 security_logger = logging.getLogger("chat.security")
 
 
-def _header(scope, name: bytes) -> str:
-    for key, value in scope.get("headers", []):
-        if key == name:
-            return value.decode("latin1")
-    return ""
-
-
 class ConnectionAudit:
     """The audit record of one WebSocket connection attempt, from its decision to its close."""
 
@@ -666,8 +660,8 @@ class ConnectionAudit:
 
         self.id = uuid.uuid4()
         self.ip: str | None = scope.get("client_ip")
-        self.origin = _header(scope, b"origin")
-        self.user_agent = _header(scope, b"user-agent")
+        self.origin = handshake_header(scope, b"origin") or ""
+        self.user_agent = handshake_header(scope, b"user-agent") or ""
         self.room_slug = room_slug
         self.opened_at = timezone.now()
         self.decided = self.accepted = False

@@ -40,6 +40,14 @@ ERR_RATE_LIMITED = "rate_limited"
 ERR_UNAVAILABLE = "unavailable"
 
 
+def handshake_header(scope: dict[str, Any], name: bytes) -> str | None:
+    """The first value of a handshake header (`name` in lower case, as ASGI gives it), or None."""
+    for key, value in scope.get("headers", []):
+        if key == name:
+            return value.decode("latin1")
+    return None
+
+
 def chosen_subprotocol(scope: dict[str, Any]) -> str | None:
     """The subprotocol a socket is accepted with: ours if offered, never the ticket. A browser
     fails the handshake when the server picks nothing it offered, and an echoed ticket would sit

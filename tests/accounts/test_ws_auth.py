@@ -251,6 +251,19 @@ async def test_bad_origin_is_refused_with_http_403_before_the_ticket(alice, lobb
     assert (await ticket_state(token)).used_at is None
 
 
+async def test_second_origin_header_is_not_believed_and_the_first_is_recorded(alice, lobby):
+    # A browser sends one Origin; a forged handshake with two must not get its pick. The check
+    # and the audit row read the same (first) value.
+    token = await database_sync_to_async(make_ticket)(alice, lobby)
+    comm = communicator(
+        LOBBY, ticket=token, headers=[(b"origin", b"http://evil.example")], origin=ORIGIN
+    )
+    assert await comm.connect() == (False, 4403)
+    [row] = await audit_rows()
+    assert (row.reason, row.origin) == ("origin_denied", "http://evil.example")
+    assert (await ticket_state(token)).used_at is None
+
+
 @pytest.mark.parametrize(
     "origin", ["http://testserver", "HTTP://TESTSERVER", "http://testserver:80"]
 )
