@@ -239,3 +239,112 @@ async def test_a_posted_body_reaches_the_application_unparsed(
     assert seen.get("body") == body
     request = next(iter(server.connections))
     assert request.args == {}  # no form parsed into it
+
+
+# --- reading frames (chatproject/server.py) -------------------------------------------------------
+
+MASK = b"\x9a\x01\xfe\x33"
+
+
+def _masked(payload: bytes, mask: bytes = MASK) -> bytes:
+    """The payload as a client masks it (RFC 6455 5.3), computed byte by byte."""
+    return bytes(byte ^ mask[i % 4] for i, byte in enumerate(payload))
+
+
+def _client_frame(payload: bytes, *, opcode: int = 0x1, fin: bool = True) -> bytes:
+    size = len(payload)
+    if size < 126:
+        length = bytes([0x80 | size])
+    elif size < 65536:
+        length = bytes([0x80 | 126]) + size.to_bytes(2, "big")
+    else:
+        length = bytes([0x80 | 127]) + size.to_bytes(8, "big")
+    return bytes([(0x80 if fin else 0) | opcode]) + length + MASK + _masked(payload)
+
+
+@pytest.mark.parametrize("size", [0, 1, 3, 4, 5, 100, 1023, 1024, 1025, 5000])
+@pytest.mark.parametrize("cut", [0, 1, 2, 3, 7])
+def test_unmasking_matches_the_rfc_whatever_the_pieces(size, cut):
+    from autobahn.nvx._xormasker import create_xor_masker as autobahn_masker
+
+    from chatproject.server import SmallFrameUnmasker
+
+    payload = bytes(range(256)) * (size // 256 + 1)
+    payload = payload[:size]
+    masked = _masked(payload)
+    for masker in (SmallFrameUnmasker(MASK), autobahn_masker(MASK, size)):
+        head, tail = masked[: min(cut, size)], masked[min(cut, size) :]
+        out = masker.process(head) + masker.process(tail)
+        assert out == payload
+        assert masker.pointer() == size
+        masker.reset()
+        assert masker.pointer() == 0
+
+
+def _texts_received():
+    texts = []
+
+    async def application(scope, receive, send):
+        await receive()
+        await send({"type": "websocket.accept", "subprotocol": "chat.v1"})
+        while (message := await receive())["type"] == "websocket.receive":
+            texts.append(message["text"])
+
+    return texts, application
+
+
+async def _settle(texts, count: int):
+    for _ in range(200):
+        if len(texts) >= count:
+            return
+        await asyncio.sleep(0.005)
+
+
+async def test_frames_of_every_size_and_split_reach_the_application_intact(
+    tcp_server, daphne_server
+):
+    texts, application = _texts_received()
+    _, factory = daphne_server(application)
+    protocol = await _open(tcp_server, factory, _handshake("/ws/rooms/lobby/", ["chat.v1"]))
+    sent = ["", "é", "x" * 125, "€" * 400, "y" * 1024, "z" * 1025, "w" * 4000]
+    stream = b"".join(_client_frame(text.encode()) for text in sent)
+    # Fragmented: one message in three frames (text, continuation, final continuation).
+    stream += _client_frame(b"frag", fin=False) + _client_frame(b"ment", opcode=0, fin=False)
+    stream += _client_frame(b"ed", opcode=0)
+    sent.append("fragmented")
+    for at in range(0, len(stream), 97):  # reads that cut frames, headers and masks anywhere
+        protocol.dataReceived(stream[at : at + 97])
+    await _settle(texts, len(sent))
+    assert texts == sent
+
+
+async def test_message_observers_still_hear_every_message(tcp_server, daphne_server):
+    texts, application = _texts_received()
+    _, factory = daphne_server(application)
+    protocol = await _open(tcp_server, factory, _handshake("/ws/rooms/lobby/", ["chat.v1"]))
+    heard = []
+    protocol.on("message", lambda payload, is_binary: heard.append(payload))
+    protocol.dataReceived(_client_frame(b"one") + _client_frame(b"two"))
+    await _settle(texts, 2)
+    assert texts == ["one", "two"]
+    assert heard == [b"one", b"two"]
+
+
+@pytest.mark.parametrize("level", ["info", "debug"])
+async def test_autobahn_read_debug_line_is_made_only_when_logged(
+    tcp_server, daphne_server, monkeypatch, level
+):
+    import txaio
+
+    texts, application = _texts_received()
+    _, factory = daphne_server(application)
+    protocol = await _open(tcp_server, factory, _handshake("/ws/rooms/lobby/", ["chat.v1"]))
+    log = txaio.make_logger()
+    log.set_log_level(level)
+    monkeypatch.setattr(protocol, "log", log)
+    formatted = []
+    monkeypatch.setattr("autobahn.twisted.websocket.hltype", lambda f: formatted.append(f) or "")
+    protocol.dataReceived(_client_frame(b"hello"))
+    await _settle(texts, 1)
+    assert texts == ["hello"]
+    assert bool(formatted) is (level == "debug")
