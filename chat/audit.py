@@ -87,18 +87,25 @@ def canonical_value(value: Any) -> Any:
     return value
 
 
+# Built once: json.dumps() with options builds an encoder per call, and a link is hashed for
+# every audit row. The format is docs/audit.md's (tests/chat/test_audit_chain.py pins it).
+_CANONICAL = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"), sort_keys=True)
+
+
 def canonical_content(values: Iterable[Any]) -> str:
-    return json.dumps(
-        [canonical_value(v) for v in values],
-        ensure_ascii=False,
-        separators=(",", ":"),
-        sort_keys=True,
-    )
+    return _CANONICAL.encode([canonical_value(v) for v in values])
+
+
+@functools.lru_cache(maxsize=4)
+def _keyed_hmac(key: str) -> hmac.HMAC:
+    """The HMAC with the key already absorbed; each link hashes a copy."""
+    return hmac.new(key.encode(), digestmod=hashlib.sha256)
 
 
 def link_hash(prev_hash: str, seq: int, kind: str, content: str) -> str:
-    message = f"{prev_hash}|{seq}|{kind}|{content}".encode()
-    return hmac.new(settings.CHAT_AUDIT_HMAC_KEY.encode(), message, hashlib.sha256).hexdigest()
+    mac = _keyed_hmac(settings.CHAT_AUDIT_HMAC_KEY).copy()
+    mac.update(f"{prev_hash}|{seq}|{kind}|{content}".encode())
+    return mac.hexdigest()
 
 
 def row_content(row: ChainedRow | ConnectionLog, *, close: bool = False) -> str:

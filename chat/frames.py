@@ -7,9 +7,12 @@ from autobahn.websocket.protocol import PreparedMessage
 
 from chat.models import Message
 
+# One encoder for every frame: json.dumps() with options builds a new one per call.
+_ENCODER = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"))
+
 
 def dumps(data: dict[str, Any]) -> str:
-    return json.dumps(data, ensure_ascii=False, separators=(",", ":"))
+    return _ENCODER.encode(data)
 
 
 def prepared(text: str) -> PreparedMessage:

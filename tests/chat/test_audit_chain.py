@@ -1,6 +1,10 @@
 """The audit chain: each tampering is caught for the right reason, and pruning keeps it sound."""
 
-from datetime import timedelta
+import hashlib
+import hmac
+from datetime import datetime, timedelta
+from datetime import timezone as dt_timezone
+from uuid import UUID
 
 import pytest
 import time_machine
@@ -517,3 +521,36 @@ def test_every_address_hashes_as_the_database_stores_it(given, stored):
     log_connection(ip=given)
     assert set(SecurityEvent.objects.values_list("ip", flat=True)) == {stored}
     assert audit.verify_chain().ok
+
+
+# --- the link format (docs/audit.md): rows hashed by an earlier version must still verify -------
+
+GOLDEN_KEY = "golden-test-key-not-a-secret-0123456789"
+
+
+@override_settings(CHAT_AUDIT_HMAC_KEY=GOLDEN_KEY)
+def test_link_format_is_the_documented_one():
+    values = [
+        datetime(2026, 12, 6, 7, 8, 9, 123456, tzinfo=dt_timezone(timedelta(hours=2))),
+        UUID("12345678-1234-5678-1234-567812345678"),
+        'é"x',
+        None,
+        42,
+        {"b": 1, "a": [1, "z"]},
+        True,
+    ]
+    content = audit.canonical_content(values)
+    # UTC to the microsecond, ids as strings, no ASCII escaping, no spaces, sorted keys.
+    assert content == (
+        '["2026-12-06T05:08:09.123456+00:00","12345678-1234-5678-1234-567812345678",'
+        '"é\\"x",null,42,{"a":[1,"z"],"b":1},true]'
+    )
+    prev = "ab" * 32
+    expected = hmac.new(
+        GOLDEN_KEY.encode(), f"{prev}|7|message|{content}".encode(), hashlib.sha256
+    ).hexdigest()
+    assert audit.link_hash(prev, 7, "message", content) == expected
+    # Twice in a row, and under another key: nothing is carried over from an earlier call.
+    assert audit.link_hash(prev, 7, "message", content) == expected
+    with override_settings(CHAT_AUDIT_HMAC_KEY=GOLDEN_KEY + "-other"):
+        assert audit.link_hash(prev, 7, "message", content) != expected
