@@ -8,6 +8,7 @@ import logging
 import pprint
 import time
 from functools import partial
+from typing import Any
 
 # Not the reactor: importing these installs none (daphne installs asyncio's before it starts).
 from twisted.internet import tcp
@@ -33,7 +34,10 @@ def install_daphne_fixes() -> type:
       with a close frame.
     - Fan-out: send_prepared() writes a frame the hub framed once (autobahn's PreparedMessage)
       straight to the transport, instead of one ASGI message, one UTF-8 encoding and one framing
-      per recipient.
+      per recipient. What a turn of the event loop writes to one socket (an ack and the
+      broadcast of the sender's own message, a room's messages from one batch) leaves in one
+      send() at the end of the turn (Corks); anything that closes the connection or writes the
+      ordinary way sends it first.
     - Slow readers: Twisted buffers every write without limit, so a client that stops reading in
       a busy room would grow the server's memory forever. A push producer on each transport
       learns when its buffer is full; a socket still backed up after CHAT_SLOW_CLIENT_TIMEOUT
@@ -191,13 +195,40 @@ def install_daphne_fixes() -> type:
                 or self.logOctets
                 or self.state != self.STATE_OPEN
             ):
+                self._uncork()  # what this turn wrote goes first
                 super().sendData(data, sync, chopsize)
                 return
             self._write(data)
             self.trafficStats.outgoingOctetsWireLevel += len(data)
 
         def _write(self, data: bytes) -> bool:
-            """Write now if the socket takes it, as asyncio's transports do; False if closed.
+            """Write at the end of this turn of the event loop, with whatever else this turn
+            writes to the socket, in one send() (see Corks); or through Twisted, in order,
+            where writing to the socket itself would not be safe (_writes_directly)."""
+            corked = CORKS.frames.get(self)
+            if corked is not None:
+                corked.append(data)
+            elif _writes_directly(self.transport):
+                CORKS.add(self, data)
+            else:
+                self.transport.write(data)
+            return True
+
+        def _uncork(self) -> None:
+            chunks = CORKS.frames.pop(self, None)
+            if chunks:
+                self._send_now(chunks[0] if len(chunks) == 1 else b"".join(chunks))
+
+        def _closeConnection(self, abort=False):  # autobahn's name
+            self._uncork()  # a close frame, or anything before it, must not stay behind
+            super()._closeConnection(abort)
+
+        def connectionLost(self, reason):  # Twisted's name
+            CORKS.frames.pop(self, None)
+            super().connectionLost(reason)
+
+        def _send_now(self, data: bytes) -> None:
+            """Write now if the socket takes it, as asyncio's transports do.
 
             Twisted's write() registers the fd for writability, writes on the next loop turn
             and unregisters it: two epoll_ctl calls and a callback per frame, the bulk of a
@@ -213,13 +244,12 @@ def install_daphne_fixes() -> type:
                     # As Twisted's own writeSomeData: no buffer space means "later", anything
                     # else means the connection is going, which Twisted will notice.
                     if error.errno != errno.ENOBUFS:
-                        return False
+                        return
                     sent = 0
                 if sent == len(data):
-                    return True
+                    return
                 data = data[sent:]
             transport.write(data)  # Twisted queues the rest, in order
-            return True
 
         def serverSend(self, content, binary=False):
             if self.watch is not None:
@@ -323,6 +353,43 @@ def install_daphne_fixes() -> type:
 
     ChatWebSocketFactory.server_to_run = ChatServer
     return ChatServer
+
+
+class Corks:
+    """The sockets written to in this turn of the event loop, sent to at its end.
+
+    An ack and the broadcast of the sender's own message, or a room's several messages from
+    one batch, reach a socket in the same turn; one send() for all of them instead of one per
+    frame (a loopback send costs about as much as framing and writing the frame). The frames
+    leave before the loop next waits for events, so no frame waits for another's arrival.
+    """
+
+    def __init__(self) -> None:
+        self.loop: asyncio.AbstractEventLoop | None = None
+        # Socket -> its frames, in the order written. Kept here, not on the socket: an idle
+        # socket's memory is a target (docs/performance.md).
+        self.frames: dict[Any, list[bytes]] = {}
+
+    def add(self, protocol, data: bytes) -> None:
+        loop = asyncio.get_running_loop()
+        if loop is not self.loop:  # first use, or a new loop (tests run several)
+            self.loop, self.frames = loop, {}
+        if not self.frames:
+            loop.call_soon(self.flush, loop)
+        self.frames[protocol] = [data]
+
+    def flush(self, loop) -> None:
+        if loop is not self.loop:
+            return  # scheduled on an earlier loop; the current one has its own
+        while self.frames:
+            protocol = next(iter(self.frames))
+            try:
+                protocol._uncork()  # takes it out of self.frames first
+            except Exception:
+                logger.exception("writing to %s failed", getattr(protocol, "client_addr", "?"))
+
+
+CORKS = Corks()
 
 
 # Up to this many payload bytes, unmasking with Python's integers beats autobahn's cffi masker

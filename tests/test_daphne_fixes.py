@@ -1,6 +1,7 @@
 """chatproject/server.py's direct socket write is taken only where it cannot corrupt the stream."""
 
 import asyncio
+import contextlib
 import socket
 
 import pytest
@@ -29,6 +30,7 @@ def tcp_server():
         ours.setblocking(False)
         transport = tcp.Server(ours, app, ("127.0.0.1", 1), None, 1, reactor)
         transport.repstr = "<test connection>"  # set by the listening port when it accepts
+        transport.test_peer = theirs  # the client's end, for tests that read what was sent
         made.append((transport, ours, theirs))
         app.makeConnection(transport)
         return transport
@@ -348,3 +350,107 @@ async def test_autobahn_read_debug_line_is_made_only_when_logged(
     await _settle(texts, 1)
     assert texts == ["hello"]
     assert bool(formatted) is (level == "debug")
+
+
+# --- writing frames: one send() per socket per turn of the loop (chatproject/server.py) ----------
+
+
+class SendRecorder:
+    """A socket whose send() calls are recorded; everything else is the real socket's."""
+
+    def __init__(self, real: socket.socket) -> None:
+        self.real, self.sends = real, []
+
+    def send(self, data: bytes) -> int:
+        self.sends.append(bytes(data))
+        return self.real.send(data)
+
+    def __getattr__(self, name):
+        return getattr(self.real, name)
+
+
+async def _open_recorded(tcp_server, daphne_server):
+    _, factory = daphne_server(accepting)
+    protocol = await _open(tcp_server, factory, _handshake("/ws/rooms/lobby/", ["chat.v1"]))
+    # The harness's reactor does not drive this socket: push the handshake's answer out of
+    # Twisted's buffer, as the reactor would once the socket is writable.
+    protocol.transport.doWrite()
+    assert _writes_directly(protocol.transport)
+    peer = protocol.transport.test_peer
+    peer.setblocking(False)
+    with contextlib.suppress(BlockingIOError):
+        peer.recv(65536)  # the 101 answer
+    recorder = SendRecorder(protocol.transport.socket)
+    protocol.transport.socket = recorder
+    return protocol, recorder, peer
+
+
+def _frame(text: str) -> bytes:
+    from chat import frames
+
+    return frames.prepared(text).payloadHybi
+
+
+async def _read(peer, size: int) -> bytes:
+    got = b""
+    for _ in range(200):
+        with contextlib.suppress(BlockingIOError):
+            got += peer.recv(65536)
+        if len(got) >= size:
+            return got
+        await asyncio.sleep(0.005)
+    return got
+
+
+async def test_frames_written_in_one_turn_leave_in_one_send_in_order(tcp_server, daphne_server):
+    from chat import frames
+
+    protocol, recorder, peer = await _open_recorded(tcp_server, daphne_server)
+    assert protocol.send_prepared(frames.prepared("ack"))
+    assert protocol.send_prepared(frames.prepared("message"))
+    protocol.sendMessage(b"through autobahn")  # daphne's path for an ASGI send
+    assert recorder.sends == []  # not before the turn ends
+    await asyncio.sleep(0)
+    await asyncio.sleep(0)
+    expected = _frame("ack") + _frame("message") + _frame("through autobahn")
+    assert recorder.sends == [expected]
+    assert await _read(peer, len(expected)) == expected
+
+
+async def test_corked_frames_go_before_a_frame_autobahn_sends_its_own_way(
+    tcp_server, daphne_server
+):
+    from chat import frames
+
+    protocol, _, peer = await _open_recorded(tcp_server, daphne_server)
+    assert protocol.send_prepared(frames.prepared("first"))
+    protocol.sendData(_frame("second"), sync=True)  # autobahn's queue, then Twisted's buffer
+    protocol.transport.doWrite()  # as the reactor would, before the turn ends
+    expected = _frame("first") + _frame("second")
+    assert await _read(peer, len(expected)) == expected
+
+
+async def test_corked_frames_are_sent_before_the_connection_is_closed(tcp_server, daphne_server):
+    from chat import frames
+
+    protocol, _, peer = await _open_recorded(tcp_server, daphne_server)
+    assert protocol.send_prepared(frames.prepared("last words"))
+    protocol.dropConnection(abort=False)  # in the same turn: the frame must not be lost
+    assert await _read(peer, len(_frame("last words"))) == _frame("last words")
+
+
+async def test_a_lost_connection_leaves_nothing_corked(tcp_server, daphne_server):
+    from twisted.internet.error import ConnectionDone
+    from twisted.python.failure import Failure
+
+    from chat import frames
+    from chatproject.server import CORKS
+
+    protocol, recorder, _ = await _open_recorded(tcp_server, daphne_server)
+    assert protocol.send_prepared(frames.prepared("never sent"))
+    assert protocol in CORKS.frames
+    protocol.connectionLost(Failure(ConnectionDone()))
+    assert protocol not in CORKS.frames
+    await asyncio.sleep(0)
+    await asyncio.sleep(0)
+    assert recorder.sends == []
