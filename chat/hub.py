@@ -42,8 +42,9 @@ class Socket(Protocol):
     socket_id: str
     sent: int
     closing: bool
-    # Writes a frame prepared once for many sockets; None where the server offers no such path.
-    fast_send: Callable[[Any], bool] | None
+    # Writes a frame prepared once for many sockets (the flag: more frames follow in this turn
+    # of the loop, send them together); None where the server offers no such path.
+    fast_send: Callable[[Any, bool], bool] | None
     room_id: int
     user_id: int
     username: str
@@ -281,8 +282,10 @@ class Hub:
     async def _on_room_event(self, feed: RoomFeed, event: dict[str, Any]) -> None:
         kind = event["type"]
         if kind == "hub.messages":
-            for seq, text in event["items"]:
-                await self._on_message(feed, seq, text)
+            items = event["items"]
+            for seq, text in items:
+                # Several messages to each socket in this turn: corked, one send() each.
+                await self._on_message(feed, seq, text, cork=len(items) > 1)
             if "ts" in event:
                 metrics.DELIVERY_LATENCY.observe(max(0.0, time.time() - event["ts"]))
         elif kind == "hub.frame":
@@ -296,12 +299,12 @@ class Hub:
             for sock in list(feed.sockets.values()):
                 await sock.on_control(event)
 
-    async def _on_message(self, feed: RoomFeed, seq: int, text: str) -> None:
+    async def _on_message(self, feed: RoomFeed, seq: int, text: str, *, cork: bool = False) -> None:
         if seq <= feed.delivered or seq in feed.pending:
             return
         if seq == feed.delivered + 1 and not feed.filling:
             feed.delivered = seq
-            await self._send_all(feed, text)
+            await self._send_all(feed, text, cork=cork)
             await self._drain_pending(feed)
             return
         feed.pending[seq] = text
@@ -317,7 +320,7 @@ class Hub:
             del feed.pending[seq]
         while feed.delivered + 1 in feed.pending:
             feed.delivered += 1
-            await self._send_all(feed, feed.pending.pop(feed.delivered))
+            await self._send_all(feed, feed.pending.pop(feed.delivered), cork=True)
         if not feed.pending and feed.gap_timer is not None:
             feed.gap_timer.cancel()
             feed.gap_timer = None
@@ -341,7 +344,7 @@ class Hub:
             for seq, text in missing:
                 if seq == feed.delivered + 1:
                     feed.delivered = seq
-                    await self._send_all(feed, text)
+                    await self._send_all(feed, text, cork=True)
             if feed.delivered < upto:
                 # Numbers that never committed cannot exist (seq is gap-free), so this is a
                 # message deleted from the database by hand; skip it rather than stall the room.
@@ -363,8 +366,10 @@ class Hub:
         text: str,
         *,
         exclude_user: int | None = None,
+        cork: bool = False,
     ) -> None:
-        """Write one frame to the room's ready sockets: serialized once, framed once."""
+        """Write one frame to the room's ready sockets: serialized once, framed once; with
+        `cork`, sent with the frames that follow it in this turn (chatproject/server.py)."""
         prepared = None
         sent = 0
         for sock in list(feed.sockets.values()):
@@ -374,7 +379,7 @@ class Hub:
                 if sock.fast_send is not None:
                     if prepared is None:
                         prepared = frames.prepared(text)
-                    if sock.fast_send(prepared):
+                    if sock.fast_send(prepared, cork):
                         sock.sent += 1
                         sent += 1
                     continue

@@ -34,10 +34,9 @@ def install_daphne_fixes() -> type:
       with a close frame.
     - Fan-out: send_prepared() writes a frame the hub framed once (autobahn's PreparedMessage)
       straight to the transport, instead of one ASGI message, one UTF-8 encoding and one framing
-      per recipient. What a turn of the event loop writes to one socket (an ack and the
-      broadcast of the sender's own message, a room's messages from one batch) leaves in one
-      send() at the end of the turn (Corks); anything that closes the connection or writes the
-      ordinary way sends it first.
+      per recipient. Frames a turn of the event loop writes to one socket in a row (a batch's
+      acks, a room's messages from one batch) can leave in one send() at the end of the turn
+      (Corks); anything that closes the connection or writes the ordinary way sends them first.
     - Slow readers: Twisted buffers every write without limit, so a client that stops reading in
       a busy room would grow the server's memory forever. A push producer on each transport
       learns when its buffer is full; a socket still backed up after CHAT_SLOW_CLIENT_TIMEOUT
@@ -167,8 +166,12 @@ def install_daphne_fixes() -> type:
                 self.watch.stopProducing()
             super().onClose(wasClean, CLOSE_SLOW_READER if self.dropped_as_slow else code, reason)
 
-        def send_prepared(self, prepared) -> bool:
-            """Write a frame framed once for many sockets (the hub's fan-out); False if closed."""
+        def send_prepared(self, prepared, cork: bool = False) -> bool:
+            """Write a frame framed once for many sockets (the hub's fan-out); False if closed.
+
+            `cork`: more frames for this socket are likely to follow in this turn of the event
+            loop (a batch's acks, a room's several messages): send them together at its end.
+            """
             if self.state != self.STATE_OPEN:
                 return False
             data = prepared.payloadHybi
@@ -180,7 +183,7 @@ def install_daphne_fixes() -> type:
                 # Compression, or autobahn has queued frames of its own: its path keeps order.
                 self.sendPreparedMessage(prepared)
                 return True
-            return self._write(data)
+            return self._write(data, cork)
 
         def sendData(self, data, sync=False, chopsize=None):  # autobahn's name
             """Frames written the ordinary way: closes, pings and pongs, and anything sent
@@ -201,13 +204,16 @@ def install_daphne_fixes() -> type:
             self._write(data)
             self.trafficStats.outgoingOctetsWireLevel += len(data)
 
-        def _write(self, data: bytes) -> bool:
-            """Write at the end of this turn of the event loop, with whatever else this turn
-            writes to the socket, in one send() (see Corks); or through Twisted, in order,
-            where writing to the socket itself would not be safe (_writes_directly)."""
+        def _write(self, data: bytes, cork: bool = False) -> bool:
+            """Write now, or with `cork` at the end of this turn of the event loop together
+            with what else this turn writes to the socket (see Corks); behind anything already
+            corked, in order; through Twisted where writing to the socket itself would not be
+            safe (_writes_directly)."""
             corked = CORKS.frames.get(self)
             if corked is not None:
                 corked.append(data)
+            elif not cork:
+                self._send_now(data)
             elif _writes_directly(self.transport):
                 CORKS.add(self, data)
             else:
@@ -217,7 +223,7 @@ def install_daphne_fixes() -> type:
         def _uncork(self) -> None:
             chunks = CORKS.frames.pop(self, None)
             if chunks:
-                self._send_now(chunks[0] if len(chunks) == 1 else b"".join(chunks))
+                self._send_now(b"".join(chunks))
 
         def _closeConnection(self, abort=False):  # autobahn's name
             self._uncork()  # a close frame, or anything before it, must not stay behind
@@ -356,12 +362,14 @@ def install_daphne_fixes() -> type:
 
 
 class Corks:
-    """The sockets written to in this turn of the event loop, sent to at its end.
+    """Sockets with frames corked in this turn of the event loop, sent to at its end.
 
-    An ack and the broadcast of the sender's own message, or a room's several messages from
-    one batch, reach a socket in the same turn; one send() for all of them instead of one per
-    frame (a loopback send costs about as much as framing and writing the frame). The frames
-    leave before the loop next waits for events, so no frame waits for another's arrival.
+    A batch's acks to one sender, or a room's several messages from one batch, reach a socket
+    in the same turn: one send() for all of them instead of one per frame (a loopback send
+    costs about as much as framing and writing the frame). The writer that knows more frames
+    will follow asks for it (`cork`); a lone frame to each of a room's sockets goes at once,
+    since keeping it costs more than it saves. Corked frames leave before the loop next waits
+    for events, so no frame waits for another's arrival.
     """
 
     def __init__(self) -> None:
@@ -371,7 +379,11 @@ class Corks:
         self.frames: dict[Any, list[bytes]] = {}
 
     def add(self, protocol, data: bytes) -> None:
-        loop = asyncio.get_running_loop()
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:  # no loop turn to wait for (a write at shutdown): now
+            protocol._send_now(data)
+            return
         if loop is not self.loop:  # first use, or a new loop (tests run several)
             self.loop, self.frames = loop, {}
         if not self.frames:
@@ -381,10 +393,12 @@ class Corks:
     def flush(self, loop) -> None:
         if loop is not self.loop:
             return  # scheduled on an earlier loop; the current one has its own
-        while self.frames:
-            protocol = next(iter(self.frames))
+        # Sending runs no other socket's code, so nothing is corked meanwhile; if something
+        # were, it would find the dict empty and schedule its own flush.
+        frames, self.frames = self.frames, {}
+        for protocol, chunks in frames.items():
             try:
-                protocol._uncork()  # takes it out of self.frames first
+                protocol._send_now(chunks[0] if len(chunks) == 1 else b"".join(chunks))
             except Exception:
                 logger.exception("writing to %s failed", getattr(protocol, "client_addr", "?"))
 

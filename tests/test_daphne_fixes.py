@@ -406,8 +406,8 @@ async def test_frames_written_in_one_turn_leave_in_one_send_in_order(tcp_server,
     from chat import frames
 
     protocol, recorder, peer = await _open_recorded(tcp_server, daphne_server)
-    assert protocol.send_prepared(frames.prepared("ack"))
-    assert protocol.send_prepared(frames.prepared("message"))
+    assert protocol.send_prepared(frames.prepared("ack"), cork=True)
+    assert protocol.send_prepared(frames.prepared("message"))  # behind the corked one
     protocol.sendMessage(b"through autobahn")  # daphne's path for an ASGI send
     assert recorder.sends == []  # not before the turn ends
     await asyncio.sleep(0)
@@ -423,7 +423,7 @@ async def test_corked_frames_go_before_a_frame_autobahn_sends_its_own_way(
     from chat import frames
 
     protocol, _, peer = await _open_recorded(tcp_server, daphne_server)
-    assert protocol.send_prepared(frames.prepared("first"))
+    assert protocol.send_prepared(frames.prepared("first"), cork=True)
     protocol.sendData(_frame("second"), sync=True)  # autobahn's queue, then Twisted's buffer
     protocol.transport.doWrite()  # as the reactor would, before the turn ends
     expected = _frame("first") + _frame("second")
@@ -434,7 +434,7 @@ async def test_corked_frames_are_sent_before_the_connection_is_closed(tcp_server
     from chat import frames
 
     protocol, _, peer = await _open_recorded(tcp_server, daphne_server)
-    assert protocol.send_prepared(frames.prepared("last words"))
+    assert protocol.send_prepared(frames.prepared("last words"), cork=True)
     protocol.dropConnection(abort=False)  # in the same turn: the frame must not be lost
     assert await _read(peer, len(_frame("last words"))) == _frame("last words")
 
@@ -447,10 +447,34 @@ async def test_a_lost_connection_leaves_nothing_corked(tcp_server, daphne_server
     from chatproject.server import CORKS
 
     protocol, recorder, _ = await _open_recorded(tcp_server, daphne_server)
-    assert protocol.send_prepared(frames.prepared("never sent"))
+    assert protocol.send_prepared(frames.prepared("never sent"), cork=True)
     assert protocol in CORKS.frames
     protocol.connectionLost(Failure(ConnectionDone()))
     assert protocol not in CORKS.frames
     await asyncio.sleep(0)
     await asyncio.sleep(0)
     assert recorder.sends == []
+
+
+async def test_a_frame_not_corked_leaves_at_once(tcp_server, daphne_server):
+    from chat import frames
+
+    protocol, recorder, _ = await _open_recorded(tcp_server, daphne_server)
+    assert protocol.send_prepared(frames.prepared("alone"))
+    assert recorder.sends == [_frame("alone")]
+
+
+def test_a_write_with_no_event_loop_running_is_sent_at_once():
+    from chatproject.server import Corks
+
+    class Protocol:
+        def __init__(self):
+            self.sent = []
+
+        def _send_now(self, data):
+            self.sent.append(data)
+
+    corks, protocol = Corks(), Protocol()
+    corks.add(protocol, b"frame")
+    assert protocol.sent == [b"frame"]
+    assert corks.frames == {}
