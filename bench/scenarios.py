@@ -437,6 +437,7 @@ async def _handshake_halves(stage: Stage, specs: list[dict], per_worker: int) ->
         started = time.perf_counter()
         await asyncio.gather(*(post(i) for i in range(workers)))
         post_elapsed = time.perf_counter() - started
+        await asyncio.sleep(1.0)  # as for the connects: nothing of the POSTs left for them
     issued = sum(map(len, tickets))
     with Window(stage) as connects:
         started = time.perf_counter()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import errno
 import logging
 import pprint
@@ -226,8 +227,10 @@ def install_daphne_fixes() -> type:
                 self._send_now(b"".join(chunks))
 
         def _closeConnection(self, abort=False):  # autobahn's name
-            self._uncork()  # a close frame, or anything before it, must not stay behind
-            super()._closeConnection(abort)
+            try:
+                self._uncork()  # a close frame, or anything before it, must not stay behind
+            finally:
+                super()._closeConnection(abort)
 
         def connectionLost(self, reason):  # Twisted's name
             CORKS.frames.pop(self, None)
@@ -318,6 +321,8 @@ def install_daphne_fixes() -> type:
             }
             self.protocol = type(base.__name__, (base,), options)
 
+    # Twisted closes every socket at shutdown: what this turn corked goes out first.
+    reactor.addSystemEventTrigger("before", "shutdown", CORKS.flush_now)
     # autobahn pretty-prints those options for a debug line at every connection, logging on or
     # off; format them only if the line is written.
     autobahn_protocol.pformat = _LazyPformat
@@ -366,10 +371,11 @@ class Corks:
 
     A batch's acks to one sender, or a room's several messages from one batch, reach a socket
     in the same turn: one send() for all of them instead of one per frame (a loopback send
-    costs about as much as framing and writing the frame). The writer that knows more frames
-    will follow asks for it (`cork`); a lone frame to each of a room's sockets goes at once,
-    since keeping it costs more than it saves. Corked frames leave before the loop next waits
-    for events, so no frame waits for another's arrival.
+    costs about as much as framing and writing the frame). A writer asks for it (`cork`): the
+    consumer for every frame it writes (acks, errors, hello, history), the hub for a room's
+    multi-message batches and gap fills; a lone message to each of a room's sockets goes at
+    once, since keeping it costs more than it saves. Corked frames leave before the loop next
+    waits for events, so no frame waits for another's arrival.
     """
 
     def __init__(self) -> None:
@@ -385,14 +391,18 @@ class Corks:
             protocol._send_now(data)
             return
         if loop is not self.loop:  # first use, or a new loop (tests run several)
-            self.loop, self.frames = loop, {}
+            self.flush_now()  # anything the earlier loop left, not dropped
+            self.loop = loop
         if not self.frames:
             loop.call_soon(self.flush, loop)
         self.frames[protocol] = [data]
 
     def flush(self, loop) -> None:
-        if loop is not self.loop:
-            return  # scheduled on an earlier loop; the current one has its own
+        if loop is self.loop:  # else scheduled on an earlier loop, flushed when it changed
+            self.flush_now()
+
+    def flush_now(self) -> None:
+        """Send everything corked. Also at shutdown, before Twisted closes the sockets."""
         # Sending runs no other socket's code, so nothing is corked meanwhile; if something
         # were, it would find the dict empty and schedule its own flush.
         frames, self.frames = self.frames, {}
@@ -400,7 +410,11 @@ class Corks:
             try:
                 protocol._send_now(chunks[0] if len(chunks) == 1 else b"".join(chunks))
             except Exception:
+                # Frames lost on an open socket would leave its client with a silent gap:
+                # close it, and the client reconnects and resumes from its last seq.
                 logger.exception("writing to %s failed", getattr(protocol, "client_addr", "?"))
+                with contextlib.suppress(Exception):
+                    protocol.dropConnection(abort=True)
 
 
 CORKS = Corks()

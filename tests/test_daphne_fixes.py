@@ -267,7 +267,7 @@ def _client_frame(payload: bytes, *, opcode: int = 0x1, fin: bool = True) -> byt
 @pytest.mark.parametrize("size", [0, 1, 3, 4, 5, 100, 1023, 1024, 1025, 5000])
 @pytest.mark.parametrize("cut", [0, 1, 2, 3, 7])
 def test_unmasking_matches_the_rfc_whatever_the_pieces(size, cut):
-    from autobahn.nvx._xormasker import create_xor_masker as autobahn_masker
+    from autobahn.websocket.xormasker import create_xor_masker as autobahn_masker
 
     from chatproject.server import SmallFrameUnmasker
 
@@ -281,6 +281,19 @@ def test_unmasking_matches_the_rfc_whatever_the_pieces(size, cut):
         assert masker.pointer() == size
         masker.reset()
         assert masker.pointer() == 0
+
+
+def test_frames_up_to_1_kb_are_unmasked_by_ours_and_longer_ones_by_autobahn():
+    from autobahn.websocket import protocol as autobahn_protocol
+
+    from chatproject.server import SmallFrameUnmasker, install_daphne_fixes
+
+    install_daphne_fixes()
+    make = autobahn_protocol.create_xor_masker  # what autobahn's frame parser calls
+    assert isinstance(make(MASK, 0), SmallFrameUnmasker)
+    assert isinstance(make(MASK, 1024), SmallFrameUnmasker)
+    assert not isinstance(make(MASK, 1025), SmallFrameUnmasker)
+    assert not isinstance(make(MASK, None), SmallFrameUnmasker)
 
 
 def _texts_received():
@@ -430,16 +443,37 @@ async def test_corked_frames_go_before_a_frame_autobahn_sends_its_own_way(
     assert await _read(peer, len(expected)) == expected
 
 
-async def test_corked_frames_are_sent_before_the_connection_is_closed(tcp_server, daphne_server):
+@pytest.mark.parametrize("abort", [False, True])
+async def test_corked_frames_are_sent_before_the_connection_is_dropped(
+    tcp_server, daphne_server, abort
+):
     from chat import frames
 
-    protocol, _, peer = await _open_recorded(tcp_server, daphne_server)
+    protocol, recorder, peer = await _open_recorded(tcp_server, daphne_server)
     assert protocol.send_prepared(frames.prepared("last words"), cork=True)
-    protocol.dropConnection(abort=False)  # in the same turn: the frame must not be lost
+    protocol.dropConnection(abort=abort)  # in the same turn: sent before the socket closes
+    assert recorder.sends == [_frame("last words")]
     assert await _read(peer, len(_frame("last words"))) == _frame("last words")
 
 
-async def test_a_lost_connection_leaves_nothing_corked(tcp_server, daphne_server):
+async def test_corked_frames_go_before_the_close_frame_of_an_application_close(
+    tcp_server, daphne_server
+):
+    from chat import frames
+
+    protocol, recorder, peer = await _open_recorded(tcp_server, daphne_server)
+    assert protocol.send_prepared(frames.prepared("bye"), cork=True)
+    protocol.handle_reply({"type": "websocket.close", "code": 4403, "reason": "forbidden"})
+    await asyncio.sleep(0)
+    await asyncio.sleep(0)
+    close = b"\x88" + bytes([2 + len(b"forbidden")]) + (4403).to_bytes(2, "big") + b"forbidden"
+    assert b"".join(recorder.sends) == _frame("bye") + close
+    assert await _read(peer, len(_frame("bye") + close)) == _frame("bye") + close
+
+
+async def test_a_lost_connection_keeps_no_corked_frames_in_memory(tcp_server, daphne_server):
+    # Memory, not delivery: a lost connection's frames cannot be sent anyway; they must not
+    # stay in the process-wide dict, holding the protocol.
     from twisted.internet.error import ConnectionDone
     from twisted.python.failure import Failure
 
@@ -477,4 +511,33 @@ def test_a_write_with_no_event_loop_running_is_sent_at_once():
     corks, protocol = Corks(), Protocol()
     corks.add(protocol, b"frame")
     assert protocol.sent == [b"frame"]
+    assert corks.frames == {}
+
+
+async def test_a_socket_whose_corked_frames_cannot_be_written_is_dropped():
+    # Its client would otherwise miss frames without knowing; dropped, it reconnects and
+    # resumes from its last seq.
+    from chatproject.server import Corks
+
+    class Protocol:
+        client_addr = ["127.0.0.1", 1]
+
+        def __init__(self, fails: bool):
+            self.fails, self.sent, self.dropped = fails, [], None
+
+        def _send_now(self, data):
+            if self.fails:
+                raise RuntimeError("the transport refused")
+            self.sent.append(data)
+
+        def dropConnection(self, abort=False):
+            self.dropped = abort
+
+    corks, broken, fine = Corks(), Protocol(fails=True), Protocol(fails=False)
+    corks.add(broken, b"a")
+    corks.add(fine, b"b")
+    corks.frames[fine].append(b"c")
+    await asyncio.sleep(0)
+    assert broken.dropped is True
+    assert (fine.sent, fine.dropped) == ([b"bc"], None)
     assert corks.frames == {}

@@ -252,8 +252,9 @@ async def test_bad_origin_is_refused_with_http_403_before_the_ticket(alice, lobb
 
 
 async def test_second_origin_header_is_not_believed_and_the_first_is_recorded(alice, lobby):
-    # A browser sends one Origin; a forged handshake with two must not get its pick. The check
-    # and the audit row read the same (first) value.
+    # A browser sends one Origin. Under daphne, autobahn joins repeated headers into one value
+    # (which then matches no origin); an ASGI server that passes them on as they came must not
+    # let the second win. The check and the audit row read the same (first) value.
     token = await database_sync_to_async(make_ticket)(alice, lobby)
     comm = communicator(
         LOBBY, ticket=token, headers=[(b"origin", b"http://evil.example")], origin=ORIGIN

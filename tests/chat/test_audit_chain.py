@@ -549,6 +549,8 @@ def test_link_format_is_the_documented_one():
     expected = hmac.new(
         GOLDEN_KEY.encode(), f"{prev}|7|message|{content}".encode(), hashlib.sha256
     ).hexdigest()
+    # What the implementation before this test computed, pinned.
+    assert expected == "14b0151ee74722a33231a1feeacb4e3e204f96c84536b91d49ea6b5cfb8df61c"
     assert audit.link_hash(prev, 7, "message", content) == expected
     # Twice in a row, and under another key: nothing is carried over from an earlier call.
     assert audit.link_hash(prev, 7, "message", content) == expected

@@ -11,24 +11,13 @@ from tests.e2e.server import ROOT
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 
 
-def test_bench_quick_broadcast_delivers_everything_once(tmp_path):
+def _quick_bench(tmp_path, *args: str) -> dict:
+    """Run `python -m bench --quick` against the chat; its results."""
     result = subprocess.run(
         [
-            sys.executable,
-            "-m",
-            "bench",
-            "--quick",
-            "--scenario",
-            "broadcast",
-            "--targets",
-            "chat",
-            "--rates",
-            "300",
-            "--duration",
-            "1",
-            "--results-dir",
-            str(tmp_path),
-            "--no-docs",
+            *(sys.executable, "-m", "bench", "--quick", "--targets", "chat"),
+            *args,
+            *("--results-dir", str(tmp_path), "--no-docs"),
         ],
         cwd=ROOT,
         capture_output=True,
@@ -38,7 +27,12 @@ def test_bench_quick_broadcast_delivers_everything_once(tmp_path):
     )
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
     (path,) = tmp_path.glob("bench-*.json")
-    points = json.loads(path.read_text())["results"]["broadcast"]["chat"]["points"]
+    return json.loads(path.read_text())["results"]
+
+
+def test_bench_quick_broadcast_delivers_everything_once(tmp_path):
+    results = _quick_bench(tmp_path, "--scenario", "broadcast", "--rates", "300", "--duration", "1")
+    points = results["broadcast"]["chat"]["points"]
     assert points
     for point in points:
         assert point["lost"] == 0
@@ -48,29 +42,7 @@ def test_bench_quick_broadcast_delivers_everything_once(tmp_path):
 
 
 def test_bench_quick_handshakes_measures_the_ticket_and_the_connect_apart(tmp_path):
-    result = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "bench",
-            "--quick",
-            "--scenario",
-            "handshakes",
-            "--targets",
-            "chat",
-            "--results-dir",
-            str(tmp_path),
-            "--no-docs",
-        ],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=90,
-        check=False,
-    )
-    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
-    (path,) = tmp_path.glob("bench-*.json")
-    figures = json.loads(path.read_text())["results"]["handshakes"]["chat"]
+    figures = _quick_bench(tmp_path, "--scenario", "handshakes")["handshakes"]["chat"]
     assert figures["failed"] == {}
     assert figures["completed"] == figures["attempted"] == 40
     apart = figures["apart"]
