@@ -460,7 +460,7 @@ class RoomConsumer(AsyncWebsocketConsumer):
         # hub's fan-out writes, instead of an ASGI message through daphne and autobahn's
         # per-frame path. Writes stay in call order either way; a socket that is not open
         # (before accept, while closing) takes daphne's path, which knows what to do then.
-        # Corked: a batch's acks to this socket, and its history pages, go in one send().
+        # Corked (chatproject/server.py Corks): a batch's acks to this socket go in one send().
         if self.fast_send is not None and self.fast_send(frames.prepared(text), True):
             return
         await self.base_send({"type": "websocket.send", "text": text})

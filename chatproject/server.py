@@ -184,7 +184,8 @@ def install_daphne_fixes() -> type:
                 # Compression, or autobahn has queued frames of its own: its path keeps order.
                 self.sendPreparedMessage(prepared)
                 return True
-            return self._write(data, cork)
+            self._write(data, cork)
+            return True
 
         def sendData(self, data, sync=False, chopsize=None):  # autobahn's name
             """Frames written the ordinary way: closes, pings and pongs, and anything sent
@@ -205,26 +206,21 @@ def install_daphne_fixes() -> type:
             self._write(data)
             self.trafficStats.outgoingOctetsWireLevel += len(data)
 
-        def _write(self, data: bytes, cork: bool = False) -> bool:
+        def _write(self, data: bytes, cork: bool = False) -> None:
             """Write now, or with `cork` at the end of this turn of the event loop together
             with what else this turn writes to the socket (see Corks); behind anything already
-            corked, in order; through Twisted where writing to the socket itself would not be
-            safe (_writes_directly)."""
+            corked, in order. Only a socket written to directly is corked: through Twisted,
+            frames are queued in order anyway (_send_now)."""
             corked = CORKS.frames.get(self)
             if corked is not None:
                 corked.append(data)
-            elif not cork:
-                self._send_now(data)
-            elif _writes_directly(self.transport):
+            elif cork and _writes_directly(self.transport):
                 CORKS.add(self, data)
             else:
-                self.transport.write(data)
-            return True
+                self._send_now(data)
 
         def _uncork(self) -> None:
-            chunks = CORKS.frames.pop(self, None)
-            if chunks:
-                self._send_now(b"".join(chunks))
+            CORKS.send(self, CORKS.frames.pop(self, None))
 
         def _closeConnection(self, abort=False):  # autobahn's name
             try:
@@ -408,13 +404,19 @@ class Corks:
         frames, self.frames = self.frames, {}
         for protocol, chunks in frames.items():
             try:
-                protocol._send_now(chunks[0] if len(chunks) == 1 else b"".join(chunks))
+                self.send(protocol, chunks)
             except Exception:
                 # Frames lost on an open socket would leave its client with a silent gap:
                 # close it, and the client reconnects and resumes from its last seq.
                 logger.exception("writing to %s failed", getattr(protocol, "client_addr", "?"))
                 with contextlib.suppress(Exception):
                     protocol.dropConnection(abort=True)
+
+    @staticmethod
+    def send(protocol, chunks: list[bytes] | None) -> None:
+        """A socket's corked frames, in one write (joining one chunk copies nothing)."""
+        if chunks:
+            protocol._send_now(b"".join(chunks))
 
 
 CORKS = Corks()
