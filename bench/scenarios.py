@@ -350,7 +350,7 @@ async def handshakes(stage: Stage) -> dict:
                         timing=timing,
                     )
                 except Exception as error:
-                    failures[type(error).__name__ + ": " + str(error)[:80]] += 1
+                    failures[_failure(error)] += 1
                     continue
                 conn.close()
                 if record:
@@ -376,7 +376,7 @@ async def handshakes(stage: Stage) -> dict:
         "completed": done,
         "failed": dict(failures),
         "concurrency": workers,
-        "handshakes_per_s": round(done / elapsed, 1) if elapsed else 0.0,
+        "handshakes_per_s": _rate(done, elapsed),
         **window.figures(per=done, unit="handshake"),
         "ticket_ms": latency_figures(ticket_ns),
         "connect_to_hello_ms": latency_figures(connect_ns),
@@ -408,7 +408,7 @@ async def _handshake_halves(stage: Stage, specs: list[dict], per_worker: int) ->
                         await take_ticket(http, specs[i]["slug"], specs[i]["members"][0]["token"])
                     )
                 except Exception as error:
-                    failures["ticket: " + type(error).__name__ + ": " + str(error)[:80]] += 1
+                    failures["ticket: " + _failure(error)] += 1
         finally:
             http.close()
 
@@ -428,7 +428,7 @@ async def _handshake_halves(stage: Stage, specs: list[dict], per_worker: int) ->
                     ticket=ticket,
                 )
             except Exception as error:
-                failures["connect: " + type(error).__name__ + ": " + str(error)[:80]] += 1
+                failures["connect: " + _failure(error)] += 1
                 continue
             conn.close()
             connected += 1
@@ -444,15 +444,26 @@ async def _handshake_halves(stage: Stage, specs: list[dict], per_worker: int) ->
         await asyncio.gather(*(connect(i) for i in range(workers)))
         connect_elapsed = time.perf_counter() - started
         await asyncio.sleep(1.0)  # closes and audit flushes belong to the connect's cost
+    posted = posts.figures(per=issued, unit="ticket_post")
+    opened = connects.figures(per=connected, unit="connect")
     return {
         "failed": dict(failures),
-        "ticket_posts_per_s": round(issued / post_elapsed, 1) if post_elapsed else 0.0,
-        "server_cpu_us_per_ticket_post": _per(posts.server, issued),
-        "client_core_share_posts": round(posts.client / (posts.wall or 1e-9), 3),
-        "connects_per_s": round(connected / connect_elapsed, 1) if connect_elapsed else 0.0,
-        "server_cpu_us_per_connect": _per(connects.server, connected),
-        "client_core_share_connects": round(connects.client / (connects.wall or 1e-9), 3),
+        "ticket_posts_per_s": _rate(issued, post_elapsed),
+        "server_cpu_us_per_ticket_post": posted["server_cpu_us_per_ticket_post"],
+        "client_core_share_posts": posted["client_core_share"],
+        "connects_per_s": _rate(connected, connect_elapsed),
+        "server_cpu_us_per_connect": opened["server_cpu_us_per_connect"],
+        "client_core_share_connects": opened["client_core_share"],
     }
+
+
+def _failure(error: Exception) -> str:
+    """A failed handshake, as counted: its kind and the start of its message."""
+    return f"{type(error).__name__}: {str(error)[:80]}"
+
+
+def _rate(count: int, seconds: float) -> float:
+    return round(count / seconds, 1) if seconds else 0.0
 
 
 # --- idle: RSS per idle authenticated connection ---
