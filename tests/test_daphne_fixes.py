@@ -129,11 +129,18 @@ async def _open(tcp_server, factory, handshake: bytes, query: bytes = b""):
     protocol._raw_query_string = query  # set by daphne's HTTP protocol before the upgrade
     tcp_server(protocol)
     protocol.dataReceived(handshake)
-    for _ in range(200):
-        if protocol.state == protocol.STATE_OPEN:
-            return protocol
-        await asyncio.sleep(0.005)
+    if await _until(lambda: protocol.state == protocol.STATE_OPEN):
+        return protocol
     raise AssertionError(f"not open: state {protocol.state}")
+
+
+async def _until(ready) -> bool:
+    """Let the event loop run until `ready()` holds, for a second at most."""
+    for _ in range(200):
+        if ready():
+            return True
+        await asyncio.sleep(0.005)
+    return ready()
 
 
 def ticket_auth_like(inner):
@@ -234,10 +241,7 @@ async def test_a_posted_body_reaches_the_application_unparsed(
         f"Content-Length: {len(body)}\r\n\r\n"
     )
     protocol.dataReceived(head.encode() + body)
-    for _ in range(200):
-        if "body" in seen:
-            break
-        await asyncio.sleep(0.005)
+    await _until(lambda: "body" in seen)
     assert seen.get("body") == body
     request = next(iter(server.connections))
     assert request.args == {}  # no form parsed into it
@@ -308,13 +312,6 @@ def _texts_received():
     return texts, application
 
 
-async def _settle(texts, count: int):
-    for _ in range(200):
-        if len(texts) >= count:
-            return
-        await asyncio.sleep(0.005)
-
-
 async def test_frames_of_every_size_and_split_reach_the_application_intact(
     tcp_server, daphne_server
 ):
@@ -329,7 +326,7 @@ async def test_frames_of_every_size_and_split_reach_the_application_intact(
     sent.append("fragmented")
     for at in range(0, len(stream), 97):  # reads that cut frames, headers and masks anywhere
         protocol.dataReceived(stream[at : at + 97])
-    await _settle(texts, len(sent))
+    await _until(lambda: len(texts) >= len(sent))
     assert texts == sent
 
 
@@ -340,7 +337,7 @@ async def test_message_observers_still_hear_every_message(tcp_server, daphne_ser
     heard = []
     protocol.on("message", lambda payload, is_binary: heard.append(payload))
     protocol.dataReceived(_client_frame(b"one") + _client_frame(b"two"))
-    await _settle(texts, 2)
+    await _until(lambda: len(texts) >= 2)
     assert texts == ["one", "two"]
     assert heard == [b"one", b"two"]
 
@@ -360,7 +357,7 @@ async def test_autobahn_read_debug_line_is_made_only_when_logged(
     formatted = []
     monkeypatch.setattr("autobahn.twisted.websocket.hltype", lambda f: formatted.append(f) or "")
     protocol.dataReceived(_client_frame(b"hello"))
-    await _settle(texts, 1)
+    await _until(lambda: len(texts) >= 1)
     assert texts == ["hello"]
     assert bool(formatted) is (level == "debug")
 
@@ -405,14 +402,15 @@ def _frame(text: str) -> bytes:
 
 
 async def _read(peer, size: int) -> bytes:
-    got = b""
-    for _ in range(200):
+    got = bytearray()
+
+    def enough() -> bool:
         with contextlib.suppress(BlockingIOError):
-            got += peer.recv(65536)
-        if len(got) >= size:
-            return got
-        await asyncio.sleep(0.005)
-    return got
+            got.extend(peer.recv(65536))
+        return len(got) >= size
+
+    await _until(enough)
+    return bytes(got)
 
 
 async def test_frames_written_in_one_turn_leave_in_one_send_in_order(tcp_server, daphne_server):
