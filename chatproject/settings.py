@@ -122,6 +122,8 @@ else:
     # One test database per test process, so concurrent test runs never share one.
     DATABASES["default"]["TEST"] = {"NAME": f"test_{DATABASES['default']['NAME']}_{os.getpid()}"}
 if DATABASES["default"]["ENGINE"] == "django.db.backends.postgresql":
+    # Django's backend with its health check made once per idle spell (chatproject/postgresql).
+    DATABASES["default"]["ENGINE"] = "chatproject.postgresql"
     # libpq waits for an unreachable server as long as the OS does: a health probe or request
     # stuck on connecting would hold its thread for minutes.
     DATABASES["default"].setdefault("OPTIONS", {}).setdefault(
@@ -132,6 +134,8 @@ if DATABASES["default"]["ENGINE"] == "django.db.backends.postgresql":
 # fsync). Health checks drop connections the server closed meanwhile.
 DATABASES["default"]["CONN_MAX_AGE"] = env.int("DATABASE_CONN_MAX_AGE", default=600)
 DATABASES["default"]["CONN_HEALTH_CHECKS"] = True
+# PostgreSQL: a connection that ran queries without an error this recently is not checked again.
+DATABASE_HEALTH_CHECK_IDLE = env.float("DATABASE_HEALTH_CHECK_IDLE", default=1.0)
 DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"
 
 # ---------------------------------------------------------------------------------------------
