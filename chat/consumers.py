@@ -198,8 +198,7 @@ class RoomConsumer(AsyncWebsocketConsumer):
         if not permissions.can_view(user, self.room, self.membership):
             return await self._reject(Reason.FORBIDDEN)
         self.joined = True
-        first = await state.presence_join(self.room_id, self.username, self.socket_id)
-        online = await state.presence_list(self.room_id)
+        first, online = await state.presence_join(self.room_id, self.username, self.socket_id)
         await self._accept()
         await self.record.decide(
             self.runtime,
@@ -537,12 +536,12 @@ class RoomConsumer(AsyncWebsocketConsumer):
         try:
             if self.attached:
                 await self.runtime.hub.detach(self)
-            if getattr(self, "joined", False) and await state.presence_leave(
-                self.room_id, self.username, self.socket_id
-            ):
-                await self._publish(frames.presence(self.room.slug, left=self.username))
             if getattr(self, "counted", False):
-                await state.socket_close(self.user_id, self.socket_id)
+                # One call leaves the user's socket slots and, if it had joined, the presence.
+                joined = getattr(self, "joined", False)
+                presence = (self.room_id, self.username) if joined else None
+                if await state.socket_close(self.user_id, self.socket_id, presence):
+                    await self._publish(frames.presence(self.room.slug, left=self.username))
         except Exception:
             logger.exception("socket cleanup failed")
         finally:

@@ -74,18 +74,23 @@ class MemoryState:
         sockets.add(socket_id)
         return True
 
-    async def socket_close(self, user_id: int, socket_id: str) -> None:
+    async def socket_close(
+        self, user_id: int, socket_id: str, presence: tuple[int, str] | None = None
+    ) -> bool:
         self._user_sockets[user_id].discard(socket_id)
         if not self._user_sockets[user_id]:
             del self._user_sockets[user_id]
+        return presence is not None and self._presence_leave(*presence, socket_id)
 
-    async def presence_join(self, room_id: int, username: str, socket_id: str) -> bool:
+    async def presence_join(
+        self, room_id: int, username: str, socket_id: str
+    ) -> tuple[bool, list[str]]:
         sockets = self._presence[room_id][username]
         first = not sockets
         sockets.add(socket_id)
-        return first
+        return first, sorted(self._presence[room_id])
 
-    async def presence_leave(self, room_id: int, username: str, socket_id: str) -> bool:
+    def _presence_leave(self, room_id: int, username: str, socket_id: str) -> bool:
         room = self._presence[room_id]
         sockets = room.get(username)
         if not sockets or socket_id not in sockets:
@@ -97,9 +102,6 @@ class MemoryState:
         if not room:
             del self._presence[room_id]
         return True
-
-    async def presence_list(self, room_id: int) -> list[str]:
-        return sorted(self._presence.get(room_id, {}))
 
     async def renew(self, sockets: list[tuple[int, str, int, str]]) -> None:
         """(user_id, socket_id, room_id, username) for every local socket; nothing to do here."""
@@ -136,6 +138,7 @@ return 1
 """
 
 # KEYS: the user's sockets in the room, the room's users. ARGV: now, lease end, socket, username.
+# Returns {first (1/0), the room's users}.
 _PRESENCE_JOIN_SCRIPT = """
 local now, expires = tonumber(ARGV[1]), tonumber(ARGV[2])
 redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now)
@@ -144,16 +147,19 @@ redis.call('ZADD', KEYS[1], expires, ARGV[3])
 redis.call('ZADD', KEYS[2], expires, ARGV[4])
 redis.call('PEXPIREAT', KEYS[1], math.ceil(expires * 1000))
 redis.call('PEXPIREAT', KEYS[2], math.ceil(expires * 1000))
-if first then return 1 end
-return 0
+redis.call('ZREMRANGEBYSCORE', KEYS[2], '-inf', now)
+return {first and 1 or 0, redis.call('ZRANGE', KEYS[2], 0, -1)}
 """
 
-_PRESENCE_LEAVE_SCRIPT = """
-local now = tonumber(ARGV[1])
-if redis.call('ZREM', KEYS[1], ARGV[2]) == 0 then return 0 end
-redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now)
-if redis.call('ZCARD', KEYS[1]) > 0 then return 0 end
-redis.call('ZREM', KEYS[2], ARGV[3])
+# KEYS: the user's sockets; then, if the socket was in a room's presence, the user's sockets in
+# the room and the room's users. ARGV: socket, now, username. Returns 1 if the user left the room.
+_SOCKET_CLOSE_SCRIPT = """
+redis.call('ZREM', KEYS[1], ARGV[1])
+if #KEYS < 3 then return 0 end
+if redis.call('ZREM', KEYS[2], ARGV[1]) == 0 then return 0 end
+redis.call('ZREMRANGEBYSCORE', KEYS[2], '-inf', tonumber(ARGV[2]))
+if redis.call('ZCARD', KEYS[2]) > 0 then return 0 end
+redis.call('ZREM', KEYS[3], ARGV[3])
 return 1
 """
 
@@ -176,7 +182,7 @@ class RedisState:
         self._count_hit = self._redis.register_script(_COUNT_SCRIPT)
         self._socket_open = self._redis.register_script(_SOCKET_OPEN_SCRIPT)
         self._presence_join = self._redis.register_script(_PRESENCE_JOIN_SCRIPT)
-        self._presence_leave = self._redis.register_script(_PRESENCE_LEAVE_SCRIPT)
+        self._socket_close = self._redis.register_script(_SOCKET_CLOSE_SCRIPT)
 
     def _key(self, *parts: object) -> str:
         return ":".join([self._prefix, *map(str, parts)])
@@ -210,33 +216,26 @@ class RedisState:
         )
 
     @_guarded
-    async def socket_close(self, user_id: int, socket_id: str) -> None:
-        await self._redis.zrem(self._key("us", user_id), socket_id)
+    async def socket_close(
+        self, user_id: int, socket_id: str, presence: tuple[int, str] | None = None
+    ) -> bool:
+        keys, args = [self._key("us", user_id)], [socket_id, time.time()]
+        if presence is not None:
+            room_id, username = presence
+            keys += [self._key("pu", room_id, username), self._key("pr", room_id)]
+            args.append(username)
+        return bool(await self._socket_close(keys=keys, args=args))
 
     @_guarded
-    async def presence_join(self, room_id: int, username: str, socket_id: str) -> bool:
+    async def presence_join(
+        self, room_id: int, username: str, socket_id: str
+    ) -> tuple[bool, list[str]]:
         now = time.time()
-        return bool(
-            await self._presence_join(
-                keys=[self._key("pu", room_id, username), self._key("pr", room_id)],
-                args=[now, now + LEASE_SECONDS, socket_id, username],
-            )
+        first, online = await self._presence_join(
+            keys=[self._key("pu", room_id, username), self._key("pr", room_id)],
+            args=[now, now + LEASE_SECONDS, socket_id, username],
         )
-
-    @_guarded
-    async def presence_leave(self, room_id: int, username: str, socket_id: str) -> bool:
-        return bool(
-            await self._presence_leave(
-                keys=[self._key("pu", room_id, username), self._key("pr", room_id)],
-                args=[time.time(), socket_id, username],
-            )
-        )
-
-    @_guarded
-    async def presence_list(self, room_id: int) -> list[str]:
-        key = self._key("pr", room_id)
-        await self._redis.zremrangebyscore(key, "-inf", time.time())
-        return sorted(m.decode() for m in await self._redis.zrange(key, 0, -1))
+        return bool(first), sorted(name.decode() for name in online)
 
     @_guarded
     async def renew(self, sockets: list[tuple[int, str, int, str]]) -> None:
