@@ -216,8 +216,8 @@ class RoomConsumer(AsyncWebsocketConsumer):
         self._held.clear()
         last_seq = self.runtime.hub.ready(self)
         await self.send_text(frames.dumps(self._hello(last_seq, online)))
-        if first:
-            # The joiner's own hello already lists it; tell everyone else.
+        if first and len(online) > 1:
+            # The joiner's own hello already lists it; tell everyone else, if anyone is there.
             await self._publish(
                 frames.presence(self.room.slug, joined=self.username), exclude_user=self.user_id
             )
@@ -537,7 +537,8 @@ class RoomConsumer(AsyncWebsocketConsumer):
             if self.attached:
                 await self.runtime.hub.detach(self)
             if getattr(self, "counted", False):
-                # One call leaves the user's socket slots and, if it had joined, the presence.
+                # One call leaves the user's socket slots and, if it had joined, the presence;
+                # true if the user has left a room where someone is left to hear it.
                 joined = getattr(self, "joined", False)
                 presence = (self.room_id, self.username) if joined else None
                 if await state.socket_close(self.user_id, self.socket_id, presence):

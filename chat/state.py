@@ -77,6 +77,9 @@ class MemoryState:
     async def socket_close(
         self, user_id: int, socket_id: str, presence: tuple[int, str] | None = None
     ) -> bool:
+        """Free the socket's slot and, given its (room_id, username), take it out of the room's
+        presence. True if that was the user's last socket there and someone else still is: a
+        departure to announce."""
         self._user_sockets[user_id].discard(socket_id)
         if not self._user_sockets[user_id]:
             del self._user_sockets[user_id]
@@ -85,6 +88,8 @@ class MemoryState:
     async def presence_join(
         self, room_id: int, username: str, socket_id: str
     ) -> tuple[bool, list[str]]:
+        """Put the socket in the room's presence: (the user's first socket there?, the room's
+        users, sorted)."""
         sockets = self._presence[room_id][username]
         first = not sockets
         sockets.add(socket_id)
@@ -101,6 +106,7 @@ class MemoryState:
         del room[username]
         if not room:
             del self._presence[room_id]
+            return False
         return True
 
     async def renew(self, sockets: list[tuple[int, str, int, str]]) -> None:
@@ -152,7 +158,8 @@ return {first and 1 or 0, redis.call('ZRANGE', KEYS[2], 0, -1)}
 """
 
 # KEYS: the user's sockets; then, if the socket was in a room's presence, the user's sockets in
-# the room and the room's users. ARGV: socket, now, username. Returns 1 if the user left the room.
+# the room and the room's users. ARGV: socket, now, username. Returns 1 if the user left the room
+# and someone is still there: a departure to announce.
 _SOCKET_CLOSE_SCRIPT = """
 redis.call('ZREM', KEYS[1], ARGV[1])
 if #KEYS < 3 then return 0 end
@@ -160,6 +167,8 @@ if redis.call('ZREM', KEYS[2], ARGV[1]) == 0 then return 0 end
 redis.call('ZREMRANGEBYSCORE', KEYS[2], '-inf', tonumber(ARGV[2]))
 if redis.call('ZCARD', KEYS[2]) > 0 then return 0 end
 redis.call('ZREM', KEYS[3], ARGV[3])
+redis.call('ZREMRANGEBYSCORE', KEYS[3], '-inf', tonumber(ARGV[2]))
+if redis.call('ZCARD', KEYS[3]) == 0 then return 0 end
 return 1
 """
 

@@ -24,9 +24,7 @@ from chatproject.postgresql.base import DatabaseWrapper
 def database(django_db_blocker):
     url = os.environ.get("DATABASE_URL", "")
     if not url.startswith("postgres"):
-        url = os.environ.get(
-            "CHAT_TEST_DATABASE_URL", "postgres://postgres@127.0.0.1:5432/test"
-        )
+        url = os.environ.get("CHAT_TEST_DATABASE_URL", "postgres://postgres@127.0.0.1:5432/test")
     config = environ.Env.db_url_config(url)
     config.update(CONN_MAX_AGE=600, CONN_HEALTH_CHECKS=True)
     try:

@@ -420,6 +420,37 @@ async def test_presence_counts_tabs(people):
     await b.disconnect()
 
 
+async def test_presence_is_announced_only_to_someone_there_to_hear_it(people, monkeypatch):
+    alice, bob, room = people
+    published = []
+    publish = broadcast.apublish
+
+    async def recording(group, event):
+        published.append(event)
+        await publish(group, event)
+
+    monkeypatch.setattr(broadcast, "apublish", recording)
+
+    def presence_frames():
+        return [
+            json.loads(e["text"])
+            for e in published
+            if json.loads(e.get("text") or "{}").get("type") == "presence"
+        ]
+
+    a, _ = await join(alice, room)  # alone: nobody to tell
+    await a.disconnect()  # the last to leave: nobody to tell
+    assert presence_frames() == []
+    a, _ = await join(alice, room)
+    b, _ = await join(bob, room)
+    await b.disconnect()
+    assert [f.get("joined") or f.get("left") for f in presence_frames()] == ["bob", "bob"]
+    assert (await receive_until(a, "presence"))["joined"] == "bob"
+    assert (await receive_until(a, "presence"))["left"] == "bob"
+    await a.disconnect()
+    assert len(presence_frames()) == 2
+
+
 # --- live moderation ------------------------------------------------------------------------------
 
 

@@ -64,6 +64,14 @@ async def test_closing_leaves_the_presence_on_the_users_last_socket_only(state):
     assert await state.socket_close(1, "a2", (7, "alice")) is False
 
 
+async def test_the_last_user_to_leave_has_nobody_to_tell(state):
+    await state.presence_join(7, "alice", "a1")
+    await state.presence_join(7, "bob", "b1")
+    assert await state.socket_close(2, "b1", (7, "bob")) is True  # alice hears it
+    assert await state.socket_close(1, "a1", (7, "alice")) is False  # nobody is left
+    assert await state.presence_join(7, "carol", "c1") == (True, ["carol"])
+
+
 async def test_closing_frees_the_socket_slot_with_or_without_presence(state):
     assert await state.socket_open(1, "a1", limit=1)
     assert not await state.socket_open(1, "a2", limit=1)
@@ -71,7 +79,7 @@ async def test_closing_frees_the_socket_slot_with_or_without_presence(state):
     assert await state.socket_close(1, "a1") is False
     assert await state.socket_open(1, "a2", limit=1)
     await state.presence_join(7, "alice", "a2")
-    assert await state.socket_close(1, "a2", (7, "alice")) is True
+    await state.socket_close(1, "a2", (7, "alice"))
     assert await state.socket_open(1, "a3", limit=1)
 
 
