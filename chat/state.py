@@ -8,6 +8,7 @@ counting forever.
 
 from __future__ import annotations
 
+import asyncio
 import functools
 import time
 from collections import defaultdict
@@ -173,6 +174,66 @@ return 1
 """
 
 
+class _TokenPipeline:
+    """The token-bucket calls of one turn of the event loop, sent to Redis in one pipeline.
+
+    Every message a socket sends takes a token (the per-user rate limit, global across
+    processes), and each call was an EVALSHA round trip of its own: about 70 µs of the server's
+    CPU in redis-py. Calls made in the same turn (the frames of one read, of several sockets)
+    queue until its end (`call_soon`), then go in one pipeline, in the order they were made;
+    Redis runs them one after another, as it ran the separate calls. Each caller gets its own
+    answer or error; a pipeline that fails as a whole fails every call in it.
+    """
+
+    def __init__(self, redis, script) -> None:
+        from redis.exceptions import NoScriptError
+
+        self._redis, self._script, self._no_script = redis, script, NoScriptError
+        self._queues: dict[asyncio.AbstractEventLoop, list] = {}
+        self._running: set[asyncio.Task] = set()
+
+    async def take(self, key: str, rate: float, burst: int) -> int:
+        loop = asyncio.get_running_loop()
+        queue = self._queues.get(loop)
+        if queue is None:
+            queue = self._queues[loop] = []
+            loop.call_soon(self._send, loop)
+        future = loop.create_future()
+        queue.append((key, rate, burst, future))
+        return await future
+
+    def _send(self, loop: asyncio.AbstractEventLoop) -> None:
+        task = loop.create_task(self._run(self._queues.pop(loop)))
+        self._running.add(task)  # held until done: the loop keeps only weak references
+        task.add_done_callback(self._running.discard)
+
+    async def _run(self, batch: list) -> None:
+        now = time.time()
+        try:
+            async with self._redis.pipeline(transaction=False) as pipe:
+                for key, rate, burst, _ in batch:
+                    pipe.evalsha(self._script.sha, 1, key, rate, burst, now)
+                results = await pipe.execute(raise_on_error=False)
+            for (key, rate, burst, future), result in zip(batch, results, strict=True):
+                if isinstance(result, self._no_script):
+                    # Redis lost its scripts (a restart, SCRIPT FLUSH): the script loads it.
+                    result = await self._script(keys=[key], args=[rate, burst, now])
+                if future.done():  # its caller was cancelled
+                    continue
+                if isinstance(result, Exception):
+                    future.set_exception(result)
+                else:
+                    future.set_result(result)
+        except asyncio.CancelledError:
+            for *_, future in batch:
+                future.cancel()
+            raise
+        except Exception as error:
+            for *_, future in batch:
+                if not future.done():
+                    future.set_exception(error)
+
+
 class RedisState:
     """State in Redis, shared by every process of the deployment."""
 
@@ -187,7 +248,7 @@ class RedisState:
         )
         self._redis = aioredis.Redis(connection_pool=pool)
         self._prefix = prefix
-        self._take_token = self._redis.register_script(_BUCKET_SCRIPT)
+        self._tokens = _TokenPipeline(self._redis, self._redis.register_script(_BUCKET_SCRIPT))
         self._count_hit = self._redis.register_script(_COUNT_SCRIPT)
         self._socket_open = self._redis.register_script(_SOCKET_OPEN_SCRIPT)
         self._presence_join = self._redis.register_script(_PRESENCE_JOIN_SCRIPT)
@@ -198,9 +259,7 @@ class RedisState:
 
     @_guarded
     async def take_token(self, key: str, rate: float, burst: int) -> bool:
-        return bool(
-            await self._take_token(keys=[self._key("tb", key)], args=[rate, burst, time.time()])
-        )
+        return bool(await self._tokens.take(self._key("tb", key), rate, burst))
 
     @_guarded
     async def count_hit(self, key: str, window: float) -> int:

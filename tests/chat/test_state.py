@@ -5,6 +5,7 @@ leaves its slot and the presence in one: on Redis each is one round trip (docs/p
 "At scale"). The memory state, used without REDIS_URL, must answer the same.
 """
 
+import asyncio
 import os
 import secrets
 
@@ -12,7 +13,7 @@ import pytest
 import redis
 from django.conf import settings
 
-from chat.state import MemoryState, RedisState
+from chat.state import _BUCKET_SCRIPT, MemoryState, RedisState, StateUnavailable
 
 
 def _redis_url() -> str:
@@ -90,3 +91,69 @@ async def test_a_socket_not_in_the_presence_does_not_make_its_user_leave(state):
     # a2 was counted and is closing as if it had joined: alice is still there through a1.
     assert await state.socket_close(1, "a2", (7, "alice")) is False
     assert (await state.presence_join(7, "bob", "b1"))[1] == ["alice", "bob"]
+
+
+# --- token buckets: one pipeline per turn of the event loop (Redis) -------------------------------
+
+
+@pytest.fixture
+async def redis_state():
+    url, prefix = _redis_url(), f"test-state-{secrets.token_hex(4)}"
+    shared = RedisState(url, prefix, max_connections=4)
+    yield shared
+    await shared.close()
+    client = redis.Redis.from_url(url)
+    for key in client.scan_iter(f"{prefix}:*"):
+        client.delete(key)
+
+
+def record_batches(monkeypatch, tokens) -> list[int]:
+    sizes: list[int] = []
+    run = type(tokens)._run
+
+    async def recording(self, batch):
+        sizes.append(len(batch))
+        await run(self, batch)
+
+    monkeypatch.setattr(type(tokens), "_run", recording)
+    return sizes
+
+
+async def test_tokens_taken_in_one_turn_go_in_one_pipeline_in_order(redis_state, monkeypatch):
+    sizes = record_batches(monkeypatch, redis_state._tokens)
+    calls = [redis_state.take_token(f"k{i % 2}", rate=0.001, burst=3) for i in range(10)]
+    answers = await asyncio.gather(*calls)
+    assert sizes == [10]
+    # Per key, the first three (its burst) in call order get a token, as separate calls did.
+    assert answers == [True] * 6 + [False] * 4
+    assert await redis_state.take_token("k2", rate=0.001, burst=3)
+    assert sizes == [10, 1]
+
+
+async def test_a_script_redis_has_not_got_is_loaded_and_its_calls_answered(redis_state):
+    # A script text Redis has never seen: every call in the pipeline gets NOSCRIPT.
+    script = redis_state._redis.register_script(f"{_BUCKET_SCRIPT}-- {secrets.token_hex(8)}")
+    redis_state._tokens._script = script
+    answers = await asyncio.gather(*(redis_state.take_token("k", 0.001, 2) for _ in range(3)))
+    assert answers == [True, True, False]
+    assert (await redis_state._redis.script_exists(script.sha)) == [True]
+
+
+async def test_a_pipeline_that_fails_fails_every_call_in_it():
+    unreachable = RedisState("redis://127.0.0.1:9/0", "test-state-down", max_connections=4)
+    try:
+        results = await asyncio.gather(
+            *(unreachable.take_token(f"k{i}", 1.0, 1) for i in range(3)), return_exceptions=True
+        )
+    finally:
+        await unreachable.close()
+    assert [type(r) for r in results] == [StateUnavailable] * 3
+
+
+async def test_a_cancelled_caller_leaves_the_others_their_answers(redis_state):
+    first = asyncio.ensure_future(redis_state.take_token("k", 0.001, 2))
+    second = asyncio.ensure_future(redis_state.take_token("k", 0.001, 2))
+    await asyncio.sleep(0)  # both queued
+    first.cancel()
+    assert await second is True
+    assert first.cancelled()
