@@ -409,27 +409,81 @@ def _select(
     with connection.cursor() as cursor:
         cursor.execute(sql, params)
         rows = cursor.fetchall()
-    alias, found = connection.alias, []
     direct = _fills_directly(model)
-    for row in rows:
-        values = list(row)
-        for position, converters, expression in plan.converters:
-            value = values[position]
-            for converter in converters:
-                value = converter(value, expression, connection)
-            values[position] = value
-        if direct:
-            state = ModelState()
-            state.adding, state.db = False, alias
-            found.append(_filled(model, plan.attnames, values, state))
-        else:
-            found.append(model.from_db(alias, plan.attnames, values))
+    return [_instance(model, plan, list(row), connection, direct) for row in rows]
+
+
+def _instance(model, plan: "_ReadPlan", values: list[Any], connection, direct: bool):
+    """A read row as the instance Model.from_db makes of it, its values converted first."""
+    for position, converters, expression in plan.converters:
+        value = values[position]
+        for converter in converters:
+            value = converter(value, expression, connection)
+        values[position] = value
+    if direct:
+        state = ModelState()
+        state.adding, state.db = False, connection.alias
+        return _filled(model, plan.attnames, values, state)
+    return model.from_db(connection.alias, plan.attnames, values)
+
+
+Lookup = tuple[type[models.Model], Sequence[str] | None, dict[str, Any]]
+
+
+def get_each(*lookups: Lookup) -> list[models.Model | None]:
+    """For each (model, fields, where), the one row whose columns equal `where`, or None; all of
+    them in one statement.
+
+    `get` (fields None: every field) or `select_in` with one value per column, for lookups by
+    key that do not depend on each other: a handshake's. On PostgreSQL each lookup was a round
+    trip. Each is a LEFT JOIN on a one-row table, so one that finds nothing leaves the others
+    their rows; a lookup that names several rows is refused, as `get` refuses it.
+    """
+    connection = transaction.get_connection()
+    quote = connection.ops.quote_name
+    columns: list[str] = []
+    joins: list[str] = []
+    params: list[Any] = []
+    plans = []
+    for number, (model, fields, where) in enumerate(lookups):
+        meta = model._meta
+        if fields is None:
+            fields = [f.name for f in meta.concrete_fields if not f.primary_key]
+        plan = _read_plan(model, tuple(fields), connection)
+        alias = f"t{number}"
+        columns += [f"{alias}.{name}" for name in plan.names]
+        conditions = []
+        for name, value in where.items():
+            if value is None:
+                raise ValueError(f"get_each({model.__name__}, {name}=None) cannot match None")
+            field = _field(meta, name)
+            conditions.append(f"{alias}.{quote(field.column)} = %s")
+            params.append(field.get_db_prep_value(value, connection))
+        joins.append(f"LEFT JOIN {plan.table} {alias} ON {' AND '.join(conditions)}")
+        plans.append((model, plan))
+    sql = f"SELECT {', '.join(columns)} FROM (SELECT 1 AS one) one {' '.join(joins)}"  # noqa: S608
+    with connection.cursor() as cursor:
+        cursor.execute(sql, params)
+        rows = cursor.fetchall()
+    found: list[models.Model | None] = []
+    start = 0
+    for model, plan in plans:
+        end = start + len(plan.attnames)
+        if len({row[start:end] for row in rows}) > 1:
+            raise model.MultipleObjectsReturned(f"sql.get_each({model.__name__}, ...)")
+        values = list(rows[0][start:end])
+        missing = values[plan.pk_position] is None  # LEFT JOIN found no row
+        direct = _fills_directly(model)
+        found.append(None if missing else _instance(model, plan, values, connection, direct))
+        start = end
     return found
 
 
 @dataclass(frozen=True, slots=True)
 class _ReadPlan:
     columns: str  # quoted, in concrete field order
+    names: tuple[str, ...]  # the same, one by one
+    pk_position: int
     table: str
     attnames: tuple[str, ...]  # of those columns, same order
     converters: tuple[tuple[int, tuple[Callable, ...], Any], ...]  # (position, converters, Col)
@@ -450,8 +504,11 @@ def _read_plan(model: type[models.Model], fields: tuple[str, ...], connection) -
         found = connection.ops.get_db_converters(column) + column.get_db_converters(connection)
         if found:
             converters.append((position, tuple(found), column))
+    names = tuple(quote(f.column) for f in read)
     return _ReadPlan(
-        columns=", ".join(quote(f.column) for f in read),
+        columns=", ".join(names),
+        names=names,
+        pk_position=read.index(meta.pk),
         table=quote(meta.db_table),
         attnames=tuple(f.attname for f in read),
         converters=tuple(converters),

@@ -9,7 +9,8 @@ from django.db.models.functions import Now
 from django.db.models.signals import post_init, pre_init
 from django.test.utils import CaptureQueriesContext
 
-from chat import audit, sql
+from accounts import services as accounts_services
+from chat import audit, selectors, sql
 from chat.models import ConnectionLog, Membership, Message, MessageLog, Room, SecurityEvent
 from tests.factories import make_member, make_room, make_user
 
@@ -346,6 +347,70 @@ def test_get_refuses_a_lookup_that_names_several_rows(grid):
     (room, _, _), _ = grid
     with pytest.raises(Membership.MultipleObjectsReturned):
         sql.get(Membership, room=room.pk)
+
+
+# --- get_each: independent lookups by key in one statement --------------------------------------
+
+
+def test_get_each_answers_each_lookup_in_one_statement(grid, django_assert_num_queries):
+    (room, _, _), (user, _, _) = grid
+    with django_assert_num_queries(1):
+        found_room, membership, found_user = sql.get_each(
+            (Room, None, {"pk": room.pk}),
+            (Membership, None, {"room": room.pk, "user": user.pk}),
+            (type(user), ["is_active"], {"pk": user.pk}),
+        )
+        loaded = field_values(found_room), field_values(membership)
+    assert loaded == (
+        field_values(Room.objects.get(pk=room.pk)),
+        field_values(Membership.objects.get(room=room, user=user)),
+    )
+    assert found_user.is_active is True
+    assert found_user.get_deferred_fields() == {
+        f.attname for f in type(user)._meta.concrete_fields if f.attname not in ("id", "is_active")
+    }
+    assert found_room._state.adding is False
+
+
+def test_get_each_gives_none_for_a_lookup_that_finds_nothing_and_the_others_their_rows(grid):
+    (room, _, _), (user, _, _) = grid
+    missing, membership, found = sql.get_each(
+        (Room, ["slug"], {"slug": "no-such-room"}),
+        (Membership, ["role"], {"room": room.pk, "user": user.pk}),
+        (Room, ["slug"], {"pk": room.pk}),
+    )
+    assert (missing, membership.role, found.slug) == (None, "member", room.slug)
+    assert sql.get_each((Room, None, {"pk": -1}), (Room, None, {"pk": -2})) == [None, None]
+
+
+def test_get_each_converts_every_column_as_the_orm_does(grid):
+    expected = stored_rows(grid)
+    found = sql.get_each(*((type(row), None, {"pk": row.pk}) for row in expected))
+    assert [typed_values(row) for row in found] == [typed_values(row) for row in expected]
+
+
+def test_get_each_refuses_a_lookup_that_names_several_rows_or_none(grid):
+    (room, _, _), _ = grid
+    with pytest.raises(Membership.MultipleObjectsReturned):
+        sql.get_each((Room, None, {"pk": room.pk}), (Membership, None, {"room": room.pk}))
+    with pytest.raises(ValueError, match="None"):
+        sql.get_each((Room, None, {"slug": None}))
+
+
+def test_a_socket_s_context_and_a_ticket_s_redemption_read_in_one_statement(
+    grid, django_assert_num_queries
+):
+    (room, _, _), (user, _, _) = grid
+    with django_assert_num_queries(1):
+        context = selectors.socket_context(room_id=room.pk, user_id=user.pk, jti="none")
+    assert (context.room, context.membership.user_id, context.user_active) == (room, user.pk, True)
+    assert context.ticket_revoked is False
+    issued = accounts_services.ticket_issue(user=user, room=room, ip="127.0.0.1", credential="c")
+    with django_assert_num_queries(2):  # the reads, then the single-use claim
+        redeemed = accounts_services.ticket_redeem(
+            token=issued.token, room_slug=room.slug, ip="127.0.0.1"
+        )
+    assert (redeemed.error, redeemed.user, redeemed.grant.room_id) == ("", user, room.pk)
 
 
 # --- reads: what Model.objects.raw() would give, without its machinery ---------------------------
