@@ -114,10 +114,10 @@ def ticket_redeem(*, token: str, room_slug: str, ip: str | None) -> Redemption:
         return Redemption(error=Reason.ROOM_MISMATCH, jti=jti)
     if ip is None or ticket.get("ip") != ip:
         return Redemption(error=Reason.IP_MISMATCH, jti=jti)
-    try:
-        user_id = int(ticket.get(jwt_settings.USER_ID_CLAIM))
-    except (TypeError, ValueError):
+    claim = ticket.get(jwt_settings.USER_ID_CLAIM)  # str(user.pk), as ticket_issue wrote it
+    if not (isinstance(claim, str) and claim.isascii() and claim.isdigit() and len(claim) < 19):
         return Redemption(error=Reason.TICKET_INVALID, jti=jti)
+    user_id = int(claim)
     # The ticket row, its user and its room: three lookups by key in one statement.
     row, user, room = sql.get_each(
         (Ticket, None, {"jti": jti}),

@@ -469,7 +469,7 @@ def get_each(*lookups: Lookup) -> list[models.Model | None]:
     start = 0
     for model, plan in plans:
         end = start + len(plan.attnames)
-        if len({row[start:end] for row in rows}) > 1:
+        if len({row[start + plan.pk_position] for row in rows}) > 1:
             raise model.MultipleObjectsReturned(f"sql.get_each({model.__name__}, ...)")
         values = list(rows[0][start:end])
         missing = values[plan.pk_position] is None  # LEFT JOIN found no row

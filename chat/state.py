@@ -203,9 +203,18 @@ class _TokenPipeline:
         return await future
 
     def _send(self, loop: asyncio.AbstractEventLoop) -> None:
-        task = loop.create_task(self._run(self._queues.pop(loop)))
+        batch = self._queues.pop(loop)
+        task = loop.create_task(self._run(batch))
         self._running.add(task)  # held until done: the loop keeps only weak references
-        task.add_done_callback(self._running.discard)
+        task.add_done_callback(functools.partial(self._settle, batch))
+
+    def _settle(self, batch: list, task: asyncio.Task) -> None:
+        """No caller waits forever: a run cancelled (shutdown) or stopped before it answered
+        everyone fails the calls it left unanswered."""
+        self._running.discard(task)
+        for *_, future in batch:
+            if not future.done():
+                future.set_exception(StateUnavailable("the token pipeline did not answer"))
 
     async def _run(self, batch: list) -> None:
         now = time.time()
@@ -214,24 +223,26 @@ class _TokenPipeline:
                 for key, rate, burst, _ in batch:
                     pipe.evalsha(self._script.sha, 1, key, rate, burst, now)
                 results = await pipe.execute(raise_on_error=False)
-            for (key, rate, burst, future), result in zip(batch, results, strict=True):
-                if isinstance(result, self._no_script):
-                    # Redis lost its scripts (a restart, SCRIPT FLUSH): the script loads it.
-                    result = await self._script(keys=[key], args=[rate, burst, now])
-                if future.done():  # its caller was cancelled
-                    continue
-                if isinstance(result, Exception):
-                    future.set_exception(result)
-                else:
-                    future.set_result(result)
-        except asyncio.CancelledError:
-            for *_, future in batch:
-                future.cancel()
-            raise
         except Exception as error:
             for *_, future in batch:
                 if not future.done():
                     future.set_exception(error)
+            return
+        for (key, rate, burst, future), result in zip(batch, results, strict=True):
+            if future.done():  # its caller was cancelled
+                continue
+            try:
+                if isinstance(result, self._no_script):
+                    # Redis lost its scripts (a restart, SCRIPT FLUSH): the script loads it.
+                    result = await self._script(keys=[key], args=[rate, burst, now])
+            except Exception as error:
+                result = error
+            if future.done():
+                continue
+            if isinstance(result, Exception):
+                future.set_exception(result)
+            else:
+                future.set_result(result)
 
 
 class RedisState:

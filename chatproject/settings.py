@@ -134,7 +134,7 @@ if DATABASES["default"]["ENGINE"] == "django.db.backends.postgresql":
 # fsync). Health checks drop connections the server closed meanwhile.
 DATABASES["default"]["CONN_MAX_AGE"] = env.int("DATABASE_CONN_MAX_AGE", default=600)
 DATABASES["default"]["CONN_HEALTH_CHECKS"] = True
-# PostgreSQL: a connection that ran queries without an error this recently is not checked again.
+# PostgreSQL: a connection used this recently, and left open, is not checked again.
 DATABASE_HEALTH_CHECK_IDLE = env.float("DATABASE_HEALTH_CHECK_IDLE", default=1.0)
 DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"
 

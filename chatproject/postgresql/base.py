@@ -5,8 +5,8 @@ Django checks a persistent connection (`SELECT 1`) before its first query after 
 as every request does. On the socket paths that made one round trip in four a health check:
 four a full handshake, one per batch of messages (docs/performance.md, "At scale").
 
-Here a connection whose last unit of work ran queries less than `DATABASE_HEALTH_CHECK_IDLE`
-seconds ago, and was left open, is taken to be alive: its queries ran, or they failed and
+Here a connection is taken to be alive if its last unit of work made a cursor less than
+`DATABASE_HEALTH_CHECK_IDLE` seconds ago and left it open: its queries ran, or they failed and
 Django's own check at the end of that unit found it alive (a connection that fails the check is
 closed). One idle for longer, or whose last unit of work ran no query, is checked as Django
 checks it. What this gives up: a connection the server dropped within that last second fails
@@ -21,24 +21,25 @@ from django.db.backends.postgresql import base
 
 
 class DatabaseWrapper(base.DatabaseWrapper):
-    _used = False  # a cursor was made since the last close_if_unusable_or_obsolete()
-    _proven_at = float("-inf")  # when a unit of work that ran queries last left it open
+    _used_at: float | None = None  # its last cursor since close_if_unusable_or_obsolete()
+    _proven_at = float("-inf")  # that time, for a unit of work that then left it open
 
     def _cursor(self, name=None):
-        self._used = True
+        self._used_at = time.monotonic()
         return super()._cursor(name)
 
     def close_if_unusable_or_obsolete(self):
-        used, self._used = self._used, False
+        used_at, self._used_at = self._used_at, None
         super().close_if_unusable_or_obsolete()
-        if used and self.connection is not None:
-            self._proven_at = time.monotonic()
+        if used_at is not None and self.connection is not None and not self.closed_in_transaction:
+            self._proven_at = used_at
 
     def close_if_health_check_failed(self):
         if (
             self.connection is not None
             and not self.health_check_done
-            and time.monotonic() - self._proven_at < settings.DATABASE_HEALTH_CHECK_IDLE
+            and time.monotonic() - self._proven_at
+            < getattr(settings, "DATABASE_HEALTH_CHECK_IDLE", 1.0)
         ):
             self.health_check_done = True
             return

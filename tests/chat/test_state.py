@@ -157,3 +157,34 @@ async def test_a_cancelled_caller_leaves_the_others_their_answers(redis_state):
     first.cancel()
     assert await second is True
     assert first.cancelled()
+
+
+async def test_a_call_whose_script_reload_fails_fails_alone(redis_state):
+    script = redis_state._redis.register_script(f"{_BUCKET_SCRIPT}-- {secrets.token_hex(8)}")
+
+    class LosesOneKey:
+        sha = script.sha
+
+        async def __call__(self, keys, args):
+            if keys[0].endswith(":bad"):
+                raise redis.ConnectionError("connection lost")
+            return await script(keys=keys, args=args)
+
+    redis_state._tokens._script = LosesOneKey()
+    results = await asyncio.gather(
+        *(redis_state.take_token(key, 0.001, 5) for key in ("a", "bad", "b")),
+        return_exceptions=True,
+    )
+    assert [type(r) for r in results] == [bool, StateUnavailable, bool]
+    assert results[0] is results[2] is True
+
+
+async def test_a_pipeline_stopped_before_it_ran_fails_its_calls_instead_of_hanging(redis_state):
+    calls = [asyncio.ensure_future(redis_state.take_token("k", 1.0, 5)) for _ in range(2)]
+    for _ in range(3):  # the calls queue, then the turn ends and the pipeline is made
+        await asyncio.sleep(0)
+    assert redis_state._tokens._running
+    for run in list(redis_state._tokens._running):
+        run.cancel()  # as at shutdown, before its first step
+    results = await asyncio.wait_for(asyncio.gather(*calls, return_exceptions=True), 5)
+    assert [type(r) for r in results] == [StateUnavailable, StateUnavailable]
