@@ -28,11 +28,8 @@ def _redis_url() -> str:
     return url
 
 
-@pytest.fixture(params=["memory", "redis"])
-async def state(request):
-    if request.param == "memory":
-        yield MemoryState()
-        return
+@pytest.fixture
+async def redis_state():
     url, prefix = _redis_url(), f"test-state-{secrets.token_hex(4)}"
     shared = RedisState(url, prefix, max_connections=4)
     yield shared
@@ -40,6 +37,13 @@ async def state(request):
     client = redis.Redis.from_url(url)
     for key in client.scan_iter(f"{prefix}:*"):
         client.delete(key)
+
+
+@pytest.fixture(params=["memory", "redis"])
+def state(request):
+    if request.param == "memory":
+        return MemoryState()
+    return request.getfixturevalue("redis_state")
 
 
 async def test_joining_tells_whether_first_and_who_is_there(state):
@@ -94,17 +98,6 @@ async def test_a_socket_not_in_the_presence_does_not_make_its_user_leave(state):
 
 
 # --- token buckets: one pipeline per turn of the event loop (Redis) -------------------------------
-
-
-@pytest.fixture
-async def redis_state():
-    url, prefix = _redis_url(), f"test-state-{secrets.token_hex(4)}"
-    shared = RedisState(url, prefix, max_connections=4)
-    yield shared
-    await shared.close()
-    client = redis.Redis.from_url(url)
-    for key in client.scan_iter(f"{prefix}:*"):
-        client.delete(key)
 
 
 def record_batches(monkeypatch, tokens) -> list[int]:
