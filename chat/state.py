@@ -97,7 +97,7 @@ class MemoryState:
         return first, sorted(self._presence[room_id])
 
     def _presence_leave(self, room_id: int, username: str, socket_id: str) -> bool:
-        room = self._presence[room_id]
+        room = self._presence.get(room_id, {})
         sockets = room.get(username)
         if not sockets or socket_id not in sockets:
             return False

@@ -2,8 +2,8 @@
 
 Django checks a persistent connection (`SELECT 1`) before its first query after every
 `close_old_connections()`, and Channels' `database_sync_to_async` calls that around every call,
-as every request does. On the socket paths that made one round trip in four a health check:
-four a full handshake, one per batch of messages (docs/performance.md, "At scale").
+as every request does. On PostgreSQL that was four of a full handshake's eighteen statements,
+and one per batch of messages (docs/performance.md, "At scale").
 
 Here a connection is taken to be alive if its last unit of work made a cursor less than
 `DATABASE_HEALTH_CHECK_IDLE` seconds ago and left it open: its queries ran, or they failed and
