@@ -208,7 +208,12 @@ class RoomConsumer(AsyncWebsocketConsumer):
             jti=ticket.jti,
             transport=self.transport,
         )
+        later: list[str] = []
         for event in self._held:
+            if event["type"] == "hub.frame":
+                # A change hello's snapshot may predate (presence): it follows hello.
+                later.append(event["text"])
+                continue
             # The state they carry is in hello; only their effect (a close) matters here.
             await self._apply_control(event, notify=False)
             if self.closing:
@@ -216,10 +221,14 @@ class RoomConsumer(AsyncWebsocketConsumer):
         self._held.clear()
         last_seq = self.runtime.hub.ready(self)
         await self.send_text(frames.dumps(self._hello(last_seq, online)))
+        for text in later:
+            await self.send_text(text)
         if first and len(online) > 1:
             # The joiner's own hello already lists it; tell everyone else, if anyone is there.
             await self._publish(
-                frames.presence(self.room.slug, joined=self.username), exclude_user=self.user_id
+                frames.presence(self.room.slug, joined=self.username),
+                exclude_user=self.user_id,
+                hold=True,
             )
         return None
 
@@ -479,6 +488,9 @@ class RoomConsumer(AsyncWebsocketConsumer):
         if self.closing:
             return
         kind = event["type"]
+        if kind == "hub.frame":  # held for a joining socket (chat.hub), which is ready now
+            await self.send_text(event["text"])
+            return
         if kind == "hub.revoke":
             if not event.get("credential") or event["credential"] == self.credential:
                 await self._close(event["code"], event.get("reason"))
@@ -518,12 +530,14 @@ class RoomConsumer(AsyncWebsocketConsumer):
             self.close_code = message.get("code")
         raise StopConsumer()
 
-    async def _publish(self, text: str, *, exclude_user: int | None = None) -> None:
+    async def _publish(
+        self, text: str, *, exclude_user: int | None = None, hold: bool = False
+    ) -> None:
         from chat import broadcast
 
         await broadcast.apublish(
             broadcast.room_group(self.room_id),
-            broadcast.frame_event(self.room_id, text, exclude_user=exclude_user),
+            broadcast.frame_event(self.room_id, text, exclude_user=exclude_user, hold=hold),
         )
 
     async def _finish(self) -> None:
@@ -542,7 +556,9 @@ class RoomConsumer(AsyncWebsocketConsumer):
                 joined = getattr(self, "joined", False)
                 presence = (self.room_id, self.username) if joined else None
                 if await state.socket_close(self.user_id, self.socket_id, presence):
-                    await self._publish(frames.presence(self.room.slug, left=self.username))
+                    await self._publish(
+                        frames.presence(self.room.slug, left=self.username), hold=True
+                    )
         except Exception:
             logger.exception("socket cleanup failed")
         finally:

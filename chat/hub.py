@@ -289,7 +289,21 @@ class Hub:
             if "ts" in event:
                 metrics.DELIVERY_LATENCY.observe(max(0.0, time.time() - event["ts"]))
         elif kind == "hub.frame":
-            await self._send_all(feed, event["text"], exclude_user=event.get("exclude_user"))
+            excluded = event.get("exclude_user")
+            # Sockets still joining, whose hello's snapshot may predate this (presence), get it
+            # after their hello.
+            joining = (
+                [
+                    sock
+                    for sock in feed.sockets.values()
+                    if not sock.ready and not sock.closing and sock.user_id != excluded
+                ]
+                if event.get("hold")
+                else ()
+            )
+            await self._send_all(feed, event["text"], exclude_user=excluded)
+            for sock in joining:
+                await sock.on_control(event)
         elif kind in ("hub.membership", "hub.revoke"):
             target = event.get("user")
             for sock in list(feed.sockets.values()):

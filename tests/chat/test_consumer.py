@@ -451,6 +451,35 @@ async def test_presence_is_announced_only_to_someone_there_to_hear_it(people, mo
     assert len(presence_frames()) == 2
 
 
+async def test_a_presence_change_while_a_socket_joins_reaches_it_after_its_hello(
+    people, monkeypatch
+):
+    alice, bob, room = people
+    a, _ = await join(alice, room)
+    accept = RoomConsumer._accept
+
+    async def alice_leaves_meanwhile(self):
+        # bob is in the presence and his hello's list is read (alice is in it), but he is not
+        # ready for frames yet: alice leaves now.
+        if self.username == "bob":
+            await a.disconnect()
+            for _ in range(200):
+                if self._held:
+                    break
+                await asyncio.sleep(0.005)
+        await accept(self)
+
+    monkeypatch.setattr(RoomConsumer, "_accept", alice_leaves_meanwhile)
+    b, hello = await join(bob, room)
+    assert hello["presence"] == ["alice", "bob"]
+    assert await receive_until(b, "presence") == {
+        "type": "presence",
+        "room": "lobby",
+        "left": "alice",
+    }
+    await b.disconnect()
+
+
 # --- live moderation ------------------------------------------------------------------------------
 
 

@@ -37,3 +37,29 @@ async def test_a_batch_of_messages_is_corked_and_a_lone_one_is_not(messages, cor
         assert [cork for _, cork in sock.writes] == [corked] * messages
         assert len(sock.writes) == sock.sent == messages
     assert feed.delivered == messages
+
+
+@dataclass(eq=False)
+class JoiningSocket(RecordingSocket):
+    ready: bool = False
+    held: list[dict] = field(default_factory=list)
+
+    async def on_control(self, event) -> None:
+        self.held.append(event)
+
+
+async def test_a_held_frame_waits_for_joining_sockets_and_an_ordinary_one_does_not():
+    hub = Hub(get_runtime())
+    feed = RoomFeed(room_id=7, delivered=0)
+    ready = RecordingSocket("ready", user_id=1)
+    joining, excluded = JoiningSocket("joining", user_id=2), JoiningSocket("excluded", user_id=3)
+    closing = JoiningSocket("closing", user_id=4, closing=True)
+    feed.sockets = {s.socket_id: s for s in (ready, joining, excluded, closing)}
+    typing = broadcast.frame_event(7, '{"type":"typing"}')
+    presence = broadcast.frame_event(7, '{"type":"presence"}', exclude_user=3, hold=True)
+    await hub._on_room_event(feed, typing)
+    await hub._on_room_event(feed, presence)
+    assert len(ready.writes) == 2  # a ready socket gets both at once
+    assert joining.held == [presence]  # a joining one only the held frame, for after its hello
+    assert excluded.held == closing.held == []
+    assert joining.writes == excluded.writes == closing.writes == []
