@@ -323,7 +323,9 @@ class RedisState:
             for user_id, socket_id, room_id, username in sockets:
                 pipe.zadd(self._key("us", user_id), {socket_id: expires}, xx=True)
                 pipe.zadd(self._key("pu", room_id, username), {socket_id: expires}, xx=True)
-                pipe.zadd(self._key("pr", room_id), {username: expires}, gt=True)
+                # Existing entries only, like the two above: a heartbeat whose list was taken
+                # before a socket closed must not bring its user back into the room (for a lease).
+                pipe.zadd(self._key("pr", room_id), {username: expires}, xx=True, gt=True)
                 for key in (
                     self._key("us", user_id),
                     self._key("pu", room_id, username),

@@ -97,6 +97,15 @@ async def test_a_socket_not_in_the_presence_does_not_make_its_user_leave(state):
     assert (await state.presence_join(7, "bob", "b1"))[1] == ["alice", "bob"]
 
 
+async def test_a_late_heartbeat_does_not_bring_back_a_user_who_left(state):
+    await state.presence_join(7, "bob", "b1")
+    listed = [(1, "a1", 7, "alice")]  # a heartbeat's list, taken while alice was there
+    await state.presence_join(7, "alice", "a1")
+    await state.socket_close(1, "a1", (7, "alice"))
+    await state.renew(listed)
+    assert (await state.presence_join(7, "carol", "c1"))[1] == ["bob", "carol"]
+
+
 # --- token buckets: one pipeline per turn of the event loop (Redis) -------------------------------
 
 
