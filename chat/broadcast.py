@@ -51,15 +51,22 @@ def messages_event(room_id: int, items: list[tuple[int, str]]) -> dict[str, Any]
     }
 
 
-def frame_event(
-    room_id: int, text: str, *, exclude_user: int | None = None, hold: bool = False
+def frame_event(room_id: int, text: str, *, exclude_user: int | None = None) -> dict[str, Any]:
+    """A ready frame for the room's sockets (all, or all but one user's)."""
+    return {"type": "hub.frame", "room": room_id, "text": text, "exclude_user": exclude_user}
+
+
+def presence_event(
+    room_id: int, text: str, version: int, *, exclude_user: int | None = None
 ) -> dict[str, Any]:
-    """A ready frame for the room's sockets (all, or all but one user's). With `hold`, a socket
-    still joining gets it after its hello, which may predate it (presence); others drop it."""
-    event = {"type": "hub.frame", "room": room_id, "text": text, "exclude_user": exclude_user}
-    if hold:
-        event["hold"] = True
-    return event
+    """A join or a leave (`text`), made at the room's presence `version` (chat.state)."""
+    return {
+        "type": "hub.presence",
+        "room": room_id,
+        "text": text,
+        "version": version,
+        "exclude_user": exclude_user,
+    }
 
 
 def membership_event(

@@ -87,6 +87,7 @@ class RoomConsumer(AsyncWebsocketConsumer):
         "joined",
         "membership",
         "opened_at",
+        "presence_version",
         "ready",
         "received",
         "record",
@@ -115,6 +116,7 @@ class RoomConsumer(AsyncWebsocketConsumer):
         # cookies a browser sends with them, which no later log line or error report should see.
         scope.pop("headers", None)
         self.attached = self.ready = self.closing = False
+        self.presence_version = 0
         self.close_code: int | None = None
         self.received = self.sent = 0
         self.opened_at = time.monotonic()
@@ -198,7 +200,9 @@ class RoomConsumer(AsyncWebsocketConsumer):
         if not permissions.can_view(user, self.room, self.membership):
             return await self._reject(Reason.FORBIDDEN)
         self.joined = True
-        first, online = await state.presence_join(self.room_id, self.username, self.socket_id)
+        first, online, self.presence_version = await state.presence_join(
+            self.room_id, self.username, self.socket_id
+        )
         await self._accept()
         await self.record.decide(
             self.runtime,
@@ -210,9 +214,10 @@ class RoomConsumer(AsyncWebsocketConsumer):
         )
         later: list[str] = []
         for event in self._held:
-            if event["type"] == "hub.frame":
-                # A change hello's snapshot may predate (presence): it follows hello.
-                later.append(event["text"])
+            if event["type"] == "hub.presence":
+                # A join or leave that hello's list does not show yet follows hello (chat.hub).
+                if event["version"] > self.presence_version:
+                    later.append(event["text"])
                 continue
             # The state they carry is in hello; only their effect (a close) matters here.
             await self._apply_control(event, notify=False)
@@ -225,10 +230,10 @@ class RoomConsumer(AsyncWebsocketConsumer):
             await self.send_text(text)
         if first and len(online) > 1:
             # The joiner's own hello already lists it; tell everyone else, if anyone is there.
-            await self._publish(
+            await self._publish_presence(
                 frames.presence(self.room.slug, joined=self.username),
+                self.presence_version,
                 exclude_user=self.user_id,
-                hold=True,
             )
         return None
 
@@ -488,8 +493,9 @@ class RoomConsumer(AsyncWebsocketConsumer):
         if self.closing:
             return
         kind = event["type"]
-        if kind == "hub.frame":  # held for a joining socket (chat.hub), which is ready now
-            await self.send_text(event["text"])
+        if kind == "hub.presence":  # for a joining socket (chat.hub), which is ready now
+            if event["version"] > self.presence_version:
+                await self.send_text(event["text"])
             return
         if kind == "hub.revoke":
             if not event.get("credential") or event["credential"] == self.credential:
@@ -530,14 +536,22 @@ class RoomConsumer(AsyncWebsocketConsumer):
             self.close_code = message.get("code")
         raise StopConsumer()
 
-    async def _publish(
-        self, text: str, *, exclude_user: int | None = None, hold: bool = False
+    async def _publish(self, text: str, *, exclude_user: int | None = None) -> None:
+        from chat import broadcast
+
+        await broadcast.apublish(
+            broadcast.room_group(self.room_id),
+            broadcast.frame_event(self.room_id, text, exclude_user=exclude_user),
+        )
+
+    async def _publish_presence(
+        self, text: str, version: int, *, exclude_user: int | None = None
     ) -> None:
         from chat import broadcast
 
         await broadcast.apublish(
             broadcast.room_group(self.room_id),
-            broadcast.frame_event(self.room_id, text, exclude_user=exclude_user, hold=hold),
+            broadcast.presence_event(self.room_id, text, version, exclude_user=exclude_user),
         )
 
     async def _finish(self) -> None:
@@ -552,12 +566,12 @@ class RoomConsumer(AsyncWebsocketConsumer):
                 await self.runtime.hub.detach(self)
             if getattr(self, "counted", False):
                 # One call leaves the user's socket slots and, if it had joined, the presence;
-                # true if the user has left a room where someone is left to hear it.
+                # a version if the user has left a room where someone is left to hear it.
                 joined = getattr(self, "joined", False)
                 presence = (self.room_id, self.username) if joined else None
-                if await state.socket_close(self.user_id, self.socket_id, presence):
-                    await self._publish(
-                        frames.presence(self.room.slug, left=self.username), hold=True
+                if version := await state.socket_close(self.user_id, self.socket_id, presence):
+                    await self._publish_presence(
+                        frames.presence(self.room.slug, left=self.username), version
                     )
         except Exception:
             logger.exception("socket cleanup failed")

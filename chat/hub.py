@@ -51,6 +51,7 @@ class Socket(Protocol):
     credential: str
     opened_at: float
     ready: bool
+    presence_version: int  # of the room's list of users its hello gave (chat.state)
 
     async def send_text(self, text: str) -> None: ...
     async def on_control(self, event: dict[str, Any]) -> None: ...
@@ -289,21 +290,9 @@ class Hub:
             if "ts" in event:
                 metrics.DELIVERY_LATENCY.observe(max(0.0, time.time() - event["ts"]))
         elif kind == "hub.frame":
-            excluded = event.get("exclude_user")
-            # Sockets still joining, whose hello's snapshot may predate this (presence), get it
-            # after their hello.
-            joining = (
-                [
-                    sock
-                    for sock in feed.sockets.values()
-                    if not sock.ready and not sock.closing and sock.user_id != excluded
-                ]
-                if event.get("hold")
-                else ()
-            )
-            await self._send_all(feed, event["text"], exclude_user=excluded)
-            for sock in joining:
-                await sock.on_control(event)
+            await self._send_all(feed, event["text"], exclude_user=event.get("exclude_user"))
+        elif kind == "hub.presence":
+            await self._on_presence(feed, event)
         elif kind in ("hub.membership", "hub.revoke"):
             target = event.get("user")
             for sock in list(feed.sockets.values()):
@@ -312,6 +301,23 @@ class Hub:
         elif kind == "hub.room":
             for sock in list(feed.sockets.values()):
                 await sock.on_control(event)
+
+    async def _on_presence(self, feed: RoomFeed, event: dict[str, Any]) -> None:
+        """A join or a leave, to the sockets whose hello's list predates it. Each socket's hello
+        lists the room's users at a presence version (chat.state); an announcement made at that
+        version or before is already in it, and would undo a later, unannounced change (a user
+        who left, then came back to a room where nobody else was). A socket still joining gets
+        the event as a control event and decides after its hello."""
+        version, excluded = event["version"], event.get("exclude_user")
+        behind = []
+        for sock in list(feed.sockets.values()):
+            if sock.closing or sock.user_id == excluded:
+                continue
+            if not sock.ready:
+                await sock.on_control(event)
+            elif sock.presence_version < version:
+                behind.append(sock)
+        await self._send_all(feed, event["text"], sockets=behind)
 
     async def _on_message(self, feed: RoomFeed, seq: int, text: str, *, cork: bool = False) -> None:
         if seq <= feed.delivered or seq in feed.pending:
@@ -381,12 +387,14 @@ class Hub:
         *,
         exclude_user: int | None = None,
         cork: bool = False,
+        sockets: list[Socket] | None = None,
     ) -> None:
-        """Write one frame to the room's ready sockets: serialized once, framed once; with
-        `cork`, sent with the frames that follow it in this turn (chatproject/server.py)."""
+        """Write one frame to the room's ready sockets (or those of `sockets`): serialized once,
+        framed once; with `cork`, sent with the frames that follow it in this turn
+        (chatproject/server.py)."""
         prepared = None
         sent = 0
-        for sock in list(feed.sockets.values()):
+        for sock in list(feed.sockets.values()) if sockets is None else sockets:
             if not sock.ready or sock.closing or sock.user_id == exclude_user:
                 continue
             try:

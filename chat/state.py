@@ -44,6 +44,7 @@ class MemoryState:
         self._throttles: dict[str, float] = {}
         self._user_sockets: dict[int, set[str]] = defaultdict(set)
         self._presence: dict[int, dict[str, set[str]]] = defaultdict(lambda: defaultdict(set))
+        self._versions: dict[int, int] = defaultdict(int)
 
     async def take_token(self, key: str, rate: float, burst: int) -> bool:
         now = time.monotonic()
@@ -77,38 +78,44 @@ class MemoryState:
 
     async def socket_close(
         self, user_id: int, socket_id: str, presence: tuple[int, str] | None = None
-    ) -> bool:
+    ) -> int:
         """Free the socket's slot and, given its (room_id, username), take it out of the room's
-        presence. True if that was the user's last socket there and someone else still is: a
-        departure to announce."""
+        presence. If that was the user's last socket there and someone else still is, the
+        departure to announce, by the room's presence version after it; else 0."""
         self._user_sockets[user_id].discard(socket_id)
         if not self._user_sockets[user_id]:
             del self._user_sockets[user_id]
-        return presence is not None and self._presence_leave(*presence, socket_id)
+        return self._presence_leave(*presence, socket_id) if presence is not None else 0
 
     async def presence_join(
         self, room_id: int, username: str, socket_id: str
-    ) -> tuple[bool, list[str]]:
+    ) -> tuple[bool, list[str], int]:
         """Put the socket in the room's presence: (the user's first socket there?, the room's
-        users, sorted)."""
+        users, sorted, and the room's presence version that list is at).
+
+        The version counts the changes of the room's list of users; every announcement carries
+        the version it made, so a socket skips those its list already shows (chat.hub)."""
         sockets = self._presence[room_id][username]
         first = not sockets
         sockets.add(socket_id)
-        return first, sorted(self._presence[room_id])
+        if first:
+            self._versions[room_id] += 1
+        return first, sorted(self._presence[room_id]), self._versions[room_id]
 
-    def _presence_leave(self, room_id: int, username: str, socket_id: str) -> bool:
+    def _presence_leave(self, room_id: int, username: str, socket_id: str) -> int:
         room = self._presence.get(room_id, {})
         sockets = room.get(username)
         if not sockets or socket_id not in sockets:
-            return False
+            return 0
         sockets.discard(socket_id)
         if sockets:
-            return False
+            return 0
         del room[username]
+        self._versions[room_id] += 1
         if not room:
             del self._presence[room_id]
-            return False
-        return True
+            return 0
+        return self._versions[room_id]
 
     async def renew(self, sockets: list[tuple[int, str, int, str]]) -> None:
         """(user_id, socket_id, room_id, username) for every local socket; nothing to do here."""
@@ -144,9 +151,12 @@ redis.call('PEXPIREAT', KEYS[1], math.ceil(expires * 1000))
 return 1
 """
 
-# KEYS: the user's sockets in the room, the room's users. ARGV: now, lease end, socket, username.
-# Returns {first (1/0), the room's users}.
-_PRESENCE_JOIN_SCRIPT = """
+# The room's presence version counts the changes of its list of users (MemoryState.presence_join).
+_VERSION_MS = 86_400_000  # a room's counter outlives any announcement in flight by far
+
+# KEYS: the user's sockets in the room, the room's users, the room's presence version.
+# ARGV: now, lease end, socket, username. Returns {first (1/0), the room's users, the version}.
+_PRESENCE_JOIN_SCRIPT = f"""
 local now, expires = tonumber(ARGV[1]), tonumber(ARGV[2])
 redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now)
 local first = redis.call('ZCARD', KEYS[1]) == 0
@@ -155,22 +165,47 @@ redis.call('ZADD', KEYS[2], expires, ARGV[4])
 redis.call('PEXPIREAT', KEYS[1], math.ceil(expires * 1000))
 redis.call('PEXPIREAT', KEYS[2], math.ceil(expires * 1000))
 redis.call('ZREMRANGEBYSCORE', KEYS[2], '-inf', now)
-return {first and 1 or 0, redis.call('ZRANGE', KEYS[2], 0, -1)}
+local version = tonumber(redis.call('GET', KEYS[3]) or '0')
+if first then version = redis.call('INCR', KEYS[3]) end
+redis.call('PEXPIRE', KEYS[3], {_VERSION_MS})
+return {{first and 1 or 0, redis.call('ZRANGE', KEYS[2], 0, -1), version}}
 """
 
 # KEYS: the user's sockets; then, if the socket was in a room's presence, the user's sockets in
-# the room and the room's users. ARGV: socket, now, username. Returns 1 if the user left the room
-# and someone is still there: a departure to announce.
-_SOCKET_CLOSE_SCRIPT = """
+# the room, the room's users and its presence version. ARGV: socket, now, username. Returns the
+# version of the departure if the user left the room and someone is still there to hear it, else 0.
+_SOCKET_CLOSE_SCRIPT = f"""
 redis.call('ZREM', KEYS[1], ARGV[1])
-if #KEYS < 3 then return 0 end
+if #KEYS < 4 then return 0 end
 if redis.call('ZREM', KEYS[2], ARGV[1]) == 0 then return 0 end
 redis.call('ZREMRANGEBYSCORE', KEYS[2], '-inf', tonumber(ARGV[2]))
 if redis.call('ZCARD', KEYS[2]) > 0 then return 0 end
 redis.call('ZREM', KEYS[3], ARGV[3])
+local version = redis.call('INCR', KEYS[4])
+redis.call('PEXPIRE', KEYS[4], {_VERSION_MS})
 redis.call('ZREMRANGEBYSCORE', KEYS[3], '-inf', tonumber(ARGV[2]))
 if redis.call('ZCARD', KEYS[3]) == 0 then return 0 end
-return 1
+return version
+"""
+
+# A heartbeat's refresh of one local socket's leases. KEYS: the user's sockets, the user's sockets
+# in the room, the room's users. ARGV: socket, lease end, username. Only a socket still in its
+# sets is refreshed (one that closed meanwhile is not brought back); its user is put back in the
+# room's list if another's join pruned the entry while the heartbeat was late.
+_RENEW_SCRIPT = """
+local expires = tonumber(ARGV[2])
+local at = math.ceil(expires * 1000)
+if redis.call('ZSCORE', KEYS[1], ARGV[1]) then
+    redis.call('ZADD', KEYS[1], expires, ARGV[1])
+    redis.call('PEXPIREAT', KEYS[1], at)
+end
+if redis.call('ZSCORE', KEYS[2], ARGV[1]) then
+    redis.call('ZADD', KEYS[2], expires, ARGV[1])
+    redis.call('ZADD', KEYS[3], 'GT', expires, ARGV[3])
+    redis.call('PEXPIREAT', KEYS[2], at)
+    redis.call('PEXPIREAT', KEYS[3], at)
+end
+return 0
 """
 
 
@@ -264,6 +299,7 @@ class RedisState:
         self._socket_open = self._redis.register_script(_SOCKET_OPEN_SCRIPT)
         self._presence_join = self._redis.register_script(_PRESENCE_JOIN_SCRIPT)
         self._socket_close = self._redis.register_script(_SOCKET_CLOSE_SCRIPT)
+        self._renew = self._redis.register_script(_RENEW_SCRIPT)
 
     def _key(self, *parts: object) -> str:
         return ":".join([self._prefix, *map(str, parts)])
@@ -297,41 +333,45 @@ class RedisState:
     @_guarded
     async def socket_close(
         self, user_id: int, socket_id: str, presence: tuple[int, str] | None = None
-    ) -> bool:
+    ) -> int:
         keys, args = [self._key("us", user_id)], [socket_id, time.time()]
         if presence is not None:
             room_id, username = presence
-            keys += [self._key("pu", room_id, username), self._key("pr", room_id)]
+            keys += [
+                self._key("pu", room_id, username),
+                self._key("pr", room_id),
+                self._key("pv", room_id),
+            ]
             args.append(username)
-        return bool(await self._socket_close(keys=keys, args=args))
+        return int(await self._socket_close(keys=keys, args=args))
 
     @_guarded
     async def presence_join(
         self, room_id: int, username: str, socket_id: str
-    ) -> tuple[bool, list[str]]:
+    ) -> tuple[bool, list[str], int]:
         now = time.time()
-        first, online = await self._presence_join(
-            keys=[self._key("pu", room_id, username), self._key("pr", room_id)],
+        first, online, version = await self._presence_join(
+            keys=[
+                self._key("pu", room_id, username),
+                self._key("pr", room_id),
+                self._key("pv", room_id),
+            ],
             args=[now, now + LEASE_SECONDS, socket_id, username],
         )
-        return bool(first), sorted(name.decode() for name in online)
+        return bool(first), sorted(name.decode() for name in online), int(version)
 
     @_guarded
     async def renew(self, sockets: list[tuple[int, str, int, str]]) -> None:
         expires = time.time() + LEASE_SECONDS
         async with self._redis.pipeline(transaction=False) as pipe:
             for user_id, socket_id, room_id, username in sockets:
-                pipe.zadd(self._key("us", user_id), {socket_id: expires}, xx=True)
-                pipe.zadd(self._key("pu", room_id, username), {socket_id: expires}, xx=True)
-                # Existing entries only, like the two above: a heartbeat whose list was taken
-                # before a socket closed must not bring its user back into the room (for a lease).
-                pipe.zadd(self._key("pr", room_id), {username: expires}, xx=True, gt=True)
-                for key in (
+                keys = [
                     self._key("us", user_id),
                     self._key("pu", room_id, username),
                     self._key("pr", room_id),
-                ):
-                    pipe.pexpireat(key, int(expires * 1000))
+                ]
+                # Queued on the pipeline (which loads the script first if Redis lacks it).
+                await self._renew(keys=keys, args=[socket_id, expires, username], client=pipe)
             await pipe.execute()
 
     async def close(self) -> None:

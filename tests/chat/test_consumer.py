@@ -480,6 +480,36 @@ async def test_a_presence_change_while_a_socket_joins_reaches_it_after_its_hello
     await b.disconnect()
 
 
+async def test_a_change_a_joining_socket_s_list_already_shows_is_not_replayed(people, monkeypatch):
+    alice, bob, room = people
+    a, _ = await join(alice, room)
+    b0, _ = await join(bob, room)
+    assert (await receive_until(a, "presence"))["joined"] == "bob"
+    state = get_runtime().state
+    presence_join = state.presence_join
+
+    async def first_tab_closes_meanwhile(room_id, username, socket_id):
+        # A reload: bob's second tab has subscribed to the room, his first closes before the
+        # second reads the room's list. The "left bob" it causes reaches the second tab first.
+        joining = get_runtime().hub.rooms[room_id].sockets[socket_id]
+        if username == "bob" and not joining._held:
+            await b0.disconnect()
+            for _ in range(200):
+                if joining._held:
+                    break
+                await asyncio.sleep(0.005)
+            assert joining._held
+        return await presence_join(room_id, username, socket_id)
+
+    monkeypatch.setattr(state, "presence_join", first_tab_closes_meanwhile)
+    b1, hello = await join(bob, room)
+    assert hello["presence"] == ["alice", "bob"]
+    assert not [f for f in await drain(b1) if f["type"] == "presence"]  # not "left bob"
+    assert [f.get("left") or f.get("joined") for f in await drain(a)] == ["bob", "bob"]
+    await a.disconnect()
+    await b1.disconnect()
+
+
 # --- live moderation ------------------------------------------------------------------------------
 
 

@@ -17,6 +17,7 @@ class RecordingSocket:
     sent: int = 0
     closing: bool = False
     ready: bool = True
+    presence_version: int = 0
 
     def fast_send(self, prepared, cork: bool) -> bool:
         self.writes.append((prepared.payloadHybi, cork))
@@ -48,18 +49,18 @@ class JoiningSocket(RecordingSocket):
         self.held.append(event)
 
 
-async def test_a_held_frame_waits_for_joining_sockets_and_an_ordinary_one_does_not():
+async def test_a_presence_change_reaches_the_sockets_whose_list_predates_it():
     hub = Hub(get_runtime())
     feed = RoomFeed(room_id=7, delivered=0)
-    ready = RecordingSocket("ready", user_id=1)
-    joining, excluded = JoiningSocket("joining", user_id=2), JoiningSocket("excluded", user_id=3)
-    closing = JoiningSocket("closing", user_id=4, closing=True)
-    feed.sockets = {s.socket_id: s for s in (ready, joining, excluded, closing)}
-    typing = broadcast.frame_event(7, '{"type":"typing"}')
-    presence = broadcast.frame_event(7, '{"type":"presence"}', exclude_user=3, hold=True)
-    await hub._on_room_event(feed, typing)
-    await hub._on_room_event(feed, presence)
-    assert len(ready.writes) == 2  # a ready socket gets both at once
-    assert joining.held == [presence]  # a joining one only the held frame, for after its hello
+    older = RecordingSocket("older", user_id=1, presence_version=4)
+    newer = RecordingSocket("newer", user_id=2, presence_version=5)  # its hello showed it
+    joining, excluded = JoiningSocket("joining", user_id=3), JoiningSocket("excluded", user_id=4)
+    closing = JoiningSocket("closing", user_id=5, closing=True)
+    feed.sockets = {s.socket_id: s for s in (older, newer, joining, excluded, closing)}
+    event = broadcast.presence_event(7, '{"type":"presence"}', 5, exclude_user=4)
+    await hub._on_room_event(feed, event)
+    assert len(older.writes) == older.sent == 1
+    assert newer.writes == []
+    assert joining.held == [event]  # to decide once its hello's version is known
     assert excluded.held == closing.held == []
     assert joining.writes == excluded.writes == closing.writes == []

@@ -46,42 +46,44 @@ def state(request):
     return request.getfixturevalue("redis_state")
 
 
-async def test_joining_tells_whether_first_and_who_is_there(state):
-    assert await state.presence_join(7, "bob", "b1") == (True, ["bob"])
-    assert await state.presence_join(7, "alice", "a1") == (True, ["alice", "bob"])
-    # A second socket of alice's: not her first, and the list names her once.
-    assert await state.presence_join(7, "alice", "a2") == (False, ["alice", "bob"])
-    # Another room is another list.
-    assert await state.presence_join(8, "carol", "c1") == (True, ["carol"])
+async def test_joining_tells_whether_first_who_is_there_and_at_which_version(state):
+    assert await state.presence_join(7, "bob", "b1") == (True, ["bob"], 1)
+    assert await state.presence_join(7, "alice", "a1") == (True, ["alice", "bob"], 2)
+    # A second socket of alice's: not her first, the list names her once, nothing changed.
+    assert await state.presence_join(7, "alice", "a2") == (False, ["alice", "bob"], 2)
+    # Another room is another list, with its own count of changes.
+    assert await state.presence_join(8, "carol", "c1") == (True, ["carol"], 1)
 
 
 async def test_closing_leaves_the_presence_on_the_users_last_socket_only(state):
     for socket_id in ("a1", "a2"):
         assert await state.socket_open(1, socket_id, limit=2)
         await state.presence_join(7, "alice", socket_id)
-    await state.presence_join(7, "bob", "b1")
+    await state.presence_join(7, "bob", "b1")  # version 2
 
-    assert await state.socket_close(1, "a1", (7, "alice")) is False
-    assert (await state.presence_join(7, "bob", "b2"))[1] == ["alice", "bob"]
-    assert await state.socket_close(1, "a2", (7, "alice")) is True
-    assert (await state.presence_join(7, "bob", "b3"))[1] == ["bob"]
+    assert await state.socket_close(1, "a1", (7, "alice")) == 0
+    assert await state.presence_join(7, "bob", "b2") == (False, ["alice", "bob"], 2)
+    # Her last socket: a departure bob hears, made at version 3.
+    assert await state.socket_close(1, "a2", (7, "alice")) == 3
+    assert await state.presence_join(7, "bob", "b3") == (False, ["bob"], 3)
     # Closing it again changes nothing and announces nothing.
-    assert await state.socket_close(1, "a2", (7, "alice")) is False
+    assert await state.socket_close(1, "a2", (7, "alice")) == 0
 
 
-async def test_the_last_user_to_leave_has_nobody_to_tell(state):
+async def test_a_departure_nobody_hears_still_counts_as_a_change(state):
     await state.presence_join(7, "alice", "a1")
     await state.presence_join(7, "bob", "b1")
-    assert await state.socket_close(2, "b1", (7, "bob")) is True  # alice hears it
-    assert await state.socket_close(1, "a1", (7, "alice")) is False  # nobody is left
-    assert await state.presence_join(7, "carol", "c1") == (True, ["carol"])
+    assert await state.socket_close(2, "b1", (7, "bob")) == 3  # alice hears it
+    assert await state.socket_close(1, "a1", (7, "alice")) == 0  # nobody is left to
+    # The list changed all the same: an announcement made before it is older than this list.
+    assert await state.presence_join(7, "carol", "c1") == (True, ["carol"], 5)
 
 
 async def test_closing_frees_the_socket_slot_with_or_without_presence(state):
     assert await state.socket_open(1, "a1", limit=1)
     assert not await state.socket_open(1, "a2", limit=1)
     # A socket that never joined its room (refused after counting) leaves its slot only.
-    assert await state.socket_close(1, "a1") is False
+    assert await state.socket_close(1, "a1") == 0
     assert await state.socket_open(1, "a2", limit=1)
     await state.presence_join(7, "alice", "a2")
     await state.socket_close(1, "a2", (7, "alice"))
@@ -93,7 +95,7 @@ async def test_a_socket_not_in_the_presence_does_not_make_its_user_leave(state):
     assert await state.socket_open(1, "a2", limit=2)
     await state.presence_join(7, "alice", "a1")
     # a2 was counted and is closing as if it had joined: alice is still there through a1.
-    assert await state.socket_close(1, "a2", (7, "alice")) is False
+    assert await state.socket_close(1, "a2", (7, "alice")) == 0
     assert (await state.presence_join(7, "bob", "b1"))[1] == ["alice", "bob"]
 
 
@@ -104,6 +106,14 @@ async def test_a_late_heartbeat_does_not_bring_back_a_user_who_left(state):
     await state.socket_close(1, "a1", (7, "alice"))
     await state.renew(listed)
     assert (await state.presence_join(7, "carol", "c1"))[1] == ["bob", "carol"]
+
+
+async def test_a_heartbeat_puts_back_a_live_user_whose_room_entry_was_pruned(redis_state):
+    await redis_state.presence_join(7, "alice", "a1")
+    # The process missed its heartbeats: another's join pruned alice's lapsed room entry.
+    await redis_state._redis.zrem(redis_state._key("pr", 7), "alice")
+    await redis_state.renew([(1, "a1", 7, "alice")])
+    assert (await redis_state.presence_join(7, "bob", "b1"))[1] == ["alice", "bob"]
 
 
 # --- token buckets: one pipeline per turn of the event loop (Redis) -------------------------------
