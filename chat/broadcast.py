@@ -57,12 +57,14 @@ def frame_event(room_id: int, text: str, *, exclude_user: int | None = None) -> 
 
 
 def presence_event(
-    room_id: int, text: str, version: int, *, exclude_user: int | None = None
+    room_id: int, username: str, text: str, version: int, *, exclude_user: int | None = None
 ) -> dict[str, Any]:
-    """A join or a leave (`text`), made at the room's presence `version` (chat.state)."""
+    """A join or a leave of `username` (`text`), made at the room's presence `version`
+    (chat.state)."""
     return {
         "type": "hub.presence",
         "room": room_id,
+        "user": username,
         "text": text,
         "version": version,
         "exclude_user": exclude_user,

@@ -200,7 +200,7 @@ class RoomConsumer(AsyncWebsocketConsumer):
         if not permissions.can_view(user, self.room, self.membership):
             return await self._reject(Reason.FORBIDDEN)
         self.joined = True
-        first, online, self.presence_version = await state.presence_join(
+        announce, online, self.presence_version = await state.presence_join(
             self.room_id, self.username, self.socket_id
         )
         await self._accept()
@@ -228,8 +228,9 @@ class RoomConsumer(AsyncWebsocketConsumer):
         await self.send_text(frames.dumps(self._hello(last_seq, online)))
         for text in later:
             await self.send_text(text)
-        if first and len(online) > 1:
-            # The joiner's own hello already lists it; tell everyone else, if anyone is there.
+        if announce:
+            # The joiner's own hello already lists it; tell everyone else (chat.state: a first
+            # socket, and someone there to hear it).
             await self._publish_presence(
                 frames.presence(self.room.slug, joined=self.username),
                 self.presence_version,
@@ -493,10 +494,6 @@ class RoomConsumer(AsyncWebsocketConsumer):
         if self.closing:
             return
         kind = event["type"]
-        if kind == "hub.presence":  # for a joining socket (chat.hub), which is ready now
-            if event["version"] > self.presence_version:
-                await self.send_text(event["text"])
-            return
         if kind == "hub.revoke":
             if not event.get("credential") or event["credential"] == self.credential:
                 await self._close(event["code"], event.get("reason"))
@@ -551,7 +548,9 @@ class RoomConsumer(AsyncWebsocketConsumer):
 
         await broadcast.apublish(
             broadcast.room_group(self.room_id),
-            broadcast.presence_event(self.room_id, text, version, exclude_user=exclude_user),
+            broadcast.presence_event(
+                self.room_id, self.username, text, version, exclude_user=exclude_user
+            ),
         )
 
     async def _finish(self) -> None:

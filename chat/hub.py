@@ -67,6 +67,7 @@ class RoomFeed:
     pending: dict[int, str] = field(default_factory=dict)  # out-of-order frames by seq
     gap_timer: asyncio.TimerHandle | None = None
     filling: bool = False
+    presence_seen: dict[str, int] = field(default_factory=dict)  # last version per username
 
 
 def _is_timeout(error: BaseException) -> bool:
@@ -309,6 +310,12 @@ class Hub:
         who left, then came back to a room where nobody else was). A socket still joining gets
         the event as a control event and decides after its hello."""
         version, excluded = event["version"], event.get("exclude_user")
+        # Announcements from different processes can arrive out of order (channels_redis orders
+        # a group's messages by each publisher's clock): one older than the last of its user's
+        # that came is dropped for every socket.
+        if version <= feed.presence_seen.get(event["user"], 0):
+            return
+        feed.presence_seen[event["user"]] = version
         behind = []
         for sock in list(feed.sockets.values()):
             if sock.closing or sock.user_id == excluded:

@@ -90,17 +90,19 @@ class MemoryState:
     async def presence_join(
         self, room_id: int, username: str, socket_id: str
     ) -> tuple[bool, list[str], int]:
-        """Put the socket in the room's presence: (the user's first socket there?, the room's
-        users, sorted, and the room's presence version that list is at).
+        """Put the socket in the room's presence: (a join to announce: the user's first socket
+        there, with someone else there?, the room's users, sorted, and the room's presence
+        version that list is at).
 
         The version counts the changes of the room's list of users; every announcement carries
         the version it made, so a socket skips those its list already shows (chat.hub)."""
-        sockets = self._presence[room_id][username]
+        room = self._presence[room_id]
+        sockets = room[username]
         first = not sockets
         sockets.add(socket_id)
         if first:
             self._versions[room_id] += 1
-        return first, sorted(self._presence[room_id]), self._versions[room_id]
+        return first and len(room) > 1, sorted(room), self._versions[room_id]
 
     def _presence_leave(self, room_id: int, username: str, socket_id: str) -> int:
         room = self._presence.get(room_id, {})
@@ -152,11 +154,26 @@ return 1
 """
 
 # The room's presence version counts the changes of its list of users (MemoryState.presence_join).
-_VERSION_MS = 86_400_000  # a room's counter outlives any announcement in flight by far
+# A counter that is missing (expired a day after its room's last join or leave, or lost) starts
+# again from the time in milliseconds, above any version it had given before.
+_VERSION = """
+local function version(key, now, change)
+    if redis.call('EXISTS', key) == 0 then
+        redis.call('SET', key, math.floor(now * 1000))
+    end
+    local value = change and redis.call('INCR', key) or tonumber(redis.call('GET', key))
+    redis.call('PEXPIRE', key, 86400000)
+    return value
+end
+"""
 
 # KEYS: the user's sockets in the room, the room's users, the room's presence version.
-# ARGV: now, lease end, socket, username. Returns {first (1/0), the room's users, the version}.
-_PRESENCE_JOIN_SCRIPT = f"""
+# ARGV: now, lease end, socket, username. Returns {announce (1/0), the room's users, the version}:
+# announce if this is the user's first socket there and the list has anyone else in it, even
+# with a lapsed lease (a live process may be late renewing it; one that crashed hears nothing).
+_PRESENCE_JOIN_SCRIPT = (
+    _VERSION
+    + """
 local now, expires = tonumber(ARGV[1]), tonumber(ARGV[2])
 redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now)
 local first = redis.call('ZCARD', KEYS[1]) == 0
@@ -164,29 +181,32 @@ redis.call('ZADD', KEYS[1], expires, ARGV[3])
 redis.call('ZADD', KEYS[2], expires, ARGV[4])
 redis.call('PEXPIREAT', KEYS[1], math.ceil(expires * 1000))
 redis.call('PEXPIREAT', KEYS[2], math.ceil(expires * 1000))
+local announce = first and redis.call('ZCARD', KEYS[2]) > 1
 redis.call('ZREMRANGEBYSCORE', KEYS[2], '-inf', now)
-local version = tonumber(redis.call('GET', KEYS[3]) or '0')
-if first then version = redis.call('INCR', KEYS[3]) end
-redis.call('PEXPIRE', KEYS[3], {_VERSION_MS})
-return {{first and 1 or 0, redis.call('ZRANGE', KEYS[2], 0, -1), version}}
+local at = version(KEYS[3], now, first)
+return {announce and 1 or 0, redis.call('ZRANGE', KEYS[2], 0, -1), at}
 """
+)
 
 # KEYS: the user's sockets; then, if the socket was in a room's presence, the user's sockets in
 # the room, the room's users and its presence version. ARGV: socket, now, username. Returns the
-# version of the departure if the user left the room and someone is still there to hear it, else 0.
-_SOCKET_CLOSE_SCRIPT = f"""
+# version of the departure if the user left the room and the list still has anyone in it (as
+# above, lapsed leases included), else 0.
+_SOCKET_CLOSE_SCRIPT = (
+    _VERSION
+    + """
+local now = tonumber(ARGV[2])
 redis.call('ZREM', KEYS[1], ARGV[1])
 if #KEYS < 4 then return 0 end
 if redis.call('ZREM', KEYS[2], ARGV[1]) == 0 then return 0 end
-redis.call('ZREMRANGEBYSCORE', KEYS[2], '-inf', tonumber(ARGV[2]))
+redis.call('ZREMRANGEBYSCORE', KEYS[2], '-inf', now)
 if redis.call('ZCARD', KEYS[2]) > 0 then return 0 end
 redis.call('ZREM', KEYS[3], ARGV[3])
-local version = redis.call('INCR', KEYS[4])
-redis.call('PEXPIRE', KEYS[4], {_VERSION_MS})
-redis.call('ZREMRANGEBYSCORE', KEYS[3], '-inf', tonumber(ARGV[2]))
+local at = version(KEYS[4], now, true)
 if redis.call('ZCARD', KEYS[3]) == 0 then return 0 end
-return version
+return at
 """
+)
 
 # A heartbeat's refresh of one local socket's leases. KEYS: the user's sockets, the user's sockets
 # in the room, the room's users. ARGV: socket, lease end, username. Only a socket still in its

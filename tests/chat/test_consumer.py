@@ -467,6 +467,7 @@ async def test_a_presence_change_while_a_socket_joins_reaches_it_after_its_hello
                 if self._held:
                     break
                 await asyncio.sleep(0.005)
+            assert self._held  # the "left alice" came while bob was joining
         await accept(self)
 
     monkeypatch.setattr(RoomConsumer, "_accept", alice_leaves_meanwhile)

@@ -4,7 +4,7 @@ from dataclasses import dataclass, field
 
 import pytest
 
-from chat import broadcast
+from chat import broadcast, frames
 from chat.hub import Hub, RoomFeed
 from chat.runtime import get_runtime
 
@@ -57,10 +57,28 @@ async def test_a_presence_change_reaches_the_sockets_whose_list_predates_it():
     joining, excluded = JoiningSocket("joining", user_id=3), JoiningSocket("excluded", user_id=4)
     closing = JoiningSocket("closing", user_id=5, closing=True)
     feed.sockets = {s.socket_id: s for s in (older, newer, joining, excluded, closing)}
-    event = broadcast.presence_event(7, '{"type":"presence"}', 5, exclude_user=4)
+    event = broadcast.presence_event(7, "bob", '{"type":"presence"}', 5, exclude_user=4)
     await hub._on_room_event(feed, event)
     assert len(older.writes) == older.sent == 1
     assert newer.writes == []
     assert joining.held == [event]  # to decide once its hello's version is known
     assert excluded.held == closing.held == []
     assert joining.writes == excluded.writes == closing.writes == []
+
+
+async def test_a_presence_change_older_than_one_already_come_for_its_user_is_dropped():
+    hub = Hub(get_runtime())
+    feed = RoomFeed(room_id=7, delivered=0)
+    ready, joining = RecordingSocket("ready", user_id=1), JoiningSocket("joining", user_id=2)
+    feed.sockets = {s.socket_id: s for s in (ready, joining)}
+    # A reload through two processes: "joined bob" (6) overtakes the "left bob" (5) before it.
+    joined = broadcast.presence_event(7, "bob", '{"joined":"bob"}', 6)
+    left = broadcast.presence_event(7, "bob", '{"left":"bob"}', 5)
+    carol = broadcast.presence_event(7, "carol", '{"left":"carol"}', 4)
+    for event in (joined, left, carol):
+        await hub._on_room_event(feed, event)
+    assert [payload for payload, _ in ready.writes] == [
+        frames.prepared(joined["text"]).payloadHybi,
+        frames.prepared(carol["text"]).payloadHybi,  # another user's: its own order
+    ]
+    assert joining.held == [joined, carol]

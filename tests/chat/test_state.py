@@ -46,37 +46,39 @@ def state(request):
     return request.getfixturevalue("redis_state")
 
 
-async def test_joining_tells_whether_first_who_is_there_and_at_which_version(state):
-    assert await state.presence_join(7, "bob", "b1") == (True, ["bob"], 1)
-    assert await state.presence_join(7, "alice", "a1") == (True, ["alice", "bob"], 2)
-    # A second socket of alice's: not her first, the list names her once, nothing changed.
-    assert await state.presence_join(7, "alice", "a2") == (False, ["alice", "bob"], 2)
+async def test_joining_tells_whether_to_announce_who_is_there_and_at_which_version(state):
+    # bob alone: nobody to tell.
+    announce, online, first = await state.presence_join(7, "bob", "b1")
+    assert (announce, online) == (False, ["bob"])
+    assert await state.presence_join(7, "alice", "a1") == (True, ["alice", "bob"], first + 1)
+    # A second socket of alice's: nothing to announce, the list names her once, no change.
+    assert await state.presence_join(7, "alice", "a2") == (False, ["alice", "bob"], first + 1)
     # Another room is another list, with its own count of changes.
-    assert await state.presence_join(8, "carol", "c1") == (True, ["carol"], 1)
+    assert (await state.presence_join(8, "carol", "c1"))[:2] == (False, ["carol"])
 
 
 async def test_closing_leaves_the_presence_on_the_users_last_socket_only(state):
     for socket_id in ("a1", "a2"):
         assert await state.socket_open(1, socket_id, limit=2)
         await state.presence_join(7, "alice", socket_id)
-    await state.presence_join(7, "bob", "b1")  # version 2
+    _, _, joined = await state.presence_join(7, "bob", "b1")
 
     assert await state.socket_close(1, "a1", (7, "alice")) == 0
-    assert await state.presence_join(7, "bob", "b2") == (False, ["alice", "bob"], 2)
-    # Her last socket: a departure bob hears, made at version 3.
-    assert await state.socket_close(1, "a2", (7, "alice")) == 3
-    assert await state.presence_join(7, "bob", "b3") == (False, ["bob"], 3)
+    assert await state.presence_join(7, "bob", "b2") == (False, ["alice", "bob"], joined)
+    # Her last socket: a departure bob hears, the next change.
+    assert await state.socket_close(1, "a2", (7, "alice")) == joined + 1
+    assert await state.presence_join(7, "bob", "b3") == (False, ["bob"], joined + 1)
     # Closing it again changes nothing and announces nothing.
     assert await state.socket_close(1, "a2", (7, "alice")) == 0
 
 
 async def test_a_departure_nobody_hears_still_counts_as_a_change(state):
     await state.presence_join(7, "alice", "a1")
-    await state.presence_join(7, "bob", "b1")
-    assert await state.socket_close(2, "b1", (7, "bob")) == 3  # alice hears it
+    _, _, joined = await state.presence_join(7, "bob", "b1")
+    assert await state.socket_close(2, "b1", (7, "bob")) == joined + 1  # alice hears it
     assert await state.socket_close(1, "a1", (7, "alice")) == 0  # nobody is left to
     # The list changed all the same: an announcement made before it is older than this list.
-    assert await state.presence_join(7, "carol", "c1") == (True, ["carol"], 5)
+    assert await state.presence_join(7, "carol", "c1") == (False, ["carol"], joined + 3)
 
 
 async def test_closing_frees_the_socket_slot_with_or_without_presence(state):
@@ -106,6 +108,27 @@ async def test_a_late_heartbeat_does_not_bring_back_a_user_who_left(state):
     await state.socket_close(1, "a1", (7, "alice"))
     await state.renew(listed)
     assert (await state.presence_join(7, "carol", "c1"))[1] == ["bob", "carol"]
+
+
+async def lapse(redis_state, room_id: int, username: str) -> None:
+    """The user's room entry as a process that missed its heartbeats leaves it: expired."""
+    await redis_state._redis.zadd(redis_state._key("pr", room_id), {username: 1.0})
+
+
+async def test_someone_whose_lease_lapsed_still_hears_joins_and_leaves(redis_state):
+    await redis_state.presence_join(7, "alice", "a1")
+    await redis_state.presence_join(7, "bob", "b1")
+    await lapse(redis_state, 7, "alice")
+    assert await redis_state.socket_close(2, "b1", (7, "bob")) > 0  # alice hears bob leave
+    await lapse(redis_state, 7, "alice")
+    announce, online, _ = await redis_state.presence_join(7, "carol", "c1")
+    assert (announce, online) == (True, ["carol"])  # and carol come, though not listed
+
+
+async def test_a_lost_version_counter_starts_above_the_versions_it_gave(redis_state):
+    before = (await redis_state.presence_join(7, "alice", "a1"))[2]
+    await redis_state._redis.delete(redis_state._key("pv", 7))  # expired, evicted, flushed
+    assert (await redis_state.presence_join(7, "bob", "b1"))[2] > before
 
 
 async def test_a_heartbeat_puts_back_a_live_user_whose_room_entry_was_pruned(redis_state):
