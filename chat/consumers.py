@@ -19,7 +19,7 @@ from django.conf import settings
 from django.db import DatabaseError
 from django.utils.dateparse import parse_datetime
 
-from chat import audit, frames, metrics, permissions, selectors, services
+from chat import audit, broadcast, frames, metrics, permissions, selectors, services
 from chat.models import MAX_SEQ, Membership
 from chat.protocol import (
     CLOSE_AUTH_TIMEOUT,
@@ -231,11 +231,7 @@ class RoomConsumer(AsyncWebsocketConsumer):
         if announce:
             # The joiner's own hello already lists it; tell everyone else (chat.state: a first
             # socket, and someone there to hear it).
-            await self._publish_presence(
-                frames.presence(self.room.slug, joined=self.username),
-                self.presence_version,
-                exclude_user=self.user_id,
-            )
+            await self._publish(self._presence(self.presence_version, joined=True))
         return None
 
     def _hello(self, last_seq: int, online: list[str]) -> dict[str, Any]:
@@ -450,7 +446,13 @@ class RoomConsumer(AsyncWebsocketConsumer):
             f"typing:{self.room_id}:{self.user_id}", settings.CHAT_TYPING_INTERVAL
         ):
             raise FrameError(ERR_RATE_LIMITED, "typing at most every few seconds")
-        await self._publish(frames.typing(self.room.slug, self.username), exclude_user=self.user_id)
+        await self._publish(
+            broadcast.frame_event(
+                self.room_id,
+                frames.typing(self.room.slug, self.username),
+                exclude_user=self.user_id,
+            )
+        )
 
     async def on_ping(self, frame: dict[str, Any]) -> None:
         await self.send_text(frames.PONG)
@@ -533,24 +535,19 @@ class RoomConsumer(AsyncWebsocketConsumer):
             self.close_code = message.get("code")
         raise StopConsumer()
 
-    async def _publish(self, text: str, *, exclude_user: int | None = None) -> None:
-        from chat import broadcast
+    async def _publish(self, event: dict[str, Any]) -> None:
+        """A hub event (chat.broadcast) to every process with sockets in this room."""
+        await broadcast.apublish(broadcast.room_group(self.room_id), event)
 
-        await broadcast.apublish(
-            broadcast.room_group(self.room_id),
-            broadcast.frame_event(self.room_id, text, exclude_user=exclude_user),
-        )
-
-    async def _publish_presence(
-        self, text: str, version: int, *, exclude_user: int | None = None
-    ) -> None:
-        from chat import broadcast
-
-        await broadcast.apublish(
-            broadcast.room_group(self.room_id),
-            broadcast.presence_event(
-                self.room_id, self.username, text, version, exclude_user=exclude_user
-            ),
+    def _presence(self, version: int, *, joined: bool) -> dict[str, Any]:
+        """This user's join or leave, made at the room's presence `version`. A join is not sent
+        to the user's own sockets: the joiner's hello lists it, and so did the others'."""
+        if joined:
+            text, exclude = frames.presence(self.room.slug, joined=self.username), self.user_id
+        else:
+            text, exclude = frames.presence(self.room.slug, left=self.username), None
+        return broadcast.presence_event(
+            self.room_id, self.username, text, version, exclude_user=exclude
         )
 
     async def _finish(self) -> None:
@@ -569,9 +566,7 @@ class RoomConsumer(AsyncWebsocketConsumer):
                 joined = getattr(self, "joined", False)
                 presence = (self.room_id, self.username) if joined else None
                 if version := await state.socket_close(self.user_id, self.socket_id, presence):
-                    await self._publish_presence(
-                        frames.presence(self.room.slug, left=self.username), version
-                    )
+                    await self._publish(self._presence(version, joined=False))
         except Exception:
             logger.exception("socket cleanup failed")
         finally:
