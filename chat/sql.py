@@ -339,9 +339,8 @@ def get(model: type[models.Model], **where: Any) -> models.Model | None:
     handshake path's reads, where QuerySet.first() spent more in the query compiler (and in the
     ORDER BY it adds) than SQLite spent answering.
     """
-    meta = model._meta
-    fields = [f.name for f in meta.concrete_fields if not f.primary_key]
-    found = select_in(model, fields, **{name: [value] for name, value in where.items()})
+    lists = {name: [value] for name, value in where.items()}
+    found = select_in(model, _every_field(model), **lists)
     if len(found) > 1:
         raise model.MultipleObjectsReturned(f"sql.get({model.__name__}, {sorted(where)})")
     return found[0] if found else None
@@ -377,6 +376,11 @@ def select_pairs(
             ]
         found += _select(model, fields, " OR ".join([term] * len(chunk)), params)
     return found
+
+
+def _every_field(model: type[models.Model]) -> list[str]:
+    """What `get` reads: every concrete field (the key is always read)."""
+    return [f.name for f in model._meta.concrete_fields if not f.primary_key]
 
 
 def _field(meta, name: str):
@@ -447,9 +451,8 @@ def get_each(*lookups: Lookup) -> list[models.Model | None]:
     plans = []
     for number, (model, fields, where) in enumerate(lookups):
         meta = model._meta
-        if fields is None:
-            fields = [f.name for f in meta.concrete_fields if not f.primary_key]
-        plan = _read_plan(model, tuple(fields), connection)
+        read = _every_field(model) if fields is None else fields
+        plan = _read_plan(model, tuple(read), connection)
         alias = f"t{number}"
         columns += [f"{alias}.{name}" for name in plan.names]
         conditions = []

@@ -370,7 +370,7 @@ class RedisState:
         self, room_id: int, username: str, socket_id: str
     ) -> tuple[bool, list[str], int]:
         now = time.time()
-        first, online, version = await self._presence_join(
+        announce, online, version = await self._presence_join(
             keys=[
                 self._key("pu", room_id, username),
                 self._key("pr", room_id),
@@ -378,7 +378,7 @@ class RedisState:
             ],
             args=[now, now + LEASE_SECONDS, socket_id, username],
         )
-        return bool(first), sorted(name.decode() for name in online), int(version)
+        return bool(announce), sorted(name.decode() for name in online), int(version)
 
     @_guarded
     async def renew(self, sockets: list[tuple[int, str, int, str]]) -> None:
