@@ -15,7 +15,7 @@ import environ
 import psycopg
 import pytest
 from django.conf import settings
-from django.db import DatabaseError
+from django.db import DatabaseError, connections
 
 from chatproject.postgresql.base import DatabaseWrapper
 
@@ -34,7 +34,9 @@ def database(django_db_blocker):
         if os.environ.get("CI"):
             pytest.fail(f"PostgreSQL at {url} is not reachable: {error}")
         pytest.skip(f"PostgreSQL at {url} is not reachable: {error}")
-    wrapper = DatabaseWrapper({**_defaults(), **config}, alias="health-check-test")
+    # Filled in with Django's defaults, as for any configured database.
+    (config,) = connections.configure_settings({"default": config}).values()
+    wrapper = DatabaseWrapper(config, alias="health-check-test")
     checks: list[bool] = []
     is_usable = wrapper.is_usable
 
@@ -46,16 +48,6 @@ def database(django_db_blocker):
     with django_db_blocker.unblock():  # a connection of its own, not the test database's
         yield wrapper, checks, url
         wrapper.close()
-
-
-def _defaults() -> dict:
-    return {
-        "ATOMIC_REQUESTS": False,
-        "AUTOCOMMIT": True,
-        "OPTIONS": {},
-        "TIME_ZONE": None,
-        "TEST": {},
-    }
 
 
 def unit_of_work(wrapper, sql: str = "SELECT 2"):
