@@ -18,6 +18,7 @@ from django.conf import settings
 from django.db import DatabaseError, connections
 
 from chatproject.postgresql.base import DatabaseWrapper
+from tests.services import service_unavailable
 
 
 @pytest.fixture
@@ -30,10 +31,7 @@ def database(django_db_blocker):
     try:
         psycopg.connect(url, connect_timeout=2).close()
     except psycopg.Error as error:
-        # A missing service skips this locally; in CI it fails (.ci/run).
-        if os.environ.get("CI"):
-            pytest.fail(f"PostgreSQL at {url} is not reachable: {error}")
-        pytest.skip(f"PostgreSQL at {url} is not reachable: {error}")
+        service_unavailable(f"PostgreSQL at {url} is not reachable: {error}")
     # Filled in with Django's defaults, as for any configured database.
     (config,) = connections.configure_settings({"default": config}).values()
     wrapper = DatabaseWrapper(config, alias="health-check-test")

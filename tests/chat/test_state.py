@@ -6,37 +6,22 @@ leaves its slot and the presence in one: on Redis each is one round trip (docs/p
 """
 
 import asyncio
-import os
 import secrets
 
 import pytest
 import redis
-from django.conf import settings
 
 from chat.state import _BUCKET_SCRIPT, MemoryState, RedisState, StateUnavailable
-
-
-def _redis_url() -> str:
-    url = settings.REDIS_URL or os.environ.get("CHAT_TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
-    try:
-        redis.Redis.from_url(url, socket_connect_timeout=2).ping()
-    except redis.RedisError as error:
-        # A missing service skips this locally; in CI it fails (.ci/run).
-        if os.environ.get("CI"):
-            pytest.fail(f"Redis at {url} is not reachable: {error}")
-        pytest.skip(f"Redis at {url} is not reachable: {error}")
-    return url
+from tests.services import reachable_redis_url, redis_clear_prefix
 
 
 @pytest.fixture
 async def redis_state():
-    url, prefix = _redis_url(), f"test-state-{secrets.token_hex(4)}"
+    url, prefix = reachable_redis_url(), f"test-state-{secrets.token_hex(4)}"
     shared = RedisState(url, prefix, max_connections=4)
     yield shared
     await shared.close()
-    client = redis.Redis.from_url(url)
-    for key in client.scan_iter(f"{prefix}:*"):
-        client.delete(key)
+    redis_clear_prefix(url, prefix)
 
 
 @pytest.fixture(params=["memory", "redis"])

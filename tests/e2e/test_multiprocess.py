@@ -1,7 +1,6 @@
 """Several daphne processes on one Redis and one database: one deployment, global behaviour."""
 
 import asyncio
-import os
 import shutil
 import subprocess
 import time
@@ -9,31 +8,19 @@ import time
 import pytest
 import redis
 from asgiref.sync import sync_to_async
-from django.conf import settings
 
 from chat.models import Message
 from tests.e2e.client import ChatClient
 from tests.e2e.resilient import ResilientClient
 from tests.e2e.server import free_port
+from tests.services import reachable_redis_url, service_unavailable
 
 pytestmark = [pytest.mark.e2e, pytest.mark.redis]
 
 
-def _unavailable(reason: str):
-    # A missing service skips these tests locally; in CI it fails them.
-    if os.environ.get("CI"):
-        pytest.fail(reason)
-    pytest.skip(reason)
-
-
 @pytest.fixture
 def redis_url() -> str:
-    url = settings.REDIS_URL or os.environ.get("CHAT_TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
-    try:
-        redis.Redis.from_url(url, socket_connect_timeout=2).ping()
-    except redis.RedisError as error:
-        _unavailable(f"Redis at {url} is not reachable: {error}")
-    return url
+    return reachable_redis_url()
 
 
 def two_processes(server_factory, redis_url: str, **env):
@@ -125,7 +112,7 @@ def private_redis(tmp_path):
     """A redis-server of our own, so a test may kill and restart it without harming anyone."""
     binary = shutil.which("redis-server")
     if binary is None:
-        _unavailable("redis-server is not installed")
+        service_unavailable("redis-server is not installed")
     port = free_port()
     command = [binary, "--port", str(port), "--bind", "127.0.0.1", "--dir", str(tmp_path),
                "--save", "", "--appendonly", "no"]  # fmt: skip
