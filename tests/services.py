@@ -9,7 +9,7 @@ from django.conf import settings
 def service_unavailable(reason: str):
     """A missing service skips the test locally; in CI it fails it (.ci/run)."""
     if os.environ.get("CI"):
-        pytest.fail(reason)
+        pytest.fail(f"{reason}. CI must run this test.", pytrace=False)
     pytest.skip(reason)
 
 

@@ -11,17 +11,16 @@ from __future__ import annotations
 
 import functools
 import json
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import pytest
 import pytest_asyncio
 from asgiref.sync import sync_to_async
 from django.conf import settings
 from django.test import Client
 
 from tests.factories import PASSWORD
+from tests.services import service_unavailable
 
 CHROMIUM = Path("/usr/bin/chromium")
 CHROMIUM_ARGS = [
@@ -61,9 +60,7 @@ def require_chromium() -> None:
         f"{CHROMIUM} is missing: install Debian's chromium "
         "(DEBIAN_FRONTEND=noninteractive apt-get install -y chromium) to run the browser tests"
     )
-    if os.environ.get("CI"):
-        pytest.fail(f"{reason}. CI must run them.", pytrace=False)
-    pytest.skip(reason)
+    service_unavailable(reason)
 
 
 # Fixtures under their own names: a test module imports these, and its tests ask for `browser`
