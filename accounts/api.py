@@ -117,11 +117,11 @@ class TicketCreateView(APIView):
         data = serializers.TicketRequestSerializer(data=request.data)
         data.is_valid(raise_exception=True)
         slug = data.validated_data["room"]
-        room = selectors.room_get(slug=slug)
+        user, ip = request.user, client_ip_from_request(request)
+        room, membership = selectors.room_and_membership(slug=slug, user=user)
         if room is None:
             raise NotFound("no such room")
-        user, ip = request.user, client_ip_from_request(request)
-        if not permissions.can_view(user, room, selectors.membership_get(room=room, user=user)):
+        if not permissions.can_view(user, room, membership):
             audit.security_event(
                 event=audit.Event.TICKET_REFUSED,
                 actor=user,

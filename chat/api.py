@@ -42,10 +42,9 @@ class RoomScopedView(APIView):
     """Resolves <slug> to a room the user may view: 404 if unknown or archived, 403 if no access."""
 
     def room_for(self, request, slug: str) -> Room:
-        room = selectors.room_get(slug=slug)
+        room, self.membership = selectors.room_and_membership(slug=slug, user=request.user)
         if room is None:
             raise NotFound("no such room")
-        self.membership = selectors.membership_get(room=room, user=request.user)
         if not permissions.can_view(request.user, room, self.membership):
             raise PermissionDenied("you have no access to this room")
         return room

@@ -434,14 +434,24 @@ def _instance(model, plan: "_ReadPlan", values: list[Any], connection, direct: b
 Lookup = tuple[type[models.Model], Sequence[str] | None, dict[str, Any]]
 
 
+@dataclass(frozen=True, slots=True)
+class Found:
+    """In a get_each lookup's `where`: the value of `field` in the row an earlier lookup (by its
+    position) found. If that lookup found nothing, neither does this one."""
+
+    lookup: int
+    field: str = "pk"
+
+
 def get_each(*lookups: Lookup) -> list[models.Model | None]:
     """For each (model, fields, where), the one row whose columns equal `where`, or None; all of
     them in one statement.
 
-    `get` (fields None: every field) or `select_in` with one value per column, for lookups by
-    key that do not depend on each other: a handshake's. On PostgreSQL each lookup was a round
-    trip. Each is a LEFT JOIN on a one-row table, so one that finds nothing leaves the others
-    their rows; a lookup that names several rows is refused, as `get` refuses it.
+    `get` (fields None: every field) or `select_in` with one value per column, for a handshake's
+    lookups by key. On PostgreSQL each lookup was a round trip. Each is a LEFT JOIN on a one-row
+    table, so one that finds nothing leaves the others their rows; a lookup that names several
+    rows is refused, as `get` refuses it. A value may be `Found(n, field)`, a column of the row
+    lookup n found (the membership of the room found by its slug).
     """
     connection = transaction.get_connection()
     quote = connection.ops.quote_name
@@ -460,8 +470,15 @@ def get_each(*lookups: Lookup) -> list[models.Model | None]:
             if value is None:
                 raise ValueError(f"get_each({model.__name__}, {name}=None) cannot match None")
             field = _field(meta, name)
-            conditions.append(f"{alias}.{quote(field.column)} = %s")
-            params.append(field.get_db_prep_value(value, connection))
+            if isinstance(value, Found):
+                if not 0 <= value.lookup < number:
+                    raise ValueError(f"get_each: {value} is not an earlier lookup")
+                earlier = _field(plans[value.lookup][0]._meta, value.field).column
+                other = f"t{value.lookup}.{quote(earlier)}"
+            else:
+                other = "%s"
+                params.append(field.get_db_prep_value(value, connection))
+            conditions.append(f"{alias}.{quote(field.column)} = {other}")
         joins.append(f"LEFT JOIN {plan.table} {alias} ON {' AND '.join(conditions)}")
         plans.append((model, plan))
     sql = f"SELECT {', '.join(columns)} FROM (SELECT 1 AS one) one {' '.join(joins)}"  # noqa: S608

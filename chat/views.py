@@ -47,10 +47,9 @@ def _unread_refresh_ms(seconds: float) -> int:
 
 @login_required
 def room_page(request, slug: str):
-    room = selectors.room_get(slug=slug)
+    room, membership = selectors.room_and_membership(slug=slug, user=request.user)
     if room is None:
         raise Http404("no such room")
-    membership = selectors.membership_get(room=room, user=request.user)
     can_view = permissions.can_view(request.user, room, membership)
     return render(
         request,

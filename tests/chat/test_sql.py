@@ -397,6 +397,37 @@ def test_get_each_refuses_a_lookup_that_names_several_rows_or_none(grid):
         sql.get_each((Room, None, {"slug": None}))
 
 
+def test_get_each_finds_a_row_by_a_column_of_a_row_found_before(grid, django_assert_num_queries):
+    (room, other, _), (user, _, _) = grid
+    with django_assert_num_queries(1):
+        found, membership = sql.get_each(
+            (Room, ["slug"], {"slug": room.slug}),
+            (Membership, None, {"room": sql.Found(0), "user": user.pk}),
+        )
+    assert (found, membership) == (room, Membership.objects.get(room=room, user=user))
+    # The membership follows the row found: another room, that room's membership.
+    found, membership = sql.get_each(
+        (Room, [], {"slug": other.slug}),
+        (Membership, ["room"], {"user": user.pk, "room": sql.Found(0, "pk")}),
+    )
+    assert (found.pk, membership.room_id, membership.user_id) == (other.pk, other.pk, user.pk)
+    # No room, so no membership, whatever else matches.
+    assert sql.get_each(
+        (Room, None, {"slug": "no-such-room"}),
+        (Membership, None, {"room": sql.Found(0), "user": user.pk}),
+    ) == [None, None]
+
+
+def test_get_each_refuses_a_reference_to_a_lookup_not_made_before(grid):
+    (room, _, _), (user, _, _) = grid
+    for position in (1, 2, -1):
+        with pytest.raises(ValueError, match="not an earlier lookup"):
+            sql.get_each(
+                (Room, None, {"pk": room.pk}),
+                (Membership, None, {"room": sql.Found(position), "user": user.pk}),
+            )
+
+
 def test_a_socket_s_context_and_a_ticket_s_redemption_read_in_one_statement(
     grid, django_assert_num_queries
 ):
