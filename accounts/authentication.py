@@ -3,6 +3,7 @@
 from drf_spectacular.contrib.rest_framework_simplejwt import SimpleJWTScheme
 from rest_framework_simplejwt.authentication import JWTAuthentication
 from rest_framework_simplejwt.exceptions import InvalidToken
+from rest_framework_simplejwt.settings import api_settings as jwt_settings
 
 from accounts import services
 from accounts.tokens import FAMILY_CLAIM
@@ -17,14 +18,23 @@ class ChatJWTAuthentication(JWTAuthentication):
     def get_validated_token(self, raw_token):
         token = super().get_validated_token(raw_token)
         family = token.get(FAMILY_CLAIM)
-        if family and services.login_has_ended(services.credential_for_jwt(family)):
+        credential = services.credential_for_jwt(family) if family else None
+        user_id = token.get(jwt_settings.USER_ID_CLAIM)
+        if user_id is None:  # get_user refuses it; only the login's end to check
+            ended = credential is not None and services.login_has_ended(credential)
+        else:
+            # The user get_user is about to look up, read with the login's end: one statement.
+            where = {jwt_settings.USER_ID_FIELD: user_id}
+            user, ended = services.jwt_user_and_login(where=where, credential=credential)
+            self.user_model.read(where, user)
+        if ended:
             raise InvalidToken({"detail": "this login has ended; sign in again"})
         return token
 
 
 class UsersByKey:
     """The user model as simplejwt's `get_user` uses it (`objects.get(id=...)`, `DoesNotExist`),
-    with the one lookup by key read through chat.sql.
+    with the one lookup by key read through chat.sql, or already read with the login's end.
 
     Every API request makes it, and on a ticket request the ORM's `get()` cost twice what the
     rest of the authentication did (docs/performance.md, handshakes). simplejwt's own checks
@@ -35,9 +45,15 @@ class UsersByKey:
         self.model = model
         self.DoesNotExist = self.model.DoesNotExist
         self.objects = self
+        self._read: tuple[dict, object] | None = None
+
+    def read(self, where: dict, user) -> None:
+        """The answer (a user or None) to the next `get(**where)`, read already."""
+        self._read = (where, user)
 
     def get(self, **where):
-        user = sql.get(self.model, **where)
+        read, self._read = self._read, None
+        user = read[1] if read is not None and read[0] == where else sql.get(self.model, **where)
         if user is None:
             raise self.DoesNotExist
         return user

@@ -172,8 +172,18 @@ def login_end(*, user, credential: str) -> None:
 
 
 def login_has_ended(credential: str) -> bool:
-    # On every JWT request: a lookup by key through chat.sql, not the ORM's compiled EXISTS.
+    # A lookup by key through chat.sql, not the ORM's compiled EXISTS.
     return bool(sql.select_in(EndedLogin, [], credential=[credential]))
+
+
+def jwt_user_and_login(*, where: dict, credential: str | None) -> tuple[User | None, bool]:
+    """The user an access token names (`where`, as simplejwt looks it up) and whether its login
+    (`credential`, if it has one) has ended: on every JWT request, so in one statement."""
+    lookups: list[sql.Lookup] = [(User, None, where)]
+    if credential is not None:
+        lookups.append((EndedLogin, [], {"credential": credential}))
+    user, *ended = sql.get_each(*lookups)
+    return user, bool(ended) and ended[0] is not None
 
 
 def tickets_revoke(*, actor, tickets) -> int:

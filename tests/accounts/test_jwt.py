@@ -219,21 +219,30 @@ def test_an_access_token_is_refused_once_its_user_changes_behind_our_signals(api
     assert response.json()["code"] == code
 
 
-def test_the_token_s_user_is_read_by_key_through_chat_sql(api, monkeypatch):
-    from django.contrib.auth import get_user_model
+@pytest.mark.parametrize("ended", [False, True])
+def test_the_token_s_user_and_its_login_s_end_are_read_in_one_statement(
+    api, ended, django_assert_num_queries
+):
+    """Every JWT request reads them: one statement (chat.sql.get_each), not one each."""
+    from rest_framework.request import Request
+    from rest_framework.test import APIRequestFactory
+    from rest_framework_simplejwt.exceptions import InvalidToken
 
-    from accounts import authentication
+    from accounts.authentication import ChatJWTAuthentication
+    from accounts.models import EndedLogin
 
     user = make_user("alice")
-    reads = []
-    get = authentication.sql.get
-
-    def recorded(model, **where):
-        reads.append((model, where))
-        return get(model, **where)
-
-    monkeypatch.setattr(authentication.sql, "get", recorded)
-    api.credentials(HTTP_AUTHORIZATION=f"Bearer {login(api).json()['access']}")
-    reads.clear()  # the login's own reads
-    assert api.get("/api/rooms/").status_code == 200
-    assert reads == [(get_user_model(), {"id": str(user.pk)})]
+    tokens = login(api).json()
+    if ended:
+        api.post("/api/auth/logout/", {"refresh": tokens["refresh"]}, format="json")
+        assert EndedLogin.objects.filter(user=user).count() == 1
+    header = f"Bearer {tokens['access']}"
+    request = Request(APIRequestFactory().get("/api/rooms/", HTTP_AUTHORIZATION=header))
+    with django_assert_num_queries(1):
+        if ended:
+            with pytest.raises(InvalidToken, match="ended"):
+                ChatJWTAuthentication().authenticate(request)
+        else:
+            found, _ = ChatJWTAuthentication().authenticate(request)
+    if not ended:
+        assert (found, found.is_active) == (user, True)

@@ -37,6 +37,21 @@ def test_ticket_issued_with_bearer_token():
     assert row.credential.startswith("jwt:")
 
 
+@pytest.mark.parametrize("member", [True, False])
+def test_a_bearer_ticket_request_takes_three_statements(member, django_assert_num_queries):
+    """The token's user with its login's end, the room with the membership, the INSERT: on
+    PostgreSQL each statement is a round trip, on every handshake."""
+    alice = make_user("alice")
+    room = make_room("lobby")
+    if member:
+        make_member(room, alice)
+    api = bearer_client(alice)
+    with django_assert_num_queries(3):
+        response = api.post("/api/tickets/", {"room": "lobby"}, format="json")
+    assert response.status_code == 201
+    assert Ticket.objects.get().room_id == room.pk
+
+
 def test_the_ticket_itself_is_never_stored():
     alice = make_user("alice")
     make_room("lobby")
