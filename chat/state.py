@@ -10,12 +10,15 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import math
 import time
 from collections import defaultdict
 
 from django.conf import settings
 
 LEASE_SECONDS = 90.0
+# How often the memory state forgets rate entries back at rest (MemoryState._sweep).
+SWEEP_SECONDS = 60.0
 
 
 class StateUnavailable(Exception):
@@ -39,35 +42,56 @@ class MemoryState:
     """Single-process state: RedisState's semantics without leases (no process can outlive it)."""
 
     def __init__(self) -> None:
-        self._buckets: dict[str, tuple[float, float]] = {}
-        self._windows: dict[str, tuple[float, int]] = {}
-        self._throttles: dict[str, float] = {}
+        # Each rate entry records when it is back at rest (a full bucket, a lapsed window or
+        # throttle), the moment Redis lets the same key expire; _sweep drops it then.
+        self._buckets: dict[str, tuple[float, float, float]] = {}  # tokens, stamp, at rest
+        self._windows: dict[str, tuple[float, int, float]] = {}  # start, count, at rest
+        self._throttles: dict[str, float] = {}  # at rest (allowed again)
+        self._next_sweep = time.monotonic() + SWEEP_SECONDS
         self._user_sockets: dict[int, set[str]] = defaultdict(set)
         self._presence: dict[int, dict[str, set[str]]] = defaultdict(lambda: defaultdict(set))
         self._versions: dict[int, int] = defaultdict(int)
 
     async def take_token(self, key: str, rate: float, burst: int) -> bool:
-        now = time.monotonic()
-        tokens, stamp = self._buckets.get(key, (float(burst), now))
+        now = self._now()
+        tokens, stamp, _ = self._buckets.get(key, (float(burst), now, now))
         tokens = min(float(burst), tokens + (now - stamp) * rate)
         allowed = tokens >= 1.0
-        self._buckets[key] = (tokens - 1.0 if allowed else tokens, now)
+        if allowed:
+            tokens -= 1.0
+        rest = now + (burst - tokens) / rate if rate > 0 else math.inf  # when full again
+        self._buckets[key] = (tokens, now, rest)
         return allowed
 
     async def count_hit(self, key: str, window: float) -> int:
-        now = time.monotonic()
-        start, count = self._windows.get(key, (now, 0))
+        now = self._now()
+        start, count, _ = self._windows.get(key, (now, 0, now))
         if now - start >= window:
             start, count = now, 0
-        self._windows[key] = (start, count + 1)
+        self._windows[key] = (start, count + 1, start + window)
         return count + 1
 
     async def throttle(self, key: str, interval: float) -> bool:
-        now = time.monotonic()
+        now = self._now()
         if self._throttles.get(key, 0.0) > now:
             return False
         self._throttles[key] = now + interval
         return True
+
+    def _now(self) -> float:
+        now = time.monotonic()
+        if now >= self._next_sweep:
+            self._sweep(now)
+        return now
+
+    def _sweep(self, now: float) -> None:
+        """Forget the rate entries that are back at rest: a missing entry means the same (a full
+        bucket, no window, no throttle). Without it every client IP that ever tried a socket
+        (`connect:<ip>`, `rejections:<ip>`) kept an entry for the life of the process."""
+        self._next_sweep = now + SWEEP_SECONDS
+        self._buckets = {k: v for k, v in self._buckets.items() if v[2] > now}
+        self._windows = {k: v for k, v in self._windows.items() if v[2] > now}
+        self._throttles = {k: v for k, v in self._throttles.items() if v > now}
 
     async def socket_open(self, user_id: int, socket_id: str, limit: int) -> bool:
         sockets = self._user_sockets[user_id]

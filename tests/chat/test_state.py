@@ -208,3 +208,50 @@ async def test_a_pipeline_stopped_before_it_ran_fails_its_calls_instead_of_hangi
         run.cancel()  # as at shutdown, before its first step
     results = await asyncio.wait_for(asyncio.gather(*calls, return_exceptions=True), 5)
     assert [type(r) for r in results] == [StateUnavailable, StateUnavailable]
+
+
+# --- the memory state forgets rate entries back at rest, as Redis lets their keys expire --------
+
+
+async def test_the_memory_state_forgets_rate_entries_once_they_are_back_at_rest(monkeypatch):
+    """Every client IP that tries a socket makes a `connect:<ip>` bucket and perhaps a
+    `rejections:<ip>` window: kept forever, they grew with every address ever seen."""
+    from chat import state as state_module
+
+    clock = [1000.0]
+    monkeypatch.setattr(state_module.time, "monotonic", lambda: clock[0])
+    memory = MemoryState()
+    for n in range(100):
+        assert await memory.take_token(f"connect:10.0.0.{n}", rate=1.0, burst=5)
+        assert await memory.count_hit(f"rejections:10.0.0.{n}", window=30.0) == 1
+        assert await memory.throttle(f"typing:1:{n}", interval=3.0)
+    # One bucket emptied: not at rest until it has refilled (5 tokens at 1/s).
+    for _ in range(5):
+        assert await memory.take_token("connect:10.9.9.9", rate=1.0, burst=5)
+    assert not await memory.take_token("connect:10.9.9.9", rate=1.0, burst=5)
+
+    clock[0] += state_module.SWEEP_SECONDS - 0.5  # before the first sweep: all still there
+    await memory.throttle("typing:1:x", interval=3.0)
+    assert (len(memory._buckets), len(memory._windows)) == (101, 100)
+
+    clock[0] += 1.0  # past it: what came back to rest is gone, the recent throttle stays
+    assert await memory.take_token("connect:10.9.9.9", rate=1.0, burst=5)  # refilled
+    assert (len(memory._buckets), len(memory._windows)) == (1, 0)
+    assert set(memory._throttles) == {"typing:1:x"}
+    assert not await memory.throttle("typing:1:x", interval=3.0)  # still throttled
+
+
+async def test_forgetting_an_entry_at_rest_changes_no_answer(monkeypatch):
+    """A bucket swept while not yet full would hand out tokens it had not earned back."""
+    from chat import state as state_module
+
+    clock = [1000.0]
+    monkeypatch.setattr(state_module.time, "monotonic", lambda: clock[0])
+    memory = MemoryState()
+    answers = []
+    for _ in range(3):
+        answers.append([await memory.take_token("k", rate=0.001, burst=2) for _ in range(3)])
+        answers.append(await memory.count_hit("w", window=200.0))
+        clock[0] += state_module.SWEEP_SECONDS + 1
+    # 0.001 token/s: the bucket does not refill within the run, and the window lasts through it.
+    assert answers == [[True, True, False], 1, [False, False, False], 2, [False, False, False], 3]
