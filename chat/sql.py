@@ -454,34 +454,24 @@ def get_each(*lookups: Lookup) -> list[models.Model | None]:
     lookup n found (the membership of the room found by its slug).
     """
     connection = transaction.get_connection()
-    quote = connection.ops.quote_name
-    columns: list[str] = []
-    joins: list[str] = []
-    params: list[Any] = []
-    plans = []
-    for number, (model, fields, where) in enumerate(lookups):
-        meta = model._meta
-        read = _every_field(model) if fields is None else fields
-        plan = _read_plan(model, tuple(read), connection)
-        alias = f"t{number}"
-        columns += [f"{alias}.{name}" for name in plan.names]
-        conditions = []
-        for name, value in where.items():
+    shape = tuple(
+        (
+            model,
+            None if fields is None else tuple(fields),
+            tuple(
+                (name, value if isinstance(value, Found) else None) for name, value in where.items()
+            ),
+        )
+        for model, fields, where in lookups
+    )
+    sql, plans, keys = _each_statement(shape, connection)
+    params = []
+    for (model, _, where), lookup_keys in zip(lookups, keys, strict=True):
+        for name, field in lookup_keys:
+            value = where[name]
             if value is None:
                 raise ValueError(f"get_each({model.__name__}, {name}=None) cannot match None")
-            field = _field(meta, name)
-            if isinstance(value, Found):
-                if not 0 <= value.lookup < number:
-                    raise ValueError(f"get_each: {value} is not an earlier lookup")
-                earlier = _field(plans[value.lookup][0]._meta, value.field).column
-                other = f"t{value.lookup}.{quote(earlier)}"
-            else:
-                other = "%s"
-                params.append(field.get_db_prep_value(value, connection))
-            conditions.append(f"{alias}.{quote(field.column)} = {other}")
-        joins.append(f"LEFT JOIN {plan.table} {alias} ON {' AND '.join(conditions)}")
-        plans.append((model, plan))
-    sql = f"SELECT {', '.join(columns)} FROM (SELECT 1 AS one) one {' '.join(joins)}"  # noqa: S608
+            params.append(field.get_db_prep_value(value, connection))
     with connection.cursor() as cursor:
         cursor.execute(sql, params)
         rows = cursor.fetchall()
@@ -497,6 +487,41 @@ def get_each(*lookups: Lookup) -> list[models.Model | None]:
         found.append(None if missing else _instance(model, plan, values, connection, direct))
         start = end
     return found
+
+
+# Per connection, as _read_plan: a handshake's few shapes of lookups, built once each.
+@lru_cache(maxsize=256)
+def _each_statement(shape: tuple, connection) -> tuple[str, tuple, tuple]:
+    """get_each's SQL for lookups of this shape ((model, fields, ((name, Found or None), ...)),
+    ...), with each lookup's (model, read plan) and the (name, field) of each value it binds."""
+    quote = connection.ops.quote_name
+    columns: list[str] = []
+    joins: list[str] = []
+    plans: list[tuple[type[models.Model], _ReadPlan]] = []
+    keys: list[list[tuple[str, models.Field]]] = []  # per lookup: the values it binds
+    for number, (model, fields, where) in enumerate(shape):
+        meta = model._meta
+        read = _every_field(model) if fields is None else fields
+        plan = _read_plan(model, tuple(read), connection)
+        alias = f"t{number}"
+        columns += [f"{alias}.{name}" for name in plan.names]
+        conditions, bound = [], []
+        for name, found in where:
+            field = _field(meta, name)
+            if found is not None:
+                if not 0 <= found.lookup < number:
+                    raise ValueError(f"get_each: {found} is not an earlier lookup")
+                earlier = _field(plans[found.lookup][0]._meta, found.field).column
+                other = f"t{found.lookup}.{quote(earlier)}"
+            else:
+                other = "%s"
+                bound.append((name, field))
+            conditions.append(f"{alias}.{quote(field.column)} = {other}")
+        joins.append(f"LEFT JOIN {plan.table} {alias} ON {' AND '.join(conditions)}")
+        plans.append((model, plan))
+        keys.append(bound)
+    sql = f"SELECT {', '.join(columns)} FROM (SELECT 1 AS one) one {' '.join(joins)}"  # noqa: S608
+    return sql, tuple(plans), tuple(map(tuple, keys))
 
 
 @dataclass(frozen=True, slots=True)

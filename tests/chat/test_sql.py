@@ -418,6 +418,21 @@ def test_get_each_finds_a_row_by_a_column_of_a_row_found_before(grid, django_ass
     ) == [None, None]
 
 
+def test_get_each_builds_a_shape_s_statement_once_and_binds_each_call_s_values(grid):
+    rooms, (user, _, _) = grid
+    sql._each_statement.cache_clear()
+    found = [
+        sql.get_each(
+            (Room, ["slug"], {"slug": room.slug}),
+            (Membership, ["room", "role"], {"room": sql.Found(0), "user": user.pk}),
+        )
+        for room in rooms
+    ]
+    assert [(r.pk, m.room_id) for r, m in found] == [(room.pk, room.pk) for room in rooms]
+    info = sql._each_statement.cache_info()
+    assert (info.misses, info.hits) == (1, len(rooms) - 1)
+
+
 def test_get_each_refuses_a_reference_to_a_lookup_not_made_before(grid):
     (room, _, _), (user, _, _) = grid
     for position in (1, 2, -1):
