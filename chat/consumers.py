@@ -184,12 +184,9 @@ class RoomConsumer(AsyncWebsocketConsumer):
         ):
             return await self._reject(Reason.TOO_MANY_CONNECTIONS)
         self.counted = True
-        # Subscribe before reading state: a change committed after the read reaches us as an event.
-        await self.runtime.hub.attach(self)
+        # Subscribe, then read the state: a change committed after the read reaches us as an event.
+        context = await self.runtime.hub.attach(self, functools.partial(self._context, ticket.jti))
         self.attached = True
-        context = await database_sync_to_async(selectors.socket_context)(
-            room_id=self.room_id, user_id=self.user_id, jti=ticket.jti
-        )
         if context.room is None or context.room.archived_at is not None:
             return await self._reject(Reason.NOT_FOUND)
         if not context.user_active:
@@ -233,6 +230,13 @@ class RoomConsumer(AsyncWebsocketConsumer):
             # socket, and someone there to hear it).
             await self._publish(self._presence(self.presence_version, joined=True))
         return None
+
+    async def _context(self, jti: str) -> tuple[selectors.SocketContext, int]:
+        """The socket's state, and its room's last_seq (for the hub, chat.hub.Hub.attach)."""
+        context = await database_sync_to_async(selectors.socket_context)(
+            room_id=self.room_id, user_id=self.user_id, jti=jti
+        )
+        return context, context.room.last_seq if context.room is not None else 0
 
     def _hello(self, last_seq: int, online: list[str]) -> dict[str, Any]:
         room, membership = self.room, self.membership

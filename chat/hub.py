@@ -17,9 +17,9 @@ import contextlib
 import logging
 import time
 from collections import defaultdict
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
 from channels.db import database_sync_to_async
 from channels.layers import get_channel_layer
@@ -36,6 +36,8 @@ logger = logging.getLogger("chat.hub")
 # How long an out-of-order message waits for the ones before it before they are read from the DB.
 GAP_WAIT = 0.2
 HEARTBEAT = 30.0
+
+T = TypeVar("T")
 
 
 class Socket(Protocol):
@@ -94,21 +96,26 @@ class Hub:
 
     # --- sockets ---------------------------------------------------------------------------------
 
-    async def attach(self, sock: Socket) -> None:
-        """Subscribe this process to the socket's room and user, then register the socket.
+    async def attach(self, sock: Socket, read: Callable[[], Awaitable[tuple[T, int]]]) -> T:
+        """Subscribe this process to the socket's room and user, register the socket, then
+        `read()` its state and return it.
 
-        Until `ready()` the socket gets control events (revocation, membership changes), which the
-        consumer holds until it has loaded its state, but no frames.
+        The read comes after the subscriptions, so a change committed after it reaches the socket
+        as an event. It returns (state, the room's last_seq); for the room's first socket here,
+        that last_seq is where the room's feed starts: one read for both (a thread hop and a
+        statement fewer on such a handshake). Until `ready()` the socket gets control events
+        (revocation, membership changes), which the consumer holds until it has loaded its
+        state, but no frames.
         """
         await self._start()
         try:
-            await self._attach(sock)
+            return await self._attach(sock, read)
         except BaseException:
             # Leave nothing behind: the consumer never counts as attached, so never detaches.
             await self.detach(sock)
             raise
 
-    async def _attach(self, sock: Socket) -> None:
+    async def _attach(self, sock: Socket, read: Callable[[], Awaitable[tuple[T, int]]]) -> T:
         if not self.users.get(sock.user_id):
             await self.layer.group_add(broadcast.user_group(sock.user_id), self.channel)
         self.users[sock.user_id].add(sock)
@@ -119,7 +126,7 @@ class Hub:
             try:
                 await self.layer.group_add(broadcast.room_group(sock.room_id), self.channel)
                 # Read after subscribing: every message numbered above this will reach us.
-                feed.delivered = await database_sync_to_async(selectors.room_last_seq)(sock.room_id)
+                state, feed.delivered = await read()
             except BaseException:
                 del self.rooms[sock.room_id]
                 feed.started.set()
@@ -128,11 +135,13 @@ class Hub:
             while feed.early:
                 await self._on_room_event(feed, feed.early.pop(0))
             feed.started.set()
-        else:
-            feed.sockets[sock.socket_id] = sock
-            await feed.started.wait()
-            if self.rooms.get(sock.room_id) is not feed:
-                raise RuntimeError("could not subscribe to the room")
+            return state
+        feed.sockets[sock.socket_id] = sock
+        await feed.started.wait()
+        if self.rooms.get(sock.room_id) is not feed:
+            raise RuntimeError("could not subscribe to the room")
+        state, _ = await read()
+        return state
 
     def ready(self, sock: Socket) -> int:
         """Start frames for the socket; returns the seq after which it receives every message."""

@@ -54,11 +54,6 @@ def room_and_membership(*, slug: str, user) -> tuple[Room | None, Membership | N
     return room, membership
 
 
-def room_last_seq(room_id: int) -> int:
-    found = sql.select_in(Room, ["last_seq"], pk=[room_id])
-    return found[0].last_seq if found else 0
-
-
 @dataclass(slots=True)
 class SocketContext:
     room: Room | None

@@ -175,9 +175,9 @@ async def test_a_socket_still_joining_when_its_login_ends_is_closed(setup, monke
     ticket, refresh = await sync(jwt_ticket)("alice")
     attach = Hub.attach
 
-    async def logout_then_attach(hub, sock):
+    async def logout_then_attach(hub, sock, read):
         await sync(jwt_logout)(refresh)
-        await attach(hub, sock)
+        return await attach(hub, sock, read)
 
     monkeypatch.setattr(Hub, "attach", logout_then_attach)
     comm = communicator("/ws/rooms/lobby/", ticket=ticket)

@@ -8,7 +8,7 @@ from datetime import timedelta
 import pytest
 from django.utils import timezone
 
-from chat import broadcast, frames, services
+from chat import broadcast, frames, selectors, services
 from chat.consumers import RoomConsumer
 from chat.hub import GAP_WAIT
 from chat.models import MAX_SEQ, ConnectionLog, Membership, Message, MessageLog, Room
@@ -91,6 +91,29 @@ async def test_seq_is_gap_free_per_room(people):
     assert (await sync(Room.objects.get)(pk=room.pk)).last_seq == 5
     await a.disconnect()
     await o.disconnect()
+
+
+async def test_a_room_s_first_socket_reads_its_state_and_the_feed_s_start_at_once(
+    people, monkeypatch
+):
+    """One read after subscribing serves both (chat.hub.Hub.attach): the socket's context and
+    the last_seq the room's feed starts from, which hello gives."""
+    alice, bob, room = people
+    read, calls = selectors.socket_context, []
+
+    def recorded(**where):
+        context = read(**where)
+        calls.append(where)
+        context.room.last_seq = 41  # as if 41 messages had been committed just before the read
+        return context
+
+    monkeypatch.setattr(selectors, "socket_context", recorded)
+    a, hello = await join(alice, room)
+    assert (hello["last_seq"], len(calls)) == (41, 1)
+    b, hello = await join(bob, room)  # not the first: the feed has started, its context is read
+    assert (hello["last_seq"], len(calls)) == (41, 2)
+    await a.disconnect()
+    await b.disconnect()
 
 
 # --- history --------------------------------------------------------------------------------------

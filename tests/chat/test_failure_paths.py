@@ -122,16 +122,16 @@ async def test_a_message_the_database_refuses_costs_no_other_message_its_place(p
 
 async def test_a_failed_attach_leaves_nothing_in_the_hub(people, monkeypatch):
     alice, _, room = people
-    read = selectors.room_last_seq
+    read = selectors.socket_context  # the hub's first read of the room, inside attach
     calls = []
 
-    def flaky(room_id):
-        calls.append(room_id)
+    def flaky(**where):
+        calls.append(where)
         if len(calls) == 1:
             raise OperationalError("database went away")
-        return read(room_id)
+        return read(**where)
 
-    monkeypatch.setattr(selectors, "room_last_seq", flaky)
+    monkeypatch.setattr(selectors, "socket_context", flaky)
     comm = communicator("/ws/rooms/lobby/", ticket=await sync(make_ticket)(alice, room))
     await comm.connect()
     assert (await closed_with(comm))[0] == 1013
