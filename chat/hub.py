@@ -123,18 +123,26 @@ class Hub:
         if feed is None:
             feed = self.rooms[sock.room_id] = RoomFeed(sock.room_id)
             feed.sockets[sock.socket_id] = sock
+            group = broadcast.room_group(sock.room_id)
             try:
-                await self.layer.group_add(broadcast.room_group(sock.room_id), self.channel)
+                await self.layer.group_add(group, self.channel)
                 # Read after subscribing: every message numbered above this will reach us.
                 state, feed.delivered = await read()
             except BaseException:
                 del self.rooms[sock.room_id]
-                feed.started.set()
+                feed.started.set()  # whoever waits on this feed finds it gone and fails
+                # No feed left for detach to find: leave the group here (as detach does).
+                await self._discard(group)
+                if sock.room_id in self.rooms:
+                    await self.layer.group_add(group, self.channel)
                 raise
-            # Events that came while we read, in order; no await between the last one and set().
-            while feed.early:
-                await self._on_room_event(feed, feed.early.pop(0))
-            feed.started.set()
+            try:
+                # Events that came while we read, in order; no await between the last one and
+                # set().
+                while feed.early:
+                    await self._on_room_event(feed, feed.early.pop(0))
+            finally:
+                feed.started.set()
             return state
         feed.sockets[sock.socket_id] = sock
         await feed.started.wait()

@@ -104,13 +104,15 @@ async def test_a_room_s_first_socket_reads_its_state_and_the_feed_s_start_at_onc
     def recorded(**where):
         context = read(**where)
         calls.append(where)
-        context.room.last_seq = 41  # as if 41 messages had been committed just before the read
+        # As if 41 messages had been committed just before the first read, 57 before the second.
+        context.room.last_seq = 41 if len(calls) == 1 else 57
         return context
 
     monkeypatch.setattr(selectors, "socket_context", recorded)
     a, hello = await join(alice, room)
     assert (hello["last_seq"], len(calls)) == (41, 1)
-    b, hello = await join(bob, room)  # not the first: the feed has started, its context is read
+    # Not the first: its context is read, and the feed, started at 41, goes on from there.
+    b, hello = await join(bob, room)
     assert (hello["last_seq"], len(calls)) == (41, 2)
     await a.disconnect()
     await b.disconnect()
