@@ -1,5 +1,6 @@
 """JWT authentication that also refuses the access tokens of a login that has been logged out."""
 
+from django.utils.translation import gettext_lazy as _
 from drf_spectacular.contrib.rest_framework_simplejwt import SimpleJWTScheme
 from rest_framework_simplejwt.authentication import JWTAuthentication
 from rest_framework_simplejwt.exceptions import InvalidToken
@@ -8,6 +9,9 @@ from rest_framework_simplejwt.settings import api_settings as jwt_settings
 from accounts import services
 from accounts.tokens import FAMILY_CLAIM
 from chat import sql
+
+# simplejwt's own message for it (JWTAuthentication.get_user).
+NO_USER_ID = _("Token contained no recognizable user identification")
 
 
 class ChatJWTAuthentication(JWTAuthentication):
@@ -20,13 +24,15 @@ class ChatJWTAuthentication(JWTAuthentication):
         family = token.get(FAMILY_CLAIM)
         credential = services.credential_for_jwt(family) if family else None
         user_id = token.get(jwt_settings.USER_ID_CLAIM)
-        if user_id is None:  # get_user refuses it; only the login's end to check
-            ended = credential is not None and services.login_has_ended(credential)
-        else:
-            # The user get_user is about to look up, read with the login's end: one statement.
-            where = {jwt_settings.USER_ID_FIELD: user_id}
+        if user_id is None:
+            raise InvalidToken(NO_USER_ID)  # as get_user would, before any lookup
+        # The user get_user is about to look up, read with the login's end: one statement.
+        where = {jwt_settings.USER_ID_FIELD: user_id}
+        try:
             user, ended = services.jwt_user_and_login(where=where, credential=credential)
-            self.user_model.read(where, user)
+        except (ValueError, TypeError) as error:  # a claim no key can be made of: 401, not 500
+            raise InvalidToken(NO_USER_ID) from error
+        self.user_model.read(where, user)
         if ended:
             raise InvalidToken({"detail": "this login has ended; sign in again"})
         return token

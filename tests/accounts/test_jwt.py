@@ -219,6 +219,20 @@ def test_an_access_token_is_refused_once_its_user_changes_behind_our_signals(api
     assert response.json()["code"] == code
 
 
+@pytest.mark.parametrize("claim", [None, "", "abc", "12x", [1]], ids=repr)
+def test_a_signed_token_whose_user_id_names_no_key_is_a_401_not_a_500(api, claim):
+    from accounts.serializers import TokenObtainPairSerializer
+
+    user = make_user("alice")
+    make_room("lobby")
+    access = TokenObtainPairSerializer.get_token(user).access_token
+    access["user_id"] = claim
+    api.credentials(HTTP_AUTHORIZATION=f"Bearer {access}")
+    response = api.post("/api/tickets/", {"room": "lobby"}, format="json")
+    assert response.status_code == 401
+    assert response.json()["code"] == "token_not_valid"
+
+
 @pytest.mark.parametrize("ended", [False, True])
 def test_the_token_s_user_and_its_login_s_end_are_read_in_one_statement(
     api, ended, django_assert_num_queries
