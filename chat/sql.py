@@ -464,7 +464,11 @@ def get_each(*lookups: Lookup) -> list[models.Model | None]:
         )
         for model, fields, where in lookups
     )
-    sql, plans, keys = _each_statement(shape, connection)
+    built = _statements.get((shape, connection.vendor))
+    if built is None:
+        built = _statements[shape, connection.vendor] = _each_statement(shape, connection)
+    sql, reads, keys = built
+    plans = [(model, _read_plan(model, read, connection)) for model, read in reads]
     params = []
     for (model, _, where), lookup_keys in zip(lookups, keys, strict=True):
         for name, field in lookup_keys:
@@ -489,20 +493,23 @@ def get_each(*lookups: Lookup) -> list[models.Model | None]:
     return found
 
 
-# Per connection, as _read_plan: a handshake's few shapes of lookups, built once each.
-@lru_cache(maxsize=256)
+# get_each's statements by (shape, vendor): the few shapes of lookups the code makes, each built
+# once. The text depends on the backend's quoting only, so no connection is kept alive by it.
+_statements: dict[tuple, tuple[str, tuple, tuple]] = {}
+
+
 def _each_statement(shape: tuple, connection) -> tuple[str, tuple, tuple]:
     """get_each's SQL for lookups of this shape ((model, fields, ((name, Found or None), ...)),
-    ...), with each lookup's (model, read plan) and the (name, field) of each value it binds."""
+    ...), with each lookup's (model, fields read) and the (name, field) of each value it binds."""
     quote = connection.ops.quote_name
     columns: list[str] = []
     joins: list[str] = []
-    plans: list[tuple[type[models.Model], _ReadPlan]] = []
+    reads: list[tuple[type[models.Model], tuple[str, ...]]] = []
     keys: list[list[tuple[str, models.Field]]] = []  # per lookup: the values it binds
     for number, (model, fields, where) in enumerate(shape):
         meta = model._meta
-        read = _every_field(model) if fields is None else fields
-        plan = _read_plan(model, tuple(read), connection)
+        read = tuple(_every_field(model) if fields is None else fields)
+        plan = _read_plan(model, read, connection)
         alias = f"t{number}"
         columns += [f"{alias}.{name}" for name in plan.names]
         conditions, bound = [], []
@@ -511,17 +518,17 @@ def _each_statement(shape: tuple, connection) -> tuple[str, tuple, tuple]:
             if found is not None:
                 if not 0 <= found.lookup < number:
                     raise ValueError(f"get_each: {found} is not an earlier lookup")
-                earlier = _field(plans[found.lookup][0]._meta, found.field).column
+                earlier = _field(reads[found.lookup][0]._meta, found.field).column
                 other = f"t{found.lookup}.{quote(earlier)}"
             else:
                 other = "%s"
                 bound.append((name, field))
             conditions.append(f"{alias}.{quote(field.column)} = {other}")
         joins.append(f"LEFT JOIN {plan.table} {alias} ON {' AND '.join(conditions)}")
-        plans.append((model, plan))
+        reads.append((model, read))
         keys.append(bound)
     sql = f"SELECT {', '.join(columns)} FROM (SELECT 1 AS one) one {' '.join(joins)}"  # noqa: S608
-    return sql, tuple(plans), tuple(map(tuple, keys))
+    return sql, tuple(reads), tuple(map(tuple, keys))
 
 
 @dataclass(frozen=True, slots=True)
