@@ -241,17 +241,36 @@ async def test_the_memory_state_forgets_rate_entries_once_they_are_back_at_rest(
     assert not await memory.throttle("typing:1:x", interval=3.0)  # still throttled
 
 
-async def test_forgetting_an_entry_at_rest_changes_no_answer(monkeypatch):
-    """A bucket swept while not yet full would hand out tokens it had not earned back."""
+@pytest.mark.parametrize("seed", range(5))
+async def test_forgetting_entries_at_rest_changes_no_answer(monkeypatch, seed):
+    """Random calls and clock steps, on a state that sweeps and one that never does: a swept
+    entry must answer as the kept one would (a bucket swept before it is full would hand out
+    tokens it has not earned back; a window swept early would restart its count)."""
+    import random
+
     from chat import state as state_module
 
+    rng = random.Random(seed)
     clock = [1000.0]
     monkeypatch.setattr(state_module.time, "monotonic", lambda: clock[0])
-    memory = MemoryState()
-    answers = []
-    for _ in range(3):
-        answers.append([await memory.take_token("k", rate=0.001, burst=2) for _ in range(3)])
-        answers.append(await memory.count_hit("w", window=200.0))
-        clock[0] += state_module.SWEEP_SECONDS + 1
-    # 0.001 token/s: the bucket does not refill within the run, and the window lasts through it.
-    assert answers == [[True, True, False], 1, [False, False, False], 2, [False, False, False], 3]
+    sweeping, keeping = MemoryState(), MemoryState()
+    keeping._sweep = lambda now: None
+    swept = 0
+    for _ in range(3000):
+        key = f"k{rng.randrange(8)}"
+        kind = rng.randrange(3)
+        answers = []
+        for memory in (sweeping, keeping):
+            if kind == 0:
+                answers.append(await memory.take_token(key, rate=0.05, burst=3))
+            elif kind == 1:
+                answers.append(await memory.count_hit(key, window=45.0))
+            else:
+                answers.append(await memory.throttle(key, interval=20.0))
+        assert answers[0] == answers[1]
+        before = len(sweeping._buckets) + len(sweeping._windows) + len(sweeping._throttles)
+        clock[0] += rng.choice([0.0, 0.5, 3.0, 17.0, 61.0])
+        await sweeping.throttle("tick", interval=0.0)  # a call, so a due sweep runs
+        after = len(sweeping._buckets) + len(sweeping._windows) + len(sweeping._throttles)
+        swept += max(0, before - after)
+    assert swept > 100  # the sweep did drop entries, and nothing answered differently
