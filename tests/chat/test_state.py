@@ -257,20 +257,20 @@ async def test_forgetting_entries_at_rest_changes_no_answer(monkeypatch, seed):
     keeping._sweep = lambda now: None
     swept = 0
     for _ in range(3000):
-        key = f"k{rng.randrange(8)}"
+        key = f"k{rng.randrange(3)}"
         kind = rng.randrange(3)
         answers = []
         for memory in (sweeping, keeping):
             if kind == 0:
-                answers.append(await memory.take_token(key, rate=0.05, burst=3))
+                answers.append(await memory.take_token(key, rate=0.01, burst=3))
             elif kind == 1:
-                answers.append(await memory.count_hit(key, window=45.0))
+                answers.append(await memory.count_hit(key, window=100.0))
             else:
                 answers.append(await memory.throttle(key, interval=20.0))
         assert answers[0] == answers[1]
         before = len(sweeping._buckets) + len(sweeping._windows) + len(sweeping._throttles)
-        clock[0] += rng.choice([0.0, 0.5, 3.0, 17.0, 61.0])
+        clock[0] += rng.choice([0.0, 0.0, 0.5, 3.0, 17.0, 61.0])
         await sweeping.throttle("tick", interval=0.0)  # a call, so a due sweep runs
         after = len(sweeping._buckets) + len(sweeping._windows) + len(sweeping._throttles)
         swept += max(0, before - after)
-    assert swept > 100  # the sweep did drop entries, and nothing answered differently
+    assert swept > 20  # the sweep did drop entries, and nothing answered differently
