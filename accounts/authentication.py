@@ -7,7 +7,7 @@ from rest_framework_simplejwt.exceptions import InvalidToken
 from rest_framework_simplejwt.settings import api_settings as jwt_settings
 
 from accounts import services
-from accounts.tokens import FAMILY_CLAIM
+from accounts.tokens import FAMILY_CLAIM, claimed_user_id
 from chat import sql
 
 # simplejwt's own message for it (JWTAuthentication.get_user).
@@ -23,15 +23,13 @@ class ChatJWTAuthentication(JWTAuthentication):
         token = super().get_validated_token(raw_token)
         family = token.get(FAMILY_CLAIM)
         credential = services.credential_for_jwt(family) if family else None
-        user_id = token.get(jwt_settings.USER_ID_CLAIM)
-        if user_id is None:
-            raise InvalidToken(NO_USER_ID)  # as get_user would, before any lookup
-        # The user get_user is about to look up, read with the login's end: one statement.
-        where = {jwt_settings.USER_ID_FIELD: user_id}
-        try:
-            user, ended = services.jwt_user_and_login(where=where, credential=credential)
-        except (ValueError, TypeError) as error:  # a claim no key can be made of: 401, not 500
-            raise InvalidToken(NO_USER_ID) from error
+        claim = token.get(jwt_settings.USER_ID_CLAIM)
+        if claimed_user_id(claim) is None:
+            raise InvalidToken(NO_USER_ID)  # a 401 before any lookup, as get_user's own
+        # The user get_user is about to look up (by the claim as it is), read with the login's
+        # end: one statement.
+        where = {jwt_settings.USER_ID_FIELD: claim}
+        user, ended = services.jwt_user_and_login(where=where, credential=credential)
         self.user_model.read(where, user)
         if ended:
             raise InvalidToken({"detail": "this login has ended; sign in again"})

@@ -15,7 +15,7 @@ from rest_framework_simplejwt.settings import api_settings as jwt_settings
 from rest_framework_simplejwt.utils import datetime_from_epoch
 
 from accounts.models import EndedLogin, Ticket
-from accounts.tokens import WebSocketTicket
+from accounts.tokens import WebSocketTicket, claimed_user_id
 from chat import audit, sql
 from chat.models import Room
 
@@ -114,10 +114,9 @@ def ticket_redeem(*, token: str, room_slug: str, ip: str | None) -> Redemption:
         return Redemption(error=Reason.ROOM_MISMATCH, jti=jti)
     if ip is None or ticket.get("ip") != ip:
         return Redemption(error=Reason.IP_MISMATCH, jti=jti)
-    claim = ticket.get(jwt_settings.USER_ID_CLAIM)  # str(user.pk), as ticket_issue wrote it
-    if not (isinstance(claim, str) and claim.isascii() and claim.isdigit() and len(claim) < 19):
+    user_id = claimed_user_id(ticket.get(jwt_settings.USER_ID_CLAIM))
+    if user_id is None:
         return Redemption(error=Reason.TICKET_INVALID, jti=jti)
-    user_id = int(claim)
     # The ticket row, its user and its room: three lookups by key in one statement.
     row, user, room = sql.get_each(
         (Ticket, None, {"jti": jti}),

@@ -13,6 +13,15 @@ from rest_framework_simplejwt.utils import datetime_from_epoch
 FAMILY_CLAIM = "sid"
 
 
+def claimed_user_id(claim) -> int | None:
+    """The user id a token's user-id claim names, or None: simplejwt and ticket_issue both write
+    `str(user.pk)`, so a decimal string short enough to be a key and nothing else (a claim is
+    signed, but a claim that names no key must be refused as a bad token, not fail a lookup)."""
+    if isinstance(claim, str) and claim.isascii() and claim.isdigit() and len(claim) < 19:
+        return int(claim)
+    return None
+
+
 class WebSocketTicket(Token):
     """A short-lived, single-use credential for one WebSocket connection to one room."""
 
