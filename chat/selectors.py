@@ -36,7 +36,10 @@ User = get_user_model()
 def room_get(*, slug: str) -> Room | None:
     """The room by slug, if it exists and is not archived: everywhere a user names a room
     (pages, API, tickets), an archived room is an unknown one (404)."""
-    room = sql.get(Room, slug=slug)
+    return _unarchived(sql.get(Room, slug=slug))
+
+
+def _unarchived(room: Room | None) -> Room | None:
     return room if room is not None and room.archived_at is None else None
 
 
@@ -49,9 +52,8 @@ def room_and_membership(*, slug: str, user) -> tuple[Room | None, Membership | N
         (Room, None, {"slug": slug}),
         (Membership, None, {"room": sql.Found(0), "user": user.pk}),
     )
-    if room is None or room.archived_at is not None:
-        return None, None
-    return room, membership
+    room = _unarchived(room)
+    return room, membership if room is not None else None
 
 
 @dataclass(slots=True)
