@@ -337,13 +337,9 @@ def get(model: type[models.Model], **where: Any) -> models.Model | None:
 
     For lookups that name at most one row (a primary key, a unique column or constraint): the
     handshake path's reads, where QuerySet.first() spent more in the query compiler (and in the
-    ORDER BY it adds) than SQLite spent answering.
+    ORDER BY it adds) than SQLite spent answering. One lookup of `get_each`.
     """
-    lists = {name: [value] for name, value in where.items()}
-    found = select_in(model, _every_field(model), **lists)
-    if len(found) > 1:
-        raise model.MultipleObjectsReturned(f"sql.get({model.__name__}, {sorted(where)})")
-    return found[0] if found else None
+    return get_each((model, None, where))[0]
 
 
 def select_pairs(
@@ -379,7 +375,7 @@ def select_pairs(
 
 
 def _every_field(model: type[models.Model]) -> list[str]:
-    """What `get` reads: every concrete field (the key is always read)."""
+    """What a lookup with fields None reads: every concrete field (the key is always read)."""
     return [f.name for f in model._meta.concrete_fields if not f.primary_key]
 
 
