@@ -131,10 +131,8 @@ class Hub:
             except BaseException:
                 del self.rooms[sock.room_id]
                 feed.started.set()  # whoever waits on this feed finds it gone and fails
-                # No feed left for detach to find: leave the group here (as detach does).
-                await self._discard(group)
-                if sock.room_id in self.rooms:
-                    await self.layer.group_add(group, self.channel)
+                # No feed left for detach to find: leave the group here.
+                await self._leave(group, lambda: sock.room_id in self.rooms)
                 raise
             try:
                 # Events that came while we read, in order; no await between the last one and
@@ -162,11 +160,9 @@ class Hub:
             users.discard(sock)
             if not users:
                 del self.users[sock.user_id]
-                await self._discard(broadcast.user_group(sock.user_id))
-                if self.users.get(sock.user_id):
-                    # Another socket of the user attached while we unsubscribed: its group_add
-                    # may have landed before our group_discard. Subscribe again.
-                    await self.layer.group_add(broadcast.user_group(sock.user_id), self.channel)
+                await self._leave(
+                    broadcast.user_group(sock.user_id), lambda: bool(self.users.get(sock.user_id))
+                )
         feed = self.rooms.get(sock.room_id)
         if (
             feed is not None
@@ -176,10 +172,8 @@ class Hub:
             del self.rooms[sock.room_id]
             if feed.gap_timer is not None:
                 feed.gap_timer.cancel()
-            await self._discard(broadcast.room_group(sock.room_id))
-            if sock.room_id in self.rooms:
-                # The room's first socket again, attached while we unsubscribed (see above).
-                await self.layer.group_add(broadcast.room_group(sock.room_id), self.channel)
+            room_id = sock.room_id
+            await self._leave(broadcast.room_group(room_id), lambda: room_id in self.rooms)
 
     def local_sockets(self) -> list[Socket]:
         return [s for feed in self.rooms.values() for s in feed.sockets.values()]
@@ -217,11 +211,15 @@ class Hub:
                     await asyncio.wait_for(task, timeout=10)
         self._receiver = self._heartbeat = None
 
-    async def _discard(self, group: str) -> None:
+    async def _leave(self, group: str, wanted_again: Callable[[], bool]) -> None:
+        """Unsubscribe from `group`, then subscribe again if `wanted_again()`: a socket that
+        attached while we unsubscribed may have had its group_add land before our discard."""
         try:
             await self.layer.group_discard(group, self.channel)
         except Exception:
             logger.exception("group_discard %s failed", group)
+        if wanted_again():
+            await self.layer.group_add(group, self.channel)
 
     async def _receive_loop(self) -> None:
         while True:
