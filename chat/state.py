@@ -348,6 +348,14 @@ class RedisState:
     def _key(self, *parts: object) -> str:
         return ":".join([self._prefix, *map(str, parts)])
 
+    def _presence_keys(self, room_id: int, username: str) -> list[str]:
+        """The user's sockets in the room, the room's users, the room's presence version."""
+        return [
+            self._key("pu", room_id, username),
+            self._key("pr", room_id),
+            self._key("pv", room_id),
+        ]
+
     @_guarded
     async def take_token(self, key: str, rate: float, burst: int) -> bool:
         return bool(await self._tokens.take(self._key("tb", key), rate, burst))
@@ -381,11 +389,7 @@ class RedisState:
         keys, args = [self._key("us", user_id)], [socket_id, time.time()]
         if presence is not None:
             room_id, username = presence
-            keys += [
-                self._key("pu", room_id, username),
-                self._key("pr", room_id),
-                self._key("pv", room_id),
-            ]
+            keys += self._presence_keys(room_id, username)
             args.append(username)
         return int(await self._socket_close(keys=keys, args=args))
 
@@ -395,11 +399,7 @@ class RedisState:
     ) -> tuple[bool, list[str], int]:
         now = time.time()
         announce, online, version = await self._presence_join(
-            keys=[
-                self._key("pu", room_id, username),
-                self._key("pr", room_id),
-                self._key("pv", room_id),
-            ],
+            keys=self._presence_keys(room_id, username),
             args=[now, now + LEASE_SECONDS, socket_id, username],
         )
         return bool(announce), sorted(name.decode() for name in online), int(version)
@@ -409,11 +409,8 @@ class RedisState:
         expires = time.time() + LEASE_SECONDS
         async with self._redis.pipeline(transaction=False) as pipe:
             for user_id, socket_id, room_id, username in sockets:
-                keys = [
-                    self._key("us", user_id),
-                    self._key("pu", room_id, username),
-                    self._key("pr", room_id),
-                ]
+                # The user's sockets, in the room too, and the room's users (not its version).
+                keys = [self._key("us", user_id), *self._presence_keys(room_id, username)[:2]]
                 # Queued on the pipeline (which loads the script first if Redis lacks it).
                 await self._renew(keys=keys, args=[socket_id, expires, username], client=pipe)
             await pipe.execute()
