@@ -13,7 +13,6 @@ sees every message after the `last_seq` of its hello exactly once, in order.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import time
 from collections import defaultdict
@@ -27,6 +26,7 @@ from django.conf import settings
 
 from chat import broadcast, frames, metrics, selectors
 from chat.protocol import CLOSE_TRY_AGAIN, CLOSE_UNAUTHORIZED
+from chat.runtime import cancel_and_wait
 
 if TYPE_CHECKING:
     from chat.runtime import Runtime
@@ -201,14 +201,9 @@ class Hub:
             self._heartbeat = loop.create_task(self._heartbeat_loop(), name="chat-hub-heartbeat")
 
     async def stop(self) -> None:
-        for task in [self._receiver, self._heartbeat, *self._tasks]:
-            if task is not None:
-                task.cancel()
-        for task in [self._receiver, self._heartbeat, *self._tasks]:
-            if task is not None:
-                # Cancelled, or failed and logged; and never wait on it for ever.
-                with contextlib.suppress(BaseException):
-                    await asyncio.wait_for(task, timeout=10)
+        tasks = [self._receiver, self._heartbeat, *self._tasks]
+        # No cleanup of theirs needs more than a few loop turns: a short grace.
+        await cancel_and_wait([t for t in tasks if t is not None], within=10, grace=0.05)
         self._receiver = self._heartbeat = None
 
     async def _leave(self, group: str, wanted_again: Callable[[], bool]) -> None:

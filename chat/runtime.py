@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import weakref
+from collections.abc import Iterable
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
@@ -11,6 +13,12 @@ if TYPE_CHECKING:
     from chat.hub import Hub
     from chat.state import MemoryState, RedisState
     from chat.writer import MessageWriter
+
+
+logger = logging.getLogger("chat.runtime")
+
+# How long a cancelled task may take to clean up before it is cancelled again.
+CANCEL_GRACE = 0.5
 
 
 class Runtime:
@@ -52,3 +60,30 @@ async def shutdown_runtime() -> None:
     runtime = _runtimes.pop(asyncio.get_running_loop(), None)
     if runtime is not None:
         await runtime.shutdown()
+
+
+async def cancel_and_wait(
+    tasks: Iterable[asyncio.Task], *, within: float, grace: float = CANCEL_GRACE
+) -> None:
+    """Cancel `tasks` and wait for them to end, cancelling again each one still running after
+    `grace` seconds; give up on those left after `within` seconds (logged).
+
+    Once is not enough on Python 3.11: asyncio.wait_for drops a cancellation that arrives
+    after its inner future is done but before it resumes (python/cpython#86296, fixed in
+    3.12). redis-py sends every command through wait_for when a socket timeout is set (ours
+    is), so a hub whose receive lost its cancellation there went on into channels_redis's next
+    5-second BZPOPMIN, and the next: each stop waited out its 10-second limit.
+    """
+    tasks = list(tasks)
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + within
+    pending = {task for task in tasks if not task.done()}
+    while pending and (left := deadline - loop.time()) > 0:
+        for task in pending:
+            task.cancel()
+        _, pending = await asyncio.wait(pending, timeout=min(grace, left))
+    for task in tasks:
+        if task.done() and not task.cancelled():
+            task.exception()  # retrieved: each task logs its own failure
+    if pending:
+        logger.error("tasks still running after cancellation: %s", sorted(map(str, pending)))

@@ -16,6 +16,9 @@ from twisted.internet import tcp
 
 logger = logging.getLogger("chat.server")
 
+# At shutdown, how long the application's tasks get to finish their cleanup once cancelled.
+SHUTDOWN_CANCEL_WITHIN = 30.0
+
 # A socket whose reader stopped reading: the close code its application sees (RFC 6455 1008,
 # policy violation), so the audit trail says why it went.
 CLOSE_SLOW_READER = 1008
@@ -587,19 +590,20 @@ def finish_event_loop() -> None:
     socket's cleanup, so its audit record is complete.
     """
     from chat.audit import WRITE_TASK_NAME
-    from chat.runtime import shutdown_runtime
+    from chat.runtime import cancel_and_wait, shutdown_runtime
 
     loop = asyncio.get_event_loop_policy().get_event_loop()
     if loop.is_closed():
         return
     pending = [task for task in asyncio.all_tasks(loop) if not task.done()]
-    for task in pending:
-        # An audit write in flight is waited for, not cancelled: its rows are either written or
-        # kept, and then spooled if the database is down (chat/spool.py).
-        if task.get_name() != WRITE_TASK_NAME:
-            task.cancel()
-    if pending:
-        loop.run_until_complete(asyncio.gather(*pending, return_exceptions=True))
+    # An audit write in flight is waited for, not cancelled: its rows are either written or
+    # kept, and then spooled if the database is down (chat/spool.py).
+    writes = [task for task in pending if task.get_name() == WRITE_TASK_NAME]
+    others = [task for task in pending if task.get_name() != WRITE_TASK_NAME]
+    if others:
+        loop.run_until_complete(cancel_and_wait(others, within=SHUTDOWN_CANCEL_WITHIN))
+    if writes:
+        loop.run_until_complete(asyncio.gather(*writes, return_exceptions=True))
     loop.run_until_complete(shutdown_runtime())
     loop.run_until_complete(loop.shutdown_asyncgens())
     loop.close()

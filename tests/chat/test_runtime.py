@@ -1,0 +1,148 @@
+"""Stopping the per-process machinery: cancelled tasks end, even when a cancellation is lost."""
+
+import asyncio
+import logging
+import sys
+import threading
+
+from chat.runtime import cancel_and_wait, get_runtime
+from chatproject.server import finish_event_loop
+
+# Each test's guard against a hang; the stops under test take a grace period or two (0.5 s).
+HANG = 20
+# Python 3.11's asyncio.wait_for can drop a cancellation (python/cpython#86296); 3.12's cannot.
+LOSES_CANCELLATIONS = sys.version_info < (3, 12)
+
+
+def _wait_then_block(gate: asyncio.Future, went_on: asyncio.Event):
+    """What channels_redis's receive did on Python 3.11 when the hub was stopped: redis-py's
+    command send (an asyncio.wait_for) dropped the cancellation, and the blocking pop that
+    followed went on waiting."""
+
+    async def wait_then_block(*args) -> dict:
+        await asyncio.wait_for(gate, timeout=HANG)
+        went_on.set()
+        await asyncio.Event().wait()
+        return {}
+
+    return wait_then_block
+
+
+async def _arm(gate: asyncio.Future) -> None:
+    """Leave a task waiting on `gate` in wait_for in the state where it drops the next
+    cancellation: wait_for has its result, and the task's wake-up is scheduled but not run."""
+    gate.set_result(None)
+    await asyncio.sleep(0)
+
+
+async def _losing_its_next_cancellation() -> tuple[asyncio.Task, asyncio.Event]:
+    gate, went_on = asyncio.get_running_loop().create_future(), asyncio.Event()
+    task = asyncio.create_task(_wait_then_block(gate, went_on)())
+    await asyncio.sleep(0)  # the task waits in wait_for
+    await _arm(gate)
+    return task, went_on
+
+
+async def test_a_task_that_loses_its_cancellation_is_cancelled_again():
+    task, went_on = await _losing_its_next_cancellation()
+    async with asyncio.timeout(HANG) as stopping:
+        await cancel_and_wait([task], within=HANG, grace=0.05)  # cancels before it yields
+    assert not stopping.expired()
+    assert task.cancelled()
+    # The case arose: the first cancellation was dropped, and the task went on past wait_for.
+    assert went_on.is_set() is LOSES_CANCELLATIONS
+
+
+async def test_a_task_given_its_grace_finishes_its_cleanup():
+    cleaned = asyncio.Event()
+
+    async def cleans_up_slowly() -> None:
+        try:
+            await asyncio.Event().wait()
+        except asyncio.CancelledError:
+            await asyncio.sleep(0.1)
+            cleaned.set()
+            raise
+
+    task = asyncio.create_task(cleans_up_slowly())
+    await asyncio.sleep(0)
+    await cancel_and_wait([task], within=HANG, grace=5)
+    assert cleaned.is_set()
+    assert task.cancelled()
+
+
+async def test_a_task_that_will_not_end_is_left_and_logged(caplog):
+    holding = True
+
+    async def stubborn() -> None:
+        while True:
+            try:
+                await asyncio.Event().wait()
+            except asyncio.CancelledError:
+                if not holding:
+                    raise
+
+    task = asyncio.create_task(stubborn(), name="stubborn")
+    await asyncio.sleep(0)
+    with caplog.at_level(logging.ERROR, logger="chat.runtime"):
+        await cancel_and_wait([task], within=0.2, grace=0.05)
+    assert not task.done()
+    assert "stubborn" in caplog.text
+    holding = False
+    await cancel_and_wait([task], within=HANG)
+    assert task.cancelled()
+
+
+async def test_a_failed_task_s_error_counts_as_retrieved():
+    async def fails() -> None:
+        raise RuntimeError("boom")
+
+    task = asyncio.create_task(fails())
+    await asyncio.sleep(0)
+    await cancel_and_wait([task], within=HANG)
+    assert isinstance(task.exception(), RuntimeError)
+    assert task._log_traceback is False  # asyncio will not report it as never retrieved
+
+
+async def test_hub_stop_ends_a_receive_that_lost_its_cancellation(monkeypatch):
+    """On Redis, each consumer test's teardown waited out the old stop's 10-second limit for
+    this, and so did a server's shutdown."""
+    hub = get_runtime().hub
+    gate, went_on = asyncio.get_running_loop().create_future(), asyncio.Event()
+    monkeypatch.setattr(hub.layer, "receive", _wait_then_block(gate, went_on))
+    await hub._start()
+    await asyncio.sleep(0)  # the hub's receive waits in wait_for
+    receiver = hub._receiver
+    await _arm(gate)
+    # Well under the 10 s the old stop waited before cancelling a second time.
+    async with asyncio.timeout(5) as stopping:
+        await hub.stop()
+    assert not stopping.expired()  # (the old stop also swallowed the timeout's cancellation)
+    assert receiver.cancelled()
+    assert went_on.is_set() is LOSES_CANCELLATIONS
+    assert hub._receiver is None
+
+
+def test_shutdown_finishes_a_task_that_lost_its_cancellation():
+    """finish_event_loop (run when daphne's reactor stops) gathered the cancelled tasks: one
+    that lost its cancellation kept the process from ever exiting."""
+    outcome: dict = {}
+
+    def run() -> None:
+        loop = asyncio.new_event_loop()
+        asyncio.set_event_loop(loop)
+        gate, went_on = loop.create_future(), asyncio.Event()
+        task = loop.create_task(_wait_then_block(gate, went_on)())
+        loop.run_until_complete(asyncio.sleep(0))  # the task waits in wait_for
+        # Its wait ends in the loop turn that cancels it: wait_for returns instead of raising.
+        loop.call_soon(gate.set_result, None)
+        finish_event_loop()
+        outcome.update(
+            cancelled=task.cancelled(), went_on=went_on.is_set(), closed=loop.is_closed()
+        )
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    thread.join(timeout=HANG)
+    assert not thread.is_alive(), "finish_event_loop did not return"
+    assert outcome == {"cancelled": True, "went_on": LOSES_CANCELLATIONS, "closed": True}
