@@ -60,9 +60,13 @@ async def held_database_thread():
 
 @pytest.fixture
 def stuck_database(monkeypatch):
-    """The database probe's SELECT never comes back (until the test ends)."""
+    """The database probe's SELECT never comes back (until the test ends).
+
+    Probes keep their real time limit (2 s). At 0.3 s the channel layer's check failed once
+    in a PostgreSQL + Redis run, on a host twice as slow as usual; a fresh Redis layer's probe
+    takes about 3 ms, so a stall past 0.3 s is the likely cause (the body is now in the message).
+    """
     stopped = threading.Event()
-    monkeypatch.setattr(health, "PROBE_TIMEOUT", 0.3)
     monkeypatch.setattr(health, "_select_one", lambda: stopped.wait(timeout=30))
     yield
     stopped.set()
@@ -100,7 +104,7 @@ async def test_healthz_is_503_when_the_database_stops_answering():
     status, body = await healthz()
     assert status == 503
     assert body["checks"]["database"] == {"ok": False, "error": "TimeoutError"}
-    assert body["checks"]["channel_layer"]["ok"] is True
+    assert body["checks"]["channel_layer"]["ok"] is True, body
     # The stuck probe still holds its thread: the next check fails at once, and takes no other
     # thread to wait for the database.
     status, body = await healthz()
