@@ -53,6 +53,17 @@ async def test_a_task_that_loses_its_cancellation_is_cancelled_again():
     assert went_on.is_set() is LOSES_CANCELLATIONS
 
 
+async def test_tasks_are_cancelled_on_the_call_before_anything_queued_runs():
+    """At shutdown, a socket's queued disconnect event must not reach it before its
+    cancellation (tests/e2e: the audit row would say 1006, not 1001)."""
+    task = asyncio.create_task(asyncio.Event().wait())
+    await asyncio.sleep(0)
+    waiting = cancel_and_wait([task], within=HANG)
+    assert task.cancelling() == 1
+    await waiting
+    assert task.cancelled()
+
+
 async def test_a_task_given_its_grace_finishes_its_cleanup():
     cleaned = asyncio.Event()
 
