@@ -49,6 +49,10 @@ class ChatClient:
             ws_base + ticket["ws_url"],
             subprotocols=["chat.v1", f"ticket.{ticket['ticket']}"],
             origin=self.origin,
+            # websockets stops reading the connection while 16 frames wait unread: a test that
+            # closes a socket it did not read to the end (its own broadcasts, say) then waited
+            # the full close_timeout (10 s) for a close frame queued behind them.
+            max_queue=None,
         )
         sock = Socket(ws)
         sock.hello = await sock.expect("hello")
