@@ -202,7 +202,7 @@ class Hub:
 
     async def stop(self) -> None:
         tasks = [self._receiver, self._heartbeat, *self._tasks]
-        # No cleanup of theirs needs more than a few loop turns: a short grace.
+        # None of them has cleanup that needs more than a few turns of the loop.
         await cancel_and_wait([t for t in tasks if t is not None], within=10, grace=0.05)
         self._receiver = self._heartbeat = None
 
@@ -218,8 +218,8 @@ class Hub:
 
     async def _receive_loop(self) -> None:
         while True:
-            # redis-py can swallow a CancelledError inside a blocking read; Task.cancelling()
-            # still remembers the request, so a stop is never lost.
+            # A cancellation redis-py lost (chat.runtime.cancel_and_wait) is still counted by
+            # Task.cancelling(): once a receive returns, the loop ends.
             if asyncio.current_task().cancelling():
                 raise asyncio.CancelledError
             try:

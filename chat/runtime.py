@@ -5,8 +5,8 @@ from __future__ import annotations
 import asyncio
 import logging
 import weakref
-from collections.abc import Coroutine, Iterable
-from typing import TYPE_CHECKING, Any
+from collections.abc import Iterable
+from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
     from chat.audit import AuditBuffer
@@ -16,9 +16,6 @@ if TYPE_CHECKING:
 
 
 logger = logging.getLogger("chat.runtime")
-
-# How long a cancelled task may take to clean up before it is cancelled again.
-CANCEL_GRACE = 0.5
 
 
 class Runtime:
@@ -62,39 +59,33 @@ async def shutdown_runtime() -> None:
         await runtime.shutdown()
 
 
-def cancel_and_wait(
-    tasks: Iterable[asyncio.Task], *, within: float, grace: float = CANCEL_GRACE
-) -> Coroutine[Any, Any, None]:
-    """Cancel `tasks` now, and return what waits for them to end: it cancels again each one
-    still running after `grace` seconds, and gives up on those left after `within` (logged).
+async def cancel_and_wait(tasks: Iterable[asyncio.Task], *, within: float, grace: float) -> None:
+    """Cancel `tasks` (those not already being cancelled) and wait for them to end, cancelling
+    again each one still running every `grace` seconds; give up after `within` (logged).
 
-    Now, when called, not once the loop runs the wait: at shutdown a socket must see its
-    cancellation before anything else queued (a disconnect event would record 1006, not 1001).
-
-    Once is not enough on Python 3.11: asyncio.wait_for drops a cancellation that arrives
-    after its inner future is done but before it resumes (python/cpython#86296, fixed in
-    3.12). redis-py sends every command through wait_for when a socket timeout is set (ours
-    is), so a hub whose receive lost its cancellation there went on into channels_redis's next
-    5-second BZPOPMIN, and the next: each stop waited out its 10-second limit.
+    Again, because Python 3.11 can lose a cancellation: asyncio.wait_for drops one that arrives
+    after its inner future is done but before it resumes (python/cpython#86296, fixed in 3.12).
+    redis-py sends each command through wait_for when a socket timeout is set (ours is), so the
+    hub's receive lost Hub.stop's cancellation there and waited on in channels_redis's next
+    5-second blocking pop, and the next: each stop took its whole 10-second limit.
     """
     tasks = list(tasks)
     for task in tasks:
-        task.cancel()
-    return _cancelled(tasks, within=within, grace=grace)
-
-
-async def _cancelled(tasks: list[asyncio.Task], *, within: float, grace: float) -> None:
+        if not task.cancelling():
+            task.cancel()
     loop = asyncio.get_running_loop()
     deadline = loop.time() + within
     pending = {task for task in tasks if not task.done()}
     while pending:
         left = deadline - loop.time()
         if left <= 0:
-            logger.error("tasks still running after cancellation: %s", sorted(map(str, pending)))
+            names = sorted(task.get_name() for task in pending)
+            logger.error("%d tasks still running after cancellation: %s", len(names), names[:5])
             break
         _, pending = await asyncio.wait(pending, timeout=min(grace, left))
         for task in pending:
             task.cancel()
     for task in tasks:
-        if task.done() and not task.cancelled():
-            task.exception()  # retrieved: each task logs its own failure
+        # Retrieved here, and logged: once stopping, nothing else would report it.
+        if task.done() and not task.cancelled() and (error := task.exception()) is not None:
+            logger.error("task %s failed while stopping", task.get_name(), exc_info=error)

@@ -16,9 +16,11 @@ from twisted.internet import tcp
 
 logger = logging.getLogger("chat.server")
 
-# At shutdown, how long the application's tasks get to finish their cleanup once cancelled:
-# well inside the unit's TimeoutStopSec (30 s, deploy/systemd), so the queued audit rows are
-# still written after them.
+# At shutdown, a cancelled socket's cleanup (close 1001, leave caps and presence, record the
+# close) gets SHUTDOWN_CANCEL_GRACE before it is cancelled again, and the wait for them all
+# ends after SHUTDOWN_CANCEL_WITHIN: most of the unit's TimeoutStopSec (30 s, deploy/systemd)
+# is left for writing the queued audit rows.
+SHUTDOWN_CANCEL_GRACE = 5.0
 SHUTDOWN_CANCEL_WITHIN = 10.0
 
 # A socket whose reader stopped reading: the close code its application sees (RFC 6455 1008,
@@ -584,12 +586,14 @@ def _writes_directly(transport) -> bool:
 
 
 def finish_event_loop() -> None:
-    """Run after daphne's reactor stops: let every task finish, write what is queued, close.
+    """Run after daphne's reactor stops: end every task, write what is queued, close.
 
     daphne cancels the application instances at shutdown but stops waiting when the first one
     ends, so others can be left suspended; at interpreter exit CPython 3.11 then finalizes them
-    and can crash (SIGSEGV formatting a Future's repr). Finishing them here also runs each
-    socket's cleanup, so its audit record is complete.
+    and can crash (SIGSEGV formatting a Future's repr). Ending them here also runs each
+    socket's cleanup, so its audit record is complete. A task still running after
+    SHUTDOWN_CANCEL_WITHIN is left (and logged), that risk included: waiting on it for ever
+    would leave the queued audit rows to systemd's SIGKILL.
     """
     from chat.audit import WRITE_TASK_NAME
     from chat.runtime import cancel_and_wait, shutdown_runtime
@@ -602,8 +606,14 @@ def finish_event_loop() -> None:
     # kept, and then spooled if the database is down (chat/spool.py).
     writes = [task for task in pending if task.get_name() == WRITE_TASK_NAME]
     others = [task for task in pending if task.get_name() != WRITE_TASK_NAME]
+    for task in others:
+        # Now, before the loop runs anything queued: a socket's disconnect event reaching it
+        # first would record 1006, not 1001.
+        task.cancel()
     if others:
-        loop.run_until_complete(cancel_and_wait(others, within=SHUTDOWN_CANCEL_WITHIN))
+        loop.run_until_complete(
+            cancel_and_wait(others, within=SHUTDOWN_CANCEL_WITHIN, grace=SHUTDOWN_CANCEL_GRACE)
+        )
     if writes:
         loop.run_until_complete(asyncio.gather(*writes, return_exceptions=True))
     loop.run_until_complete(shutdown_runtime())

@@ -60,12 +60,8 @@ async def held_database_thread():
 
 @pytest.fixture
 def stuck_database(monkeypatch):
-    """The database probe's SELECT never comes back (until the test ends).
-
-    Probes keep their real time limit (2 s). At 0.3 s the channel layer's check failed once
-    in a PostgreSQL + Redis run, on a host twice as slow as usual; a fresh Redis layer's probe
-    takes about 3 ms, so a stall past 0.3 s is the likely cause (the body is now in the message).
-    """
+    """The database probe's SELECT never comes back (until the test ends). The probes keep
+    their real time limit: at 0.3 s, the channel layer's check once failed on a slow host."""
     stopped = threading.Event()
     monkeypatch.setattr(health, "_select_one", lambda: stopped.wait(timeout=30))
     yield

@@ -1,14 +1,15 @@
 """Stopping the per-process machinery: cancelled tasks end, even when a cancellation is lost."""
 
 import asyncio
+import contextlib
 import logging
 import sys
 import threading
 
 from chat.runtime import cancel_and_wait, get_runtime
-from chatproject.server import finish_event_loop
+from chatproject import server
 
-# Each test's guard against a hang; the stops under test take a grace period or two (0.5 s).
+# Each test's guard against a hang; the stops under test take a grace period or two.
 HANG = 20
 # Python 3.11's asyncio.wait_for can drop a cancellation (python/cpython#86296); 3.12's cannot.
 LOSES_CANCELLATIONS = sys.version_info < (3, 12)
@@ -53,14 +54,19 @@ async def test_a_task_that_loses_its_cancellation_is_cancelled_again():
     assert went_on.is_set() is LOSES_CANCELLATIONS
 
 
-async def test_tasks_are_cancelled_on_the_call_before_anything_queued_runs():
-    """At shutdown, a socket's queued disconnect event must not reach it before its
-    cancellation (tests/e2e: the audit row would say 1006, not 1001)."""
-    task = asyncio.create_task(asyncio.Event().wait())
+async def test_a_task_that_ignores_its_first_cancellation_is_cancelled_again():
+    """The lost cancellation, on any Python: the task carries on as if it had none."""
+
+    async def ignores_one() -> None:
+        with contextlib.suppress(asyncio.CancelledError):
+            await asyncio.Event().wait()
+        await asyncio.Event().wait()
+
+    task = asyncio.create_task(ignores_one())
     await asyncio.sleep(0)
-    waiting = cancel_and_wait([task], within=HANG)
-    assert task.cancelling() == 1
-    await waiting
+    async with asyncio.timeout(HANG) as stopping:
+        await cancel_and_wait([task], within=HANG, grace=0.05)
+    assert not stopping.expired()
     assert task.cancelled()
 
 
@@ -77,6 +83,27 @@ async def test_a_task_given_its_grace_finishes_its_cleanup():
 
     task = asyncio.create_task(cleans_up_slowly())
     await asyncio.sleep(0)
+    await cancel_and_wait([task], within=HANG, grace=5)
+    assert cleaned.is_set()
+    assert task.cancelled()
+
+
+async def test_a_task_already_being_cancelled_is_given_its_grace_first():
+    """finish_event_loop cancels the sockets itself, before the loop runs anything else."""
+    cleaned = asyncio.Event()
+
+    async def cleans_up_slowly() -> None:
+        try:
+            await asyncio.Event().wait()
+        except asyncio.CancelledError:
+            await asyncio.sleep(0.1)
+            cleaned.set()
+            raise
+
+    task = asyncio.create_task(cleans_up_slowly())
+    await asyncio.sleep(0)
+    task.cancel()
+    await asyncio.sleep(0)  # its cleanup has begun
     await cancel_and_wait([task], within=HANG, grace=5)
     assert cleaned.is_set()
     assert task.cancelled()
@@ -100,19 +127,21 @@ async def test_a_task_that_will_not_end_is_left_and_logged(caplog):
     assert not task.done()
     assert "stubborn" in caplog.text
     holding = False
-    await cancel_and_wait([task], within=HANG)
+    await cancel_and_wait([task], within=HANG, grace=0.05)
     assert task.cancelled()
 
 
-async def test_a_failed_task_s_error_counts_as_retrieved():
+async def test_a_task_that_failed_is_logged_and_its_error_retrieved(caplog):
     async def fails() -> None:
         raise RuntimeError("boom")
 
-    task = asyncio.create_task(fails())
+    task = asyncio.create_task(fails(), name="failing")
     await asyncio.sleep(0)
-    await cancel_and_wait([task], within=HANG)
+    with caplog.at_level(logging.ERROR, logger="chat.runtime"):
+        await cancel_and_wait([task], within=HANG, grace=0.05)
     assert task._log_traceback is False  # asyncio will not report it as never retrieved
-    assert isinstance(task.exception(), RuntimeError)
+    assert "task failing failed while stopping" in caplog.text
+    assert "RuntimeError: boom" in caplog.text
 
 
 async def test_hub_stop_ends_a_receive_that_lost_its_cancellation(monkeypatch):
@@ -134,9 +163,10 @@ async def test_hub_stop_ends_a_receive_that_lost_its_cancellation(monkeypatch):
     assert hub._receiver is None
 
 
-def test_shutdown_finishes_a_task_that_lost_its_cancellation():
+def test_shutdown_finishes_a_task_that_lost_its_cancellation(monkeypatch):
     """finish_event_loop (run when daphne's reactor stops) gathered the cancelled tasks: one
     that lost its cancellation kept the process from ever exiting."""
+    monkeypatch.setattr(server, "SHUTDOWN_CANCEL_GRACE", 0.05)
     outcome: dict = {}
 
     def run() -> None:
@@ -147,7 +177,7 @@ def test_shutdown_finishes_a_task_that_lost_its_cancellation():
         loop.run_until_complete(asyncio.sleep(0))  # the task waits in wait_for
         # Its wait ends in the loop turn that cancels it: wait_for returns instead of raising.
         loop.call_soon(gate.set_result, None)
-        finish_event_loop()
+        server.finish_event_loop()
         outcome.update(
             cancelled=task.cancelled(), went_on=went_on.is_set(), closed=loop.is_closed()
         )
