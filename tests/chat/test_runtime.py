@@ -6,6 +6,8 @@ import logging
 import sys
 import threading
 
+import pytest
+
 from chat.runtime import cancel_and_wait, get_runtime
 from chatproject import server
 
@@ -70,7 +72,10 @@ async def test_a_task_that_ignores_its_first_cancellation_is_cancelled_again():
     assert task.cancelled()
 
 
-async def test_a_task_given_its_grace_finishes_its_cleanup():
+@pytest.mark.parametrize("cleaning_up", [False, True], ids=["running", "already_cleaning_up"])
+async def test_a_task_given_its_grace_finishes_its_cleanup(cleaning_up):
+    """Also when its cleanup has begun: finish_event_loop cancels the sockets itself, before
+    the loop runs anything else, and a second cancellation at once would cut that short."""
     cleaned = asyncio.Event()
 
     async def cleans_up_slowly() -> None:
@@ -83,27 +88,9 @@ async def test_a_task_given_its_grace_finishes_its_cleanup():
 
     task = asyncio.create_task(cleans_up_slowly())
     await asyncio.sleep(0)
-    await cancel_and_wait([task], within=HANG, grace=5)
-    assert cleaned.is_set()
-    assert task.cancelled()
-
-
-async def test_a_task_already_being_cancelled_is_given_its_grace_first():
-    """finish_event_loop cancels the sockets itself, before the loop runs anything else."""
-    cleaned = asyncio.Event()
-
-    async def cleans_up_slowly() -> None:
-        try:
-            await asyncio.Event().wait()
-        except asyncio.CancelledError:
-            await asyncio.sleep(0.1)
-            cleaned.set()
-            raise
-
-    task = asyncio.create_task(cleans_up_slowly())
-    await asyncio.sleep(0)
-    task.cancel()
-    await asyncio.sleep(0)  # its cleanup has begun
+    if cleaning_up:
+        task.cancel()
+        await asyncio.sleep(0)
     await cancel_and_wait([task], within=HANG, grace=5)
     assert cleaned.is_set()
     assert task.cancelled()
