@@ -20,7 +20,7 @@ logger = logging.getLogger("chat.server")
 # close) gets SHUTDOWN_CANCEL_GRACE before it is cancelled again, and the wait for them all
 # ends after SHUTDOWN_CANCEL_WITHIN: most of the unit's TimeoutStopSec (30 s, deploy/systemd)
 # is left for writing the queued audit rows.
-SHUTDOWN_CANCEL_GRACE = 5.0
+SHUTDOWN_CANCEL_GRACE = 2.0
 SHUTDOWN_CANCEL_WITHIN = 10.0
 
 # A socket whose reader stopped reading: the close code its application sees (RFC 6455 1008,
