@@ -123,16 +123,14 @@ class Hub:
         if feed is None:
             feed = self.rooms[sock.room_id] = RoomFeed(sock.room_id)
             feed.sockets[sock.socket_id] = sock
-            group = broadcast.room_group(sock.room_id)
             try:
-                await self.layer.group_add(group, self.channel)
+                await self.layer.group_add(broadcast.room_group(sock.room_id), self.channel)
                 # Read after subscribing: every message numbered above this will reach us.
                 state, feed.delivered = await read()
             except BaseException:
-                del self.rooms[sock.room_id]
-                feed.started.set()  # whoever waits on this feed finds it gone and fails
-                # No feed left for detach to find: leave the group here.
-                await self._leave(group, lambda: sock.room_id in self.rooms)
+                # Whoever waits on this feed finds it gone and fails; detach will find no feed.
+                feed.started.set()
+                await self._end_feed(feed)
                 raise
             try:
                 # Events that came while we read, in order; no await between the last one and
@@ -169,11 +167,15 @@ class Hub:
             and feed.sockets.pop(sock.socket_id, None) is not None
             and not feed.sockets
         ):
-            del self.rooms[sock.room_id]
-            if feed.gap_timer is not None:
-                feed.gap_timer.cancel()
-            room_id = sock.room_id
-            await self._leave(broadcast.room_group(room_id), lambda: room_id in self.rooms)
+            await self._end_feed(feed)
+
+    async def _end_feed(self, feed: RoomFeed) -> None:
+        """Forget the room's feed and leave its group (joined again if a socket of the room
+        attached meanwhile and started a new feed)."""
+        del self.rooms[feed.room_id]
+        if feed.gap_timer is not None:
+            feed.gap_timer.cancel()
+        await self._leave(broadcast.room_group(feed.room_id), lambda: feed.room_id in self.rooms)
 
     def local_sockets(self) -> list[Socket]:
         return [s for feed in self.rooms.values() for s in feed.sockets.values()]
