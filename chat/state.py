@@ -79,6 +79,7 @@ class MemoryState:
         return True
 
     def _now(self) -> float:
+        """The time for a rate call, sweeping first when a sweep is due."""
         now = time.monotonic()
         if now >= self._next_sweep:
             self._sweep(now)
