@@ -18,7 +18,7 @@ from bench import report, scenarios
 from bench.scenarios import Options, Stage
 from bench.servers import ROOT, TARGETS, Deployment, core_busy_seconds, machine
 
-SCENARIOS = ["broadcast", "fanout", "handshakes", "idle", "persist"]
+SCENARIOS = ["broadcast", "fanout", "handshakes", "layers", "idle", "persist"]
 
 QUICK = {
     "members": 10,
@@ -32,6 +32,7 @@ QUICK = {
     "persist_rooms": 10,
     "persist_duration": 2.0,
     "profile_duration": 5.0,
+    "layer_rounds": 1,
 }
 
 
@@ -56,6 +57,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--fanout-messages", type=int, help=f"({defaults.fanout_messages})")
     p.add_argument("--handshakes", type=int, help=f"handshakes measured ({defaults.handshakes})")
     p.add_argument("--hs-concurrency", type=int, help=f"({defaults.hs_concurrency})")
+    p.add_argument(
+        "--layer-rounds", type=int, help=f"rounds of the layers scenario ({defaults.layer_rounds})"
+    )
     p.add_argument("--idle", type=int, help=f"idle connections ({defaults.idle})")
     p.add_argument("--idle-room-size", type=int, help=f"({defaults.idle_room_size})")
     p.add_argument("--persist-rooms", type=int, help=f"rooms of 2 ({defaults.persist_rooms})")
@@ -139,6 +143,13 @@ async def run(args: argparse.Namespace, opts: Options, workdir: Path) -> dict:
     results: dict = {}
     for scenario in chosen:
         print(f"== {scenario}", flush=True)
+        if scenario == "layers":
+            # The chat's handshake a layer at a time: its own servers, not one per target.
+            if "chat" in (t.name for t in targets):
+                if args.wait_quiet:
+                    await wait_quiet(args.wait_quiet)
+                results["layers"] = {"chat": await scenarios.layers(deployment, opts)}
+            continue
         for target in targets:
             if args.wait_quiet:
                 others = await wait_quiet(args.wait_quiet)

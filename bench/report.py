@@ -256,6 +256,43 @@ def host_speed(data: dict) -> str | None:
     )
 
 
+# The `layers` scenario's rows: (server, layer key, what it adds).
+LAYER_ROWS = [
+    ("daphne", "post", "daphne with an ASGI app that does nothing: the POST"),
+    ("daphne", "connect", "daphne with an ASGI app that does nothing: a WebSocket connect + close"),
+    ("stack", "django", "a Django view, behind the chat's middleware and HTTP handler"),
+    ("stack", "drf", "+ DRF: an `APIView`, no authentication"),
+    ("stack", "token", "+ simplejwt's stateless authentication: the token checked"),
+    ("stack", "jwt", "+ simplejwt's `JWTAuthentication`: the token's user read by the ORM"),
+    ("stack", "ticket", "the chat's ticket view (`POST /api/tickets/`)"),
+]
+
+
+def _median(values: list[float]) -> float | None:
+    values = sorted(v for v in values if v is not None)
+    if not values:
+        return None
+    mid = len(values) // 2
+    return values[mid] if len(values) % 2 else (values[mid - 1] + values[mid]) / 2
+
+
+def layer_cost(data: dict, server: str, layer: str) -> float | None:
+    """The median server CPU (µs) of one layer over the `layers` scenario's rounds."""
+    values = data["results"].get("layers", {}).get("chat", {}).get(server, {}).get(layer)
+    return _median(values) if values else None
+
+
+def stack_floor(data: dict) -> dict | None:
+    """What the mandated stack costs per handshake with none of the chat's work: simplejwt's
+    authenticated DRF request that does nothing, then the Channels tutorial's handshake."""
+    post = layer_cost(data, "stack", "jwt")
+    connect = _get(data, "handshakes", "tutorial", "server_cpu_us_per_handshake")
+    if not post or not connect:
+        return None
+    total = post + connect
+    return {"post_us": post, "connect_us": connect, "total_us": total, "per_s": 1e6 / total}
+
+
 def verdicts(data: dict) -> list[tuple[str, str, str]]:
     """(target of the issue, measured, PASS/FAIL/not measured)."""
     res = data["results"]
@@ -319,10 +356,16 @@ def verdicts(data: dict) -> list[tuple[str, str, str]]:
         )
     hs = res.get("handshakes", {}).get("chat")
     if hs:
+        floor = stack_floor(data)
         out.append(
             (
                 "≥ 500 full handshakes/s",
-                f"{fmt(hs['handshakes_per_s'])}/s",
+                f"{fmt(hs['handshakes_per_s'])}/s"
+                + (
+                    f" (the stack alone, without a ticket: ≤ {fmt(floor['per_s'])}/s here)"
+                    if floor
+                    else ""
+                ),
                 verdict(hs["handshakes_per_s"] >= 500 and not hs["failed"]),
             )
         )
@@ -646,6 +689,8 @@ def _other_sections(data: dict, targets: list[str], opts: dict) -> list[str]:
                 ],
             )
             out.append("")
+    if "layers" in res:
+        out += _layers_section(data)
     if "idle" in res:
         out += [
             "## Idle connections",
@@ -705,6 +750,57 @@ def _other_sections(data: dict, targets: list[str], opts: dict) -> list[str]:
             ],
         )
         out.append("")
+    return out
+
+
+def _layers_section(data: dict) -> list[str]:
+    found = data["results"]["layers"]["chat"]
+    opts = data["options"]
+    out = [
+        "## A handshake, one layer at a time",
+        "",
+        f"Server CPU per request, {opts['hs_concurrency']} concurrent clients, "
+        f"{opts['handshakes']} requests a window, the median of {found['rounds']} rounds "
+        "(`--scenario layers`). Every POST is the ticket request's: the same Bearer token and "
+        "JSON body, answered 201 with a ticket-sized body. The layers are the chat's own "
+        "server, settings and middleware with three views that do nothing "
+        "(bench/baselines/stack), and daphne with an ASGI app that does nothing "
+        "(bench/baselines/raw_asgi.py). The tutorial's and the chat's own connect come from the "
+        "handshakes scenario.",
+        "",
+    ]
+    body = []
+    for server, layer, label in LAYER_ROWS:
+        values = found.get(server, {}).get(layer) or []
+        if values:
+            spread = f"{fmt(min(values))}-{fmt(max(values))}" if len(values) > 1 else ""
+            body.append([label, layer_cost(data, server, layer), spread])
+    tutorial = _get(data, "handshakes", "tutorial", "server_cpu_us_per_handshake")
+    if tutorial:
+        body.append(["the Channels tutorial consumer: a WebSocket connect + close", tutorial, ""])
+    apart = _get(data, "handshakes", "chat", "apart")
+    if apart:
+        body.append(
+            [
+                "the chat: connect + hello + close, measured apart",
+                apart["server_cpu_us_per_connect"],
+                "",
+            ]
+        )
+    out += _table(["layer", "server µs per request", "range over the rounds"], body)
+    out.append("")
+    if floor := stack_floor(data):
+        out += [
+            "**The stack alone**, with no ticket, no persistence and no audit: simplejwt's "
+            f"authenticated DRF request that does nothing ({fmt(floor['post_us'])} µs) and the "
+            f"Channels tutorial's handshake ({fmt(floor['connect_us'])} µs) cost "
+            f"{fmt(floor['total_us'])} µs of server CPU on this host: at most "
+            f"{fmt(floor['per_s'])} handshakes/s on one core. 500/s leaves 2,000 µs for both.",
+            "",
+        ]
+    if found.get("failed"):
+        failed = ", ".join(f"{k}: {v}" for k, v in found["failed"].items())
+        out += [f"Failed requests: {failed}.", ""]
     return out
 
 

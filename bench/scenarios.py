@@ -7,6 +7,7 @@ import contextlib
 import re
 import resource
 import signal
+import statistics
 import subprocess
 import sys
 import time
@@ -27,7 +28,14 @@ from bench.client import (
     settle,
     take_ticket,
 )
-from bench.servers import Deployment, Server, Target, core_busy_seconds, free_port
+from bench.servers import (
+    LAYER_TARGETS,
+    Deployment,
+    Server,
+    Target,
+    core_busy_seconds,
+    free_port,
+)
 
 # A client using more than this share of its core measures itself, not the server.
 CLIENT_SATURATED = 0.85
@@ -53,6 +61,7 @@ class Options:
     connect_concurrency: int = 16
     profile_rate: int = 2000
     profile_duration: float = 15.0
+    layer_rounds: int = 3
 
 
 class Stage:
@@ -464,6 +473,126 @@ def _failure(error: Exception) -> str:
 
 def _rate(count: int, seconds: float) -> float:
     return round(count / seconds, 1) if seconds else 0.0
+
+
+# --- layers: a handshake's cost, one layer of the stack at a time ---
+
+# The POSTs of the `layers` scenario, in the chat's process (bench/baselines/stack): the same
+# request each time (the Bearer token, the room in a JSON body), one layer more each time.
+STACK_LAYERS = {
+    "django": "/bench/django/",
+    "drf": "/bench/drf/",
+    "token": "/bench/token/",
+    "jwt": "/bench/jwt/",
+    "ticket": "/api/tickets/",
+}
+
+
+async def layers(deployment: Deployment, opts: Options) -> dict:
+    """Server CPU per ticket-shaped POST and per WebSocket connect, a layer at a time.
+
+    daphne with an ASGI app that does nothing (bench/baselines/raw_asgi.py) answers the POST
+    and accepts the socket: the server alone. Then the chat's own server and settings, with
+    three views in front of its URLs (bench/baselines/stack), answer the same POST: a Django
+    view, a DRF APIView, the same with simplejwt's JWTAuthentication; and the real ticket view.
+    Each figure is measured `layer_rounds` times, the chat's layers in turn in each round
+    (rotated, so that none is always first), and each window runs 1 s past its last request,
+    as the handshake's halves do. The client's and other processes' worst shares of a core
+    over the windows are kept, for the report's warnings.
+    """
+    windows: list[dict] = []
+    failures: Counter[str] = Counter()
+
+    async def measure(coro) -> float:
+        figures = await coro
+        windows.append(figures)
+        return figures["server_cpu_us_per_request"]
+
+    out: dict = {"rounds": opts.layer_rounds}
+    with Stage(LAYER_TARGETS["daphne"], deployment, opts, "lay-daphne") as stage:
+        specs = stage.seed(opts.hs_concurrency, 1)
+        out["daphne"] = {"post": [], "connect": []}
+        for _ in range(opts.layer_rounds):
+            out["daphne"]["post"].append(await measure(_layer_posts(stage, specs, "/", failures)))
+            out["daphne"]["connect"].append(await measure(_layer_connects(stage, specs, failures)))
+    with Stage(LAYER_TARGETS["stack"], deployment, opts, "lay-stack") as stage:
+        specs = stage.seed(opts.hs_concurrency, 1)
+        names = list(STACK_LAYERS)
+        out["stack"] = {name: [] for name in names}
+        for r in range(opts.layer_rounds):
+            for name in names[r % len(names) :] + names[: r % len(names)]:
+                posts = _layer_posts(stage, specs, STACK_LAYERS[name], failures)
+                out["stack"][name].append(await measure(posts))
+    worst = {
+        key: max(w[key] for w in windows)
+        for key in ("client_core_share", "foreign_share_server_core", "foreign_share_client_core")
+    }
+    out.update(worst, client_saturated=worst["client_core_share"] > CLIENT_SATURATED)
+    out["failed"] = dict(failures)
+    shown = ", ".join(
+        f"{server}/{layer}={statistics.median(values)}"
+        for server in ("daphne", "stack")
+        for layer, values in out[server].items()
+    )
+    print(f"  [layers] median server µs per request: {shown}", flush=True)
+    return out
+
+
+async def _layer_posts(stage: Stage, specs: list[dict], path: str, failures: Counter) -> dict:
+    """A window of POSTs: every client posts `handshakes / clients` times, after two unmeasured
+    POSTs each (connections open, caches warm)."""
+    per_worker = max(1, stage.opts.handshakes // len(specs))
+
+    async def worker(i: int, count: int) -> int:
+        spec = specs[i]
+        token = spec["members"][0]["token"] if stage.target.authenticated else "-"
+        done = 0
+        for _ in range(count):
+            try:
+                status, answer = await https[i].post_json(path, {"room": spec["slug"]}, token)
+            except Exception as error:
+                failures[f"POST {path}: " + _failure(error)] += 1
+                continue
+            if status != 201:
+                failures[f"POST {path}: HTTP {status} {str(answer)[:80]}"] += 1
+                continue
+            done += 1
+        return done
+
+    https = [Http(stage.ports[0]) for _ in specs]
+    try:
+        await asyncio.gather(*(worker(i, 2) for i in range(len(specs))))
+        with Window(stage) as window:
+            posted = sum(await asyncio.gather(*(worker(i, per_worker) for i in range(len(specs)))))
+            await asyncio.sleep(1.0)
+    finally:
+        for http in https:
+            http.close()
+    return window.figures(per=posted, unit="request")
+
+
+async def _layer_connects(stage: Stage, specs: list[dict], failures: Counter) -> dict:
+    """A window of WebSocket connects, each closed at once, counted as `_layer_posts` counts."""
+    per_worker = max(1, stage.opts.handshakes // len(specs))
+    books = Books()
+
+    async def worker(i: int, count: int) -> int:
+        room, done = Room(specs[i]["slug"]), 0
+        for _ in range(count):
+            try:
+                conn = await open_conn(stage.target, room, books, port=stage.ports[0])
+            except Exception as error:
+                failures["connect: " + _failure(error)] += 1
+                continue
+            conn.close()
+            done += 1
+        return done
+
+    await asyncio.gather(*(worker(i, 2) for i in range(len(specs))))
+    with Window(stage) as window:
+        opened = sum(await asyncio.gather(*(worker(i, per_worker) for i in range(len(specs)))))
+        await asyncio.sleep(1.0)
+    return window.figures(per=opened, unit="request")
 
 
 # --- idle: RSS per idle authenticated connection ---

@@ -144,19 +144,38 @@ class Target:
     name: str
     description: str
     authenticated: bool  # tickets, hello, acks, persistence and audit
+    settings: str | None = None  # DJANGO_SETTINGS_MODULE, if not the chat's own
 
     def ws_path(self, slug: str) -> str:
         return {
             "chat": f"/ws/rooms/{slug}/",
+            "stack": f"/ws/rooms/{slug}/",
             "tutorial": f"/ws/chat/{slug}/",
             "websockets": f"/{slug}",
+            "daphne": f"/ws/{slug}/",
         }[self.name]
 
 
 TARGETS = {
     "chat": Target("chat", "this project: daphne, tickets, persistence, audit", True),
-    "tutorial": Target("tutorial", "Channels tutorial consumer, InMemoryChannelLayer", False),
+    "tutorial": Target(
+        "tutorial",
+        "Channels tutorial consumer, InMemoryChannelLayer",
+        False,
+        settings="bench.baselines.tutorial.settings",
+    ),
     "websockets": Target("websockets", "bare websockets broadcast()", False),
+}
+
+# The `layers` scenario's servers: what the chat's handshake costs, a layer at a time.
+LAYER_TARGETS = {
+    "daphne": Target("daphne", "daphne with an ASGI app that does nothing", False),
+    "stack": Target(
+        "stack",
+        "the chat's server and settings, with three do-nothing views",
+        True,
+        settings="bench.baselines.stack.settings",
+    ),
 }
 
 
@@ -260,9 +279,13 @@ class Server:
 
     def argv(self) -> list[str]:
         port = str(self.port)
-        if self.target.name == "chat":
+        if self.target.name in ("chat", "stack"):
             return [sys.executable, "manage.py", "serve", "--bind", "127.0.0.1", "--port", port]
-        if self.target.name == "tutorial":
+        apps = {
+            "tutorial": "bench.baselines.tutorial.asgi:application",
+            "daphne": "bench.baselines.raw_asgi:application",
+        }
+        if self.target.name in apps:
             return [
                 sys.executable,
                 "-m",
@@ -272,14 +295,14 @@ class Server:
                 "127.0.0.1",
                 "-p",
                 port,
-                "bench.baselines.tutorial.asgi:application",
+                apps[self.target.name],
             ]
         return [sys.executable, "-m", "bench.baselines.ws_server", "--port", port]
 
     def start(self, timeout: float = 30.0) -> Server:
         env = dict(self.env)
-        if self.target.name == "tutorial":
-            env["DJANGO_SETTINGS_MODULE"] = "bench.baselines.tutorial.settings"
+        if self.target.settings:
+            env["DJANGO_SETTINGS_MODULE"] = self.target.settings
         argv = self.argv()
         if self.target.name == "websockets":
             argv += ["--origin", self.origin]
@@ -304,7 +327,7 @@ class Server:
     def _ready(self) -> bool:
         try:
             with socket.create_connection(("127.0.0.1", self.port), timeout=1.0) as sock:
-                if self.target.name != "chat":
+                if not self.target.authenticated:
                     return True
                 sock.sendall(
                     b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n"

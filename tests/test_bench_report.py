@@ -8,7 +8,11 @@ def _point(us: float, rate: int = report.TARGET_RATE) -> dict:
 
 
 def _data(results: dict) -> dict:
-    return {"options": {"members": 100, "fanout_members": 1000}, "results": results}
+    return {
+        "options": {"members": 100, "fanout_members": 1000},
+        "machine": {"nproc": 2},
+        "results": results,
+    }
 
 
 def test_host_speed_compares_the_baselines_with_the_issue_machine():
@@ -54,3 +58,71 @@ def test_handshake_rows_show_the_ticket_post_and_the_connect_apart():
     assert post == {"chat": 3000.0, "tutorial": None}
     # A baseline has no ticket: its whole handshake is the connect.
     assert connect == {"chat": 3200.0, "tutorial": 2000.0}
+
+
+def _layers(stack: dict, daphne: dict | None = None) -> dict:
+    return {
+        "rounds": 3,
+        "failed": {},
+        "daphne": daphne or {"post": [300.0, 250.0, 280.0], "connect": [600.0, 550.0, 650.0]},
+        "stack": stack,
+    }
+
+
+LAYERS = {
+    "django": [560.0, 580.0, 570.0],
+    "drf": [700.0, 720.0, 710.0],
+    "token": [900.0, 950.0, 930.0],
+    "jwt": [1400.0, 1300.0, 1500.0],
+    "ticket": [2000.0, 2100.0, 2050.0],
+}
+
+
+def test_layer_cost_is_the_median_of_the_rounds():
+    data = _data({"layers": {"chat": _layers(LAYERS)}})
+    assert report.layer_cost(data, "stack", "jwt") == 1400.0
+    assert report.layer_cost(data, "daphne", "post") == 280.0
+    even = _data({"layers": {"chat": _layers({"jwt": [1000.0, 1300.0]})}})
+    assert report.layer_cost(even, "stack", "jwt") == 1150.0
+    assert report.layer_cost(even, "stack", "ticket") is None
+
+
+def test_the_stack_floor_is_the_jwt_request_and_the_tutorial_handshake():
+    results = {
+        "layers": {"chat": _layers(LAYERS)},
+        "handshakes": {
+            "chat": {
+                "handshakes_per_s": 229.0,
+                "server_cpu_us_per_handshake": 4300.0,
+                "failed": {},
+            },
+            "tutorial": {"handshakes_per_s": 845.0, "server_cpu_us_per_handshake": 1100.0},
+        },
+    }
+    floor = report.stack_floor(_data(results))
+    assert floor == {"post_us": 1400.0, "connect_us": 1100.0, "total_us": 2500.0, "per_s": 400.0}
+    (verdict,) = [v for v in report.verdicts(_data(results)) if v[0] == "≥ 500 full handshakes/s"]
+    assert verdict[1] == "229.0/s (the stack alone, without a ticket: ≤ 400.0/s here)"
+    assert verdict[2] == "**FAIL**"
+    # Without the tutorial's handshake there is no floor to state.
+    del results["handshakes"]["tutorial"]
+    assert report.stack_floor(_data(results)) is None
+    (verdict,) = [v for v in report.verdicts(_data(results)) if v[0] == "≥ 500 full handshakes/s"]
+    assert verdict[1] == "229.0/s"
+
+
+def test_layers_section_lists_each_layer_with_its_spread_and_the_floor():
+    results = {
+        "layers": {"chat": _layers(LAYERS)},
+        "handshakes": {
+            "tutorial": {"handshakes_per_s": 845.0, "server_cpu_us_per_handshake": 1100.0},
+        },
+    }
+    data = _data(results)
+    data["options"].update(hs_concurrency=32, handshakes=2000)
+    text = "\n".join(report._layers_section(data))
+    jwt = "+ simplejwt's `JWTAuthentication`: the token's user read by the ORM"
+    assert f"| {jwt} | 1,400 | 1,300-1,500 |" in text
+    assert "| the chat's ticket view (`POST /api/tickets/`) | 2,050 | 2,000-2,100 |" in text
+    assert "| the Channels tutorial consumer: a WebSocket connect + close | 1,100 |  |" in text
+    assert "cost 2,500 µs of server CPU on this host: at most 400.0 handshakes/s" in text

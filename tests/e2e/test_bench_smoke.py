@@ -51,3 +51,17 @@ def test_bench_quick_handshakes_measures_the_ticket_and_the_connect_apart(tmp_pa
     assert apart["connects_per_s"] > 0
     assert apart["server_cpu_us_per_ticket_post"] > 0
     assert apart["server_cpu_us_per_connect"] > 0
+
+
+def test_bench_quick_layers_measures_each_layer_of_a_handshake(tmp_path):
+    found = _quick_bench(tmp_path, "--scenario", "layers")["layers"]["chat"]
+    # Every request of every layer was answered 201: the do-nothing views authenticated the
+    # seeded user's token, and the ticket view issued tickets.
+    assert found["failed"] == {}
+    assert found["rounds"] == 1
+    assert set(found["daphne"]) == {"post", "connect"}
+    assert set(found["stack"]) == {"django", "drf", "token", "jwt", "ticket"}
+    for server in ("daphne", "stack"):
+        for layer, values in found[server].items():
+            assert len(values) == 1, layer
+            assert values[0] > 0, layer

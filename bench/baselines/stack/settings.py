@@ -1,0 +1,5 @@
+"""The chat's settings, with the bench's three views in front of its URLs."""
+
+from chatproject.settings import *  # noqa: F403
+
+ROOT_URLCONF = "bench.baselines.stack.urls"
