@@ -530,7 +530,7 @@ async def layers(deployment: Deployment, opts: Options) -> dict:
     out.update(worst, client_saturated=worst["client_core_share"] > CLIENT_SATURATED)
     out["failed"] = dict(failures)
     shown = ", ".join(
-        f"{server}/{layer}={statistics.median(values)}"
+        f"{server}/{layer}={statistics.median(values):.0f}"
         for server in ("daphne", "stack")
         for layer, values in out[server].items()
     )
