@@ -114,9 +114,7 @@ class TicketCreateView(APIView):
         },
     )
     def post(self, request):
-        data = serializers.TicketRequestSerializer(data=request.data)
-        data.is_valid(raise_exception=True)
-        slug = data.validated_data["room"]
+        slug = serializers.TicketRequestSerializer.room_of(request.data)
         user, ip = request.user, client_ip_from_request(request)
         room, membership = selectors.room_and_membership(slug=slug, user=user)
         if room is None:
@@ -143,13 +141,11 @@ class TicketCreateView(APIView):
             )
         except services.TicketRefused as refused:
             raise PermissionDenied(refused.detail) from refused
-        body = serializers.TicketSerializer(
-            {
-                "ticket": issued.token,
-                "expires_at": issued.row.expires_at,
-                "ws_url": f"/ws/rooms/{room.slug}/",
-            }
-        ).data
+        body = serializers.TicketSerializer.body(
+            ticket=issued.token,
+            expires_at=issued.row.expires_at,
+            ws_url=f"/ws/rooms/{room.slug}/",
+        )
         # Tickets are credentials: never cache them anywhere.
         return Response(body, status=status.HTTP_201_CREATED, headers={"Cache-Control": "no-store"})
 

@@ -1,5 +1,7 @@
 """Request and response shapes of the accounts API."""
 
+from collections.abc import Mapping
+
 from django.contrib.auth import get_user_model
 from rest_framework import serializers
 from rest_framework_simplejwt import serializers as jwt_serializers
@@ -40,11 +42,46 @@ class LogoutSerializer(serializers.Serializer):
 class TicketRequestSerializer(serializers.Serializer):
     room = serializers.CharField(max_length=50)
 
+    @classmethod
+    def room_of(cls, data) -> str:
+        """`validated_data["room"]` of `data`, or the serializer's own ValidationError.
+
+        A plain slug (printable ASCII, 1-50 characters once stripped, as CharField strips it)
+        is taken as the serializer would take it, without making one (see TicketSerializer.body);
+        anything else goes through the serializer, for its exact errors. A test holds the two
+        equal.
+        """
+        room = data.get("room") if isinstance(data, Mapping) else None
+        if isinstance(room, str):
+            room = room.strip()
+            if 0 < len(room) <= 50 and room.isascii() and room.isprintable():
+                return room
+        found = cls(data=data)
+        found.is_valid(raise_exception=True)
+        return found.validated_data["room"]
+
 
 class TicketSerializer(serializers.Serializer):
     ticket = serializers.CharField(help_text="Present it once, within its lifetime; never log it.")
     expires_at = serializers.DateTimeField()
     ws_url = serializers.CharField(help_text="Path of the room's WebSocket, e.g. /ws/rooms/lobby/")
+
+    @staticmethod
+    def body(*, ticket: str, expires_at, ws_url: str) -> dict:
+        """What `TicketSerializer({...}).data` is, without a serializer per ticket request.
+
+        A serializer deep-copies its fields when made, on every handshake: more server CPU than
+        the rest of the answer (docs/performance.md). A test holds the two equal.
+        """
+        return {
+            "ticket": ticket,
+            "expires_at": _DATETIME.to_representation(expires_at),
+            "ws_url": ws_url,
+        }
+
+
+# Unbound: DRF's own DATETIME_FORMAT and current time zone, read at each call.
+_DATETIME = serializers.DateTimeField()
 
 
 class ErrorSerializer(serializers.Serializer):

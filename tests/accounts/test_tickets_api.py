@@ -1,7 +1,12 @@
+from datetime import UTC, datetime, timedelta, timezone
+
 import pytest
+from django.http import QueryDict
+from rest_framework.exceptions import ValidationError
 from rest_framework.test import APIClient
 
 from accounts.models import Ticket
+from accounts.serializers import TicketRequestSerializer, TicketSerializer
 from accounts.tokens import WebSocketTicket
 from chat.models import Room, SecurityEvent
 from tests.factories import PASSWORD, make_member, make_room, make_user
@@ -35,6 +40,35 @@ def test_ticket_issued_with_bearer_token():
     assert row.used_at is None
     assert (row.expires_at - row.issued_at).total_seconds() == pytest.approx(30, abs=1)
     assert row.credential.startswith("jwt:")
+    # The answer is the documented one (the OpenAPI schema's TicketSerializer).
+    assert (
+        body
+        == TicketSerializer(
+            {"ticket": body["ticket"], "expires_at": row.expires_at, "ws_url": "/ws/rooms/lobby/"}
+        ).data
+    )
+
+
+@pytest.mark.parametrize(
+    "expires_at",
+    [
+        datetime(2026, 12, 6, 16, 0, 30, 123456, tzinfo=UTC),
+        datetime(2026, 12, 6, 16, 0, 30, tzinfo=UTC),
+        datetime(2026, 12, 6, 17, 0, 30, 5, tzinfo=timezone(timedelta(hours=1))),
+    ],
+)
+@pytest.mark.parametrize("datetime_format", [None, "%Y-%m-%d %H:%M:%S"])
+def test_ticket_body_is_what_the_ticket_serializer_gives(expires_at, datetime_format, settings):
+    """The ticket view builds its answer without a serializer instance; it must stay the one
+    TicketSerializer documents, DRF's datetime format and the time zone included."""
+    if datetime_format:
+        settings.REST_FRAMEWORK = {**settings.REST_FRAMEWORK, "DATETIME_FORMAT": datetime_format}
+    values = {"ticket": "a.b.c", "expires_at": expires_at, "ws_url": "/ws/rooms/lobby/"}
+    body = TicketSerializer.body(**values)
+    assert body == TicketSerializer(values).data
+    utc = expires_at.astimezone(UTC)
+    shown = utc.strftime(datetime_format) if datetime_format else utc.isoformat()[:-6] + "Z"
+    assert body["expires_at"] == shown
 
 
 @pytest.mark.parametrize("member", [True, False])
@@ -178,3 +212,49 @@ def test_invalid_body_is_400():
     alice = make_user("alice")
     response = bearer_client(alice).post("/api/tickets/", {"nope": 1}, format="json")
     assert response.status_code == 400
+
+
+def _validated_room(data):
+    """What TicketRequestSerializer makes of `data`: the room, or its error's detail."""
+    serializer = TicketRequestSerializer(data=data)
+    if serializer.is_valid():
+        return serializer.validated_data["room"]
+    return serializer.errors
+
+
+@pytest.mark.parametrize(
+    "data",
+    [
+        {"room": "lobby"},
+        {"room": "  lobby\n"},
+        {"room": "a" * 50},
+        {"room": "lobby", "other": 1},
+        QueryDict("room=lobby"),
+        {"room": "a" * 51},
+        {"room": " " + "a" * 50},
+        {"room": ""},
+        {"room": "   "},
+        {"room": "lob\x00by"},
+        {"room": "\ud800"},
+        {"room": "café"},
+        {"room": "a\tb"},
+        {"room": 5},
+        {"room": None},
+        {"room": ["lobby"]},
+        {},
+        QueryDict(""),
+        ["lobby"],
+        "lobby",
+        None,
+    ],
+)
+def test_the_ticket_request_room_is_what_the_serializer_validates(data):
+    """The ticket view takes a plain slug without a serializer instance: every input must give
+    the serializer's answer, the room or the same error."""
+    expected = _validated_room(data)
+    if isinstance(expected, str):
+        assert TicketRequestSerializer.room_of(data) == expected
+    else:
+        with pytest.raises(ValidationError) as raised:
+            TicketRequestSerializer.room_of(data)
+        assert raised.value.detail == expected
