@@ -40,6 +40,13 @@ def _csv(value: str) -> list[str]:
     return [v.strip() for v in value.split(",") if v.strip()]
 
 
+def _positive(value: str) -> int:
+    number = int(value)
+    if number < 1:
+        raise argparse.ArgumentTypeError(f"at least 1, not {number}")
+    return number
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     defaults = Options()
     p = argparse.ArgumentParser(prog="python -m bench", description=__doc__)
@@ -58,7 +65,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--handshakes", type=int, help=f"handshakes measured ({defaults.handshakes})")
     p.add_argument("--hs-concurrency", type=int, help=f"({defaults.hs_concurrency})")
     p.add_argument(
-        "--layer-rounds", type=int, help=f"rounds of the layers scenario ({defaults.layer_rounds})"
+        "--layer-rounds",
+        type=_positive,
+        help=f"rounds of the layers scenario ({defaults.layer_rounds})",
     )
     p.add_argument("--idle", type=int, help=f"idle connections ({defaults.idle})")
     p.add_argument("--idle-room-size", type=int, help=f"({defaults.idle_room_size})")
@@ -145,10 +154,13 @@ async def run(args: argparse.Namespace, opts: Options, workdir: Path) -> dict:
         print(f"== {scenario}", flush=True)
         if scenario == "layers":
             # The chat's handshake a layer at a time: its own servers, not one per target.
-            if "chat" in (t.name for t in targets):
-                if args.wait_quiet:
-                    await wait_quiet(args.wait_quiet)
-                results["layers"] = {"chat": await scenarios.layers(deployment, opts)}
+            if "chat" not in (t.name for t in targets):
+                print("  skipped: it measures the chat's layers, and chat is not a target")
+                continue
+            if args.wait_quiet:
+                others = await wait_quiet(args.wait_quiet)
+                print(f"  (other processes: {others:.0%} of the cores)", flush=True)
+            results["layers"] = {"chat": await scenarios.layers(deployment, opts)}
             continue
         for target in targets:
             if args.wait_quiet:

@@ -7,7 +7,6 @@ import contextlib
 import re
 import resource
 import signal
-import statistics
 import subprocess
 import sys
 import time
@@ -26,8 +25,8 @@ from bench.client import (
     open_conn,
     open_room,
     settle,
-    take_ticket,
 )
+from bench.report import fmt, median
 from bench.servers import (
     LAYER_TARGETS,
     Deployment,
@@ -405,21 +404,12 @@ async def _handshake_halves(stage: Stage, specs: list[dict], per_worker: int) ->
     windows last seconds; a ticket that expired first counts as a failed connect.
     """
     workers = len(specs)
-    tickets: list[list[Ticket]] = [[] for _ in specs]
     failures: Counter[str] = Counter()
-
-    async def post(i: int) -> None:
-        http = Http(stage.ports[i % len(stage.ports)])
-        try:
-            for _ in range(per_worker):
-                try:
-                    tickets[i].append(
-                        await take_ticket(http, specs[i]["slug"], specs[i]["members"][0]["token"])
-                    )
-                except Exception as error:
-                    failures["ticket: " + _failure(error)] += 1
-        finally:
-            http.close()
+    answers: list[list[dict]] = [[] for _ in specs]
+    issued, post_elapsed, posts = await _post_window(
+        stage, specs, "/api/tickets/", per_worker, failures, answers=answers
+    )
+    tickets = [[Ticket(a["ws_url"], a["ticket"]) for a in mine] for mine in answers]
 
     connected = 0
 
@@ -442,12 +432,6 @@ async def _handshake_halves(stage: Stage, specs: list[dict], per_worker: int) ->
             conn.close()
             connected += 1
 
-    with Window(stage) as posts:
-        started = time.perf_counter()
-        await asyncio.gather(*(post(i) for i in range(workers)))
-        post_elapsed = time.perf_counter() - started
-        await asyncio.sleep(1.0)  # as for the connects: nothing of the POSTs left for them
-    issued = sum(map(len, tickets))
     with Window(stage) as connects:
         started = time.perf_counter()
         await asyncio.gather(*(connect(i) for i in range(workers)))
@@ -466,6 +450,61 @@ async def _handshake_halves(stage: Stage, specs: list[dict], per_worker: int) ->
     }
 
 
+async def _post_window(
+    stage: Stage,
+    specs: list[dict],
+    path: str,
+    per_worker: int,
+    failures: Counter,
+    *,
+    warm: int = 0,
+    answers: list[list[dict]] | None = None,
+) -> tuple[int, float, Window]:
+    """A measured window of ticket-shaped POSTs (`{"room": slug}` with the client's Bearer
+    token; `-` for a server without users): each client posts `per_worker` times on its own
+    keep-alive connection, after `warm` unmeasured POSTs whose failures are not counted. The
+    window runs 1 s past the last answer, as the connects' do. Returns the 201 answers counted,
+    the seconds until the last, and the window; `answers[i]` gets client i's measured bodies.
+    """
+    https = [Http(stage.ports[i % len(stage.ports)]) for i in range(len(specs))]
+
+    async def worker(i: int, count: int, counted: Counter, keep: list | None) -> int:
+        spec = specs[i]
+        token = spec["members"][0]["token"] if stage.target.authenticated else "-"
+        done = 0
+        for _ in range(count):
+            try:
+                status, answer = await https[i].post_json(path, {"room": spec["slug"]}, token)
+            except Exception as error:
+                counted[f"POST {path}: " + _failure(error)] += 1
+                continue
+            if status != 201:
+                counted[f"POST {path}: HTTP {status} {str(answer)[:80]}"] += 1
+                continue
+            if keep is not None:
+                keep.append(answer)
+            done += 1
+        return done
+
+    try:
+        if warm:
+            await asyncio.gather(*(worker(i, warm, Counter(), None) for i in range(len(specs))))
+        with Window(stage) as window:
+            started = time.perf_counter()
+            done = await asyncio.gather(
+                *(
+                    worker(i, per_worker, failures, None if answers is None else answers[i])
+                    for i in range(len(specs))
+                )
+            )
+            elapsed = time.perf_counter() - started
+            await asyncio.sleep(1.0)
+    finally:
+        for http in https:
+            http.close()
+    return sum(done), elapsed, window
+
+
 def _failure(error: Exception) -> str:
     """A failed handshake, as counted: its kind and the start of its message."""
     return f"{type(error).__name__}: {str(error)[:80]}"
@@ -478,121 +517,77 @@ def _rate(count: int, seconds: float) -> float:
 # --- layers: a handshake's cost, one layer of the stack at a time ---
 
 # The POSTs of the `layers` scenario, in the chat's process (bench/baselines/stack): the same
-# request each time (the Bearer token, the room in a JSON body), one layer more each time.
+# request each time (the Bearer token, the room in a JSON body), one layer more each time
+# (the chat's own authentication instead of simplejwt's at `chat_auth`).
 STACK_LAYERS = {
     "django": "/bench/django/",
     "drf": "/bench/drf/",
     "token": "/bench/token/",
     "jwt": "/bench/jwt/",
+    "chat_auth": "/bench/chat-auth/",
     "ticket": "/api/tickets/",
 }
 
 
 async def layers(deployment: Deployment, opts: Options) -> dict:
-    """Server CPU per ticket-shaped POST and per WebSocket connect, a layer at a time.
+    """Server CPU per ticket-shaped POST and per WebSocket handshake, a layer at a time.
 
     daphne with an ASGI app that does nothing (bench/baselines/raw_asgi.py) answers the POST
-    and accepts the socket: the server alone. Then the chat's own server and settings, with
-    three views in front of its URLs (bench/baselines/stack), answer the same POST: a Django
-    view, a DRF APIView, the same with simplejwt's JWTAuthentication; and the real ticket view.
-    Each figure is measured `layer_rounds` times, the chat's layers in turn in each round
-    (rotated, so that none is always first), and each window runs 1 s past its last request,
-    as the handshake's halves do. The client's and other processes' worst shares of a core
-    over the windows are kept, for the report's warnings.
+    and accepts the socket (the handshakes scenario, connect and close): the server alone.
+    Then the chat's own server, settings and middleware, with four views in front of its URLs
+    (bench/baselines/stack), answer the same POST: a Django view, a DRF APIView, the same with
+    simplejwt's stateless authentication, the same with its JWTAuthentication; then the chat's
+    own authentication on the same view, and the real ticket view. Each figure is measured
+    `layer_rounds` times, the chat's layers in turn in each round (rotated, and reversed every
+    other round, so that none keeps its place or its neighbours). A window with a failed
+    request counts as no figure (None), its failures are listed. The client's and other
+    processes' worst shares of a core over the windows are kept, for the report's warnings.
     """
     windows: list[dict] = []
     failures: Counter[str] = Counter()
 
-    async def measure(coro) -> float:
-        figures = await coro
+    def kept(figures: dict, per: str, failed: int) -> float | None:
         windows.append(figures)
-        return figures["server_cpu_us_per_request"]
+        return None if failed else figures[f"server_cpu_us_per_{per}"]
+
+    async def post(stage: Stage, specs: list[dict], path: str) -> float | None:
+        before = sum(failures.values())
+        per_worker = max(1, opts.handshakes // len(specs))
+        posted, _, window = await _post_window(stage, specs, path, per_worker, failures, warm=2)
+        failed = sum(failures.values()) - before
+        return kept(window.figures(per=posted, unit="request"), "request", failed)
 
     out: dict = {"rounds": opts.layer_rounds}
     with Stage(LAYER_TARGETS["daphne"], deployment, opts, "lay-daphne") as stage:
         specs = stage.seed(opts.hs_concurrency, 1)
         out["daphne"] = {"post": [], "connect": []}
         for _ in range(opts.layer_rounds):
-            out["daphne"]["post"].append(await measure(_layer_posts(stage, specs, "/", failures)))
-            out["daphne"]["connect"].append(await measure(_layer_connects(stage, specs, failures)))
+            out["daphne"]["post"].append(await post(stage, specs, "/"))
+            shook = await handshakes(stage)
+            failures.update({f"connect: {k}": v for k, v in shook["failed"].items()})
+            failed = sum(shook["failed"].values())
+            out["daphne"]["connect"].append(kept(shook, "handshake", failed))
     with Stage(LAYER_TARGETS["stack"], deployment, opts, "lay-stack") as stage:
         specs = stage.seed(opts.hs_concurrency, 1)
         names = list(STACK_LAYERS)
         out["stack"] = {name: [] for name in names}
         for r in range(opts.layer_rounds):
-            for name in names[r % len(names) :] + names[: r % len(names)]:
-                posts = _layer_posts(stage, specs, STACK_LAYERS[name], failures)
-                out["stack"][name].append(await measure(posts))
+            turn = names[r % len(names) :] + names[: r % len(names)]
+            for name in reversed(turn) if r % 2 else turn:
+                out["stack"][name].append(await post(stage, specs, STACK_LAYERS[name]))
     worst = {
         key: max(w[key] for w in windows)
         for key in ("client_core_share", "foreign_share_server_core", "foreign_share_client_core")
     }
     out.update(worst, client_saturated=worst["client_core_share"] > CLIENT_SATURATED)
     out["failed"] = dict(failures)
-    shown = ", ".join(
-        f"{server}/{layer}={statistics.median(values):.0f}"
+    medians = ", ".join(
+        f"{server}/{layer}={fmt(median(values))}"
         for server in ("daphne", "stack")
         for layer, values in out[server].items()
     )
-    print(f"  [layers] median server µs per request: {shown}", flush=True)
+    print(f"  [layers] median server µs per request: {medians}", flush=True)
     return out
-
-
-async def _layer_posts(stage: Stage, specs: list[dict], path: str, failures: Counter) -> dict:
-    """A window of POSTs: every client posts `handshakes / clients` times, after two unmeasured
-    POSTs each (connections open, caches warm)."""
-    per_worker = max(1, stage.opts.handshakes // len(specs))
-
-    async def worker(i: int, count: int) -> int:
-        spec = specs[i]
-        token = spec["members"][0]["token"] if stage.target.authenticated else "-"
-        done = 0
-        for _ in range(count):
-            try:
-                status, answer = await https[i].post_json(path, {"room": spec["slug"]}, token)
-            except Exception as error:
-                failures[f"POST {path}: " + _failure(error)] += 1
-                continue
-            if status != 201:
-                failures[f"POST {path}: HTTP {status} {str(answer)[:80]}"] += 1
-                continue
-            done += 1
-        return done
-
-    https = [Http(stage.ports[0]) for _ in specs]
-    try:
-        await asyncio.gather(*(worker(i, 2) for i in range(len(specs))))
-        with Window(stage) as window:
-            posted = sum(await asyncio.gather(*(worker(i, per_worker) for i in range(len(specs)))))
-            await asyncio.sleep(1.0)
-    finally:
-        for http in https:
-            http.close()
-    return window.figures(per=posted, unit="request")
-
-
-async def _layer_connects(stage: Stage, specs: list[dict], failures: Counter) -> dict:
-    """A window of WebSocket connects, each closed at once, counted as `_layer_posts` counts."""
-    per_worker = max(1, stage.opts.handshakes // len(specs))
-    books = Books()
-
-    async def worker(i: int, count: int) -> int:
-        room, done = Room(specs[i]["slug"]), 0
-        for _ in range(count):
-            try:
-                conn = await open_conn(stage.target, room, books, port=stage.ports[0])
-            except Exception as error:
-                failures["connect: " + _failure(error)] += 1
-                continue
-            conn.close()
-            done += 1
-        return done
-
-    await asyncio.gather(*(worker(i, 2) for i in range(len(specs))))
-    with Window(stage) as window:
-        opened = sum(await asyncio.gather(*(worker(i, per_worker) for i in range(len(specs)))))
-        await asyncio.sleep(1.0)
-    return window.figures(per=opened, unit="request")
 
 
 # --- idle: RSS per idle authenticated connection ---

@@ -149,7 +149,6 @@ class Target:
     def ws_path(self, slug: str) -> str:
         return {
             "chat": f"/ws/rooms/{slug}/",
-            "stack": f"/ws/rooms/{slug}/",
             "tutorial": f"/ws/chat/{slug}/",
             "websockets": f"/{slug}",
             "daphne": f"/ws/{slug}/",
@@ -172,7 +171,7 @@ LAYER_TARGETS = {
     "daphne": Target("daphne", "daphne with an ASGI app that does nothing", False),
     "stack": Target(
         "stack",
-        "the chat's server and settings, with three do-nothing views",
+        "the chat's server and settings, with do-nothing views in front",
         True,
         settings="bench.baselines.stack.settings",
     ),

@@ -1,5 +1,7 @@
 """The bench report: what it says about the host and about a handshake measured apart."""
 
+import pytest
+
 from bench import report
 
 
@@ -74,55 +76,79 @@ LAYERS = {
     "drf": [700.0, 720.0, 710.0],
     "token": [900.0, 950.0, 930.0],
     "jwt": [1400.0, 1300.0, 1500.0],
+    "chat_auth": [1100.0, None, 1200.0],
     "ticket": [2000.0, 2100.0, 2050.0],
 }
 
 
-def test_layer_cost_is_the_median_of_the_rounds():
+def _handshakes(chat_per_s: float = 229.0, tutorial_us: float | None = 1070.0) -> dict:
+    found = {"chat": {"handshakes_per_s": chat_per_s, "failed": {}}}
+    if tutorial_us:
+        found["tutorial"] = {"handshakes_per_s": 845.0, "server_cpu_us_per_handshake": tutorial_us}
+    return found
+
+
+def test_layer_cost_is_the_median_of_the_rounds_that_had_no_failure():
     data = _data({"layers": {"chat": _layers(LAYERS)}})
     assert report.layer_cost(data, "stack", "jwt") == 1400.0
     assert report.layer_cost(data, "daphne", "post") == 280.0
-    even = _data({"layers": {"chat": _layers({"jwt": [1000.0, 1300.0]})}})
-    assert report.layer_cost(even, "stack", "jwt") == 1150.0
-    assert report.layer_cost(even, "stack", "ticket") is None
+    # A round with a failed request has no figure: the median is of the others.
+    assert report.layer_cost(data, "stack", "chat_auth") == 1150.0
+    assert report.layer_cost(data, "stack", "missing") is None
+    failed = _data({"layers": {"chat": _layers({"jwt": [None, None]})}})
+    assert report.layer_cost(failed, "stack", "jwt") is None
 
 
-def test_the_stack_floor_is_the_jwt_request_and_the_tutorial_handshake():
-    results = {
-        "layers": {"chat": _layers(LAYERS)},
-        "handshakes": {
-            "chat": {
-                "handshakes_per_s": 229.0,
-                "server_cpu_us_per_handshake": 4300.0,
-                "failed": {},
-            },
-            "tutorial": {"handshakes_per_s": 845.0, "server_cpu_us_per_handshake": 1100.0},
-        },
-    }
-    floor = report.stack_floor(_data(results))
-    assert floor == {"post_us": 1400.0, "connect_us": 1100.0, "total_us": 2500.0, "per_s": 400.0}
-    (verdict,) = [v for v in report.verdicts(_data(results)) if v[0] == "≥ 500 full handshakes/s"]
-    assert verdict[1] == "229.0/s (the stack alone, without a ticket: ≤ 400.0/s here)"
-    assert verdict[2] == "**FAIL**"
-    # Without the tutorial's handshake there is no floor to state.
-    del results["handshakes"]["tutorial"]
-    assert report.stack_floor(_data(results)) is None
-    (verdict,) = [v for v in report.verdicts(_data(results)) if v[0] == "≥ 500 full handshakes/s"]
-    assert verdict[1] == "229.0/s"
+def _verdict(data: dict) -> tuple[str, str, str]:
+    (found,) = [v for v in report.verdicts(data) if v[0] == "≥ 500 full handshakes/s"]
+    return found
+
+
+def test_the_stack_floor_is_the_token_checked_request_and_the_tutorial_handshake():
+    data = _data({"layers": {"chat": _layers(LAYERS)}, "handshakes": _handshakes()})
+    floor = report.stack_floor(data)
+    assert floor == {"post_us": 930.0, "connect_us": 1070.0, "total_us": 2000.0, "per_s": 500.0}
+    assert _verdict(data)[1:] == (
+        "229.0/s (the stack alone, before any database work: 500.0/s)",
+        "**FAIL**",
+    )
+
+
+@pytest.mark.parametrize(
+    "change",
+    [
+        pytest.param(lambda d: d["results"]["handshakes"].pop("tutorial"), id="no-tutorial"),
+        pytest.param(lambda d: d["results"].pop("layers"), id="no-layers"),
+        pytest.param(lambda d: d["options"].update(server_procs=2), id="two-processes"),
+    ],
+)
+def test_no_stack_floor_is_stated_without_both_figures_of_one_process(change):
+    data = _data({"layers": {"chat": _layers(LAYERS)}, "handshakes": _handshakes()})
+    change(data)
+    assert report.stack_floor(data) is None
+    assert _verdict(data)[1] == "229.0/s"
 
 
 def test_layers_section_lists_each_layer_with_its_spread_and_the_floor():
-    results = {
-        "layers": {"chat": _layers(LAYERS)},
-        "handshakes": {
-            "tutorial": {"handshakes_per_s": 845.0, "server_cpu_us_per_handshake": 1100.0},
-        },
-    }
-    data = _data(results)
+    data = _data({"layers": {"chat": _layers(LAYERS)}, "handshakes": _handshakes()})
     data["options"].update(hs_concurrency=32, handshakes=2000)
     text = "\n".join(report._layers_section(data))
     jwt = "+ simplejwt's `JWTAuthentication`: the token's user read by the ORM"
     assert f"| {jwt} | 1,400 | 1,300-1,500 |" in text
     assert "| the chat's ticket view (`POST /api/tickets/`) | 2,050 | 2,000-2,100 |" in text
-    assert "| the Channels tutorial consumer: a WebSocket connect + close | 1,100 |  |" in text
-    assert "cost 2,500 µs of server CPU on this host: at most 400.0 handshakes/s" in text
+    assert "its login's end in one statement | 1,150 | 1,100-1,200 |" in text
+    assert "| the Channels tutorial consumer: its handshake (handshakes scenario) | 1,070 |" in text
+    assert "1,984 requests a window" in text
+    assert "take 2,000 µs of server CPU on this host, 500.0 handshakes/s on one core" in text
+    assert "Failed requests" not in text
+
+
+def test_layers_section_leaves_out_a_layer_without_figures_and_lists_failures():
+    found = _layers({**LAYERS, "ticket": [None, None, None]})
+    found["failed"] = {"POST /api/tickets/: HTTP 401 {...}": 3}
+    data = _data({"layers": {"chat": found}})
+    data["options"].update(hs_concurrency=32, handshakes=2000)
+    text = "\n".join(report._layers_section(data))
+    assert "ticket view" not in text
+    assert "The stack alone" not in text
+    assert "Failed requests: POST /api/tickets/: HTTP 401 {...}: 3." in text

@@ -1,7 +1,9 @@
+import zoneinfo
 from datetime import UTC, datetime, timedelta, timezone
 
 import pytest
 from django.http import QueryDict
+from django.utils import timezone as django_timezone
 from rest_framework.exceptions import ValidationError
 from rest_framework.test import APIClient
 
@@ -57,17 +59,24 @@ def test_ticket_issued_with_bearer_token():
         datetime(2026, 12, 6, 17, 0, 30, 5, tzinfo=timezone(timedelta(hours=1))),
     ],
 )
-@pytest.mark.parametrize("datetime_format", [None, "%Y-%m-%d %H:%M:%S"])
-def test_ticket_body_is_what_the_ticket_serializer_gives(expires_at, datetime_format, settings):
+@pytest.mark.parametrize("datetime_format", ["default", "%Y-%m-%d %H:%M:%S", None])
+@pytest.mark.parametrize("zone", ["UTC", "Europe/Paris"])
+def test_ticket_body_is_what_the_ticket_serializer_gives(
+    expires_at, datetime_format, zone, settings
+):
     """The ticket view builds its answer without a serializer instance; it must stay the one
-    TicketSerializer documents, DRF's datetime format and the time zone included."""
-    if datetime_format:
+    TicketSerializer documents, DRF's datetime format and the current time zone included."""
+    if datetime_format != "default":
         settings.REST_FRAMEWORK = {**settings.REST_FRAMEWORK, "DATETIME_FORMAT": datetime_format}
     values = {"ticket": "a.b.c", "expires_at": expires_at, "ws_url": "/ws/rooms/lobby/"}
-    body = TicketSerializer.body(**values)
-    assert body == TicketSerializer(values).data
-    utc = expires_at.astimezone(UTC)
-    shown = utc.strftime(datetime_format) if datetime_format else utc.isoformat()[:-6] + "Z"
+    with django_timezone.override(zoneinfo.ZoneInfo(zone)):
+        body = TicketSerializer.body(**values)
+        assert body == TicketSerializer(values).data
+    local = expires_at.astimezone(zoneinfo.ZoneInfo(zone))
+    shown = {
+        "default": local.isoformat().replace("+00:00", "Z"),
+        None: expires_at,
+    }.get(datetime_format) or local.strftime(datetime_format)
     assert body["expires_at"] == shown
 
 
@@ -258,3 +267,18 @@ def test_the_ticket_request_room_is_what_the_serializer_validates(data):
         with pytest.raises(ValidationError) as raised:
             TicketRequestSerializer.room_of(data)
         assert raised.value.detail == expected
+
+
+def test_a_plain_slug_is_taken_without_a_serializer(monkeypatch):
+    """The point of room_of: no serializer (and no deep copy of its fields) per ticket request;
+    and nothing the fast path would skip (a room or object validator) exists."""
+    assert "validate_room" not in vars(TicketRequestSerializer)
+    assert "validate" not in vars(TicketRequestSerializer)
+
+    def made(*args, **kwargs):
+        raise AssertionError("a serializer was made")
+
+    monkeypatch.setattr(TicketRequestSerializer, "__init__", made)
+    assert TicketRequestSerializer.room_of({"room": " lobby "}) == "lobby"
+    with pytest.raises(AssertionError, match="a serializer was made"):
+        TicketRequestSerializer.room_of({"room": ""})

@@ -60,7 +60,7 @@ def test_bench_quick_layers_measures_each_layer_of_a_handshake(tmp_path):
     assert found["failed"] == {}
     assert found["rounds"] == 1
     assert set(found["daphne"]) == {"post", "connect"}
-    assert set(found["stack"]) == {"django", "drf", "token", "jwt", "ticket"}
+    assert set(found["stack"]) == {"django", "drf", "token", "jwt", "chat_auth", "ticket"}
     for server in ("daphne", "stack"):
         for layer, values in found[server].items():
             assert len(values) == 1, layer

@@ -1,4 +1,4 @@
-"""The chat's settings, with the bench's three views in front of its URLs."""
+"""The chat's settings, with the bench's do-nothing views in front of its URLs."""
 
 from chatproject.settings import *  # noqa: F403
 

@@ -1,4 +1,6 @@
-"""The chat's URLs, and three views that answer a POST with a fixed body, a layer at a time."""
+"""The chat's URLs, and views that answer a POST with a fixed body, a layer at a time."""
+
+import json
 
 from django.http import JsonResponse
 from django.urls import include, path
@@ -11,24 +13,28 @@ from rest_framework_simplejwt.authentication import (
     JWTStatelessUserAuthentication,
 )
 
+from accounts.authentication import ChatJWTAuthentication
+
 # What a ticket request's answer looks like (accounts/api.py), fixed.
 BODY = {"ticket": "t" * 220, "expires_at": "2026-01-01T00:00:30Z", "ws_url": "/ws/rooms/room/"}
 
 
 @csrf_exempt
 def django_view(request):
-    """Django alone: the chat's middleware and handler, a plain view."""
+    """Django alone: the chat's middleware and handler, a plain view that reads the JSON body."""
+    json.loads(request.body)
     return JsonResponse(BODY, status=201)
 
 
 class DrfView(APIView):
-    """DRF: request parsing, content negotiation, rendering; no authentication."""
+    """DRF: the body parsed, content negotiated, the answer rendered; no authentication."""
 
     authentication_classes = []
     permission_classes = [AllowAny]
     throttle_classes = []
 
     def post(self, request):
+        request.data.get("room")
         return Response(BODY, status=201)
 
 
@@ -45,10 +51,18 @@ class JwtView(TokenView):
     authentication_classes = [JWTAuthentication]
 
 
+class ChatAuthView(TokenView):
+    """DRF with the chat's authentication (the ticket view's): the token checked, its user and
+    its login's end read in one statement."""
+
+    authentication_classes = [ChatJWTAuthentication]
+
+
 urlpatterns = [
     path("bench/django/", django_view),
     path("bench/drf/", DrfView.as_view()),
     path("bench/token/", TokenView.as_view()),
     path("bench/jwt/", JwtView.as_view()),
+    path("bench/chat-auth/", ChatAuthView.as_view()),
     path("", include("chatproject.urls")),
 ]
