@@ -775,7 +775,7 @@ def _layers_section(data: dict) -> list[str]:
         'request is left out). Every POST is the ticket request\'s, `{"room": slug}` with a '
         "Bearer token (daphne's gets `-`), answered 201 with a ticket-sized body; the views "
         "read the body. The chat's layers are its own server, settings and middleware with "
-        "four views that do nothing (bench/baselines/stack); daphne's is an ASGI app that does "
+        "five views that do nothing (bench/baselines/stack); daphne's is an ASGI app that does "
         "nothing (bench/baselines/raw_asgi.py). As in the handshake's halves, each window runs "
         "1 s past its last answer, which charges a process's idle timers to its requests.",
         "",

@@ -534,10 +534,10 @@ async def layers(deployment: Deployment, opts: Options) -> dict:
 
     daphne with an ASGI app that does nothing (bench/baselines/raw_asgi.py) answers the POST
     and accepts the socket (the handshakes scenario, connect and close): the server alone.
-    Then the chat's own server, settings and middleware, with four views in front of its URLs
+    Then the chat's own server, settings and middleware, with five views in front of its URLs
     (bench/baselines/stack), answer the same POST: a Django view, a DRF APIView, the same with
-    simplejwt's stateless authentication, the same with its JWTAuthentication; then the chat's
-    own authentication on the same view, and the real ticket view. Each figure is measured
+    simplejwt's stateless authentication, with its JWTAuthentication, and with the chat's own
+    authentication; and the real ticket view beside them. Each figure is measured
     `layer_rounds` times, the chat's layers in turn in each round (rotated, and reversed every
     other round, so that none keeps its place or its neighbours). A window with a failed
     request counts as no figure (None), its failures are listed. The client's and other
