@@ -70,9 +70,9 @@ class TicketSerializer(serializers.Serializer):
     def body(*, ticket: str, expires_at, ws_url: str) -> dict:
         """What `TicketSerializer({...}).data` is, without a serializer per ticket request.
 
-        A serializer deep-copies its declared fields when it is first used, on every handshake;
-        with TicketRequestSerializer's, about as much server CPU as the token's user read
-        (docs/performance.md, the layers scenario). A test holds the two equal.
+        A serializer deep-copies its declared fields when first used; the ticket view's two
+        serializers cost about as much server CPU as the token's user read, on every handshake
+        (docs/performance.md, the change table). A test holds the two equal.
         """
         return {
             "ticket": ticket,
