@@ -241,12 +241,17 @@ class Ticket:
     ws_path: str
     ticket: str
 
+    @classmethod
+    def from_answer(cls, answer: dict) -> Ticket:
+        """The ticket in a 201 answer of `POST /api/tickets/`."""
+        return cls(answer["ws_url"], answer["ticket"])
+
 
 async def take_ticket(http: Http, slug: str, token: str) -> Ticket:
     status, answer = await http.post_json("/api/tickets/", {"room": slug}, token)
     if status != 201:
         raise RefusedError(f"ticket: HTTP {status} {answer}")
-    return Ticket(answer["ws_url"], answer["ticket"])
+    return Ticket.from_answer(answer)
 
 
 async def open_conn(

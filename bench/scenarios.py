@@ -409,7 +409,7 @@ async def _handshake_halves(stage: Stage, specs: list[dict], per_worker: int) ->
     issued, post_elapsed, posts = await _post_window(
         stage, specs, "/api/tickets/", per_worker, failures, answers=answers
     )
-    tickets = [[Ticket(a["ws_url"], a["ticket"]) for a in mine] for mine in answers]
+    tickets = [[Ticket.from_answer(a) for a in mine] for mine in answers]
 
     connected = 0
 

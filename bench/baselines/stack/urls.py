@@ -14,16 +14,14 @@ from rest_framework_simplejwt.authentication import (
 )
 
 from accounts.authentication import ChatJWTAuthentication
-
-# What a ticket request's answer looks like (accounts/api.py), fixed.
-BODY = {"ticket": "t" * 220, "expires_at": "2026-01-01T00:00:30Z", "ws_url": "/ws/rooms/room/"}
+from bench.baselines.raw_asgi import ANSWER
 
 
 @csrf_exempt
 def django_view(request):
     """Django alone: the chat's middleware and handler, a plain view that reads the JSON body."""
     json.loads(request.body)
-    return JsonResponse(BODY, status=201)
+    return JsonResponse(ANSWER, status=201)
 
 
 class DrfView(APIView):
@@ -35,7 +33,7 @@ class DrfView(APIView):
 
     def post(self, request):
         request.data.get("room")
-        return Response(BODY, status=201)
+        return Response(ANSWER, status=201)
 
 
 class TokenView(DrfView):
