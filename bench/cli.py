@@ -16,7 +16,7 @@ from pathlib import Path
 
 from bench import report, scenarios
 from bench.scenarios import Options, Stage
-from bench.servers import ROOT, TARGETS, Deployment, core_busy_seconds, machine
+from bench.servers import ROOT, SERVER_CPU, TARGETS, Deployment, core_busy_seconds, machine
 
 SCENARIOS = ["broadcast", "fanout", "handshakes", "layers", "idle", "persist"]
 
@@ -208,6 +208,7 @@ def main(argv: list[str] | None = None) -> None:
             "client_cpu": opts.client_cpu if pinned else None,
         },
         "options": vars(opts),
+        "server_cpu": SERVER_CPU,
         "database": "external" if args.database_url else "sqlite (temp file)",
         "channel_layer": "redis" if args.redis_url else "in-memory",
         **outcome,

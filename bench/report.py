@@ -482,6 +482,15 @@ def _table(header: list[str], body: list[list]) -> list[str]:
     return lines
 
 
+# How a run measured its servers' CPU (`server_cpu` in its results; runs before it was recorded
+# counted ticks).
+_SERVER_CPU = {
+    "ticks": "utime + stime of the server process tree from `/proc/<pid>/stat` (10 ms ticks)",
+    "clock": "each server process's CPU clock (`clock_getcpuclockid`: the scheduler's count of "
+    "every thread's time, to the nanosecond), summed over the process tree",
+}
+
+
 def markdown(data: dict, notes: str) -> str:
     m = data["machine"]
     opts = data["options"]
@@ -520,9 +529,9 @@ def markdown(data: dict, notes: str) -> str:
         "the sender's own copy included. Lost = expected deliveries not received once nothing "
         "arrived for 3 s; duplicated = an (id, recipient) received twice; out of order = a chat "
         "`seq` that is not the previous one + 1 on a socket.",
-        "- Server CPU = utime + stime of the server process tree from `/proc/<pid>/stat` over "
-        "the measured window (10 ms ticks), divided by deliveries (or handshakes, or messages). "
-        "Client CPU is measured the same way (`getrusage`); a client above "
+        "- Server CPU = " + _SERVER_CPU[data.get("server_cpu", "ticks")] + " over the measured "
+        "window, divided by deliveries (or handshakes, or messages). Client CPU is the load "
+        "client's own (`getrusage`); a client above "
         f"{int(100 * 0.85)}% of its core is flagged, since its figures would then measure the "
         "client. CPU used by other processes on the two cores during each window is measured "
         "from `/proc/stat` and reported below: this machine is shared.",

@@ -3,6 +3,7 @@
 import pytest
 
 from bench import report
+from bench.scenarios import Options
 
 
 def _point(us: float, rate: int = report.TARGET_RATE) -> dict:
@@ -152,3 +153,29 @@ def test_layers_section_leaves_out_a_layer_without_figures_and_lists_failures():
     assert "ticket view" not in text
     assert "The stack alone" not in text
     assert "Failed requests: POST /api/tickets/: HTTP 401 {...}: 3." in text
+
+
+@pytest.mark.parametrize(
+    ("recorded", "said"),
+    [
+        ({"server_cpu": "clock"}, "each server process's CPU clock (`clock_getcpuclockid`"),
+        # Results written before the clock was recorded were counted in ticks.
+        ({}, "utime + stime of the server process tree from `/proc/<pid>/stat` (10 ms ticks)"),
+    ],
+)
+def test_the_docs_say_how_the_run_counted_server_cpu(recorded, said):
+    data = {
+        "command": "python -m bench",
+        "started": "2026-12-06T18:00:00+00:00",
+        "elapsed_s": 1.0,
+        "machine": {"nproc": 2, "cpu_model": "Xeon", "kernel": "6", "python": "3.11"},
+        "pinned": {"server_cpus": "0", "client_cpu": 1},
+        "options": vars(Options()),
+        "database": "sqlite (temp file)",
+        "channel_layer": "in-memory",
+        "results": {},
+        **recorded,
+    }
+    (line,) = [x for x in report.markdown(data, "").splitlines() if x.startswith("- Server CPU")]
+    assert line.startswith(f"- Server CPU = {said}")
+    assert ("ticks" in line) == (not recorded)
