@@ -8,6 +8,31 @@ from channels.testing import WebsocketCommunicator
 from chatproject.asgi import application
 from tests.conftest import ORIGIN
 
+# How long the socket helpers wait for the application: an upper bound that a passing test never
+# waits in full, long enough for a loaded two-core CI host (a connect alone is a rate check, a
+# ticket redeem, presence and the hub: several round trips to the database and Redis). channels'
+# own 1 s defaults made a slow moment fail a test.
+WAIT = 10.0
+
+
+class Communicator(WebsocketCommunicator):
+    """channels' communicator, waiting up to WAIT where channels waits 1 s."""
+
+    async def connect(self, timeout: float = WAIT):
+        return await super().connect(timeout)
+
+    async def receive_from(self, timeout: float = WAIT):
+        return await super().receive_from(timeout)
+
+    async def receive_json_from(self, timeout: float = WAIT):
+        return await super().receive_json_from(timeout)
+
+    async def receive_output(self, timeout: float = WAIT):
+        return await super().receive_output(timeout)
+
+    async def disconnect(self, code: int = 1000, timeout: float = WAIT):
+        return await super().disconnect(code, timeout)
+
 
 def communicator(
     path: str,
@@ -18,7 +43,7 @@ def communicator(
     ip: str = "127.0.0.1",
     headers: list[tuple[bytes, bytes]] | None = None,
     subprotocols: list[str] | None = None,
-) -> WebsocketCommunicator:
+) -> Communicator:
     """A communicator for `path`; the ticket goes in the subprotocol, the query, or nowhere."""
     header_list = list(headers or [])
     if origin is not None:
@@ -28,12 +53,12 @@ def communicator(
         protocols.append(f"ticket.{ticket}")
     if ticket is not None and transport == "query":
         path = f"{path}?ticket={quote(ticket)}"
-    comm = WebsocketCommunicator(application, path, headers=header_list, subprotocols=protocols)
+    comm = Communicator(application, path, headers=header_list, subprotocols=protocols)
     comm.scope["client"] = [ip, 50000]
     return comm
 
 
-async def receive_until(comm: WebsocketCommunicator, frame_type: str, timeout: float = 2.0) -> dict:
+async def receive_until(comm: Communicator, frame_type: str, timeout: float = WAIT) -> dict:
     """Frames are skipped until one of `frame_type` arrives (presence, typing... come and go)."""
     while True:
         frame = json.loads(await comm.receive_from(timeout=timeout))
@@ -41,7 +66,7 @@ async def receive_until(comm: WebsocketCommunicator, frame_type: str, timeout: f
             return frame
 
 
-async def closed_with(comm: WebsocketCommunicator, timeout: float = 2.0) -> tuple[int, str]:
+async def closed_with(comm: Communicator, timeout: float = WAIT) -> tuple[int, str]:
     """Wait for the server to close; returns (code, reason). Frames before the close are skipped."""
     while True:
         message = await comm.receive_output(timeout)

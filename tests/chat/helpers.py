@@ -3,13 +3,12 @@
 import json
 
 from channels.db import database_sync_to_async
-from channels.testing import WebsocketCommunicator
 
 from tests.factories import make_ticket
-from tests.ws import communicator, receive_until
+from tests.ws import WAIT, Communicator, communicator, receive_until
 
 
-async def join(user, room, **kwargs) -> tuple[WebsocketCommunicator, dict]:
+async def join(user, room, **kwargs) -> tuple[Communicator, dict]:
     """Open an authenticated socket for `user` in `room` and return it with its hello."""
     token = await database_sync_to_async(make_ticket)(user, room)
     comm = communicator(f"/ws/rooms/{room.slug}/", ticket=token, **kwargs)
@@ -18,12 +17,22 @@ async def join(user, room, **kwargs) -> tuple[WebsocketCommunicator, dict]:
     return comm, await receive_until(comm, "hello")
 
 
-async def send(comm: WebsocketCommunicator, **frame) -> None:
+async def send(comm: Communicator, **frame) -> None:
     await comm.send_to(text_data=json.dumps(frame))
 
 
-async def drain(comm: WebsocketCommunicator, timeout: float = 0.2) -> list[dict]:
-    """Every frame that arrives until the socket goes quiet for `timeout` seconds."""
+async def receive_all(comm: Communicator, frame_type: str, count: int) -> list[dict]:
+    """The next `count` frames of `frame_type`, others skipped, each waited for up to WAIT.
+
+    For frames a test expects; `drain` after it checks that nothing more came. (A drain alone
+    would end at the first quiet moment, which a slow host can have before they all arrive.)
+    """
+    return [await receive_until(comm, frame_type, WAIT) for _ in range(count)]
+
+
+async def drain(comm: Communicator, timeout: float = 0.2) -> list[dict]:
+    """Every frame that arrives until the socket goes quiet for `timeout` seconds: to check that
+    nothing (more) arrives; `receive_all` for frames that must."""
     frames = []
     while not await comm.receive_nothing(timeout=timeout):
         message = await comm.receive_output()

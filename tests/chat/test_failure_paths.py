@@ -3,6 +3,7 @@ that only the database notices. Each case once lost messages, leaked state or ki
 
 import asyncio
 import json
+import threading
 import time
 from datetime import timedelta
 
@@ -15,9 +16,9 @@ from chat.hub import GAP_WAIT
 from chat.models import Message, Room
 from chat.runtime import get_runtime
 from chat.services import SendItem
-from tests.chat.helpers import drain, join, send, sync
+from tests.chat.helpers import drain, join, receive_all, send, sync
 from tests.factories import make_ticket
-from tests.ws import closed_with, communicator, receive_until
+from tests.ws import WAIT, closed_with, communicator, receive_until
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
@@ -49,26 +50,31 @@ async def test_a_late_publication_during_a_gap_fill_does_not_stall_the_room(peop
     b, _ = await join(bob, room)
     await sync(_store)(room, alice, 1, 2)
     read = selectors.message_frames_between
+    reading = threading.Event()
 
     def slow_read(*args):
+        reading.set()
         time.sleep(0.3)
         return read(*args)
 
     monkeypatch.setattr(selectors, "message_frames_between", slow_read)
     group = broadcast.room_group(room.pk)
     await broadcast.apublish(group, broadcast.messages_event(room.pk, [(2, _frame(2))]))
-    await asyncio.sleep(GAP_WAIT + 0.1)  # the fill of seq 1 is reading the database now
+    # The fill of seq 1 (after GAP_WAIT) is reading the database now...
+    assert await asyncio.to_thread(reading.wait, WAIT)
     # ... when seq 1's own publication arrives: the fill delivers it, its live copy is stale.
     await broadcast.apublish(group, broadcast.messages_event(room.pk, [(1, _frame(1))]))
-    first = [f["seq"] for f in await drain(b, timeout=0.8) if f["type"] == "message"]
+    first = [f["seq"] for f in await receive_all(b, "message", 2)]
+    assert not [f for f in await drain(b) if f["type"] == "message"]
     feed = get_runtime().hub.rooms[room.pk]
     assert (first, feed.pending, feed.delivered) == ([1, 2], {}, 2)
 
     monkeypatch.setattr(selectors, "message_frames_between", read)
     await sync(_store)(room, alice, 3, 4)  # 3 is never published: a real gap, filled again
     await broadcast.apublish(group, broadcast.messages_event(room.pk, [(4, _frame(4))]))
-    later = [f["seq"] for f in await drain(b, timeout=2.0) if f["type"] == "message"]
+    later = [f["seq"] for f in await receive_all(b, "message", 2)]
     assert later == [3, 4]
+    assert not [f for f in await drain(b, timeout=GAP_WAIT + 0.2) if f["type"] == "message"]
     await b.disconnect()
 
 
@@ -207,18 +213,24 @@ async def test_a_change_made_while_joining_is_in_hello_not_in_a_frame_before_it(
     alice, bob, room = people
     load = selectors.socket_context
     muted = []
+    hub = get_runtime().hub
 
     def context_after_a_mute(**kwargs):
         if not muted:
             until = timezone.now() + timedelta(minutes=5)
             muted.append(services.member_mute(actor=alice, room=room, user=bob, until=until))
-            time.sleep(0.2)  # the hub hears of the mute before this socket is ready
+            # The hub hears of the mute before this socket is ready: it keeps the event until
+            # this read ends (chat.hub: a feed's early events).
+            deadline = time.monotonic() + WAIT
+            while not hub.rooms[room.pk].early:
+                assert time.monotonic() < deadline, "the hub never heard of the mute"
+                time.sleep(0.005)
         return load(**kwargs)
 
     monkeypatch.setattr(selectors, "socket_context", context_after_a_mute)
     comm = communicator("/ws/rooms/lobby/", ticket=await sync(make_ticket)(bob, room))
     assert (await comm.connect())[0]
-    hello = json.loads(await comm.receive_from(2))
+    hello = json.loads(await comm.receive_from())
     assert hello["type"] == "hello"
     assert hello["muted_until"] is not None
     assert [f for f in await drain(comm) if f["type"] == "membership"] == []
@@ -234,17 +246,21 @@ async def test_a_socket_joining_while_the_last_one_leaves_still_gets_live_messag
     hub = get_runtime().hub
     discard = hub.layer.group_discard
 
+    discarding, joined = asyncio.Event(), asyncio.Event()
+
     async def late_discard(group, channel):
         if group == broadcast.room_group(room.pk):
-            await asyncio.sleep(0.3)  # the joiner subscribes meanwhile
+            discarding.set()
+            await asyncio.wait_for(joined.wait(), WAIT)  # the joiner subscribes meanwhile
         await discard(group, channel)
 
     monkeypatch.setattr(hub.layer, "group_discard", late_discard)
     left = asyncio.create_task(leaving.disconnect())
-    await asyncio.sleep(0.1)  # alice's socket is unsubscribing now
+    await asyncio.wait_for(discarding.wait(), WAIT)  # alice's socket is unsubscribing now
     joining, _ = await join(bob, room)
+    joined.set()
     await left  # the late unsubscribe has landed
     await sync(services.message_send)(author=alice, room=room, body="still there?", client_id="c1")
-    frame = await receive_until(joining, "message", timeout=2)
+    frame = await receive_until(joining, "message")
     assert frame["body"] == "still there?"
     await joining.disconnect()
