@@ -13,6 +13,13 @@ from tests.services import redis_clear_prefix
 
 ORIGIN = "http://testserver"
 
+# How long the socket helpers (tests/ws.py, tests/e2e/client.py) wait for a frame, a close or a
+# connect: an upper bound that a passing test never waits in full, long enough for a loaded
+# two-core CI host (a connect alone is a rate check, a ticket redeem, presence and the hub:
+# several round trips to the database and Redis). channels' own 1 s defaults made a slow moment
+# fail a test. How fast things happen is the bench's to measure, not a test's.
+WAIT = 10.0
+
 
 def pytest_configure(config):
     # In CI a missing service is a failure, never a silent skip (see .ci/run).

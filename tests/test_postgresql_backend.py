@@ -22,7 +22,10 @@ from tests.services import service_unavailable
 
 
 @pytest.fixture
-def database(django_db_blocker):
+def database(django_db_blocker, settings):
+    # An idle spell far longer than any test: only a test that says so (0.0, or `_proven_at`
+    # moved back) sees a connection as idle, never a slow moment of the host between two units.
+    settings.DATABASE_HEALTH_CHECK_IDLE = 60.0
     url = os.environ.get("DATABASE_URL", "")
     if not url.startswith("postgres"):
         url = os.environ.get("CHAT_TEST_DATABASE_URL", "postgres://postgres@127.0.0.1:5432/test")

@@ -6,13 +6,7 @@ from urllib.parse import quote
 from channels.testing import WebsocketCommunicator
 
 from chatproject.asgi import application
-from tests.conftest import ORIGIN
-
-# How long the socket helpers wait for the application: an upper bound that a passing test never
-# waits in full, long enough for a loaded two-core CI host (a connect alone is a rate check, a
-# ticket redeem, presence and the hub: several round trips to the database and Redis). channels'
-# own 1 s defaults made a slow moment fail a test.
-WAIT = 10.0
+from tests.conftest import ORIGIN, WAIT
 
 
 class Communicator(WebsocketCommunicator):

@@ -67,7 +67,6 @@ def cast():
 
 async def test_a_scripted_session_leaves_exactly_its_rows_and_no_secret(cast, caplog, settings):
     caplog.set_level(logging.DEBUG)
-    settings.CHAT_AUTH_TIMEOUT = 0.2
     settings.CHAT_MESSAGE_RATE, settings.CHAT_MESSAGE_BURST = 0.01, 3
     alice, bob, carol, dave, lobby, secret, gone = cast
     s = Script()
@@ -145,12 +144,15 @@ async def test_a_scripted_session_leaves_exactly_its_rows_and_no_secret(cast, ca
     assert (await closed_with(no_ticket))[0] == 4401
     await no_ticket.disconnect()
     s.connections["rejected", "ticket_missing"] += 1
+    # A short wait for this connection only: the first-frame logins above must not race it.
+    waited, settings.CHAT_AUTH_TIMEOUT = settings.CHAT_AUTH_TIMEOUT, 0.2
     await rejected(
         s,
         "auth_timeout",
         4408,
         communicator("/ws/rooms/lobby/", transport="first_frame", ticket=None),
     )
+    settings.CHAT_AUTH_TIMEOUT = waited
     for reason, user, room, ip, url in [
         ("ip_mismatch", dave, lobby, "198.51.100.1", "/ws/rooms/lobby/"),
         ("room_mismatch", dave, lobby, "127.0.0.1", "/ws/rooms/secret/"),

@@ -10,6 +10,7 @@ import httpx
 import websockets
 from websockets.asyncio.client import ClientConnection
 
+from tests.conftest import WAIT
 from tests.factories import PASSWORD
 
 
@@ -68,7 +69,7 @@ class Socket:
     async def send(self, **frame) -> None:
         await self.ws.send(json.dumps(frame))
 
-    async def expect(self, frame_type: str, timeout: float = 3.0) -> dict:
+    async def expect(self, frame_type: str, timeout: float = WAIT) -> dict:
         """Next frame of this type; others are kept in `seen`."""
         async with asyncio.timeout(timeout):
             while True:
@@ -77,7 +78,7 @@ class Socket:
                 if frame["type"] == frame_type:
                     return frame
 
-    async def closed(self, timeout: float = 3.0) -> tuple[int, str]:
+    async def closed(self, timeout: float = WAIT) -> tuple[int, str]:
         async with asyncio.timeout(timeout):
             try:
                 while True:

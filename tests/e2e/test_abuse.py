@@ -182,7 +182,9 @@ async def test_frames_written_while_a_reader_lags_arrive_whole_and_in_order(serv
         frames = []
         async with asyncio.timeout(10):
             while len(frames) < 9:  # 3 pages, 3 acks, 3 messages
-                frames.append(json.loads(await stalled.recv()))
+                frame = json.loads(await stalled.recv())
+                if frame["type"] != "presence":  # the seeding socket's leave may come late
+                    frames.append(frame)
         await stalled.close()
     kinds = [f["type"] for f in frames]
     assert sorted(kinds) == ["ack"] * 3 + ["history"] * 3 + ["message"] * 3

