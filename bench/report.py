@@ -487,7 +487,9 @@ def _table(header: list[str], body: list[list]) -> list[str]:
 _SERVER_CPU = {
     "ticks": "utime + stime of the server process tree from `/proc/<pid>/stat` (10 ms ticks)",
     "clock": "each server process's CPU clock (`clock_getcpuclockid`: the scheduler's count of "
-    "every thread's time, to the nanosecond), summed over the process tree",
+    "every thread's time, to the nanosecond) and its children already waited for (`/proc`, "
+    "in 10 ms ticks, which do not move while the servers' children live), summed over the "
+    "process tree",
 }
 
 

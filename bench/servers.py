@@ -81,7 +81,7 @@ def process_tree(pid: int) -> list[int]:
     return tree
 
 
-_LIBC = ctypes.CDLL(None, use_errno=True)
+_LIBC = ctypes.CDLL(None)  # clock_getcpuclockid returns its error number
 
 
 def process_cpu_clock(pid: int) -> float | None:

@@ -8,8 +8,9 @@ import pytest
 
 from bench.servers import cpu_seconds, process_cpu_clock
 
-# A process that, for each line it reads ("thread 3", "child 30"), burns that many ms of CPU in a
-# new thread, then joined, or in a new child process, then left waiting; and says so.
+# A process that, for each line it reads ("thread 3", "child 30", "reaped 30"), burns that many ms
+# of CPU in a new thread, then joined, or in a new child process, then left waiting or waited for
+# once it has exited; and says so.
 BURNER = textwrap.dedent(
     """
     import subprocess, sys, threading, time
@@ -30,13 +31,18 @@ BURNER = textwrap.dedent(
         else:
             code = (
                 f"import time\\nend = time.process_time() + {int(ms)} / 1000\\n"
-                "while time.process_time() < end: pass\\nprint(flush=True)\\ninput()\\n"
+                "while time.process_time() < end: pass\\nprint(flush=True)\\n"
             )
+            if kind == "child":
+                code += "input()\\n"
             child = subprocess.Popen(
                 [sys.executable, "-c", code], stdin=subprocess.PIPE, stdout=subprocess.PIPE
             )
             child.stdout.readline()
-            children.append(child)
+            if kind == "reaped":
+                child.wait()
+            else:
+                children.append(child)
         print("done", flush=True)
     """
 )
@@ -71,9 +77,11 @@ def test_a_burst_shorter_than_a_tick_in_a_thread_that_has_exited_is_counted(burn
         assert ms / 1000 <= spent < ms / 1000 + 0.025
 
 
-def test_a_child_process_of_the_server_is_counted(burner):
-    # A child (as `manage.py serve` runs daphne) burns 30 ms, then waits, still alive.
-    spent = burner("child", 30)
+@pytest.mark.parametrize("kind", ["child", "reaped"])
+def test_a_child_process_of_the_server_is_counted(burner, kind):
+    # A child (as `manage.py serve` runs daphne) burns 30 ms, then waits, still alive (its own
+    # CPU clock); or exits and is waited for (its parent's cutime + cstime, in ticks).
+    spent = burner(kind, 30)
     assert spent >= 0.030
 
 

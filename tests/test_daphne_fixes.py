@@ -10,6 +10,7 @@ from twisted.protocols.tls import TLSMemoryBIOFactory
 
 from accounts.middleware import take_ticket
 from chatproject.server import HANDSHAKE_LEFTOVERS, Inbox, _writes_directly
+from tests.wait import eventually
 
 
 def _tcp_pair() -> tuple[socket.socket, socket.socket]:
@@ -129,18 +130,8 @@ async def _open(tcp_server, factory, handshake: bytes, query: bytes = b""):
     protocol._raw_query_string = query  # set by daphne's HTTP protocol before the upgrade
     tcp_server(protocol)
     protocol.dataReceived(handshake)
-    if await _until(lambda: protocol.state == protocol.STATE_OPEN):
-        return protocol
-    raise AssertionError(f"not open: state {protocol.state}")
-
-
-async def _until(ready) -> bool:
-    """Let the event loop run until `ready()` holds, for a second at most."""
-    for _ in range(200):
-        if ready():
-            return True
-        await asyncio.sleep(0.005)
-    return ready()
+    await eventually(lambda: protocol.state == protocol.STATE_OPEN, "the handshake opened")
+    return protocol
 
 
 def ticket_auth_like(inner):
@@ -241,7 +232,7 @@ async def test_a_posted_body_reaches_the_application_unparsed(
         f"Content-Length: {len(body)}\r\n\r\n"
     )
     protocol.dataReceived(head.encode() + body)
-    await _until(lambda: "body" in seen)
+    await eventually(lambda: "body" in seen, "the app read the body")
     assert seen.get("body") == body
     request = next(iter(server.connections))
     assert request.args == {}  # no form parsed into it
@@ -326,7 +317,7 @@ async def test_frames_of_every_size_and_split_reach_the_application_intact(
     sent.append("fragmented")
     for at in range(0, len(stream), 97):  # reads that cut frames, headers and masks anywhere
         protocol.dataReceived(stream[at : at + 97])
-    await _until(lambda: len(texts) >= len(sent))
+    await eventually(lambda: len(texts) >= len(sent), "every message arrived")
     assert texts == sent
 
 
@@ -337,7 +328,7 @@ async def test_message_observers_still_hear_every_message(tcp_server, daphne_ser
     heard = []
     protocol.on("message", lambda payload, is_binary: heard.append(payload))
     protocol.dataReceived(_client_frame(b"one") + _client_frame(b"two"))
-    await _until(lambda: len(texts) >= 2)
+    await eventually(lambda: len(texts) >= 2, "both messages arrived")
     assert texts == ["one", "two"]
     assert heard == [b"one", b"two"]
 
@@ -357,7 +348,7 @@ async def test_autobahn_read_debug_line_is_made_only_when_logged(
     formatted = []
     monkeypatch.setattr("autobahn.twisted.websocket.hltype", lambda f: formatted.append(f) or "")
     protocol.dataReceived(_client_frame(b"hello"))
-    await _until(lambda: len(texts) >= 1)
+    await eventually(lambda: len(texts) >= 1, "the message arrived")
     assert texts == ["hello"]
     assert bool(formatted) is (level == "debug")
 
@@ -409,7 +400,7 @@ async def _read(peer, size: int) -> bytes:
             got.extend(peer.recv(65536))
         return len(got) >= size
 
-    await _until(enough)
+    await eventually(enough, f"{size} bytes arrived")
     return bytes(got)
 
 

@@ -145,14 +145,14 @@ async def test_a_scripted_session_leaves_exactly_its_rows_and_no_secret(cast, ca
     await no_ticket.disconnect()
     s.connections["rejected", "ticket_missing"] += 1
     # A short wait for this connection only: the first-frame logins above must not race it.
-    waited, settings.CHAT_AUTH_TIMEOUT = settings.CHAT_AUTH_TIMEOUT, 0.2
+    usual_timeout, settings.CHAT_AUTH_TIMEOUT = settings.CHAT_AUTH_TIMEOUT, 0.2
     await rejected(
         s,
         "auth_timeout",
         4408,
         communicator("/ws/rooms/lobby/", transport="first_frame", ticket=None),
     )
-    settings.CHAT_AUTH_TIMEOUT = waited
+    settings.CHAT_AUTH_TIMEOUT = usual_timeout
     for reason, user, room, ip, url in [
         ("ip_mismatch", dave, lobby, "198.51.100.1", "/ws/rooms/lobby/"),
         ("room_mismatch", dave, lobby, "127.0.0.1", "/ws/rooms/secret/"),

@@ -3,7 +3,6 @@
 import asyncio
 import gc
 import json
-import time
 from datetime import timedelta
 
 import pytest
@@ -11,11 +10,12 @@ from django.utils import timezone
 
 from chat import broadcast, frames, selectors, services
 from chat.consumers import RoomConsumer
-from chat.hub import GAP_WAIT
+from chat.hub import GAP_WAIT, HEARTBEAT
 from chat.models import MAX_SEQ, ConnectionLog, Membership, Message, MessageLog, Room
 from chat.runtime import get_runtime
 from tests.chat.helpers import drain, join, receive_all, send, sync
 from tests.factories import make_member, make_room, make_user
+from tests.wait import eventually
 from tests.ws import WAIT, closed_with, receive_until
 
 pytestmark = pytest.mark.django_db(transaction=True)
@@ -481,11 +481,8 @@ async def test_presence_is_announced_only_to_someone_there_to_hear_it(people, mo
 
 
 async def held_soon(sock: RoomConsumer) -> None:
-    """Wait (WAIT seconds at most) until a socket that is joining holds an event from the hub."""
-    deadline = time.monotonic() + WAIT
-    while not sock._held:
-        assert time.monotonic() < deadline, "the joining socket held nothing"
-        await asyncio.sleep(0.005)
+    """Wait until a socket that is joining holds an event from the hub."""
+    await eventually(lambda: sock._held, "the joining socket held an event")
 
 
 async def test_a_presence_change_while_a_socket_joins_reaches_it_after_its_hello(
@@ -542,17 +539,19 @@ async def test_a_change_a_joining_socket_s_list_already_shows_is_not_replayed(pe
 
 
 @pytest.mark.parametrize(
-    ("action", "code"),
+    ("action", "code", "reason"),
     [
-        ("remove", 4403),
-        ("ban", 4403),
-        ("demote", 4401),
-        ("archive", 4404),
-        ("deactivate", 4401),
-        ("make_private", 4403),
+        ("remove", 4403, "removed"),
+        ("ban", 4403, "banned"),
+        ("demote", 4401, "role changed"),
+        ("archive", 4404, "room archived"),
+        ("deactivate", 4401, "account deactivated"),
+        ("make_private", 4403, "forbidden"),
     ],
 )
-async def test_moderation_closes_open_sockets_at_once(action, code):
+async def test_moderation_closes_open_sockets_pushed_not_polled(action, code, reason):
+    assert HEARTBEAT > WAIT
+
     def setup():
         owner, target = make_user("owner"), make_user("target")
         room = make_room("lobby", owner=owner)
@@ -582,9 +581,9 @@ async def test_moderation_closes_open_sockets_at_once(action, code):
 
     await sync(act)()
     for tab in (t1, t2):
-        # Pushed, not polled: nothing else would close the socket (chat.hub's heartbeat does
-        # not read memberships).
-        assert (await closed_with(tab))[0] == code
+        # Pushed: the only timer that closes a socket is chat.hub's heartbeat, every HEARTBEAT
+        # seconds (more than closed_with waits), and only for its age, with its own reason.
+        assert (await closed_with(tab)) == (code, reason)
         await tab.disconnect()
     if action == "archive":
         assert (await closed_with(o))[0] == 4404

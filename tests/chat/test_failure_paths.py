@@ -4,7 +4,6 @@ that only the database notices. Each case once lost messages, leaked state or ki
 import asyncio
 import json
 import threading
-import time
 from datetime import timedelta
 
 import pytest
@@ -18,6 +17,7 @@ from chat.runtime import get_runtime
 from chat.services import SendItem
 from tests.chat.helpers import drain, join, receive_all, send, sync
 from tests.factories import make_ticket
+from tests.wait import eventually_sync
 from tests.ws import WAIT, closed_with, communicator, receive_until
 
 pytestmark = pytest.mark.django_db(transaction=True)
@@ -51,10 +51,12 @@ async def test_a_late_publication_during_a_gap_fill_does_not_stall_the_room(peop
     await sync(_store)(room, alice, 1, 2)
     read = selectors.message_frames_between
     reading = threading.Event()
+    hub = get_runtime().hub
 
     def slow_read(*args):
         reading.set()
-        time.sleep(0.3)
+        # The fill reads until seq 1's own publication has arrived (parked while it fills).
+        eventually_sync(lambda: 1 in hub.rooms[room.pk].pending, "seq 1 parked during the fill")
         return read(*args)
 
     monkeypatch.setattr(selectors, "message_frames_between", slow_read)
@@ -221,10 +223,7 @@ async def test_a_change_made_while_joining_is_in_hello_not_in_a_frame_before_it(
             muted.append(services.member_mute(actor=alice, room=room, user=bob, until=until))
             # The hub hears of the mute before this socket is ready: it keeps the event until
             # this read ends (chat.hub: a feed's early events).
-            deadline = time.monotonic() + WAIT
-            while not hub.rooms[room.pk].early:
-                assert time.monotonic() < deadline, "the hub never heard of the mute"
-                time.sleep(0.005)
+            eventually_sync(lambda: hub.rooms[room.pk].early, "the hub heard of the mute")
         return load(**kwargs)
 
     monkeypatch.setattr(selectors, "socket_context", context_after_a_mute)

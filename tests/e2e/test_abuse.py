@@ -144,7 +144,7 @@ async def test_history_of_long_messages_comes_in_pages_within_the_frame_limit(
         request: dict = {"type": "history", "limit": 50}
         while True:
             await reader.send(**request)
-            page = await reader.expect("history", timeout=5)
+            page = await reader.expect("history")
             pages += 1
             size = len(json.dumps(page, ensure_ascii=False, separators=(",", ":")).encode())
             assert size <= 64 * 1024
@@ -157,7 +157,7 @@ async def test_history_of_long_messages_comes_in_pages_within_the_frame_limit(
         assert pages > 1
         # Forward paging (what a resume does) cuts from the other end.
         await reader.send(type="history", after=0, limit=50)
-        first = await reader.expect("history", timeout=5)
+        first = await reader.expect("history")
         assert first["has_more"] is True
         assert [m["seq"] for m in first["messages"]] == list(range(1, len(first["messages"]) + 1))
         await reader.close()

@@ -24,6 +24,7 @@ from tests.e2e.browser import (  # noqa: F401  (the *_fixture names are fixtures
     sign_in_fast,
 )
 from tests.factories import PASSWORD, make_member, make_room, make_user
+from tests.wait import eventually
 
 pytestmark = [pytest.mark.e2e, pytest.mark.browser, pytest.mark.asyncio(loop_scope="module")]
 
@@ -484,14 +485,11 @@ async def test_a_server_that_fails_right_after_hello_is_retried_with_growing_del
 
     await tab.page.route_web_socket(re.compile(r".*/ws/rooms/lobby/"), handler)
     await tab.page.goto("/rooms/lobby/")
-    deadline = asyncio.get_running_loop().time() + 30
-    while len(opened) < 4:
-        assert asyncio.get_running_loop().time() < deadline, opened
-        await asyncio.sleep(0.05)
+    await eventually(lambda: len(opened) >= 4, "four attempts", timeout=30)
     # Backoff ceilings 1, 2, 4 s, each wait half to all of its ceiling (static/chat/connection.js
     # backoffDelay): 0.5-1, 1-2 and 2-4 s. A counter reset by every hello would wait 0.5-1 s
-    # each time. (A gap is measured between two calls of the route's handler: lower bounds
-    # only, with 50 ms for the handler's own delay.)
+    # each time. (A gap runs from one call of the route's handler to the next, which comes
+    # after the page's wait: lower bounds only, with 50 ms to spare.)
     waits = [later - earlier for earlier, later in itertools.pairwise(opened[:4])]
     assert waits[1] >= 0.95, waits
     assert waits[2] >= 1.95, waits
