@@ -180,11 +180,15 @@ return 1
 
 # The room's presence version counts the changes of its list of users (MemoryState.presence_join).
 # A counter that is missing (expired a day after its room's last join or leave, or lost) starts
-# again from the time in milliseconds, above any version it had given before.
+# again from Redis's own clock in microseconds: above any version it gave before, unless the room
+# changed more than a million times a second or Redis's clock went back. Redis's clock, not the
+# caller's, which may be behind another process's; microseconds, not milliseconds, in which a
+# counter lost and started again within one gave a version it had already given.
 _VERSION = """
-local function version(key, now, change)
+local function version(key, change)
     if redis.call('EXISTS', key) == 0 then
-        redis.call('SET', key, math.floor(now * 1000))
+        local t = redis.call('TIME')
+        redis.call('SET', key, t[1] .. string.format('%06d', tonumber(t[2])))
     end
     local value = change and redis.call('INCR', key) or tonumber(redis.call('GET', key))
     redis.call('PEXPIRE', key, 86400000)
@@ -208,7 +212,7 @@ redis.call('PEXPIREAT', KEYS[1], math.ceil(expires * 1000))
 redis.call('PEXPIREAT', KEYS[2], math.ceil(expires * 1000))
 local announce = first and redis.call('ZCARD', KEYS[2]) > 1
 redis.call('ZREMRANGEBYSCORE', KEYS[2], '-inf', now)
-local at = version(KEYS[3], now, first)
+local at = version(KEYS[3], first)
 return {announce and 1 or 0, redis.call('ZRANGE', KEYS[2], 0, -1), at}
 """
 )
@@ -227,7 +231,7 @@ if redis.call('ZREM', KEYS[2], ARGV[1]) == 0 then return 0 end
 redis.call('ZREMRANGEBYSCORE', KEYS[2], '-inf', now)
 if redis.call('ZCARD', KEYS[2]) > 0 then return 0 end
 redis.call('ZREM', KEYS[3], ARGV[3])
-local at = version(KEYS[4], now, true)
+local at = version(KEYS[4], true)
 if redis.call('ZCARD', KEYS[3]) == 0 then return 0 end
 return at
 """

@@ -7,10 +7,13 @@ leaves its slot and the presence in one: on Redis each is one round trip (docs/p
 
 import asyncio
 import secrets
+import time
+from types import SimpleNamespace
 
 import pytest
 import redis
 
+from chat import state as state_module
 from chat.state import _BUCKET_SCRIPT, MemoryState, RedisState, StateUnavailable
 from tests.services import reachable_redis_url, redis_clear_prefix
 
@@ -113,6 +116,15 @@ async def test_someone_whose_lease_lapsed_still_hears_joins_and_leaves(redis_sta
 async def test_a_lost_version_counter_starts_above_the_versions_it_gave(redis_state):
     before = (await redis_state.presence_join(7, "alice", "a1"))[2]
     await redis_state._redis.delete(redis_state._key("pv", 7))  # expired, evicted, flushed
+    assert (await redis_state.presence_join(7, "bob", "b1"))[2] > before
+
+
+async def test_a_lost_version_counter_starts_again_from_redis_s_clock(redis_state, monkeypatch):
+    before = (await redis_state.presence_join(7, "alice", "a1"))[2]
+    await redis_state._redis.delete(redis_state._key("pv", 7))
+    # The next change comes from a process whose clock is an hour behind the first one's.
+    behind = time.time() - 3600
+    monkeypatch.setattr(state_module, "time", SimpleNamespace(time=lambda: behind))
     assert (await redis_state.presence_join(7, "bob", "b1"))[2] > before
 
 
