@@ -18,7 +18,7 @@ from bench import report, scenarios
 from bench.scenarios import Options, Stage
 from bench.servers import ROOT, SERVER_CPU, TARGETS, Deployment, core_busy_seconds, machine
 
-SCENARIOS = ["broadcast", "fanout", "handshakes", "layers", "idle", "persist"]
+SCENARIOS = ["broadcast", "fanout", "handshakes", "layers", "idle", "persist", "scaling"]
 
 QUICK = {
     "members": 10,
@@ -86,6 +86,19 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--server-procs", type=int, help="chat processes (needs --redis-url if > 1)")
     p.add_argument("--server-cpus", help="taskset list for the servers (default 0)")
     p.add_argument("--client-cpu", type=int, help="core of the load client (default 1)")
+    p.add_argument(
+        "--scaling-redis-url",
+        help="the Redis the scaling scenario's chat processes share (needed to run it)",
+    )
+    p.add_argument(
+        "--scaling-database-url",
+        help="the database server they share, e.g. postgres://... (needed to run it)",
+    )
+    p.add_argument(
+        "--scaling-cpus",
+        help="the two cores of its chat processes (default: the first two not the client's; "
+        f"on fewer than {scenarios.SCALING_CORES} cores it runs only with this, as no verdict)",
+    )
     p.add_argument("--results-dir", default=str(ROOT / "bench" / "results"))
     docs = p.add_mutually_exclusive_group()
     docs.add_argument("--docs", dest="docs", action="store_true", default=None)
@@ -100,6 +113,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="before each scenario, wait up to this long for other processes to leave the cores",
     )
     args = p.parse_args(argv)
+    if args.scaling_cpus:
+        try:
+            scenarios.scaling_cores(os.cpu_count() or 1, -1, args.scaling_cpus)
+        except ValueError as error:
+            p.error(f"--scaling-cpus: {error}")
     if args.docs is None:
         args.docs = not args.quick
     return args
@@ -162,6 +180,15 @@ async def run(args: argparse.Namespace, opts: Options, workdir: Path) -> dict:
                 print(f"  (other processes: {others:.0%} of the cores)", flush=True)
             results["layers"] = {"chat": await scenarios.layers(deployment, opts)}
             continue
+        if scenario == "scaling":
+            if "chat" not in (t.name for t in targets):
+                print("  skipped: it measures the chat's processes, and chat is not a target")
+                continue
+            if args.wait_quiet:
+                others = await wait_quiet(args.wait_quiet)
+                print(f"  (other processes: {others:.0%} of the cores)", flush=True)
+            results["scaling"] = {"chat": await _scaling(args, opts, workdir)}
+            continue
         for target in targets:
             if args.wait_quiet:
                 others = await wait_quiet(args.wait_quiet)
@@ -179,6 +206,39 @@ async def run(args: argparse.Namespace, opts: Options, workdir: Path) -> dict:
                     stage, workdir / f"profile-{scenario}"
                 )
     return {"results": results, "profile": profile}
+
+
+async def _scaling(args: argparse.Namespace, opts: Options, workdir: Path) -> dict:
+    """The scaling scenario on a deployment of its own (Redis and a database server that the
+    processes share), or why it did not run."""
+    nproc = os.cpu_count() or 1
+    if nproc < scenarios.SCALING_CORES and not args.scaling_cpus:
+        skipped = (
+            f"not run: {nproc} cores, and it needs {scenarios.SCALING_CORES} (two chat "
+            "processes, the load client, Redis and the database)"
+        )
+    elif not (args.scaling_redis_url and args.scaling_database_url):
+        skipped = (
+            "not run: the processes share Redis and a database server, given by "
+            "--scaling-redis-url and --scaling-database-url"
+        )
+    else:
+        skipped = ""
+    if skipped:
+        print(f"  {skipped}", flush=True)
+        return {"skipped": skipped}
+    cores, shared = scenarios.scaling_cores(nproc, opts.client_cpu, args.scaling_cpus)
+    (workdir / "scaling").mkdir()
+    deployment = Deployment(
+        workdir / "scaling",
+        database_url=args.scaling_database_url,
+        redis_url=args.scaling_redis_url,
+    )
+    deployment.prepare()
+    figures = await scenarios.scaling(deployment, opts, cores)
+    figures["shared"] = shared
+    print(f"  [scaling] two processes ÷ one: {figures['ratio']}x {shared}", flush=True)
+    return figures
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -396,24 +396,53 @@ def verdicts(data: dict) -> list[tuple[str, str, str]]:
                 verdict(per["messages_per_s"] >= 5000 and per.get("rows_match_acks")),
             )
         )
-    cores = data["machine"]["nproc"]
-    out.append(
-        (
-            "2 processes ≥ 1.8x one, where cores allow",
-            f"{cores} cores: one for the server, one for the load client",
-            "not measured" if cores < 4 else verdict(None),
-        )
-    )
+    out.append(("2 processes ≥ 1.8x one, where cores allow", *_scaling_verdict(data)))
     lost = 0
-    for scenario in ("broadcast", "fanout", "persist"):
+    for scenario in ("broadcast", "fanout", "persist", "scaling"):
         value = res.get(scenario, {}).get("chat")
         if value is None:
             continue
-        for point in value.get("points", [value]):
+        for point in points(scenario, value):
             lost += point["lost"] + point["duplicated"]
     if "chat" in str(res.keys()) or any("chat" in v for v in res.values()):
         out.append(("0 lost (and 0 duplicated)", f"{lost} lost or duplicated", verdict(lost == 0)))
     return out
+
+
+def points(scenario: str, value: dict) -> list[dict]:
+    """The measured windows of one scenario's figures for one target."""
+    if scenario == "scaling":
+        return [value[n] for n in ("one", "two") if n in value]
+    return value.get("points", [value])
+
+
+def _scaling_verdict(data: dict) -> tuple[str, str]:
+    """(measured, verdict) of "2 processes ≥ 1.8x one"."""
+    scale = data["results"].get("scaling", {}).get("chat")
+    if scale is None:
+        cores = data["machine"]["nproc"]
+        return f"{cores} cores: one for the server, one for the load client", "not measured"
+    return _scaling_verdict_of(scale)
+
+
+def _scaling_verdict_of(scale: dict) -> tuple[str, str]:
+    if scale.get("skipped"):
+        return scale["skipped"], "not measured"
+    one, two = scale["one"], scale["two"]
+    measured = (
+        f"{fmt(two['messages_per_s'])} persisted messages/s on two processes, "
+        f"{fmt(one['messages_per_s'])} on one: "
+        + ("-" if scale["ratio"] is None else f"{scale['ratio']:.2f}x")
+    )
+    if scale["shared"]:
+        return f"{measured} ({scale['shared']})", "no verdict"
+    if two["client_saturated"]:
+        return f"{measured} (the load client saturated its core)", "no verdict"
+    complete = all(
+        p["lost"] == 0 and p["duplicated"] == 0 and p.get("rows_match_acks") for p in (one, two)
+    )
+    scaled = scale["ratio"] is not None and scale["ratio"] >= 1.8
+    return measured, "PASS" if complete and scaled else "**FAIL**"
 
 
 # --- console --------------------------------------------------------------------------------------
@@ -440,10 +469,12 @@ def _warnings(data: dict) -> list[str]:
     notes = []
     for scenario, by_target in data["results"].items():
         for target, value in by_target.items():
-            for point in value.get("points", [value]):
+            for number, point in enumerate(points(scenario, value), start=1):
                 label = f"{scenario}/{target}"
                 if "offered_deliveries_per_s" in point:
                     label += f"@{point['offered_deliveries_per_s']}"
+                if scenario == "scaling":
+                    label += f" ({number} process{'es' if number > 1 else ''})"
                 if point.get("client_saturated"):
                     notes.append(
                         f"warning: {label}: the load client used "
@@ -770,7 +801,58 @@ def _other_sections(data: dict, targets: list[str], opts: dict) -> list[str]:
             ],
         )
         out.append("")
+    if scale := res.get("scaling", {}).get("chat"):
+        out += _scaling_section(scale, opts)
     return out
+
+
+def _scaling_section(scale: dict, opts: dict) -> list[str]:
+    out = [
+        "## Two processes",
+        "",
+        f"The many-small-rooms run ({opts['persist_rooms']} rooms of 2, "
+        f"{opts['persist_window']} messages unacknowledged per socket, "
+        f"{opts['persist_duration']:g} s) on one chat process, then on two, each pinned to a "
+        "core of its own, on a Redis and a database server they share (`--scenario scaling` "
+        "with `--scaling-redis-url` and `--scaling-database-url`). With two processes a room's "
+        "two members are on different ones, so every message crosses Redis. Redis's and the "
+        "database's CPU is not server CPU (they are not in daphne's process tree); on the "
+        "processes' cores it shows as other processes' share.",
+        "",
+    ]
+    if scale.get("skipped"):
+        return [*out, scale["skipped"].capitalize() + ".", ""]
+    runs = [("one", 1, scale["cores"][:1]), ("two", 2, scale["cores"])]
+    out += _table(
+        [
+            "processes",
+            "cores",
+            "messages/s",
+            "server µs/message",
+            "p50 / p99 ms (delivery)",
+            "lost / dup",
+            "rows = acks",
+            "client core",
+            "others on the processes' cores",
+        ],
+        [
+            [
+                procs,
+                ", ".join(str(c) for c in cores),
+                f["messages_per_s"],
+                f["server_cpu_us_per_message"],
+                f"{f['p50_ms']} / {f['p99_ms']}",
+                f"{f['lost']} / {f['duplicated']}",
+                "yes" if f.get("rows_match_acks") else f"NO ({f.get('rows_in_database')})",
+                f"{f['client_core_share']:.0%}",
+                f"{f['foreign_share_server_core']:.0%}",
+            ]
+            for key, procs, cores in runs
+            for f in [scale[key]]
+        ],
+    )
+    measured, verdict = _scaling_verdict_of(scale)
+    return [*out, "", f"{measured}: {verdict}.", ""]
 
 
 def _layers_section(data: dict) -> list[str]:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import re
 import resource
 import signal
@@ -29,6 +30,7 @@ from bench.client import (
 from bench.report import fmt, median
 from bench.servers import (
     LAYER_TARGETS,
+    TARGETS,
     Deployment,
     Server,
     Target,
@@ -79,10 +81,10 @@ class Stage:
                 target,
                 {**env, "CHAT_INSTANCE_NAME": f"bench-{port}"},
                 port=port,
-                cpus=opts.server_cpus,
+                cpus=cpus,
                 log_path=deployment.workdir / f"{target.name}-{label}-{port}.log",
             )
-            for port in ports
+            for port, cpus in zip(ports, server_cpus(opts.server_cpus, procs), strict=True)
         ]
 
     @property
@@ -111,6 +113,15 @@ class Stage:
 
     def rss_bytes(self) -> int:
         return sum(s.rss_bytes() for s in self.servers)
+
+
+def server_cpus(spec: str, procs: int) -> list[str]:
+    """Each server process's taskset list: a core of its own when `spec` lists exactly one core
+    per process, else all of `spec` for every process."""
+    cores = _cpu_list(spec)
+    if procs > 1 and len(cores) == procs:
+        return [str(core) for core in cores]
+    return [spec] * procs
 
 
 class Window:
@@ -704,6 +715,57 @@ async def persist(stage: Stage, profile_path: Path | None = None) -> dict:
     if profile_path:
         figures.update(spy.result())
     return figures
+
+
+# --- scaling: the persist scenario on one chat process, then on two ---
+
+# Two chat processes, the load client, and Redis and the database server: a core each at least.
+SCALING_CORES = 4
+
+
+def scaling_cores(
+    nproc: int, client_cpu: int, requested: str | None = None
+) -> tuple[list[int], str]:
+    """The cores of the two chat processes (`requested`, else the first two that are not the
+    load client's), and why a ratio measured on them would be no verdict ("" when it is one)."""
+    cores = _cpu_list(requested) if requested else [c for c in range(nproc) if c != client_cpu][:2]
+    if len(cores) != 2:
+        raise ValueError(f"two cores are needed, one per chat process, not {cores}")
+    problems = []
+    if cores[0] == cores[1]:
+        problems.append(f"both processes ran on core {cores[0]}")
+    if client_cpu in cores:
+        problems.append(f"a process shared core {client_cpu} with the load client")
+    if nproc < SCALING_CORES:
+        problems.append(
+            f"{nproc} cores: none left for Redis and the database (needs {SCALING_CORES})"
+        )
+    return cores, "; ".join(problems)
+
+
+async def scaling(deployment: Deployment, opts: Options, cores: list[int]) -> dict:
+    """Persisted messages/s (the persist scenario) with one chat process, then with two, each
+    pinned to a core of its own, on the deployment's Redis and database server.
+
+    The client opens a room's two members on different processes (bench.client.open_room), so
+    with two processes every message crosses Redis from one to the other; with one, the same
+    Redis channel layer carries it back to the same process. The ratio of the two is the issue's
+    "2 processes ≥ 1.8x one".
+    """
+    runs = {}
+    for procs in (1, 2):
+        run_opts = dataclasses.replace(
+            opts, server_procs=procs, server_cpus=",".join(str(c) for c in cores[:procs])
+        )
+        with Stage(TARGETS["chat"], deployment, run_opts, f"scale{procs}") as stage:
+            runs[procs] = await persist(stage)
+    one, two = runs[1]["messages_per_s"], runs[2]["messages_per_s"]
+    return {
+        "cores": cores,
+        "one": runs[1],
+        "two": runs[2],
+        "ratio": round(two / one, 2) if one else None,
+    }
 
 
 # --- profile: py-spy on the chat server during a scenario ---

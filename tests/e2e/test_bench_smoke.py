@@ -1,17 +1,21 @@
 """The benchmark still works: its quick mode against the chat loses and doubles nothing."""
 
 import json
+import os
+import secrets
 import subprocess
 import sys
+from urllib.parse import urlsplit, urlunsplit
 
 import pytest
 
 from tests.e2e.server import ROOT
+from tests.services import reachable_redis_url, service_unavailable
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 
 
-def _quick_bench(tmp_path, *args: str) -> dict:
+def _quick_bench(tmp_path, *args: str, timeout: float = 90) -> dict:
     """Run `python -m bench --quick` against the chat; its results."""
     result = subprocess.run(
         [
@@ -22,7 +26,7 @@ def _quick_bench(tmp_path, *args: str) -> dict:
         cwd=ROOT,
         capture_output=True,
         text=True,
-        timeout=90,
+        timeout=timeout,
         check=False,
     )
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
@@ -65,3 +69,45 @@ def test_bench_quick_layers_measures_each_layer_of_a_handshake(tmp_path):
         for layer, values in found[server].items():
             assert len(values) == 1, layer
             assert values[0] > 0, layer
+
+
+@pytest.fixture
+def throwaway_postgres():
+    """A PostgreSQL database of the test's own (the bench migrates and fills it), dropped after."""
+    import psycopg
+
+    url = os.environ.get("CHAT_TEST_DATABASE_URL", "postgres://postgres@127.0.0.1:5432/test")
+    try:
+        admin = psycopg.connect(url, autocommit=True, connect_timeout=3)
+    except psycopg.OperationalError as error:
+        service_unavailable(f"PostgreSQL at {url} is not reachable: {error}")
+    name = f"bench_smoke_{secrets.token_hex(4)}"
+    admin.execute(f'CREATE DATABASE "{name}"')
+    try:
+        yield urlunsplit(urlsplit(url)._replace(path=f"/{name}"))
+    finally:
+        admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        admin.close()
+
+
+def test_bench_quick_scaling_runs_one_process_then_two_on_shared_services(
+    tmp_path, throwaway_postgres
+):
+    results = _quick_bench(
+        tmp_path,
+        *("--scenario", "scaling", "--scaling-cpus", "0,1"),
+        *("--scaling-redis-url", reachable_redis_url()),
+        *("--scaling-database-url", throwaway_postgres),
+        timeout=180,
+    )
+    found = results["scaling"]["chat"]
+    assert found["cores"] == [0, 1]
+    for run in (found["one"], found["two"]):
+        assert run["connections"] == 20  # the quick run's 10 rooms of 2
+        assert run["acked"] > 0
+        assert run["lost"] == run["duplicated"] == run["unacked"] == 0
+        assert run["rows_match_acks"] is True
+    one, two = found["one"]["messages_per_s"], found["two"]["messages_per_s"]
+    assert found["ratio"] == round(two / one, 2)
+    # The load client's core is core 1 (the default): the ratio is measured, but no verdict.
+    assert "a process shared core 1 with the load client" in found["shared"]
