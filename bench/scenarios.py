@@ -129,7 +129,8 @@ class Window:
 
     def __init__(self, stage: Stage) -> None:
         self.stage = stage
-        self.server_cores = _cpu_list(stage.opts.server_cpus)
+        # Each core once: two processes may share one (the scaling scenario, asked to).
+        self.server_cores = sorted(set(_cpu_list(stage.opts.server_cpus)))
         self.client_core = stage.opts.client_cpu
 
     def __enter__(self) -> Window:

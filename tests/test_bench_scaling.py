@@ -2,11 +2,12 @@
 
 import asyncio
 import os
+from types import SimpleNamespace
 
 import pytest
 
 from bench import cli, report
-from bench.scenarios import Options, scaling_cores, server_cpus
+from bench.scenarios import Options, Window, scaling_cores, server_cpus
 
 
 @pytest.mark.parametrize(
@@ -65,6 +66,14 @@ def test_server_processes_get_a_core_each_when_there_is_one_each(spec, procs, pi
 
 
 NO_URLS = "given by --scaling-redis-url and --scaling-database-url"
+
+
+@pytest.mark.parametrize(("spec", "cores"), [("0,0", [0]), ("1,0", [0, 1]), ("0-1,1", [0, 1])])
+def test_a_window_counts_each_server_core_once(spec, cores):
+    # Other processes' share of the servers' cores: a core listed twice would count its busy
+    # time twice.
+    stage = SimpleNamespace(opts=Options(server_cpus=spec, client_cpu=1))
+    assert Window(stage).server_cores == cores
 
 
 @pytest.mark.parametrize(
