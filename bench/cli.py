@@ -33,6 +33,7 @@ QUICK = {
     "persist_duration": 2.0,
     "profile_duration": 5.0,
     "layer_rounds": 1,
+    "scaling_pairs": 1,
 }
 
 
@@ -97,7 +98,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument(
         "--scaling-cpus",
         help="the two cores of its chat processes (default: the first two not the client's; "
-        f"on fewer than {scenarios.SCALING_CORES} cores it runs only with this, as no verdict)",
+        f"on fewer than {report.SCALING_CORES} cores it runs only with this, as no verdict)",
+    )
+    p.add_argument(
+        "--scaling-pairs",
+        type=_positive,
+        help=f"pairs of runs, one process and two ({defaults.scaling_pairs})",
     )
     p.add_argument("--results-dir", default=str(ROOT / "bench" / "results"))
     docs = p.add_mutually_exclusive_group()
@@ -168,31 +174,28 @@ async def run(args: argparse.Namespace, opts: Options, workdir: Path) -> dict:
     deployment = Deployment(workdir, database_url=args.database_url, redis_url=args.redis_url)
     deployment.prepare()
     results: dict = {}
+
+    async def quiet() -> None:
+        if args.wait_quiet:
+            others = await wait_quiet(args.wait_quiet)
+            print(f"  (other processes: {others:.0%} of the cores)", flush=True)
+
     for scenario in chosen:
         print(f"== {scenario}", flush=True)
-        if scenario == "layers":
-            # The chat's handshake a layer at a time: its own servers, not one per target.
+        if scenario in ("layers", "scaling"):
+            # The chat alone, on servers of the scenario's own, not one per target.
             if "chat" not in (t.name for t in targets):
-                print("  skipped: it measures the chat's layers, and chat is not a target")
+                print(f"  skipped: {scenario} measures the chat, and chat is not a target")
                 continue
-            if args.wait_quiet:
-                others = await wait_quiet(args.wait_quiet)
-                print(f"  (other processes: {others:.0%} of the cores)", flush=True)
-            results["layers"] = {"chat": await scenarios.layers(deployment, opts)}
-            continue
-        if scenario == "scaling":
-            if "chat" not in (t.name for t in targets):
-                print("  skipped: it measures the chat's processes, and chat is not a target")
-                continue
-            if args.wait_quiet:
-                others = await wait_quiet(args.wait_quiet)
-                print(f"  (other processes: {others:.0%} of the cores)", flush=True)
-            results["scaling"] = {"chat": await _scaling(args, opts, workdir)}
+            await quiet()
+            if scenario == "layers":
+                found = await scenarios.layers(deployment, opts)
+            else:
+                found = await _scaling(args, opts, workdir)
+            results[scenario] = {"chat": found}
             continue
         for target in targets:
-            if args.wait_quiet:
-                others = await wait_quiet(args.wait_quiet)
-                print(f"  (other processes: {others:.0%} of the cores)", flush=True)
+            await quiet()
             with Stage(target, deployment, opts, scenario) as stage:
                 results.setdefault(scenario, {})[target.name] = await getattr(scenarios, scenario)(
                     stage
@@ -212,9 +215,9 @@ async def _scaling(args: argparse.Namespace, opts: Options, workdir: Path) -> di
     """The scaling scenario on a deployment of its own (Redis and a database server that the
     processes share), or why it did not run."""
     nproc = os.cpu_count() or 1
-    if nproc < scenarios.SCALING_CORES and not args.scaling_cpus:
+    if nproc < report.SCALING_CORES and not args.scaling_cpus:
         skipped = (
-            f"not run: {nproc} cores, and it needs {scenarios.SCALING_CORES} (two chat "
+            f"not run: {nproc} cores, and it needs {report.SCALING_CORES} (two chat "
             "processes, the load client, Redis and the database)"
         )
     elif not (args.scaling_redis_url and args.scaling_database_url):
@@ -237,7 +240,7 @@ async def _scaling(args: argparse.Namespace, opts: Options, workdir: Path) -> di
     deployment.prepare()
     figures = await scenarios.scaling(deployment, opts, cores)
     figures["shared"] = shared
-    print(f"  [scaling] two processes ÷ one: {figures['ratio']}x {shared}", flush=True)
+    print(f"  [scaling] two processes ÷ one: {figures['ratios']} {shared}", flush=True)
     return figures
 
 

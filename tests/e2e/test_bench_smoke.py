@@ -3,6 +3,7 @@
 import json
 import os
 import secrets
+import signal
 import subprocess
 import sys
 from urllib.parse import urlsplit, urlunsplit
@@ -16,20 +17,30 @@ pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 
 
 def _quick_bench(tmp_path, *args: str, timeout: float = 90) -> dict:
-    """Run `python -m bench --quick` against the chat; its results."""
-    result = subprocess.run(
+    """Run `python -m bench --quick` against the chat; its results.
+
+    In a process group of its own: past the timeout the bench and the servers it started go
+    together, and none is left pinned to a core.
+    """
+    bench = subprocess.Popen(
         [
             *(sys.executable, "-m", "bench", "--quick", "--targets", "chat"),
             *args,
             *("--results-dir", str(tmp_path), "--no-docs"),
         ],
         cwd=ROOT,
-        capture_output=True,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
         text=True,
-        timeout=timeout,
-        check=False,
+        start_new_session=True,
     )
-    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
+    try:
+        stdout, stderr = bench.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(bench.pid, signal.SIGKILL)
+        stdout, stderr = bench.communicate()
+        pytest.fail(f"the bench took over {timeout} s: {stdout[-2000:]}{stderr[-3000:]}")
+    assert bench.returncode == 0, stdout[-2000:] + stderr[-3000:]
     (path,) = tmp_path.glob("bench-*.json")
     return json.loads(path.read_text())["results"]
 
@@ -82,8 +93,8 @@ def throwaway_postgres():
     except psycopg.OperationalError as error:
         service_unavailable(f"PostgreSQL at {url} is not reachable: {error}")
     name = f"bench_smoke_{secrets.token_hex(4)}"
-    admin.execute(f'CREATE DATABASE "{name}"')
     try:
+        admin.execute(f'CREATE DATABASE "{name}"')
         yield urlunsplit(urlsplit(url)._replace(path=f"/{name}"))
     finally:
         admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
@@ -102,12 +113,14 @@ def test_bench_quick_scaling_runs_one_process_then_two_on_shared_services(
     )
     found = results["scaling"]["chat"]
     assert found["cores"] == [0, 1]
-    for run in (found["one"], found["two"]):
-        assert run["connections"] == 20  # the quick run's 10 rooms of 2
+    # The quick run: one pair, one process then two, each on its 10 rooms of 2.
+    assert len(found["one"]) == len(found["two"]) == len(found["ratios"]) == 1
+    for run in (*found["one"], *found["two"]):
+        assert run["connections"] == 20
         assert run["acked"] > 0
         assert run["lost"] == run["duplicated"] == run["unacked"] == 0
         assert run["rows_match_acks"] is True
-    one, two = found["one"]["messages_per_s"], found["two"]["messages_per_s"]
-    assert found["ratio"] == round(two / one, 2)
+        assert run["rate"] > 0
+    assert found["ratio"] is not None
     # The load client's core is core 1 (the default): the ratio is measured, but no verdict.
     assert "a process shared core 1 with the load client" in found["shared"]
