@@ -160,7 +160,7 @@ if REDIS_URL:
     }
     CHANNEL_LAYERS = {
         "default": {
-            "BACKEND": "channels_redis.core.RedisChannelLayer",
+            "BACKEND": "chat.layers.RedisChannelLayer",
             "CONFIG": {
                 # socket_timeout above channels_redis's 5 s blocking pop: redis-py's default
                 # equals it, so an idle receive times out and looks like a lost Redis.
