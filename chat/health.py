@@ -2,6 +2,7 @@
 
 import asyncio
 import time
+import uuid
 from concurrent.futures import Future, ThreadPoolExecutor
 
 from channels.layers import get_channel_layer
@@ -40,8 +41,10 @@ async def _database() -> None:
 
 
 async def _channel_layer() -> None:
+    # A channel of the probe's own, and not a process-specific ("!") one: channels_redis lets
+    # one receive at a time wait on those, and the hub's waits for room events without end.
     layer = get_channel_layer()
-    channel = await layer.new_channel(prefix="health")
+    channel = f"health.{uuid.uuid4().hex}"
     await layer.send(channel, {"type": "health.ping"})
     await layer.receive(channel)
 

@@ -50,11 +50,16 @@ class RedisChannelLayer(StockRedisChannelLayer):
     one per `receive_single`, in the order the stock layer would give them. Only an empty channel
     costs a blocking BZPOPMIN, as before.
 
+    It batches process-specific ("!") channels, such as the hub's: one process receives them,
+    one receive at a time (the stock `receive` holds a lock around `receive_single` for them).
+    A plain channel may have receivers in several processes, and keeps the stock receive.
+
     The backup keeps what the stock layer's keeps safe: a pop whose answer never came (the
     receive was cancelled, or the connection failed, after the script ran) leaves its messages
     in the backup, and the next pop puts them back in the channel first. Each batch is numbered;
     the script knows a lost batch from the last one received by that number. A received batch
-    stays in this process until handed out, across cancellations of `receive`.
+    stays in this process until handed out, across cancellations of `receive`. The backup
+    expires with the layer's messages (`expiry`, at least 60 s): the stock one never does.
     """
 
     receive_batch = 100
@@ -90,12 +95,13 @@ class RedisChannelLayer(StockRedisChannelLayer):
         self._last_batch: dict[str, str] = {}  # per channel key: the last batch received
 
     async def receive_single(self, channel):
+        if "!" not in channel:
+            # A plain channel may have receivers in several processes and on several hosts:
+            # the stock receive, one message at a time. Only /healthz uses one.
+            return await super().receive_single(channel)
         assert self.require_valid_channel_name(channel, receive=True), "Channel name invalid"
-        if "!" in channel:
-            assert channel.endswith("!")
-            index = self.consistent_hash(channel)
-        else:
-            index = next(self._receive_index_generator)
+        assert channel.endswith("!")
+        index = self.consistent_hash(channel)
         key = self.prefix + channel
         received = self._received.get(key)
         while not received:

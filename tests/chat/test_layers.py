@@ -65,7 +65,7 @@ async def redis_layers():
     made = []
 
     def make(**config) -> RedisChannelLayer:
-        layer = RedisChannelLayer(hosts=[url], prefix=prefix, capacity=1000, **config)
+        layer = RedisChannelLayer(hosts=[url], prefix=f"{prefix}:", capacity=1000, **config)
         made.append(layer)
         return layer
 
@@ -179,3 +179,18 @@ async def test_a_cancelled_receive_keeps_the_rest_of_its_batch(redis_layers):
         await waiting
     # The stock layer drops a cancelled receive's buffer; the batch lives beside it.
     assert [(await layer.receive(channel))["n"] for _ in range(3)] == [1, 2, 3]
+
+
+async def test_a_plain_channel_keeps_the_stock_receive(redis_layers):
+    # A plain channel may have several receivers at once: no batches, each message once.
+    layer = redis_layers()
+    sizes = _counting_pops(layer)
+    for n in range(40):
+        await layer.send("health.plain", {"type": "m", "n": n})
+
+    async def take(count):
+        return [(await layer.receive("health.plain"))["n"] for _ in range(count)]
+
+    got = await asyncio.gather(take(15), take(25))
+    assert sorted(n for part in got for n in part) == list(range(40))
+    assert sizes == []
