@@ -411,8 +411,17 @@ def verdicts(data: dict) -> list[tuple[str, str, str]]:
 def points(scenario: str, value: dict) -> list[dict]:
     """The measured windows of one scenario's figures for one target."""
     if scenario == "scaling":
-        return [*value.get("one", []), *value.get("two", [])]
+        return [run for _, _, run in scaling_runs(value)]
     return value.get("points", [value])
+
+
+def scaling_runs(scale: dict) -> list[tuple[int, int, dict]]:
+    """The scaling scenario's runs: (processes, the run's number among theirs, its figures)."""
+    return [
+        (procs, number, run)
+        for procs, key in ((1, "one"), (2, "two"))
+        for number, run in enumerate(scale.get(key, []), start=1)
+    ]
 
 
 # Other processes on a bench core: above this share, a figure is flagged (a verdict withheld).
@@ -443,18 +452,17 @@ def _scaling_verdict_of(scale: dict) -> tuple[str, str]:
         f"and delivered: {fmt(median([r['rate'] for r in scale['two']]))} on two processes, "
         f"{fmt(median([r['rate'] for r in scale['one']]))} on one"
     )
-    runs = [(1, run) for run in scale["one"]] + [(2, run) for run in scale["two"]]
+    runs = [run for _, _, run in scaling_runs(scale)]
     problems = [scale["shared"]] if scale["shared"] else []
-    if any(run["client_saturated"] for _, run in runs):
+    if any(run["client_saturated"] for run in runs):
         problems.append("the load client saturated its core")
-    crowded = max(run["foreign_share_server_core"] / procs for procs, run in runs)
+    crowded = max(run["foreign_share_server_core"] for run in runs)
     if crowded > FOREIGN_LIMIT:
         problems.append(f"other processes took up to {crowded:.0%} of a chat process's core")
     if problems:
         return f"{measured} ({'; '.join(problems)})", "no verdict"
     complete = all(
-        run["lost"] == 0 and run["duplicated"] == 0 and run.get("rows_match_acks")
-        for _, run in runs
+        run["lost"] == 0 and run["duplicated"] == 0 and run.get("rows_match_acks") for run in runs
     )
     scaled = scale["ratio"] is not None and scale["ratio"] >= 1.8
     return measured, "PASS" if complete and scaled else "**FAIL**"
@@ -484,17 +492,18 @@ def _warnings(data: dict) -> list[str]:
     notes = []
     for scenario, by_target in data["results"].items():
         for target, value in by_target.items():
-            ones = len(value.get("one", [])) if scenario == "scaling" else 0
-            for number, point in enumerate(points(scenario, value)):
+            if scenario == "scaling":
+                labelled = [
+                    (f" ({'one process' if procs == 1 else 'two processes'}, run {number})", run)
+                    for procs, number, run in scaling_runs(value)
+                ]
+            else:
+                labelled = [("", point) for point in points(scenario, value)]
+            for run_label, point in labelled:
                 label = f"{scenario}/{target}"
                 if "offered_deliveries_per_s" in point:
                     label += f"@{point['offered_deliveries_per_s']}"
-                if scenario == "scaling":
-                    label += (
-                        f" (one process, run {number + 1})"
-                        if number < ones
-                        else f" (two processes, run {number - ones + 1})"
-                    )
+                label += run_label
                 if point.get("client_saturated"):
                     notes.append(
                         f"warning: {label}: the load client used "
@@ -844,7 +853,6 @@ def _scaling_section(scale: dict, opts: dict) -> list[str]:
     ]
     if scale.get("skipped"):
         return [*out, scale["skipped"].capitalize() + ".", ""]
-    runs = [(1, run) for run in scale["one"]] + [(2, run) for run in scale["two"]]
     out += _table(
         [
             "processes",
@@ -869,9 +877,9 @@ def _scaling_section(scale: dict, opts: dict) -> list[str]:
                 f"{run['lost']} / {run['duplicated']}",
                 "yes" if run.get("rows_match_acks") else f"NO ({run.get('rows_in_database')})",
                 f"{run['client_core_share']:.0%}",
-                f"{run['foreign_share_server_core'] / procs:.0%}",
+                f"{run['foreign_share_server_core']:.0%}",
             ]
-            for procs, run in runs
+            for procs, _, run in scaling_runs(scale)
         ],
     )
     measured, verdict = _scaling_verdict_of(scale)

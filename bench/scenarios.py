@@ -163,8 +163,11 @@ class Window:
             "server_core_share": round(self.server / wall, 3),
             "client_core_share": round(client_share, 3),
             "client_saturated": client_share > CLIENT_SATURATED,
-            # CPU that other processes used on our cores meanwhile: the machine is shared.
-            "foreign_share_server_core": round(self.foreign_server_core / wall, 3),
+            # CPU that other processes used on our cores meanwhile: the machine is shared. Per
+            # server core (the mean over them), as for the client's one core.
+            "foreign_share_server_core": round(
+                self.foreign_server_core / wall / len(self.server_cores), 3
+            ),
             "foreign_share_client_core": round(self.foreign_client_core / wall, 3),
         }
 

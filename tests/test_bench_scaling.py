@@ -81,6 +81,16 @@ def test_a_window_counts_each_server_core_once(spec, cores):
     assert Window(stage).server_cores == cores
 
 
+@pytest.mark.parametrize(("spec", "share"), [("0", 0.4), ("0,0", 0.4), ("0,2", 0.2)])
+def test_a_window_gives_other_processes_share_per_server_core(spec, share):
+    # 0.4 s of other processes' CPU on the servers' cores in a 1 s window: 40% of one core, or
+    # 20% of each of two. The report compares it with one limit, whatever the cores.
+    window = Window(SimpleNamespace(opts=Options(server_cpus=spec, client_cpu=1)))
+    window.wall, window.server, window.client = 1.0, 0.5, 0.1
+    window.foreign_server_core, window.foreign_client_core = 0.4, 0.0
+    assert window.figures(per=100, unit="message")["foreign_share_server_core"] == share
+
+
 @pytest.mark.parametrize(
     ("urls", "nproc", "said"),
     [
@@ -206,12 +216,12 @@ def _lost(data: dict) -> tuple[str, str] | None:
         ),
         (
             [_run(1000.0)],
-            [_run(1900.0, foreign_share_server_core=0.3)],
+            [_run(1900.0, foreign_share_server_core=0.15)],
             "",
             "(other processes took up to 15% of a chat process's core)",
             "no verdict",
         ),
-        ([_run(1000.0)], [_run(1900.0, foreign_share_server_core=0.2)], "", "1.90x", "PASS"),
+        ([_run(1000.0)], [_run(1900.0, foreign_share_server_core=0.1)], "", "1.90x", "PASS"),
     ],
 )
 def test_the_two_process_verdict_is_the_median_ratio_of_complete_runs(
@@ -270,13 +280,13 @@ def test_a_skipped_scaling_run_says_why():
 def test_the_scaling_section_shows_each_run_and_the_verdict():
     data = _scaled(
         [_run(1000.0), _run(1100.0, delivered_messages_per_s=1200.0)],
-        [_run(1900.0, foreign_share_server_core=0.2), _run(2000.0)],
+        [_run(1900.0, foreign_share_server_core=0.1), _run(2000.0)],
     )
     text = "\n".join(report._other_sections(data, ["chat"], data["options"]))
     assert "## Two processes" in text
     assert "| 1 | 0 | 1,000 | 1,000 | 400.0 | 5.0 / 9.0 | 0 / 0 | yes | 40% | 5% |" in text
     assert "| 1 | 0 | 1,100 | 1,200 | 400.0 |" in text
-    # The others' share is per chat core: 20% over two cores is 10% of each.
+    # The others' share, as the window gives it: per chat core.
     assert "| 2 | 0, 2 | 1,900 | 1,900 | 400.0 | 5.0 / 9.0 | 0 / 0 | yes | 40% | 10% |" in text
     assert "Two processes ÷ one: 1.86x (the median of 2 pairs: 1.90x, 1.82x)" in text
     assert text.rstrip().endswith(": PASS.")
