@@ -2,13 +2,11 @@
 channels_redis's layer receiving in batches, on a real Redis."""
 
 import asyncio
-import secrets
 
 import pytest
 from channels.layers import InMemoryChannelLayer as StockLayer
 
 from chat.layers import InMemoryChannelLayer, RedisChannelLayer
-from tests.services import reachable_redis_url, redis_clear_prefix
 
 
 async def test_group_send_does_not_sweep_every_group_on_every_message(monkeypatch):
@@ -56,23 +54,6 @@ async def test_a_zero_interval_sweeps_like_the_stock_layer(monkeypatch):
 
 
 # --- the Redis layer ---------------------------------------------------------------------------
-
-
-@pytest.fixture
-async def redis_layers():
-    """A factory of Redis layers (one per "process") sharing a prefix of the test's own."""
-    url, prefix = reachable_redis_url(), f"test-layer-{secrets.token_hex(4)}"
-    made = []
-
-    def make(**config) -> RedisChannelLayer:
-        layer = RedisChannelLayer(hosts=[url], prefix=f"{prefix}:", capacity=1000, **config)
-        made.append(layer)
-        return layer
-
-    yield make
-    for layer in made:
-        await layer.close_pools()
-    redis_clear_prefix(url, prefix)
 
 
 def _counting_pops(layer: RedisChannelLayer) -> list[int]:

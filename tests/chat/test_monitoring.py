@@ -2,7 +2,6 @@
 
 import asyncio
 import json
-import secrets
 import threading
 
 import pytest
@@ -11,12 +10,10 @@ from django.db import connection
 from django.test import Client
 
 from chat import health
-from chat.layers import RedisChannelLayer
 from chat.runtime import get_runtime
 from tests.asgi_http import call
 from tests.chat.helpers import join, send, sync
 from tests.factories import make_room, make_user
-from tests.services import reachable_redis_url, redis_clear_prefix
 from tests.ws import communicator, receive_until
 
 
@@ -128,11 +125,12 @@ def test_healthz_is_503_when_the_channel_layer_is_down(settings):
     assert body["checks"]["database"]["ok"] is True
 
 
-async def test_the_channel_layer_probe_answers_while_the_hub_waits_for_room_events(monkeypatch):
+async def test_the_channel_layer_probe_answers_while_the_hub_waits_for_room_events(
+    monkeypatch, redis_layers
+):
     # On Redis a process-specific channel waits for the layer's one receive lock, which an idle
     # hub holds without end: a probe on such a channel timed out, and /healthz said 503.
-    url, prefix = reachable_redis_url(), f"test-health-{secrets.token_hex(4)}:"
-    layer = RedisChannelLayer(hosts=[url], prefix=prefix)
+    layer = redis_layers()
     monkeypatch.setattr(health, "get_channel_layer", lambda: layer)
     hub = asyncio.ensure_future(layer.receive(await layer.new_channel("chathub")))
     try:
@@ -144,8 +142,6 @@ async def test_the_channel_layer_probe_answers_while_the_hub_waits_for_room_even
     finally:
         hub.cancel()
         await asyncio.gather(hub, return_exceptions=True)
-        await layer.close_pools()
-        redis_clear_prefix(url, prefix.rstrip(":"))
 
 
 @pytest.mark.django_db
