@@ -3,7 +3,10 @@
 import functools
 import hashlib
 import math
+import os
+import threading
 
+from django.conf import settings
 from django.http import HttpResponse
 from django.template.loader import render_to_string
 from redis.exceptions import RedisError
@@ -21,8 +24,8 @@ class ThrottleUnavailable(APIException):
 
 
 class FailClosed:
-    """Throttle counters live in the cache (Redis in production). If it cannot be reached, refuse
-    with 503 rather than a 500, and never let requests through unthrottled."""
+    """Throttle counters live in Redis in production (AtomicRateThrottle). If it cannot be
+    reached, refuse with 503 rather than a 500, and never let requests through unthrottled."""
 
     def allow_request(self, request, view):
         try:
@@ -31,7 +34,76 @@ class FailClosed:
             raise ThrottleUnavailable() from error
 
 
-class LoginIPThrottle(FailClosed, SimpleRateThrottle):
+# A sliding log of the window's requests in a sorted set, checked and added to in one step.
+# Redis's own clock, so the processes' clocks need not agree. Scores are microseconds (below
+# 2**53, exact in Lua's doubles); members are unique even within one microsecond.
+_WINDOW_SCRIPT = """
+if redis.replicate_commands then redis.replicate_commands() end
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
+local window = tonumber(ARGV[2])
+redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now - window)
+if redis.call('ZCARD', KEYS[1]) < tonumber(ARGV[1]) then
+    redis.call('ZADD', KEYS[1], now, ARGV[3])
+    redis.call('PEXPIRE', KEYS[1], math.ceil(window / 1000))
+    return -1
+end
+local oldest = redis.call('ZRANGE', KEYS[1], 0, 0, 'WITHSCORES')
+return math.max(0, tonumber(oldest[2]) + window - now)
+"""
+
+
+@functools.lru_cache(maxsize=4)
+def _window_script(url: str):
+    """One client per process (and Redis URL) for the throttles, and their script."""
+    import redis
+
+    pool = redis.BlockingConnectionPool.from_url(
+        url, max_connections=settings.REDIS_MAX_CONNECTIONS, timeout=5
+    )
+    return redis.Redis(connection_pool=pool).register_script(_WINDOW_SCRIPT)
+
+
+# Without Redis the counters are in this process's cache: one lock makes each check-and-record
+# a single step, as the script does in Redis.
+_MEMORY_LOCK = threading.Lock()
+
+
+class AtomicRateThrottle(SimpleRateThrottle):
+    """DRF's limit, unchanged: at most N requests in any `duration` seconds, a refused request
+    not counted, Retry-After when the oldest one leaves the window. What changes is the store.
+
+    DRF reads a list of request times from the cache, then writes it back: two processes that
+    serve the same key at the same moment both read N-1, both allow, and the later write drops
+    the other's entry, so an attacker who spreads guesses over the processes gets more of them.
+    With REDIS_URL set, one script checks and records a request atomically, on Redis's clock,
+    in one round trip (DRF took two). Without it, the deployment is one process and its cache
+    is local: DRF's own code runs under a lock.
+    """
+
+    def allow_request(self, request, view):
+        if not settings.REDIS_URL:
+            with _MEMORY_LOCK:
+                return super().allow_request(request, view)
+        if self.rate is None:
+            return True
+        self.key = self.get_cache_key(request, view)
+        if self.key is None:
+            return True
+        wait_us = _window_script(settings.REDIS_URL)(
+            keys=[f"{settings.CHAT_REDIS_PREFIX}:{self.key}"],
+            args=[self.num_requests, int(self.duration * 1_000_000), os.urandom(12).hex()],
+        )
+        self._wait = None if wait_us < 0 else wait_us / 1_000_000
+        return self._wait is None
+
+    def wait(self):
+        if settings.REDIS_URL:
+            return self._wait
+        return super().wait()
+
+
+class LoginIPThrottle(FailClosed, AtomicRateThrottle):
     scope = "login_ip"
 
     def get_cache_key(self, request, view):
@@ -39,7 +111,7 @@ class LoginIPThrottle(FailClosed, SimpleRateThrottle):
         return self.cache_format % {"scope": self.scope, "ident": client_ip_from_request(request)}
 
 
-class LoginUsernameThrottle(FailClosed, SimpleRateThrottle):
+class LoginUsernameThrottle(FailClosed, AtomicRateThrottle):
     """Slows guessing at one account from many IPs."""
 
     scope = "login_user"
@@ -54,7 +126,7 @@ class LoginUsernameThrottle(FailClosed, SimpleRateThrottle):
         return self.cache_format % {"scope": self.scope, "ident": ident}
 
 
-class TicketThrottle(FailClosed, UserRateThrottle):
+class TicketThrottle(FailClosed, AtomicRateThrottle, UserRateThrottle):
     scope = "tickets"
 
 

@@ -105,6 +105,33 @@ async def test_limits_are_global(server_factory, redis_url, people):
         await on_b.close()
 
 
+async def test_login_limits_hold_across_processes(server_factory, redis_url, people):
+    """Guesses at one account, at once, spread over two processes: exactly the limit reaches
+    the password check, the rest get 429 with Retry-After. (The race this rules out is rare
+    with two processes and a slow password check; tests/accounts/test_throttling.py provokes
+    it: DRF's own throttle let 24 of 24 simultaneous requests through a limit of 5.)"""
+    import httpx
+
+    servers = two_processes(
+        server_factory,
+        redis_url,
+        CHAT_LOGIN_RATE_PER_USERNAME="4/min",
+        CHAT_LOGIN_RATE_PER_IP="1000/min",
+    )
+    clients = [httpx.AsyncClient(base_url=server.url, timeout=30) for server in servers]
+    try:
+        guess = {"username": "alice", "password": "not-her-password"}
+        answers = await asyncio.gather(
+            *(clients[i % 2].post("/api/auth/token/", json=guess) for i in range(16))
+        )
+    finally:
+        for client in clients:
+            await client.aclose()
+    statuses = sorted(answer.status_code for answer in answers)
+    assert statuses == [401] * 4 + [429] * 12
+    assert all(int(a.headers["Retry-After"]) > 0 for a in answers if a.status_code == 429)
+
+
 # --- a Redis restart ------------------------------------------------------------------------------
 
 
