@@ -130,6 +130,34 @@ class TicketThrottle(FailClosed, AtomicRateThrottle, UserRateThrottle):
     scope = "tickets"
 
 
+class ApiThrottle(FailClosed, AtomicRateThrottle):
+    """Every API request that has no limit of its own (REST_FRAMEWORK's default throttle): per
+    user once authenticated, else per client IP. Against a client that hammers the database
+    through the API; the ticket and login views have their own, stricter limits instead."""
+
+    scope = "api"
+
+    def get_cache_key(self, request, view):
+        if request.user and request.user.is_authenticated:
+            ident = f"user-{request.user.pk}"
+        else:
+            ident = f"ip-{client_ip_from_request(request)}"
+        return self.cache_format % {"scope": self.scope, "ident": ident}
+
+
+class MessagePostThrottle(FailClosed, AtomicRateThrottle):
+    """Messages posted through the API, per user. A socket's messages take tokens from the
+    user's bucket in chat.state (CHAT_MESSAGE_RATE/BURST); without this, the API was a way
+    around that limit: every message posted is stored and sent to every member of the room."""
+
+    scope = "rest_messages"
+
+    def get_cache_key(self, request, view):
+        if request.method != "POST" or not request.user.is_authenticated:
+            return None
+        return self.cache_format % {"scope": self.scope, "ident": request.user.pk}
+
+
 class _FormPost:
     """A Django request as the login throttles read it: `data` is the posted form."""
 

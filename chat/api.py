@@ -9,6 +9,7 @@ from rest_framework.views import APIView
 
 from accounts.ip import client_ip_from_request
 from accounts.serializers import ErrorSerializer
+from accounts.throttling import ApiThrottle, MessagePostThrottle
 from chat import permissions, selectors, serializers, services
 from chat.models import Room
 
@@ -142,6 +143,8 @@ class RoomReadView(RoomScopedView):
 
 
 class MessageListView(RoomScopedView):
+    throttle_classes = [ApiThrottle, MessagePostThrottle]
+
     @extend_schema(
         parameters=[
             OpenApiParameter("before", int, description="Messages with seq below this"),

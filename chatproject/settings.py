@@ -219,7 +219,11 @@ REST_FRAMEWORK = {
     "DEFAULT_PERMISSION_CLASSES": ["rest_framework.permissions.IsAuthenticated"],
     "DEFAULT_RENDERER_CLASSES": ["rest_framework.renderers.JSONRenderer"],
     "DEFAULT_SCHEMA_CLASS": "drf_spectacular.openapi.AutoSchema",
+    # Every API view not limited otherwise; see accounts/throttling.py.
+    "DEFAULT_THROTTLE_CLASSES": ["accounts.throttling.ApiThrottle"],
     "DEFAULT_THROTTLE_RATES": {
+        "api": env.str("CHAT_API_RATE", default="600/min"),
+        "rest_messages": env.str("CHAT_API_MESSAGE_RATE", default="60/min"),
         "tickets": env.str("CHAT_TICKET_RATE", default="60/min"),
         "login_ip": env.str("CHAT_LOGIN_RATE_PER_IP", default="20/min"),
         "login_user": env.str("CHAT_LOGIN_RATE_PER_USERNAME", default="10/min"),

@@ -317,3 +317,69 @@ def test_mark_read_reads_the_room_fresh(alice):
     assert Membership.objects.get(user=alice).last_read_seq == 2
     services.room_mark_read(user=alice, room=stale, seq=99)
     assert Membership.objects.get(user=alice).last_read_seq == 3
+
+
+@pytest.fixture
+def rates(monkeypatch):
+    """Set throttle rates by scope (DRF reads them when its throttle classes are made)."""
+    from accounts import throttling
+
+    def set_rates(**rates):
+        for cls in (throttling.ApiThrottle, throttling.MessagePostThrottle):
+            monkeypatch.setattr(cls, "THROTTLE_RATES", {**cls.THROTTLE_RATES, **rates})
+
+    return set_rates
+
+
+def test_messages_posted_through_the_api_are_limited_per_user(alice, rates):
+    """The API was a way around the sockets' message limit: every post is stored and sent to
+    the whole room. A refused post stores nothing; reading the room is not limited by it."""
+    rates(rest_messages="3/min")
+    bob = make_user("bob")
+    room = make_room("lobby", owner=alice)
+    make_member(room, bob)
+    api = client_for(alice)
+    posts = [
+        api.post(
+            "/api/rooms/lobby/messages/", {"body": f"m{i}", "client_id": f"k{i}"}, format="json"
+        )
+        for i in range(4)
+    ]
+    assert [p.status_code for p in posts] == [201, 201, 201, 429]
+    assert posts[-1].json()["code"] == "throttled"
+    assert int(posts[-1]["Retry-After"]) > 0
+    assert Message.objects.count() == 3
+    assert api.get("/api/rooms/lobby/messages/").status_code == 200
+    # Per user: bob's posts are his own.
+    bob_post = client_for(bob).post(
+        "/api/rooms/lobby/messages/", {"body": "hi", "client_id": "b1"}, format="json"
+    )
+    assert bob_post.status_code == 201
+
+
+@pytest.mark.parametrize(
+    ("who", "request_line"),
+    [
+        ("user", ("get", "/api/rooms/")),
+        ("user", ("post", "/api/rooms/lobby/read/")),
+        ("user", ("get", "/api/rooms/lobby/members/")),
+        ("anonymous", ("post", "/api/auth/token/refresh/")),
+        ("anonymous", ("post", "/api/auth/logout/")),
+    ],
+)
+def test_every_other_api_request_is_limited(alice, rates, who, request_line):
+    """Per user, or per client IP before sign-in: a client that hammers the API gets 429 with
+    Retry-After, not the database's attention."""
+    rates(api="2/min")
+    make_room("lobby", owner=alice)
+    api = client_for(alice) if who == "user" else APIClient()
+    method, path = request_line
+    answers = [getattr(api, method)(path, {}, format="json") for _ in range(3)]
+    assert [a.status_code == 429 for a in answers] == [False, False, True]
+    assert answers[-1].json()["code"] == "throttled"
+    assert int(answers[-1]["Retry-After"]) > 0
+    # Someone else (another user, another address) is not held back by it.
+    other = (
+        client_for(make_user("carol")) if who == "user" else APIClient(REMOTE_ADDR="198.51.100.7")
+    )
+    assert getattr(other, method)(path, {}, format="json").status_code != 429
