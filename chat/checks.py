@@ -173,6 +173,32 @@ def check_frame_limits(app_configs=None, **kwargs: Any) -> Messages:
     return errors
 
 
+# A socket's rates and their bursts: a rate of 0 or less would refuse (or, for reads, fail)
+# every frame of its kind; a burst below 1 would refuse the first.
+_SOCKET_RATES = (
+    ("CHAT_MESSAGE_RATE", "CHAT_MESSAGE_BURST"),
+    ("CHAT_READ_RATE", "CHAT_READ_BURST"),
+)
+
+
+def check_socket_rates(app_configs=None, **kwargs: Any) -> Messages:
+    errors: Messages = []
+    for rate_name, burst_name in _SOCKET_RATES:
+        rate, burst = getattr(settings, rate_name), getattr(settings, burst_name)
+        rate_ok = isinstance(rate, int | float) and 0 < rate < float("inf")
+        if not rate_ok or not isinstance(burst, int) or burst < 1:
+            errors.append(
+                Error(
+                    f"{rate_name} is {rate!r} and {burst_name} is {burst!r}: sockets could "
+                    "send nothing of that kind.",
+                    hint=f"Use a positive {rate_name} (per second) and a {burst_name} of at "
+                    "least 1.",
+                    id="chat.E013",
+                )
+            )
+    return errors
+
+
 def _proxy_headers_trusted() -> list[str]:
     names = []
     if getattr(settings, "SECURE_PROXY_SSL_HEADER", None):
@@ -331,6 +357,7 @@ CHECKS = [
     check_daphne_version,
     check_allowed_origins,
     check_frame_limits,
+    check_socket_rates,
     check_trusted_proxies,
     check_signing_keys,
     check_proxy_headers_middleware,

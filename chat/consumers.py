@@ -59,6 +59,14 @@ _CLOSE_FOR_REASON = {
 MAX_IN_FLIGHT = 32
 
 
+def pace(full_at: float, now: float, rate: float, burst: int) -> tuple[float, float]:
+    """How long one more event must wait under `rate` per second after a burst of `burst`, and
+    the new `full_at` (GCRA: the time the bucket would be full again if nothing else came)."""
+    due = max(full_at, now)
+    wait = max(0.0, due - (burst - 1) / rate - now)
+    return wait, due + 1 / rate
+
+
 class FrameError(Exception):
     def __init__(self, code: str, detail: str):
         super().__init__(detail)
@@ -75,6 +83,7 @@ class RoomConsumer(AsyncWebsocketConsumer):
         "_abuse",
         "_held",
         "_inflight",
+        "_reads_at",
         "attached",
         "base_send",
         "channel_layer",
@@ -124,6 +133,7 @@ class RoomConsumer(AsyncWebsocketConsumer):
         self._held: list[dict[str, Any]] = []
         self._inflight: set[asyncio.Future] = set()
         self._abuse: list[float] = []
+        self._reads_at = 0.0
         self.scope, self.base_send, self.channel_layer = scope, send, None
         try:
             # AsyncConsumer.__call__ wraps every event in a task and an asyncio.wait() so it can
@@ -380,6 +390,8 @@ class RoomConsumer(AsyncWebsocketConsumer):
         limit = frame.get("limit", 50)
         if type(limit) is not int or not 1 <= limit <= settings.CHAT_HISTORY_LIMIT:
             raise FrameError(ERR_INVALID_FRAME, f"limit must be 1..{settings.CHAT_HISTORY_LIMIT}")
+        if not await self._paced_read():
+            return
         messages, has_more = await database_sync_to_async(self._history)(before, after, limit)
         # A page stays within the frame limit, whatever the bodies: the part nearest to what
         # was asked for (the oldest after a seq, else the newest), and has_more for the rest.
@@ -389,6 +401,18 @@ class RoomConsumer(AsyncWebsocketConsumer):
         reply = {"type": "history", "messages": messages, "has_more": has_more}
         reply.update({k: v for k, v in (("before", before), ("after", after)) if v is not None})
         await self.send_text(frames.dumps(reply))
+
+    async def _paced_read(self) -> bool:
+        """Wait this socket's turn for a database read (`history`, `resync`): at most
+        CHAT_READ_RATE a second after a burst of CHAT_READ_BURST. Nothing is refused, so the
+        protocol is unchanged; a client asking faster waits for its answers, and its later
+        frames wait behind them. False if the socket closed meanwhile."""
+        wait, self._reads_at = pace(
+            self._reads_at, time.monotonic(), settings.CHAT_READ_RATE, settings.CHAT_READ_BURST
+        )
+        if wait > 0:
+            await asyncio.sleep(wait)
+        return not self.closing
 
     def _history(self, before, after, limit) -> tuple[list[dict], bool]:
         page, has_more = selectors.messages_page(
@@ -412,6 +436,8 @@ class RoomConsumer(AsyncWebsocketConsumer):
             or any(type(seq) is not int or not first <= seq <= last for seq in shown)
         ):
             raise FrameError(ERR_INVALID_FRAME, "deleted must list seqs from `from` to `to`")
+        if not await self._paced_read():
+            return
         deleted, restored, last = await database_sync_to_async(selectors.changes_between)(
             room=self.room,
             first=first,

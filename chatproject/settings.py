@@ -283,6 +283,10 @@ CHAT_UNREAD_REFRESH_SECONDS = env.float("CHAT_UNREAD_REFRESH_SECONDS", default=1
 CHAT_MESSAGE_RATE = env.float("CHAT_MESSAGE_RATE", default=5.0)
 CHAT_MESSAGE_BURST = env.int("CHAT_MESSAGE_BURST", default=20)
 CHAT_TYPING_INTERVAL = env.float("CHAT_TYPING_INTERVAL", default=2.0)
+# A socket's database reads (history, resync pages): answered at most this often, after a
+# burst; more wait their turn (chat.consumers.RoomConsumer._paced_read).
+CHAT_READ_RATE = env.float("CHAT_READ_RATE", default=10.0)
+CHAT_READ_BURST = env.int("CHAT_READ_BURST", default=30)
 # Refused frames (error answers) tolerated within CHAT_ABUSE_WINDOW seconds; one more closes 4429.
 CHAT_ABUSE_LIMIT = env.int("CHAT_ABUSE_LIMIT", default=20)
 CHAT_ABUSE_WINDOW = env.float("CHAT_ABUSE_WINDOW", default=10.0)

@@ -243,6 +243,10 @@ BAD_CONFIGURATIONS = [
     pytest.param("chat.E005", {"CHAT_MAX_FRAME_BYTES": 16 * 1024 * 1024 + 1}, id="frame-huge"),
     pytest.param("chat.E008", {"CHAT_MAX_MESSAGE_LENGTH": 0}, id="length-zero"),
     pytest.param("chat.E008", {"CHAT_MAX_MESSAGE_LENGTH": -4000}, id="length-negative"),
+    pytest.param("chat.E013", {"CHAT_READ_RATE": 0.0}, id="read-rate-zero"),
+    pytest.param("chat.E013", {"CHAT_READ_BURST": 0}, id="read-burst-zero"),
+    pytest.param("chat.E013", {"CHAT_MESSAGE_RATE": -5.0}, id="message-rate-negative"),
+    pytest.param("chat.E013", {"CHAT_MESSAGE_BURST": 0}, id="message-burst-zero"),
     pytest.param("chat.E006", {"CHAT_TRUSTED_PROXIES": []}, id="ssl-header-no-proxies"),
     pytest.param(
         "chat.E006",

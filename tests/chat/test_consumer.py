@@ -154,6 +154,48 @@ async def test_history_pages_after_and_before_with_tombstones(people):
     await b.disconnect()
 
 
+@pytest.mark.parametrize(
+    ("full_at", "now", "wait", "next_full_at"),
+    [
+        (0.0, 100.0, 0.0, 100.5),  # an idle socket: at once
+        (100.5, 100.0, 0.0, 101.0),  # the second of a burst of 3: at once
+        (101.0, 100.0, 0.0, 101.5),  # the third: at once
+        (101.5, 100.0, 0.5, 102.0),  # the fourth waits one interval
+        (102.0, 100.0, 1.0, 102.5),  # the fifth, two
+        (102.5, 101.25, 0.25, 103.0),  # the fifth, asked later, waits less
+        (101.0, 103.0, 0.0, 103.5),  # a pause refills the bucket
+    ],
+)
+def test_pace_lets_a_burst_through_then_one_per_interval(full_at, now, wait, next_full_at):
+    from chat.consumers import pace
+
+    assert pace(full_at, now, 2.0, 3) == (wait, next_full_at)
+
+
+@pytest.mark.parametrize("kind", ["history", "resync"])
+async def test_database_reads_past_the_burst_wait_their_turn(people, settings, kind):
+    """A socket's `history` and `resync` read the database: past CHAT_READ_BURST they are
+    answered at CHAT_READ_RATE, not refused. (A socket that asks in a loop would otherwise keep
+    the database busy.) Here: a burst of 2, then one read every 1.5 s."""
+    settings.CHAT_READ_RATE, settings.CHAT_READ_BURST = 1 / 1.5, 2
+    alice, bob, room = people
+    await sync(_seed_messages)(room, alice, 3)
+    b, _ = await join(bob, room)
+    # Answers of three messages each: the page, or all three restored (the client shows them
+    # deleted; they are not).
+    frame = {"history": {"after": 0}, "resync": {"from": 1, "to": 3, "deleted": [1, 2, 3]}}[kind]
+    listed = "messages" if kind == "history" else "restored"
+    for _ in range(3):
+        await send(b, type=kind, **frame)
+    answers = await receive_all(b, kind, 2)
+    assert [len(a[listed]) for a in answers] == [3, 3]
+    # The third waits its turn: nothing yet, then its answer, whole.
+    assert await drain(b, timeout=0.5) == []
+    third = await receive_until(b, kind)
+    assert len(third[listed]) == 3
+    await b.disconnect()
+
+
 # --- resync: deletions and restorations made while a client was away ------------------------------
 
 

@@ -374,6 +374,8 @@ def fuzz_limits(settings):
     settings.CHAT_ABUSE_LIMIT = 10**9
     settings.CHAT_MESSAGE_RATE = 1e6
     settings.CHAT_MESSAGE_BURST = 10**6
+    settings.CHAT_READ_RATE = 1e6
+    settings.CHAT_READ_BURST = 10**6
     settings.CHAT_TYPING_INTERVAL = 0.001  # Redis refuses an expiry of 0 ms
     settings.CHAT_CONNECT_RATE_PER_IP = 10**6
 
