@@ -90,34 +90,24 @@ def credentials_changed(sender, instance, created, update_fields=None, **kwargs)
         instance, update_fields
     )
     deactivated = before["is_active"] and not instance.is_active
-    actor = audit.acting_user()
-    if password_changed or deactivated:
-        chat_services.user_credentials_changed(
-            user=instance,
-            password_changed=password_changed,
-            deactivated=deactivated,
-            actor=actor,
-        )
     privileges = {
         name: [before[name], getattr(instance, name)]
         for name in ("is_staff", "is_superuser")
         if before[name] != getattr(instance, name)
     }
-    if privileges:
-        audit.security_event(
-            event=audit.Event.PRIVILEGES_CHANGED, actor=actor, target=instance, details=privileges
+    if password_changed or deactivated or privileges:
+        chat_services.user_credentials_changed(
+            user=instance,
+            password_changed=password_changed,
+            deactivated=deactivated,
+            privileges=privileges,
+            actor=audit.acting_user(),
         )
 
 
 @receiver(post_delete, sender=get_user_model(), dispatch_uid="user-deleted")
 def user_deleted(sender, instance, **kwargs):
-    # The audit rows keep the id and the name: their user columns have no database constraint.
-    audit.security_event(
-        event=audit.Event.USER_DELETED,
-        actor=audit.acting_user(),
-        target=instance,
-        details={"username": instance.get_username()},
-    )
+    chat_services.user_deleted(user=instance, actor=audit.acting_user())
 
 
 def _hash_upgrade(user, update_fields) -> bool:

@@ -588,11 +588,20 @@ def user_deactivate(*, actor, user, reason: str = "") -> None:
 
 
 def user_credentials_changed(
-    *, user, password_changed: bool, deactivated: bool, actor=None, reason: str = ""
+    *,
+    user,
+    password_changed: bool,
+    deactivated: bool,
+    privileges: dict[str, list[bool]] | None = None,
+    actor=None,
+    reason: str = "",
 ) -> None:
-    """A user's password changed or the account was deactivated by any path (admin form,
-    `changepassword`, shell): audit it and close every socket the user has open (4401).
-    `actor`: who did it, when known (the admin); else the user for a password change."""
+    """A user's password, activation or privileges (`privileges`: is_staff/is_superuser, each
+    [before, after]) changed by any path (admin form, `changepassword`, shell): audit it and
+    close every socket the user has open (4401). A socket acts with the user it opened with,
+    and its `hello` told the client what that user may do: a staff flag lost must not keep its
+    powers, nor one gained stay unseen. `actor`: who did it, when known (the admin); else the
+    user for a password change."""
     with transaction.atomic():
         if password_changed:
             audit.security_event(
@@ -602,8 +611,32 @@ def user_credentials_changed(
             audit.security_event(
                 event=audit.Event.USER_DEACTIVATED, actor=actor, target=user, reason=reason
             )
-        reason = "account deactivated" if deactivated else "password changed"
+        if privileges:
+            audit.security_event(
+                event=audit.Event.PRIVILEGES_CHANGED, actor=actor, target=user, details=privileges
+            )
+        if deactivated:
+            reason = "account deactivated"
+        elif password_changed:
+            reason = "password changed"
+        else:
+            reason = "privileges changed"
         user_sockets_close(user_id=user.pk, reason=reason)
+
+
+def user_deleted(*, user, actor=None) -> None:
+    """A user was deleted (the admin, the shell; `post_delete`, so `user` keeps its key): audit
+    it and close the sockets they still have open (4401). Their memberships went with the row,
+    but an open socket keeps its room's feed until something closes it."""
+    with transaction.atomic():
+        # The audit rows keep the id and the name: their user columns have no constraint.
+        audit.security_event(
+            event=audit.Event.USER_DELETED,
+            actor=actor,
+            target=user,
+            details={"username": user.get_username()},
+        )
+        user_sockets_close(user_id=user.pk, reason="account deleted")
 
 
 def user_reactivate(*, actor, user) -> None:

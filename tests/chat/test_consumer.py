@@ -589,13 +589,17 @@ async def test_a_change_a_joining_socket_s_list_already_shows_is_not_replayed(pe
         ("archive", 4404, "room archived"),
         ("deactivate", 4401, "account deactivated"),
         ("make_private", 4403, "forbidden"),
+        # Saved by any path (here the shell's): a staff flag lost must not keep its powers (a
+        # staff member sees and moderates every room), nor a deleted user their rooms.
+        ("unstaff", 4401, "privileges changed"),
+        ("delete_user", 4401, "account deleted"),
     ],
 )
 async def test_moderation_closes_open_sockets_pushed_not_polled(action, code, reason):
     assert HEARTBEAT > WAIT
 
     def setup():
-        owner, target = make_user("owner"), make_user("target")
+        owner, target = make_user("owner"), make_user("target", is_staff=action == "unstaff")
         room = make_room("lobby", owner=owner)
         role = "moderator" if action == "demote" else "member"
         if action != "make_private":
@@ -620,6 +624,11 @@ async def test_moderation_closes_open_sockets_pushed_not_polled(action, code, re
             services.user_deactivate(actor=owner, user=target)
         elif action == "make_private":
             services.room_update(actor=owner, room=room, visibility=Room.Visibility.PRIVATE)
+        elif action == "unstaff":
+            target.is_staff = False
+            target.save()
+        elif action == "delete_user":
+            target.delete()
 
     await sync(act)()
     for tab in (t1, t2):
