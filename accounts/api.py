@@ -42,17 +42,21 @@ class LoginView(jwt_views.TokenObtainPairView):
     throttle_classes = [LoginIPThrottle, LoginUsernameThrottle]
 
     def post(self, request, *args, **kwargs):
-        response = super().post(request, *args, **kwargs)
-        if response.status_code == status.HTTP_200_OK:
-            user = selectors.user_get(username=request.data.get("username"))
-            audit.security_event(
-                event=audit.Event.LOGIN_SUCCEEDED,
-                actor=user,
-                target=user,
-                ip=client_ip_from_request(request),
-                details={"method": "jwt"},
-            )
-        return response
+        # simplejwt's own post, keeping the serializer: its `user` is the account that signed
+        # in (the username as sent may differ from it, " alice" say).
+        serializer = self.get_serializer(data=request.data)
+        try:
+            serializer.is_valid(raise_exception=True)
+        except TokenError as error:
+            raise InvalidToken(error.args[0]) from error
+        audit.security_event(
+            event=audit.Event.LOGIN_SUCCEEDED,
+            actor=serializer.user,
+            target=serializer.user,
+            ip=client_ip_from_request(request),
+            details={"method": "jwt"},
+        )
+        return Response(serializer.validated_data, status=status.HTTP_200_OK)
 
 
 class RefreshView(jwt_views.TokenRefreshView):

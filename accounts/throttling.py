@@ -5,6 +5,7 @@ import hashlib
 import math
 import os
 import threading
+import unicodedata
 
 from django.conf import settings
 from django.http import HttpResponse
@@ -118,12 +119,24 @@ class LoginUsernameThrottle(FailClosed, AtomicRateThrottle):
 
     def get_cache_key(self, request, view):
         username = request.data.get("username") if hasattr(request.data, "get") else None
-        if not isinstance(username, str) or not username:
+        username = login_username(username)
+        if not username:
             return None
         # Hashed: the username is any string the client sent (unvalidated yet), and Redis cannot
         # encode a lone surrogate (HTTP 500); control characters break memcached keys.
-        ident = hashlib.sha256(username.lower().encode("utf-8", "surrogatepass")).hexdigest()
+        ident = hashlib.sha256(username.encode("utf-8", "surrogatepass")).hexdigest()
         return self.cache_format % {"scope": self.scope, "ident": ident}
+
+
+def login_username(value) -> str | None:
+    """The account a login attempt names, in one form for every way of writing it, so that they
+    share a counter: what DRF's CharField makes of it for the API (a number as its string,
+    whitespace stripped) and Django's UsernameField for the forms (stripped and NFKC), folded
+    to one case. None if no login can be made of it. Keyed on the raw value, " alice", "alice\t"
+    and 123 each had a counter of their own (or none) while reaching the same account."""
+    if isinstance(value, bool) or not isinstance(value, str | int | float):
+        return None
+    return unicodedata.normalize("NFKC", str(value).strip()).strip().casefold() or None
 
 
 class TicketThrottle(FailClosed, AtomicRateThrottle, UserRateThrottle):

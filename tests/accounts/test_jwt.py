@@ -148,6 +148,55 @@ def test_login_is_throttled_with_retry_after(api, monkeypatch, throttle, rate, v
     assert responses[-1].json()["code"] == "throttled"
 
 
+@pytest.mark.parametrize("way", ["api", "page"])
+def test_ways_of_writing_a_username_share_its_login_limit(api, monkeypatch, way):
+    """Whitespace, compatibility forms and case reach the same account (DRF strips, the forms
+    also NFKC-normalise), so they count against one limit: a guesser who pads the name gets no
+    fresh counter. Each guess from an address of its own, and the right password last."""
+    from django.test import Client
+
+    from accounts import throttling
+
+    make_user("alice")
+    cls = throttling.LoginUsernameThrottle
+    monkeypatch.setattr(cls, "THROTTLE_RATES", {**cls.THROTTLE_RATES, "login_user": "3/min"})
+    guesses = [" alice", "alice\t", "\uff41lice", "ALICE "]  # \uff41: a fullwidth "a"
+    statuses = []
+    for i, username in enumerate(guesses):
+        right = i == len(guesses) - 1
+        form = {"username": username, "password": PASSWORD if right else "wrong-1"}
+        ip = f"198.51.100.{i}"
+        if way == "api":
+            statuses.append(api.post("/api/auth/token/", form, format="json", REMOTE_ADDR=ip))
+        else:
+            statuses.append(Client().post("/login/", form, REMOTE_ADDR=ip))
+    assert [r.status_code for r in statuses][-1] == 429
+    assert [r.status_code for r in statuses][:3] == ([401] * 3 if way == "api" else [200] * 3)
+
+
+def test_a_numeric_username_is_limited_too(api, monkeypatch):
+    """DRF's CharField takes a JSON number as its string: 123 signs in as "123"."""
+    from accounts import throttling
+
+    make_user("123")
+    cls = throttling.LoginUsernameThrottle
+    monkeypatch.setattr(cls, "THROTTLE_RATES", {**cls.THROTTLE_RATES, "login_user": "2/min"})
+    codes = [
+        login(api, username=123, password="wrong-1", REMOTE_ADDR=f"198.51.100.{i}").status_code
+        for i in range(2)
+    ]
+    assert codes == [401, 401]
+    assert login(api, username=123, REMOTE_ADDR="198.51.100.9").status_code == 429
+
+
+def test_a_login_is_audited_as_the_account_that_signed_in(api):
+    """The username as sent (" alice ") is not the account's: the audit row names alice."""
+    alice = make_user("alice")
+    assert login(api, username=" alice ").status_code == 200
+    row = SecurityEvent.objects.filter(event=SecurityEvent.Event.LOGIN_SUCCEEDED).get()
+    assert (row.actor_id, row.actor_name, row.target_id) == (alice.pk, "alice", alice.pk)
+
+
 @pytest.mark.parametrize("path", ["/login/", "/admin/login/"], ids=["page", "admin"])
 @pytest.mark.parametrize(
     ("throttle", "rate", "vary"),
