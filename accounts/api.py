@@ -6,6 +6,7 @@ from rest_framework import status
 from rest_framework.exceptions import NotFound, PermissionDenied, ValidationError
 from rest_framework.permissions import AllowAny, IsAuthenticated
 from rest_framework.response import Response
+from rest_framework.settings import api_settings
 from rest_framework.views import APIView
 from rest_framework.views import exception_handler as drf_exception_handler
 from rest_framework_simplejwt import views as jwt_views
@@ -21,19 +22,42 @@ from chat import services as chat_services
 
 
 def exception_handler(exc, context):
-    """DRF's handler, with a machine-readable `code` beside every `detail`.
+    """DRF's handler, every error answered `{"detail": text, "code": code}` (docs/protocol.md).
 
-    simplejwt's errors carry their code in the body already (`user_inactive`,
-    `password_changed`, `token_not_valid`...): it is kept.
+    A validation error's `detail` and `code` are its first error's (the field's name before
+    the text), and `errors` keeps DRF's map of every field's errors. simplejwt's errors carry
+    their code in the body already (`user_inactive`, `password_changed`, `token_not_valid`...):
+    it is kept.
     """
     response = drf_exception_handler(exc, context)
-    if response is not None and isinstance(response.data, dict) and "detail" in response.data:
+    if response is not None and isinstance(exc, ValidationError):
+        field, text = _first_error(exc.detail)
+        code = _first_error(exc.get_codes())[1]
+        if field not in (None, "detail", api_settings.NON_FIELD_ERRORS_KEY):
+            text = f"{field}: {text}"
+        body = {"detail": text, "code": code}
+        if isinstance(response.data, dict) and "detail" not in response.data:
+            body["errors"] = response.data
+        response.data = body
+    elif response is not None and isinstance(response.data, dict) and "detail" in response.data:
         codes = exc.get_codes() if hasattr(exc, "get_codes") else None
         code = response.data.get("code")  # set by simplejwt's errors
         if not isinstance(code, str):
             code = codes if isinstance(codes, str) else "error"
         response.data = {"detail": str(response.data["detail"]), "code": str(code)}
     return response
+
+
+def _first_error(errors, field: str | None = None) -> tuple[str | None, str]:
+    """The first leaf of DRF's nested errors (dicts by field, lists), and its field's path."""
+    if isinstance(errors, dict) and errors:
+        name, inner = next(iter(errors.items()))
+        return _first_error(inner, name if field is None else f"{field}.{name}")
+    if isinstance(errors, list) and errors:
+        return _first_error(errors[0], field)
+    if isinstance(errors, dict | list):  # empty: DRF never makes one, but say something
+        return field, "invalid"
+    return field, str(errors)
 
 
 class LoginView(jwt_views.TokenObtainPairView):

@@ -89,3 +89,8 @@ _ROOM = TicketRequestSerializer._declared_fields["room"]
 class ErrorSerializer(serializers.Serializer):
     detail = serializers.CharField()
     code = serializers.CharField()
+    errors = serializers.DictField(
+        required=False,
+        help_text="A request the serializers refused: every field's errors, by field "
+        "(`detail` and `code` are the first of them).",
+    )

@@ -383,3 +383,54 @@ def test_every_other_api_request_is_limited(alice, rates, who, request_line):
         client_for(make_user("carol")) if who == "user" else APIClient(REMOTE_ADDR="198.51.100.7")
     )
     assert getattr(other, method)(path, {}, format="json").status_code != 429
+
+
+@pytest.mark.parametrize(
+    ("method", "path", "body", "answer"),
+    [
+        (
+            "post",
+            "/api/tickets/",
+            {},
+            {
+                "detail": "room: This field is required.",
+                "code": "required",
+                "errors": {"room": ["This field is required."]},
+            },
+        ),
+        (
+            "get",
+            "/api/rooms/lobby/messages/?after=1&before=3",
+            None,
+            {
+                "detail": "give before or after, not both",
+                "code": "invalid",
+                "errors": {"non_field_errors": ["give before or after, not both"]},
+            },
+        ),
+        (
+            "patch",
+            "/api/rooms/lobby/members/bob/",
+            {"role": "king"},
+            {
+                "detail": 'role: "king" is not a valid choice.',
+                "code": "invalid_choice",
+                "errors": {"role": ['"king" is not a valid choice.']},
+            },
+        ),
+        (
+            "patch",
+            "/api/rooms/lobby/members/bob/",
+            {},
+            {"detail": "nothing to change: give role, muted_until or banned", "code": "invalid"},
+        ),
+    ],
+    ids=["missing-field", "non-field", "bad-choice", "no-field"],
+)
+def test_every_api_error_has_a_detail_and_a_code(alice, method, path, body, answer):
+    """docs/protocol.md: every error answer is {"detail", "code"}; a refused request's fields
+    are kept in `errors`. (DRF answered a bare field map, and "error" as the code.)"""
+    make_member(make_room("lobby", owner=alice), make_user("bob"))
+    api = client_for(alice)
+    response = api.get(path) if body is None else getattr(api, method)(path, body, format="json")
+    assert (response.status_code, response.json()) == (400, answer)
