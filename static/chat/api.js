@@ -40,12 +40,14 @@ export async function api(path, { method = "GET", body } = {}) {
   return data;
 }
 
-// A sentence for people from DRF's error shapes: {"detail": ...} or {"field": ["..."]}.
+// A sentence for people from the API's error answer: {"detail", "code"}, and for a refused
+// request every field's errors in `errors` (docs/protocol.md), all of which are shown.
 function describe(status, data) {
   if (status === 0) return "The server could not be reached. Check your connection.";
-  if (data && typeof data.detail === "string") return sentence(data.detail);
-  if (data && typeof data === "object") {
-    const parts = Object.entries(data).map(([field, errors]) => {
+  const fields = data && typeof data.errors === "object" && data.errors;
+  if (!fields && data && typeof data.detail === "string") return sentence(data.detail);
+  if (fields) {
+    const parts = Object.entries(fields).map(([field, errors]) => {
       const text = Array.isArray(errors) ? errors.join(" ") : String(errors);
       return field === "non_field_errors" ? text : `${field}: ${text}`;
     });
