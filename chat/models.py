@@ -76,7 +76,9 @@ class Membership(models.Model):
         verbose_name="user",
     )
     role = models.CharField("role", max_length=16, choices=Role.choices, default=Role.MEMBER)
-    joined_at = models.DateTimeField("joined at", default=timezone.now)
+    # Empty for a user who never joined: a ban of an outsider keeps them out with a row of its
+    # own, which lifting the ban removes (chat.services.member_unban).
+    joined_at = models.DateTimeField("joined at", default=timezone.now, null=True, blank=True)
     muted_until = models.DateTimeField("muted until", null=True, blank=True)
     banned_at = models.DateTimeField("banned at", null=True, blank=True)
     banned_by = models.ForeignKey(

@@ -508,7 +508,8 @@ def member_ban(*, actor, room: Room, user, reason: str = "") -> Membership:
         if not permissions.can_moderate(actor, room, _membership(room, actor), user, target):
             raise Forbidden("you may not ban this user")
         if target is None:
-            target = Membership(room=room, user=user, role=Role.MEMBER)
+            # An outsider: a row to hold the ban, and no membership (joined_at empty).
+            target = Membership(room=room, user=user, role=Role.MEMBER, joined_at=None)
         if target.banned_at is not None:
             return target
         target.banned_at, target.banned_by, target.ban_reason = timezone.now(), actor, reason[:200]
@@ -528,7 +529,16 @@ def member_unban(*, actor, room: Room, user) -> Membership:
         if target.banned_at is None:
             return target
         target.banned_at, target.banned_by, target.ban_reason = None, None, ""
-        target.save()
+        if target.joined_at is None and (
+            room.visibility == Room.Visibility.PRIVATE or not permissions.is_muted(target)
+        ):
+            # The row only held the ban of someone who never joined: lifting the ban must not
+            # make them a member (of a private room above all). A mute in force in a public room
+            # keeps it, as muting an outsider there would have made it.
+            target.delete()
+        else:
+            target.joined_at = target.joined_at or timezone.now()
+            target.save()
         audit.security_event(event=audit.Event.MEMBER_UNBANNED, actor=actor, target=user, room=room)
     return target
 

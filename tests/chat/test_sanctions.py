@@ -9,7 +9,7 @@ from django.utils import timezone
 from rest_framework.test import APIClient
 
 from chat import services
-from chat.models import Membership
+from chat.models import Membership, SecurityEvent
 from tests.factories import make_member, make_room, make_user
 
 pytestmark = pytest.mark.django_db
@@ -156,3 +156,38 @@ def test_names_and_reasons_shown_to_others_are_plain_text(lobby, text, method, p
     response = getattr(client_for(owner), method)(path, data, format="json")
     assert response.status_code == 400
     assert "plain text" in str(response.json())
+
+
+@pytest.mark.parametrize(
+    ("visibility", "before", "member_after"),
+    [
+        ("private", "outsider", False),  # the row only held the ban: it goes with it
+        ("public", "outsider", False),
+        ("private", "member", True),  # a member banned is a member again
+        ("public", "outsider, muted after the ban", True),  # the mute stays, as a member
+    ],
+)
+def test_lifting_a_ban_restores_what_there_was_before_it(visibility, before, member_after):
+    """A ban of someone who never joined makes a row to keep them out; lifting it made them a
+    member, of a private room too (found by review)."""
+    owner, eve = make_user("owner"), make_user("eve")
+    room = make_room("vault", owner=owner, visibility=visibility)
+    if before == "member":
+        make_member(room, eve)
+    api = client_for(owner)
+    assert (
+        api.patch("/api/rooms/vault/members/eve/", {"banned": True}, format="json").status_code
+        == 200
+    )
+    if before.endswith("muted after the ban"):
+        mute(room, owner, eve)
+    assert client_for(eve).get("/api/rooms/vault/messages/").status_code == 403
+    assert (
+        api.patch("/api/rooms/vault/members/eve/", {"banned": False}, format="json").status_code
+        == 200
+    )
+    assert Membership.objects.filter(room=room, user=eve).exists() is member_after
+    can_read = member_after or visibility == "public"
+    reading = client_for(eve).get("/api/rooms/vault/messages/").status_code
+    assert reading == (200 if can_read else 403)
+    assert SecurityEvent.objects.filter(event="member_unbanned", target_id=eve.pk).count() == 1
