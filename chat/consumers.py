@@ -59,6 +59,10 @@ _CLOSE_FOR_REASON = {
 MAX_IN_FLIGHT = 32
 
 
+# The longest a `history` or `resync` waits for its turn before it is refused instead.
+READ_WAIT_MAX = 1.0
+
+
 def pace(full_at: float, now: float, rate: float, burst: int) -> tuple[float, float]:
     """How long one more event must wait under `rate` per second after a burst of `burst`, and
     the new `full_at` (GCRA: the time the bucket would be full again if nothing else came)."""
@@ -404,12 +408,17 @@ class RoomConsumer(AsyncWebsocketConsumer):
 
     async def _paced_read(self) -> bool:
         """Wait this socket's turn for a database read (`history`, `resync`): at most
-        CHAT_READ_RATE a second after a burst of CHAT_READ_BURST. Nothing is refused, so the
-        protocol is unchanged; a client asking faster waits for its answers, and its later
-        frames wait behind them. False if the socket closed meanwhile."""
-        wait, self._reads_at = pace(
+        CHAT_READ_RATE a second after a burst of CHAT_READ_BURST. A client that asks again
+        once answered (the pages' catch-up does) waits a moment at worst; one whose turn is
+        more than READ_WAIT_MAX away is refused (`rate_limited`, which counts towards the abuse
+        close), since while a read waits the socket's later frames queue unread in the server.
+        False if the socket closed meanwhile."""
+        wait, reads_at = pace(
             self._reads_at, time.monotonic(), settings.CHAT_READ_RATE, settings.CHAT_READ_BURST
         )
+        if wait > READ_WAIT_MAX:
+            raise FrameError(ERR_RATE_LIMITED, "too many history or resync requests; slow down")
+        self._reads_at = reads_at
         if wait > 0:
             await asyncio.sleep(wait)
         return not self.closing

@@ -175,9 +175,10 @@ def test_pace_lets_a_burst_through_then_one_per_interval(full_at, now, wait, nex
 @pytest.mark.parametrize("kind", ["history", "resync"])
 async def test_database_reads_past_the_burst_wait_their_turn(people, settings, kind):
     """A socket's `history` and `resync` read the database: past CHAT_READ_BURST they are
-    answered at CHAT_READ_RATE, not refused. (A socket that asks in a loop would otherwise keep
-    the database busy.) Here: a burst of 2, then one read every 1.5 s."""
-    settings.CHAT_READ_RATE, settings.CHAT_READ_BURST = 1 / 1.5, 2
+    answered at CHAT_READ_RATE: one whose turn comes within READ_WAIT_MAX waits for it. (A
+    socket that asks in a loop would otherwise keep the database busy.) Here: a burst of 2,
+    then one read every 0.8 s."""
+    settings.CHAT_READ_RATE, settings.CHAT_READ_BURST = 1 / 0.8, 2
     alice, bob, room = people
     await sync(_seed_messages)(room, alice, 3)
     b, _ = await join(bob, room)
@@ -194,6 +195,22 @@ async def test_database_reads_past_the_burst_wait_their_turn(people, settings, k
     third = await receive_until(b, kind)
     assert len(third[listed]) == 3
     await b.disconnect()
+
+
+async def test_reads_whose_turn_is_too_far_off_are_refused_and_count_as_abuse(people, settings):
+    """A client that queues reads faster than their turn comes is refused, not queued: while a
+    read waits, the socket's later frames wait unread in the server. Here every read past the
+    burst of 2 would wait 10 s (READ_WAIT_MAX is 1 s), and the third refusal closes 4429."""
+    settings.CHAT_READ_RATE, settings.CHAT_READ_BURST = 0.1, 2
+    settings.CHAT_ABUSE_LIMIT = 2  # the third refusal closes
+    _, bob, room = people
+    b, _ = await join(bob, room)
+    for _ in range(5):
+        await send(b, type="history", after=0)
+    assert len(await receive_all(b, "history", 2)) == 2
+    refusals = await receive_all(b, "error", 3)
+    assert {f["code"] for f in refusals} == {"rate_limited"}
+    assert (await closed_with(b))[0] == 4429
 
 
 # --- resync: deletions and restorations made while a client was away ------------------------------
