@@ -15,7 +15,12 @@ from rest_framework_simplejwt.tokens import RefreshToken
 
 from accounts import serializers, services
 from accounts.ip import client_ip_from_request
-from accounts.throttling import LoginIPThrottle, LoginUsernameThrottle, TicketThrottle
+from accounts.throttling import (
+    FirstRefusal,
+    LoginIPThrottle,
+    LoginUsernameThrottle,
+    TicketThrottle,
+)
 from accounts.tokens import FAMILY_CLAIM
 from chat import audit, permissions, selectors
 from chat import services as chat_services
@@ -60,7 +65,7 @@ def _first_error(errors, field: str | None = None) -> tuple[str | None, str]:
     return field, str(errors)
 
 
-class LoginView(jwt_views.TokenObtainPairView):
+class LoginView(FirstRefusal, jwt_views.TokenObtainPairView):
     """Exchange a username and password for an access and a refresh token."""
 
     throttle_classes = [LoginIPThrottle, LoginUsernameThrottle]

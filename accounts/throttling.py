@@ -2,12 +2,15 @@
 
 import functools
 import hashlib
+import logging
 import math
 import os
 import threading
+import time
 import unicodedata
 
 from django.conf import settings
+from django.contrib.auth import get_user_model
 from django.http import HttpResponse
 from django.template.loader import render_to_string
 from redis.exceptions import RedisError
@@ -16,6 +19,8 @@ from rest_framework.exceptions import APIException
 from rest_framework.throttling import SimpleRateThrottle, UserRateThrottle
 
 from accounts.ip import client_ip_from_request
+
+logger = logging.getLogger("accounts.throttling")
 
 
 class ThrottleUnavailable(APIException):
@@ -50,6 +55,7 @@ if redis.call('ZCARD', KEYS[1]) < tonumber(ARGV[1]) then
     return -1
 end
 local oldest = redis.call('ZRANGE', KEYS[1], 0, 0, 'WITHSCORES')
+if not oldest[2] then return window end  -- a limit of 0: DRF waits a whole window
 return math.max(0, tonumber(oldest[2]) + window - now)
 """
 
@@ -136,19 +142,36 @@ def login_username(value) -> str | None:
     and 123 each had a counter of their own (or none) while reaching the same account."""
     if isinstance(value, bool) or not isinstance(value, str | int | float):
         return None
-    return unicodedata.normalize("NFKC", str(value).strip()).strip().casefold() or None
+    name = str(value).strip()
+    if len(name) > get_user_model()._meta.get_field("username").max_length:
+        # No account has so long a name, and NFKC can make a string 18 times longer (Django's
+        # UsernameField skips it too): counted as sent, in linear time.
+        return name.casefold()
+    return unicodedata.normalize("NFKC", name).strip().casefold() or None
 
 
 class TicketThrottle(FailClosed, AtomicRateThrottle, UserRateThrottle):
     scope = "tickets"
 
 
-class ApiThrottle(FailClosed, AtomicRateThrottle):
+class ApiThrottle(AtomicRateThrottle):
     """Every API request that has no limit of its own (REST_FRAMEWORK's default throttle): per
     user once authenticated, else per client IP. Against a client that hammers the database
-    through the API; the ticket and login views have their own, stricter limits instead."""
+    through the API; the ticket and login views have their own, stricter limits instead.
+
+    Unlike those it lets requests through while Redis is down (with a warning a minute): it
+    guards capacity, not credentials, and logging out (which ends a stolen login) must work
+    during an outage.
+    """
 
     scope = "api"
+
+    def allow_request(self, request, view):
+        try:
+            return super().allow_request(request, view)
+        except (RedisError, OSError) as error:
+            _warn_unlimited(error)
+            return True
 
     def get_cache_key(self, request, view):
         if request.user and request.user.is_authenticated:
@@ -169,6 +192,29 @@ class MessagePostThrottle(FailClosed, AtomicRateThrottle):
         if request.method != "POST" or not request.user.is_authenticated:
             return None
         return self.cache_format % {"scope": self.scope, "ident": request.user.pk}
+
+
+_unlimited_warned_at = -math.inf
+
+
+def _warn_unlimited(error: Exception) -> None:
+    global _unlimited_warned_at
+    now = time.monotonic()
+    if now - _unlimited_warned_at >= 60:
+        _unlimited_warned_at = now
+        logger.warning("API requests are not limited while Redis fails: %s", type(error).__name__)
+
+
+class FirstRefusal:
+    """For a view with several throttles: stop at the first that refuses. DRF asks each even
+    once one has refused, and each records the request, so a login refused for its IP still
+    used up the username's budget (and its owner's), and "refused requests are not counted"
+    did not hold."""
+
+    def check_throttles(self, request):
+        for throttle in self.get_throttles():
+            if not throttle.allow_request(request, self):
+                self.throttled(request, throttle.wait())
 
 
 class _FormPost:
@@ -196,15 +242,17 @@ def throttle_login(view):
         if request.method != "POST":
             return view(request, *args, **kwargs)
         posted = _FormPost(request)
-        waits = []
+        refused = None
         try:
+            # The first refusal ends it, as FirstRefusal does for the API's login.
             for throttle in (LoginIPThrottle(), LoginUsernameThrottle()):
                 if not throttle.allow_request(posted, None):
-                    waits.append(throttle.wait() or 1)
+                    refused = throttle
+                    break
         except ThrottleUnavailable:
             return _refusal(request, 503, "Sign-in is temporarily unavailable; try again shortly.")
-        if waits:
-            wait = max(1, math.ceil(max(waits)))
+        if refused is not None:
+            wait = max(1, math.ceil(refused.wait() or 1))
             response = _refusal(
                 request, 429, f"Too many sign-in attempts. Try again in {wait} seconds."
             )

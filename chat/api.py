@@ -9,7 +9,7 @@ from rest_framework.views import APIView
 
 from accounts.ip import client_ip_from_request
 from accounts.serializers import ErrorSerializer
-from accounts.throttling import ApiThrottle, MessagePostThrottle
+from accounts.throttling import ApiThrottle, FirstRefusal, MessagePostThrottle
 from chat import permissions, selectors, serializers, services
 from chat.models import Room
 
@@ -142,7 +142,7 @@ class RoomReadView(RoomScopedView):
         return Response(status=status.HTTP_204_NO_CONTENT)
 
 
-class MessageListView(RoomScopedView):
+class MessageListView(FirstRefusal, RoomScopedView):
     throttle_classes = [ApiThrottle, MessagePostThrottle]
 
     @extend_schema(

@@ -5,7 +5,6 @@ deployment's store, shared by every process). A thread stands in for a process: 
 share nothing but the server, as processes do.
 """
 
-import sys
 import threading
 import time
 import uuid
@@ -18,17 +17,21 @@ from tests.accounts.test_tickets_api import bearer_client
 from tests.conftest import WAIT
 from tests.e2e.server import free_port
 from tests.factories import PASSWORD, make_room, make_user
-from tests.services import reachable_redis_url
+from tests.services import reachable_redis_url, redis_clear_prefix
 
 
 @pytest.fixture(params=["memory", pytest.param("redis", marks=pytest.mark.redis)])
 def store(request, settings):
     if request.param == "redis":
-        settings.REDIS_URL = reachable_redis_url()
+        # A prefix of the test's own: the run's is cleared only when the run uses Redis.
+        url, prefix = reachable_redis_url(), f"test-throttles-{uuid.uuid4().hex}"
+        settings.REDIS_URL, settings.CHAT_REDIS_PREFIX = url, prefix
+        yield request.param
+        redis_clear_prefix(url, prefix)
     else:
         settings.REDIS_URL = ""
         cache.clear()
-    return request.param
+        yield request.param
 
 
 def throttle_class(limit: int, seconds: float):
@@ -47,9 +50,23 @@ def throttle_class(limit: int, seconds: float):
     return Throttle
 
 
-def test_concurrent_requests_are_allowed_exactly_the_limit(store):
+def test_concurrent_requests_are_allowed_exactly_the_limit(store, monkeypatch):
     """24 requests at the same moment, limit 5: 5 allowed. DRF's read-then-write let through
-    every request that read the list before another wrote it."""
+    every request that read the list before another wrote it (on Redis, up to 24 of 24).
+    Without Redis, DRF's code runs under a lock: each read of the cache here takes a
+    millisecond more, so that without the lock every request would read before any wrote."""
+    from django.core.cache import caches
+
+    if store == "memory":
+        backend = type(caches["default"])
+        read = backend.get
+
+        def slow_read(self, *args, **kwargs):
+            value = read(self, *args, **kwargs)
+            time.sleep(0.001)
+            return value
+
+        monkeypatch.setattr(backend, "get", slow_read)
     Throttle = throttle_class(5, 60)
     start = threading.Barrier(24)
     allowed: list[bool] = []
@@ -60,17 +77,10 @@ def test_concurrent_requests_are_allowed_exactly_the_limit(store):
         allowed.append(throttle.allow_request(None, None))
 
     threads = [threading.Thread(target=request) for _ in range(24)]
-    # Threads switch every microsecond, not every 5 ms: in this process's cache, a check and
-    # its record are then interleaved with other threads' unless something makes them one step.
-    switch = sys.getswitchinterval()
-    sys.setswitchinterval(1e-6)
-    try:
-        for thread in threads:
-            thread.start()
-        for thread in threads:
-            thread.join(WAIT)
-    finally:
-        sys.setswitchinterval(switch)
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(WAIT)
     assert (allowed.count(True), len(allowed)) == (5, 24)
 
 
@@ -95,9 +105,11 @@ def test_a_window_slides_and_refused_requests_do_not_count(store):
 
 
 @pytest.mark.django_db
-@pytest.mark.parametrize("request_kind", ["api login", "form login", "ticket"])
+@pytest.mark.parametrize("request_kind", ["api login", "form login", "ticket", "api", "logout"])
 def test_throttles_fail_closed_when_redis_cannot_be_reached(settings, request_kind):
-    """No counter, no request: 503 (never unthrottled, never a 500)."""
+    """No counter, no sign-in and no ticket: 503 (never unthrottled, never a 500). The limit on
+    every other API request guards capacity only, and lets them through: logging out, which
+    ends a stolen login, must work during an outage."""
     from django.test import Client
     from rest_framework.test import APIClient
 
@@ -115,7 +127,73 @@ def test_throttles_fail_closed_when_redis_cannot_be_reached(settings, request_ki
         response = Client().post("/login/", {"username": "alice", "password": PASSWORD})
         assert response.status_code == 503
         assert b"Sign-in is temporarily unavailable" in response.content
-    else:
+    elif request_kind == "ticket":
         response = api.post("/api/tickets/", {"room": "lobby"}, format="json")
         assert response.status_code == 503
         assert response.json()["code"] == "unavailable"
+    elif request_kind == "api":
+        assert api.get("/api/rooms/lobby/messages/").status_code == 200
+    else:
+        refresh = APIClient().post(
+            "/api/auth/token/", {"username": "alice", "password": PASSWORD}, format="json"
+        )
+        assert refresh.status_code == 503  # sign-in is limited, so it waits for Redis
+        response = APIClient().post("/api/auth/logout/", {"refresh": "not-a-token"}, format="json")
+        assert (response.status_code, response.json()["code"]) == (401, "token_not_valid")
+
+
+def test_a_limit_of_zero_refuses_for_a_whole_window(store):
+    """As DRF: no request, and Retry-After the window (the script found no oldest entry)."""
+    throttle = throttle_class(0, 60)()
+    assert not throttle.allow_request(None, None)
+    assert throttle.wait() == 60
+
+
+@pytest.mark.django_db
+@pytest.mark.parametrize("way", ["api", "page"])
+def test_a_login_refused_for_its_address_does_not_spend_the_usernames_budget(
+    store, monkeypatch, way
+):
+    """DRF asks every throttle and each records the request: an attacker refused for their IP
+    still used up alice's per-username budget, and alice, from her own address, was refused."""
+    from django.test import Client
+    from rest_framework.test import APIClient
+
+    from accounts import throttling
+
+    make_user("alice")
+    for cls, scope, rate in [
+        (throttling.LoginIPThrottle, "login_ip", "1/min"),
+        (throttling.LoginUsernameThrottle, "login_user", "2/min"),
+    ]:
+        monkeypatch.setattr(cls, "THROTTLE_RATES", {**cls.THROTTLE_RATES, scope: rate})
+
+    def attempt(password, ip):
+        form = {"username": "alice", "password": password}
+        if way == "api":
+            return APIClient().post("/api/auth/token/", form, format="json", REMOTE_ADDR=ip)
+        return Client().post("/login/", form, REMOTE_ADDR=ip)
+
+    attacker = [attempt("wrong-1", "203.0.113.5").status_code for _ in range(4)]
+    assert attacker == ([401] if way == "api" else [200]) + [429] * 3
+    assert attempt(PASSWORD, "198.51.100.7").status_code == (200 if way == "api" else 302)
+
+
+@pytest.mark.parametrize(
+    ("sent", "key"),
+    [
+        (" Alice\t", "alice"),
+        ("\uff41lice", "alice"),  # a fullwidth "a": NFKC
+        (123, "123"),
+        ("   ", None),
+        (True, None),
+        (["alice"], None),
+        # Longer than any username: not normalised (NFKC makes U+FDFA 18 characters, and a
+        # long run of them cost the server a second per request), only stripped and folded.
+        (" " + "\ufdfa" * 151, "\ufdfa" * 151),
+    ],
+)
+def test_login_username_is_the_name_signing_in_reads(sent, key):
+    from accounts.throttling import login_username
+
+    assert login_username(sent) == key
