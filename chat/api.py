@@ -1,7 +1,7 @@
 """Rooms REST API: thin views over chat.selectors and chat.services, same policy as the sockets."""
 
 from django.db import transaction
-from drf_spectacular.utils import OpenApiParameter, extend_schema
+from drf_spectacular.utils import OpenApiParameter, OpenApiResponse, extend_schema
 from rest_framework import status
 from rest_framework.exceptions import APIException, NotFound, PermissionDenied, ValidationError
 from rest_framework.response import Response
@@ -128,6 +128,8 @@ class RoomJoinView(APIView):
             membership = services.room_join(user=request.user, room=room)
         except services.ServiceError as error:
             _raise_for(error)
+        if membership.pk is None:  # deleted (chat.services.member_unban)
+            return Response(status=status.HTTP_204_NO_CONTENT)
         return Response(serializers.MemberSerializer(membership).data)
 
 
@@ -268,7 +270,14 @@ class MemberDetailView(RoomScopedView):
 
     @extend_schema(
         request=serializers.MemberUpdateSerializer,
-        responses={200: serializers.MemberSerializer, **_ERRORS},
+        responses={
+            200: serializers.MemberSerializer,
+            204: OpenApiResponse(
+                description="No membership is left: the lifted ban was of someone who had "
+                "never joined the room"
+            ),
+            **_ERRORS,
+        },
     )
     def patch(self, request, slug: str, username: str):
         """Change a member's role, mute (muted_until; null unmutes) or ban (banned, reason)."""
@@ -286,6 +295,8 @@ class MemberDetailView(RoomScopedView):
                 membership = self._apply(actor, room, user, changes, reason)
         except services.ServiceError as error:
             _raise_for(error)
+        if membership.pk is None:  # deleted (chat.services.member_unban)
+            return Response(status=status.HTTP_204_NO_CONTENT)
         return Response(serializers.MemberSerializer(membership).data)
 
     @staticmethod
