@@ -1,8 +1,10 @@
 """Django's ASGI handler, with a request's sync work in one thread hop."""
 
+import json
 from functools import lru_cache
 
 from asgiref.sync import iscoroutinefunction, sync_to_async
+from django.conf import settings
 from django.core import signals
 from django.core.exceptions import RequestAborted
 from django.core.handlers import base
@@ -42,9 +44,15 @@ class OneHopASGIHandler(ASGIHandler):
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
             raise ValueError(f"Django can only handle ASGI/HTTP connections, not {scope['type']}.")
+        limit = settings.DATA_UPLOAD_MAX_MEMORY_SIZE
         try:
-            body_file = await self.read_body(receive)
+            if limit is not None and _declared_length(scope) > limit:
+                raise BodyTooLarge
+            body_file = await self.read_body(receive if limit is None else _limited(receive, limit))
         except RequestAborted:
+            return
+        except BodyTooLarge:
+            await _refuse_too_large(send, limit)
             return
         shared_thread = not _leads_to_async_view(scope)
         try:
@@ -78,6 +86,59 @@ class OneHopASGIHandler(ASGIHandler):
             if not shared_thread:
                 # A pool thread keeps no persistent connection an async view's ORM call opened.
                 connections.close_all()
+
+
+class BodyTooLarge(Exception):
+    pass
+
+
+def _declared_length(scope) -> int:
+    for name, value in scope.get("headers", ()):
+        if name == b"content-length":
+            try:
+                return int(value)
+            except ValueError:
+                return 0  # daphne has refused the request already
+    return 0
+
+
+def _limited(receive, limit: int):
+    """`receive`, refusing a body past `limit` bytes (BodyTooLarge) before any more is kept.
+
+    Django checks DATA_UPLOAD_MAX_MEMORY_SIZE only when a view reads `request.body` or a form
+    (RequestDataTooBig); DRF's parsers read the stream and check nothing, so the API parsed a
+    JSON body of any size. A chunked body, which declares no length, is counted as it comes.
+    """
+    received = 0
+
+    async def limited():
+        nonlocal received
+        message = await receive()
+        received += len(message.get("body", b""))
+        if received > limit:
+            raise BodyTooLarge
+        return message
+
+    return limited
+
+
+async def _refuse_too_large(send, limit: int) -> None:
+    """413 in the API's error shape, from here: no view, middleware or thread for it."""
+    body = json.dumps(
+        {"detail": f"request body too large: at most {limit} bytes", "code": "too_large"}
+    ).encode()
+    await send(
+        {
+            "type": "http.response.start",
+            "status": 413,
+            "headers": [
+                (b"content-type", b"application/json"),
+                (b"content-length", str(len(body)).encode()),
+                (b"connection", b"close"),
+            ],
+        }
+    )
+    await send({"type": "http.response.body", "body": body})
 
 
 def _leads_to_async_view(scope) -> bool:

@@ -10,6 +10,7 @@ from django.core import signals
 from django.core.handlers.asgi import ASGIHandler
 from django.http import HttpResponse, JsonResponse, StreamingHttpResponse
 from django.urls import include, path
+from django.views.decorators.csrf import csrf_exempt
 
 from chatproject.handlers import OneHopASGIHandler
 from tests.asgi_http import call, scope
@@ -55,6 +56,12 @@ def body_view(request):
     return HttpResponse(len(request.body))
 
 
+@csrf_exempt
+def exempt_body_view(request):
+    seen.append(("view", threading.get_ident()))
+    return HttpResponse(len(request.body))
+
+
 urlpatterns = [
     path("t/sync/", sync_view),
     path("t/async/", async_view),
@@ -63,6 +70,7 @@ urlpatterns = [
     path("t/big/", big_view),
     path("t/fail/", failing_view),
     path("t/body/", body_view),
+    path("t/exempt-body/", exempt_body_view),
     path("", include("chatproject.urls")),
 ]
 
@@ -98,7 +106,7 @@ REQUESTS = {
     "body bigger than one chunk": ("GET", "/t/big/", b"", ()),
     "unknown path": ("GET", "/no/such/page/", b"", ()),
     "view raises": ("GET", "/t/fail/", b"", ()),
-    "body over DATA_UPLOAD_MAX_MEMORY_SIZE": ("POST", "/t/body/", b"y" * 3000, ()),
+    "body of DATA_UPLOAD_MAX_MEMORY_SIZE": ("POST", "/t/body/", b"y" * 2500, ()),
     "API without credentials": ("GET", "/api/rooms/", b"", ()),
     "API with malformed JSON": (
         "POST",
@@ -188,3 +196,57 @@ async def test_a_client_gone_before_its_body_ends_gets_no_view_and_no_answer():
 async def test_only_http_is_served():
     with pytest.raises(ValueError, match="websocket"):
         await OneHopASGIHandler()({"type": "websocket"}, None, None)
+
+
+async def _post_in_chunks(chunks: list[bytes], headers=()) -> list[dict]:
+    incoming = [
+        {"type": "http.request", "body": chunk, "more_body": i < len(chunks) - 1}
+        for i, chunk in enumerate(chunks)
+    ]
+    sent: list[dict] = []
+
+    async def receive():
+        return incoming.pop(0)
+
+    async def send(message):
+        sent.append(message)
+
+    await OneHopASGIHandler()(scope("POST", "/t/exempt-body/", headers), receive, send)
+    return sent
+
+
+@pytest.mark.parametrize("declared", [True, False], ids=["content-length", "chunked"])
+async def test_a_body_over_the_limit_is_refused_413_before_any_view(settings, declared):
+    """Django checks DATA_UPLOAD_MAX_MEMORY_SIZE only when a view reads request.body or a form
+    (400 then, above); DRF's parsers read the stream, so the API parsed JSON of any size. The
+    handler refuses it as it comes: by its declared length, or once a chunked body passes it."""
+    settings.DATA_UPLOAD_MAX_MEMORY_SIZE = 2500
+    headers = ((b"content-length", b"3000"),) if declared else ()
+    status, answer_headers, _, body = _answer(await _post_in_chunks([b"y" * 1000] * 3, headers))
+    assert status == 413
+    assert (b"content-type", b"application/json") in answer_headers
+    assert json.loads(body) == {
+        "detail": "request body too large: at most 2500 bytes",
+        "code": "too_large",
+    }
+    assert seen == []  # no view ran
+
+
+async def test_a_body_of_the_limit_in_chunks_reaches_the_view(settings):
+    settings.DATA_UPLOAD_MAX_MEMORY_SIZE = 2500
+    status, _, _, body = _answer(await _post_in_chunks([b"y" * 1000, b"y" * 1000, b"y" * 500]))
+    assert (status, body) == (200, b"2500")
+
+
+async def test_the_api_refuses_json_over_the_limit(settings):
+    """The login view parsed (and, for the per-username limit, normalised) a body of any size."""
+    settings.DATA_UPLOAD_MAX_MEMORY_SIZE = 2500
+    body = json.dumps({"username": "x" * 5000, "password": "p"}).encode()
+    sent = await call(
+        OneHopASGIHandler(),
+        "POST",
+        "/api/auth/token/",
+        body,
+        ((b"content-type", b"application/json"),),
+    )
+    assert _answer(sent)[0] == 413
