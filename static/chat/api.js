@@ -48,12 +48,19 @@ function describe(status, data) {
   if (!fields && data && typeof data.detail === "string") return sentence(data.detail);
   if (fields) {
     const parts = Object.entries(fields).map(([field, errors]) => {
-      const text = Array.isArray(errors) ? errors.join(" ") : String(errors);
+      const text = messages(errors).join(" ");
       return field === "non_field_errors" ? text : `${field}: ${text}`;
     });
     if (parts.length) return parts.join(" ");
   }
   return `The server answered ${status}. Please try again.`;
+}
+
+// The texts of one field's errors: a list of them, or (a nested serializer) lists by field.
+function messages(errors) {
+  if (Array.isArray(errors)) return errors.flatMap(messages);
+  if (errors && typeof errors === "object") return Object.values(errors).flatMap(messages);
+  return [String(errors)];
 }
 
 function sentence(text) {
