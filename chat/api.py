@@ -128,8 +128,6 @@ class RoomJoinView(APIView):
             membership = services.room_join(user=request.user, room=room)
         except services.ServiceError as error:
             _raise_for(error)
-        if membership.pk is None:  # deleted (chat.services.member_unban)
-            return Response(status=status.HTTP_204_NO_CONTENT)
         return Response(serializers.MemberSerializer(membership).data)
 
 
