@@ -1,7 +1,9 @@
 """The admin for users (deactivation through the service) and tickets (read-only, revocable)."""
 
 from django.contrib import admin, messages
+from django.contrib.auth.admin import GroupAdmin as DjangoGroupAdmin
 from django.contrib.auth.admin import UserAdmin as DjangoUserAdmin
+from django.contrib.auth.models import Group
 from django.urls import reverse
 from django.utils.html import format_html
 from django.utils.http import urlencode
@@ -12,12 +14,31 @@ from chat import audit
 from chat import services as chat_services
 from chat.admin import ReadOnlyMixin
 
+# What decides what an account may do: only a superuser grants it (a staff user with
+# "change user", a helpdesk say, could otherwise make themselves a superuser).
+_PRIVILEGE_FIELDS = ("is_staff", "is_superuser", "groups", "user_permissions")
+
 
 @admin.register(User)
 class UserAdmin(DjangoUserAdmin):
     # is_active changes only through the actions: the services audit them and close sockets.
     readonly_fields = ("is_active", "last_login", "date_joined")
     actions = ["deactivate", "reactivate"]
+
+    def get_queryset(self, request):
+        # A superuser's account, its password above all, is only a superuser's to see and
+        # change: the change, password, delete views and the actions all start from here.
+        users = super().get_queryset(request)
+        return users if request.user.is_superuser else users.exclude(is_superuser=True)
+
+    def get_readonly_fields(self, request, obj=None):
+        fields = super().get_readonly_fields(request, obj)
+        return fields if request.user.is_superuser else (*fields, *_PRIVILEGE_FIELDS)
+
+    def save_related(self, request, form, formsets, change):
+        # Groups and permissions are saved here, after the user (accounts/signals.py).
+        with audit.acting_as(request.user):
+            super().save_related(request, form, formsets, change)
 
     # The signal handlers in accounts/signals.py audit every change to a user; these tell them
     # who made it.
@@ -136,3 +157,25 @@ class TicketAdmin(ReadOnlyMixin, admin.ModelAdmin):
         tickets = Ticket.objects.filter(pk__in=list(queryset.values_list("pk", flat=True)))
         count = tickets_revoke(actor=request.user, tickets=tickets)
         self.message_user(request, f"Revoked {count} tickets.", messages.SUCCESS)
+
+
+admin.site.unregister(Group)
+
+
+@admin.register(Group)
+class GroupAdmin(DjangoGroupAdmin):
+    """Groups carry permissions: only superusers make or change them (accounts/signals.py
+    audits every change of a group's permissions)."""
+
+    def has_add_permission(self, request):
+        return request.user.is_superuser
+
+    def has_change_permission(self, request, obj=None):
+        return request.user.is_superuser
+
+    def has_delete_permission(self, request, obj=None):
+        return request.user.is_superuser
+
+    def save_related(self, request, form, formsets, change):
+        with audit.acting_as(request.user):
+            super().save_related(request, form, formsets, change)

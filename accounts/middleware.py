@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 from collections.abc import Awaitable, Callable
 from typing import Any
 from urllib.parse import parse_qsl, urlencode, urlsplit
@@ -19,6 +20,8 @@ from chat.protocol import TICKET_SUBPROTOCOL_PREFIX, chosen_subprotocol, handsha
 from chat.routing import room_slug_from_path
 from chat.runtime import get_runtime
 from chat.state import StateUnavailable
+
+logger = logging.getLogger("accounts.middleware")
 
 Scope = dict[str, Any]
 Receive = Callable[[], Awaitable[dict[str, Any]]]
@@ -180,7 +183,14 @@ class TicketAuthMiddleware:
             if token is None:
                 return await self.inner(scope, receive, send)
 
-        await self._authenticate(scope, token)
+        try:
+            await self._authenticate(scope, token)
+        except Exception as error:
+            # The database failed mid-redemption (or a bug): the consumer still records the
+            # attempt, as unavailable (1013: try again later). The type only: nothing that
+            # could carry the ticket reaches the log.
+            logger.warning("ticket redemption failed: %s", type(error).__name__)
+            scope["auth_error"] = audit.Reason.UNAVAILABLE
         # This frame lives as long as the socket: it keeps no ticket from a first frame.
         del token
         return await self.inner(scope, receive, send)

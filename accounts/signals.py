@@ -2,8 +2,9 @@
 
 from django.contrib.auth import get_user_model
 from django.contrib.auth.hashers import is_password_usable
+from django.contrib.auth.models import Group, Permission
 from django.contrib.auth.signals import user_logged_in, user_logged_out, user_login_failed
-from django.db.models.signals import post_delete, post_save, pre_save
+from django.db.models.signals import m2m_changed, post_delete, post_save, pre_save
 from django.dispatch import receiver
 from rest_framework_simplejwt.token_blacklist.models import OutstandingToken
 
@@ -103,6 +104,82 @@ def credentials_changed(sender, instance, created, update_fields=None, **kwargs)
             privileges=privileges,
             actor=audit.acting_user(),
         )
+
+
+# Permissions and groups are many-to-many: saving a user sends no save signal for them. What a
+# grant or a removal changed, by user (or group), is audited like a staff flag.
+_M2M_NAMES = {"post_add": "added", "post_remove": "removed", "post_clear": "removed"}
+
+
+def _labels(model, pks) -> list[str]:
+    if model is Permission:
+        rows = Permission.objects.filter(pk__in=pks).select_related("content_type")
+        return sorted(f"{p.content_type.app_label}.{p.codename}" for p in rows)
+    return sorted(model.objects.filter(pk__in=pks).values_list("name", flat=True))
+
+
+def _user_m2m_changed(field: str):
+    def changed(sender, instance, action, reverse, model, pk_set, **kwargs):
+        if action == "pre_clear":
+            # What a clear removes is gone by post_clear: remember it.
+            related = getattr(instance, field) if not reverse else None
+            instance._cleared = set(related.values_list("pk", flat=True)) if related else set()
+            return
+        if action not in _M2M_NAMES:
+            return
+        if action == "post_clear":
+            pk_set = instance.__dict__.pop("_cleared", set())
+            if reverse:  # a permission or group cleared of its users: no list of them kept
+                return
+        if not pk_set:
+            return
+        if reverse:  # permission.user_set.add(user): `instance` is the permission or group
+            users = list(get_user_model().objects.filter(pk__in=pk_set))
+            labels = _labels(type(instance), [instance.pk])
+        else:
+            users, labels = [instance], _labels(model, pk_set)
+        for user in users:
+            audit.security_event(
+                event=audit.Event.PRIVILEGES_CHANGED,
+                actor=audit.acting_user(),
+                target=user,
+                details={field: {_M2M_NAMES[action]: labels}},
+            )
+
+    return changed
+
+
+def _group_permissions_changed(sender, instance, action, reverse, model, pk_set, **kwargs):
+    if action not in ("post_add", "post_remove") or not pk_set or reverse:
+        return
+    audit.security_event(
+        event=audit.Event.PRIVILEGES_CHANGED,
+        actor=audit.acting_user(),
+        details={
+            "group": instance.name,
+            "permissions": {_M2M_NAMES[action]: _labels(model, pk_set)},
+        },
+    )
+
+
+_User = get_user_model()
+m2m_changed.connect(
+    _user_m2m_changed("user_permissions"),
+    sender=_User.user_permissions.through,
+    dispatch_uid="user-permissions-changed",
+    weak=False,
+)
+m2m_changed.connect(
+    _user_m2m_changed("groups"),
+    sender=_User.groups.through,
+    dispatch_uid="user-groups-changed",
+    weak=False,
+)
+m2m_changed.connect(
+    _group_permissions_changed,
+    sender=Group.permissions.through,
+    dispatch_uid="group-permissions-changed",
+)
 
 
 @receiver(post_delete, sender=get_user_model(), dispatch_uid="user-deleted")

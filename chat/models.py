@@ -369,7 +369,7 @@ class SecurityEvent(ChainedRow):
         PASSWORD_CHANGED = "password_changed", "Password changed"
         USER_DEACTIVATED = "user_deactivated", "User deactivated"
         USER_REACTIVATED = "user_reactivated", "User reactivated"
-        PRIVILEGES_CHANGED = "privileges_changed", "Staff or superuser status changed"
+        PRIVILEGES_CHANGED = "privileges_changed", "Privileges changed (staff, groups, permissions)"
         USER_DELETED = "user_deleted", "User deleted"
         RATE_LIMITED = "rate_limited", "Rate limit closed a socket"
         ALERT = "alert", "Alert threshold crossed"

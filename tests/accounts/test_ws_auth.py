@@ -445,6 +445,34 @@ async def test_with_redis_down_a_handshake_gets_its_close_code_not_a_500(
     assert (row.outcome, row.reason) == ("rejected", reason)
 
 
+@pytest.mark.parametrize("transport", ["subprotocol", "first_frame"])
+async def test_a_database_failure_while_redeeming_is_recorded_and_retried_later(
+    alice, lobby, monkeypatch, caplog, transport
+):
+    """The error escaped the middleware: no close code for the client, and no audit row for an
+    attempt whose ticket the failed call may already have used (found by review)."""
+    from django.db import OperationalError
+
+    def failing(**kwargs):
+        raise OperationalError("server closed the connection unexpectedly")
+
+    monkeypatch.setattr(services, "ticket_redeem", failing)
+    token = await database_sync_to_async(make_ticket)(alice, lobby)
+    if transport == "first_frame":
+        comm = communicator(LOBBY)
+        assert (await comm.connect())[0]
+        await comm.send_to(text_data=json.dumps({"type": "auth", "ticket": token}))
+    else:
+        comm = communicator(LOBBY, ticket=token)
+        assert (await comm.connect())[0]
+    assert (await closed_with(comm))[0] == 1013
+    await comm.disconnect()
+    [row] = await audit_rows()
+    assert (row.outcome, row.reason, row.close_code) == ("rejected", "unavailable", 1013)
+    assert token not in caplog.text
+    assert "ticket redemption failed: OperationalError" in caplog.text
+
+
 @pytest.mark.parametrize("transport", ["subprotocol", "query", "first_frame"])
 async def test_an_open_socket_does_not_keep_the_ticket_row(alice, lobby, transport):
     token = await database_sync_to_async(make_ticket)(alice, lobby)

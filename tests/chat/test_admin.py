@@ -661,3 +661,84 @@ def test_csv_exports_are_themselves_audited(admin_client, admin_user):
     assert event.actor_id == admin_user.pk
     assert event.details == {"rows_of": "connectionlog", "rows": 2}
     assert audit.verify_chain().ok
+
+
+# --- privileges: who may grant them, and their audit -------------------------------------------
+
+
+def test_staff_who_may_change_users_cannot_grant_privileges_or_touch_superusers(client):
+    """A helpdesk account with "change user" made itself a superuser through its own change
+    form, and could reset a superuser's password (found by review)."""
+    from django.contrib.auth.models import Group
+
+    from accounts.models import User
+
+    helpdesk = make_user("helpdesk", is_staff=True)
+    grant(helpdesk, "view_user", "change_user", "add_group", "change_group")
+    root = make_user("root", is_staff=True, is_superuser=True)
+    client.force_login(helpdesk)
+
+    own = client.get(admin_url(User, "change", helpdesk.pk))
+    assert own.status_code == 200
+    editable = set(own.context["adminform"].form.fields)
+    assert not editable & {"is_staff", "is_superuser", "groups", "user_permissions"}
+    everything = list(Permission.objects.values_list("pk", flat=True))
+    posted = client.post(
+        admin_url(User, "change", helpdesk.pk),
+        {"username": "helpdesk", "is_superuser": "on", "user_permissions": everything},
+    )
+    assert posted.status_code == 302
+    helpdesk.refresh_from_db()
+    assert not helpdesk.is_superuser
+    assert helpdesk.user_permissions.count() == 4
+
+    # A superuser's account is not theirs to open, reset or deactivate.
+    assert client.get(admin_url(User, "change", root.pk)).status_code == 302  # "not found"
+    password = reverse("admin:auth_user_password_change", args=[root.pk])
+    assert (
+        client.post(
+            password, {"password1": "x-New-pass-1", "password2": "x-New-pass-1"}
+        ).status_code
+        == 404
+    )
+    client.post(
+        admin_url(User, "changelist"), {"action": "deactivate", "_selected_action": [root.pk]}
+    )
+    root.refresh_from_db()
+    assert root.is_active
+    assert not root.check_password("x-New-pass-1")
+    # Nor are groups, which carry permissions.
+    assert client.get(admin_url(Group, "add")).status_code == 403
+
+
+def test_grants_of_permissions_and_groups_are_audited(admin_client, admin_user):
+    """Permissions and groups are many-to-many: saving a user sends no save signal for them,
+    so a grant left no audit row, only Django's unchained LogEntry (found by review)."""
+    from django.contrib.auth.models import Group
+
+    from accounts.models import User
+
+    mallory = make_user("mallory", is_staff=True)
+    helpdesk = Group.objects.create(name="helpdesk")
+    posted = admin_client.post(
+        admin_url(User, "change", mallory.pk),
+        {"username": "mallory", "is_staff": "on", "groups": [helpdesk.pk]},
+    )
+    assert posted.status_code == 302
+    with audit.acting_as(admin_user):
+        grant(mallory, "view_securityevent")
+        helpdesk.permissions.add(Permission.objects.get(codename="change_user"))
+        Permission.objects.get(codename="change_message").user_set.add(mallory)
+        mallory.user_permissions.clear()
+    rows = SecurityEvent.objects.filter(event=SecurityEvent.Event.PRIVILEGES_CHANGED)
+    assert [(r.actor_name, r.target_name, r.details) for r in rows.order_by("pk")] == [
+        ("admin", "mallory", {"groups": {"added": ["helpdesk"]}}),
+        ("admin", "mallory", {"user_permissions": {"added": ["chat.view_securityevent"]}}),
+        ("admin", "", {"group": "helpdesk", "permissions": {"added": ["accounts.change_user"]}}),
+        ("admin", "mallory", {"user_permissions": {"added": ["chat.change_message"]}}),
+        (
+            "admin",
+            "mallory",
+            {"user_permissions": {"removed": ["chat.change_message", "chat.view_securityevent"]}},
+        ),
+    ]
