@@ -243,6 +243,9 @@ def test_verify_audit_log_anchor_catches_what_the_chain_cannot(attack):
         ("cleanup_tickets", ["--older-than", "soon"], "not a duration"),
         ("cleanup_tickets", ["--older-than", ""], "not a duration"),
         ("cleanup_tickets", ["--older-than", "99999999999999d"], "too long"),
+        # Tickets used within the joining grace are still read (found by review).
+        ("cleanup_tickets", ["--older-than", "0s"], "too short: at least 90s"),
+        ("cleanup_tickets", ["--older-than", "89s"], "too short: at least 90s"),
         ("cleanup_tickets", ["--batch-size", "0"], "between 1 and"),
         ("cleanup_tickets", ["--batch-size", "-5"], "between 1 and"),
         ("cleanup_tickets", ["--batch-size", "1000000"], "between 1 and"),

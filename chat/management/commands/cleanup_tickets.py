@@ -3,12 +3,14 @@
 import re
 from datetime import timedelta
 
+from django.conf import settings
 from django.core.management.base import BaseCommand, CommandError
 from django.db import transaction
 from django.db.models import Count
 from django.utils import timezone
 
 from accounts.models import EndedLogin, Ticket
+from accounts.services import JOINING_GRACE
 
 DURATION_RE = re.compile(r"(\d+)([smhd])")
 UNIT_SECONDS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
@@ -50,6 +52,15 @@ class Command(BaseCommand):
 
     def handle(self, *args, older_than: str, batch_size: int, dry_run: bool, **options):
         age = parse_duration(older_than)
+        # A ticket used moments ago is still needed: revoking its login revokes it too, so a
+        # socket that was still joining finds out as it joins (accounts.services.JOINING_GRACE).
+        # One issued longer ago than its lifetime and that grace was used before the grace.
+        shortest = settings.CHAT_TICKET_LIFETIME + JOINING_GRACE
+        if age < shortest:
+            raise CommandError(
+                f"--older-than {older_than!r} is too short: at least "
+                f"{int(shortest.total_seconds())}s (a ticket's lifetime and the joining grace)"
+            )
         if not 1 <= batch_size <= MAX_BATCH_SIZE:
             raise CommandError(f"--batch-size must be between 1 and {MAX_BATCH_SIZE}")
         now = timezone.now()
