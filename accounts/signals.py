@@ -121,16 +121,15 @@ def _labels(model, pks) -> list[str]:
 def _user_m2m_changed(field: str):
     def changed(sender, instance, action, reverse, model, pk_set, **kwargs):
         if action == "pre_clear":
-            # What a clear removes is gone by post_clear: remember it.
-            related = getattr(instance, field) if not reverse else None
-            instance._cleared = set(related.values_list("pk", flat=True)) if related else set()
+            # What a clear removes is gone by post_clear: remember it (the user's permissions
+            # or groups; or, from the other side, the permission's or group's users).
+            related = instance.user_set if reverse else getattr(instance, field)
+            instance._cleared = set(related.values_list("pk", flat=True))
             return
         if action not in _M2M_NAMES:
             return
         if action == "post_clear":
             pk_set = instance.__dict__.pop("_cleared", set())
-            if reverse:  # a permission or group cleared of its users: no list of them kept
-                return
         if not pk_set:
             return
         if reverse:  # permission.user_set.add(user): `instance` is the permission or group

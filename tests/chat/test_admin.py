@@ -730,6 +730,7 @@ def test_grants_of_permissions_and_groups_are_audited(admin_client, admin_user):
         helpdesk.permissions.add(Permission.objects.get(codename="change_user"))
         Permission.objects.get(codename="change_message").user_set.add(mallory)
         mallory.user_permissions.clear()
+        helpdesk.user_set.clear()
     rows = SecurityEvent.objects.filter(event=SecurityEvent.Event.PRIVILEGES_CHANGED)
     assert [(r.actor_name, r.target_name, r.details) for r in rows.order_by("pk")] == [
         ("admin", "mallory", {"groups": {"added": ["helpdesk"]}}),
@@ -741,4 +742,5 @@ def test_grants_of_permissions_and_groups_are_audited(admin_client, admin_user):
             "mallory",
             {"user_permissions": {"removed": ["chat.change_message", "chat.view_securityevent"]}},
         ),
+        ("admin", "mallory", {"groups": {"removed": ["helpdesk"]}}),
     ]
