@@ -181,7 +181,7 @@ class ApiThrottle(AtomicRateThrottle):
         return self.cache_format % {"scope": self.scope, "ident": ident}
 
 
-class MessagePostThrottle(FailClosed, AtomicRateThrottle):
+class MessagePostThrottle(FailClosed, AtomicRateThrottle, UserRateThrottle):
     """Messages posted through the API, per user. A socket's messages take tokens from the
     user's bucket in chat.state (CHAT_MESSAGE_RATE/BURST); without this, the API was a way
     around that limit: every message posted is stored and sent to every member of the room."""
@@ -189,9 +189,10 @@ class MessagePostThrottle(FailClosed, AtomicRateThrottle):
     scope = "rest_messages"
 
     def get_cache_key(self, request, view):
-        if request.method != "POST" or not request.user.is_authenticated:
+        # Reading the room is not posting; the view answers the anonymous before throttling.
+        if request.method != "POST":
             return None
-        return self.cache_format % {"scope": self.scope, "ident": request.user.pk}
+        return super().get_cache_key(request, view)
 
 
 _unlimited_warned_at = -math.inf
@@ -212,9 +213,17 @@ class FirstRefusal:
     did not hold."""
 
     def check_throttles(self, request):
-        for throttle in self.get_throttles():
-            if not throttle.allow_request(request, self):
-                self.throttled(request, throttle.wait())
+        refused = first_refusal(self.get_throttles(), request, self)
+        if refused is not None:
+            self.throttled(request, refused.wait())
+
+
+def first_refusal(throttles, request, view):
+    """The first of `throttles` that refuses the request, asking none after it; or None."""
+    for throttle in throttles:
+        if not throttle.allow_request(request, view):
+            return throttle
+    return None
 
 
 class _FormPost:
@@ -241,14 +250,11 @@ def throttle_login(view):
     def wrapped(request, *args, **kwargs):
         if request.method != "POST":
             return view(request, *args, **kwargs)
-        posted = _FormPost(request)
-        refused = None
         try:
-            # The first refusal ends it, as FirstRefusal does for the API's login.
-            for throttle in (LoginIPThrottle(), LoginUsernameThrottle()):
-                if not throttle.allow_request(posted, None):
-                    refused = throttle
-                    break
+            # As the API's login (FirstRefusal): the first refusal ends it.
+            refused = first_refusal(
+                (LoginIPThrottle(), LoginUsernameThrottle()), _FormPost(request), None
+            )
         except ThrottleUnavailable:
             return _refusal(request, 503, "Sign-in is temporarily unavailable; try again shortly.")
         if refused is not None:
