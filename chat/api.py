@@ -293,7 +293,7 @@ class MemberDetailView(RoomScopedView):
                 membership = self._apply(actor, room, user, changes, reason)
         except services.ServiceError as error:
             _raise_for(error)
-        if membership.pk is None:  # deleted (chat.services.member_unban)
+        if membership is None:  # no membership left (chat.services.member_unban)
             return Response(status=status.HTTP_204_NO_CONTENT)
         return Response(serializers.MemberSerializer(membership).data)
 

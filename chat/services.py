@@ -521,7 +521,9 @@ def member_ban(*, actor, room: Room, user, reason: str = "") -> Membership:
     return target
 
 
-def member_unban(*, actor, room: Room, user) -> Membership:
+def member_unban(*, actor, room: Room, user) -> Membership | None:
+    """Lift `user`'s ban. The membership left, or None when the ban was of someone who never
+    joined: its row goes with it."""
     with transaction.atomic():
         target = _existing_membership(room, user)
         if not permissions.can_moderate(actor, room, _membership(room, actor), user, target):
@@ -536,6 +538,7 @@ def member_unban(*, actor, room: Room, user) -> Membership:
             # make them a member (of a private room above all). A mute in force in a public room
             # keeps it, as muting an outsider there would have made it.
             target.delete()
+            target = None
         else:
             target.joined_at = target.joined_at or timezone.now()
             target.save()
