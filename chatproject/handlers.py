@@ -13,6 +13,8 @@ from django.db import connections
 from django.http import FileResponse
 from django.urls import Resolver404, get_resolver, set_script_prefix
 
+from chat.protocol import handshake_header
+
 _CACHED_PATH_LENGTH = 256  # longer paths are resolved each time, so clients cannot fill the cache
 
 
@@ -93,13 +95,11 @@ class BodyTooLarge(Exception):
 
 
 def _declared_length(scope) -> int:
-    for name, value in scope.get("headers", ()):
-        if name == b"content-length":
-            try:
-                return int(value)
-            except ValueError:
-                return 0  # daphne has refused the request already
-    return 0
+    value = handshake_header(scope, b"content-length")  # an ASGI header, HTTP or WebSocket
+    try:
+        return int(value) if value else 0
+    except ValueError:
+        return 0  # daphne has refused the request already
 
 
 def _limited(receive, limit: int):
