@@ -11,6 +11,7 @@ import unicodedata
 
 from django.conf import settings
 from django.contrib.auth import get_user_model
+from django.core.cache import cache
 from django.http import HttpResponse
 from django.template.loader import render_to_string
 from redis.exceptions import RedisError
@@ -19,6 +20,7 @@ from rest_framework.exceptions import APIException
 from rest_framework.throttling import SimpleRateThrottle, UserRateThrottle
 
 from accounts.ip import client_ip_from_request
+from chat import audit
 
 logger = logging.getLogger("accounts.throttling")
 
@@ -109,29 +111,93 @@ class AtomicRateThrottle(SimpleRateThrottle):
             return self._wait
         return super().wait()
 
+    def first_refusal_in_window(self) -> bool:
+        """Is the refusal just made the first of `self.key` for a window? Marked in the
+        counters' own store, so that of several processes refusing at once, one says yes."""
+        marker = f"{self.key}:refused"
+        if not settings.REDIS_URL:
+            return cache.add(marker, True, timeout=self.duration)  # atomic in its own lock
+        client = _window_script(settings.REDIS_URL).registered_client
+        window_ms = max(1, math.ceil(self.duration * 1000))
+        return bool(client.set(f"{settings.CHAT_REDIS_PREFIX}:{marker}", 1, nx=True, px=window_ms))
 
-class LoginIPThrottle(FailClosed, AtomicRateThrottle):
+
+class AuditedRefusals:
+    """A login limit's refusals in the audit trail (LOGIN_THROTTLED) and the security log: the
+    first of each window per counter, so a guesser who keeps on hammering writes a row a window
+    (per address, or per account), not a row a request. Without it, a brute force left only
+    the LOGIN_FAILED rows of the attempts the limit let through, and then silence."""
+
+    limit_name = ""  # what the counter is per: "address" or "account"
+
+    def allow_request(self, request, view):
+        if super().allow_request(request, view):
+            return True
+        try:
+            first = self.first_refusal_in_window()
+        except (RedisError, OSError):
+            first = True  # a row too many rather than a refusal unrecorded
+        if first:
+            self._record_refusal(request)
+        return False
+
+    def _record_refusal(self, request) -> None:
+        ip = client_ip_from_request(request)
+        details = {"limit": self.limit_name, "rate": self.rate, "path": request.path[:200]}
+        username = self.attempted_username(request)
+        if username is not None:
+            # As sent, not yet validated: a NUL or a lone surrogate would make PostgreSQL
+            # refuse the row (jsonb), and the refusal a 500.
+            details["username"] = (
+                username[:150].encode("utf-8", "replace").decode().replace("\x00", "\ufffd")
+            )
+        audit.security_event(
+            event=audit.Event.LOGIN_THROTTLED,
+            ip=ip,
+            reason=f"sign-in attempts per {self.limit_name} over {self.rate}",
+            details=details,
+        )
+        audit.security_logger.warning(
+            "sign-ins throttled per %s (%s): ip=%s username=%r",
+            self.limit_name,
+            self.rate,
+            ip,
+            username,
+        )
+
+    def attempted_username(self, request) -> str | None:
+        return None
+
+
+class LoginIPThrottle(FailClosed, AuditedRefusals, AtomicRateThrottle):
     scope = "login_ip"
+    limit_name = "address"
 
     def get_cache_key(self, request, view):
         # Not DRF's get_ident: that trusts X-Forwarded-For by position, not by proxy.
         return self.cache_format % {"scope": self.scope, "ident": client_ip_from_request(request)}
 
 
-class LoginUsernameThrottle(FailClosed, AtomicRateThrottle):
+class LoginUsernameThrottle(FailClosed, AuditedRefusals, AtomicRateThrottle):
     """Slows guessing at one account from many IPs."""
 
     scope = "login_user"
+    limit_name = "account"
 
     def get_cache_key(self, request, view):
-        username = request.data.get("username") if hasattr(request.data, "get") else None
-        username = login_username(username)
+        username = self.attempted_username(request)
         if not username:
             return None
         # Hashed: the username is any string the client sent (unvalidated yet), and Redis cannot
         # encode a lone surrogate (HTTP 500); control characters break memcached keys.
         ident = hashlib.sha256(username.encode("utf-8", "surrogatepass")).hexdigest()
         return self.cache_format % {"scope": self.scope, "ident": ident}
+
+    def attempted_username(self, request) -> str | None:
+        """The account the attempt names, as its counter knows it (login_username)."""
+        return login_username(
+            request.data.get("username") if hasattr(request.data, "get") else None
+        )
 
 
 def login_username(value) -> str | None:

@@ -365,6 +365,7 @@ class SecurityEvent(ChainedRow):
         TICKET_REVOKED = "ticket_revoked", "Ticket revoked"
         LOGIN_SUCCEEDED = "login_succeeded", "Login succeeded"
         LOGIN_FAILED = "login_failed", "Login failed"
+        LOGIN_THROTTLED = "login_throttled", "Sign-ins throttled (first refusal of a window)"
         LOGOUT = "logout", "Logout"
         PASSWORD_CHANGED = "password_changed", "Password changed"
         USER_DEACTIVATED = "user_deactivated", "User deactivated"

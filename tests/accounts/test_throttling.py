@@ -5,6 +5,7 @@ deployment's store, shared by every process). A thread stands in for a process: 
 share nothing but the server, as processes do.
 """
 
+import json
 import threading
 import time
 import uuid
@@ -197,3 +198,89 @@ def test_login_username_is_the_name_signing_in_reads(sent, key):
     from accounts.throttling import login_username
 
     assert login_username(sent) == key
+
+
+@pytest.mark.django_db
+@pytest.mark.parametrize("way", ["api", "page"])
+@pytest.mark.parametrize(("limit", "scope"), [("account", "login_user"), ("address", "login_ip")])
+def test_login_refusals_are_audited_once_a_window(
+    store, settings, monkeypatch, caplog, way, limit, scope
+):
+    """A brute force shows in the audit trail once the limit stops it: the first refusal of
+    each window writes a LOGIN_THROTTLED row (and a security log line), the refusals after it
+    in that window write nothing, so hammering cannot fill the table."""
+    from django.test import Client
+    from rest_framework.test import APIClient
+
+    from accounts import throttling
+    from chat.models import SecurityEvent
+
+    # A hash of milliseconds: with Django's own (half a second here) two guesses could span
+    # the whole one-second window of the second round.
+    settings.PASSWORD_HASHERS = ["django.contrib.auth.hashers.MD5PasswordHasher"]
+    make_user("alice")
+    cls = throttling.LoginUsernameThrottle if limit == "account" else throttling.LoginIPThrottle
+    monkeypatch.setattr(cls, "THROTTLE_RATES", {**cls.THROTTLE_RATES, scope: "2/s"})
+
+    def attempt(i: int):
+        # Against one account from many addresses, or from one address at many accounts.
+        username = "alice" if limit == "account" else f"user{i}"
+        ip = f"198.51.100.{i}" if limit == "account" else "203.0.113.5"
+        form = {"username": username, "password": "wrong-1"}
+        if way == "api":
+            return APIClient().post("/api/auth/token/", form, format="json", REMOTE_ADDR=ip)
+        return Client().post("/login/", form, REMOTE_ADDR=ip)
+
+    def throttled_rows():
+        return list(SecurityEvent.objects.filter(event=SecurityEvent.Event.LOGIN_THROTTLED))
+
+    statuses = [attempt(i).status_code for i in range(6)]
+    assert statuses == [401 if way == "api" else 200] * 2 + [429] * 4
+    (row,) = throttled_rows()
+    assert row.ip == ("198.51.100.2" if limit == "account" else "203.0.113.5")
+    expected = {
+        "limit": limit,
+        "rate": "2/s",
+        "path": "/api/auth/token/" if way == "api" else "/login/",
+    }
+    if limit == "account":
+        expected["username"] = "alice"
+    assert row.details == expected
+    assert row.reason == f"sign-in attempts per {limit} over 2/s"
+    warnings = [r for r in caplog.records if r.name == "chat.security"]
+    assert len(warnings) == 1
+    assert "sign-ins throttled" in warnings[0].getMessage()
+    # A second later the window has moved on: two more attempts pass, then a new first refusal.
+    time.sleep(1.1)
+    statuses = [attempt(i).status_code for i in range(10, 13)]
+    assert statuses[-1] == 429, statuses
+    assert len(throttled_rows()) == 2
+
+
+@pytest.mark.django_db
+@pytest.mark.parametrize("sent", ["al\x00ice", "\ud800alice", "a" * 300])
+def test_a_refused_username_is_audited_as_text_any_database_stores(store, monkeypatch, sent):
+    """The name is as the client sent it, not validated yet: a NUL or a lone surrogate would
+    make PostgreSQL's jsonb refuse the row, and the refusal a 500."""
+    from rest_framework.test import APIClient
+
+    from accounts import throttling
+    from chat.models import SecurityEvent
+
+    cls = throttling.LoginUsernameThrottle
+    monkeypatch.setattr(cls, "THROTTLE_RATES", {**cls.THROTTLE_RATES, "login_user": "1/min"})
+    # As raw JSON: the test client's renderer cannot encode a lone surrogate, a client can.
+    body = json.dumps({"username": sent, "password": "wrong-1"})
+
+    def attempt():
+        return APIClient().post("/api/auth/token/", body, content_type="application/json")
+
+    first = attempt()
+    assert first.status_code in (400, 401)  # the serializer refuses a NUL
+    refused = attempt()
+    assert refused.status_code == 429
+    row = SecurityEvent.objects.get(event=SecurityEvent.Event.LOGIN_THROTTLED)
+    stored = row.details["username"]
+    assert len(stored) <= 150
+    assert "\x00" not in stored
+    stored.encode("utf-8")  # no lone surrogate left
