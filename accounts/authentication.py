@@ -2,11 +2,13 @@
 
 from django.utils.translation import gettext_lazy as _
 from drf_spectacular.contrib.rest_framework_simplejwt import SimpleJWTScheme
+from rest_framework.exceptions import AuthenticationFailed
 from rest_framework_simplejwt.authentication import JWTAuthentication
 from rest_framework_simplejwt.exceptions import InvalidToken
 from rest_framework_simplejwt.settings import api_settings as jwt_settings
 
 from accounts import services
+from accounts.throttling import ApiThrottle
 from accounts.tokens import FAMILY_CLAIM, claimed_user_id
 from chat import sql
 
@@ -18,6 +20,13 @@ class ChatJWTAuthentication(JWTAuthentication):
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         self.user_model = UsersByKey(self.user_model)
+
+    def authenticate(self, request):
+        try:
+            return super().authenticate(request)
+        except AuthenticationFailed:
+            ApiThrottle.count_refused_credentials(request)
+            raise
 
     def get_validated_token(self, raw_token):
         token = super().get_validated_token(raw_token)

@@ -284,3 +284,62 @@ def test_a_refused_username_is_audited_as_text_any_database_stores(store, monkey
     assert len(stored) <= 150
     assert "\x00" not in stored
     stored.encode("utf-8")  # no lone surrogate left
+
+
+@pytest.mark.django_db
+@pytest.mark.parametrize("credential", ["garbage", "expired", "ended login", "deleted user"])
+def test_refused_credentials_take_their_place_in_the_addresss_budget(
+    store, monkeypatch, credential
+):
+    """DRF authenticates before it throttles, and a refused token ends the request with 401:
+    a client with a revoked or expired token was never limited (and an ended login's token
+    costs a statement each time). Now each refusal counts as an anonymous request from its
+    address; over the budget, 429 with Retry-After. Other addresses and signed-in users keep
+    their own budgets."""
+    from datetime import timedelta
+
+    from rest_framework.test import APIClient
+    from rest_framework_simplejwt.tokens import AccessToken
+
+    from accounts import throttling
+
+    cls = throttling.ApiThrottle
+    monkeypatch.setattr(cls, "THROTTLE_RATES", {**cls.THROTTLE_RATES, "api": "3/min"})
+    alice, mallory = make_user("alice"), make_user("mallory")
+    make_room("lobby")
+    if credential == "garbage":
+        token = "not.a.token"
+    elif credential == "expired":
+        expired = AccessToken.for_user(mallory)
+        expired.set_exp(lifetime=-timedelta(seconds=1))
+        token = str(expired)
+    else:
+        api = APIClient()
+        tokens = api.post(
+            "/api/auth/token/", {"username": "mallory", "password": PASSWORD}, format="json"
+        ).json()
+        token = tokens["access"]
+        if credential == "ended login":
+            api.post("/api/auth/logout/", {"refresh": tokens["refresh"]}, format="json")
+        else:
+            mallory.delete()
+
+    def get(address, bearer=token):
+        client = APIClient()
+        if bearer:
+            client.credentials(HTTP_AUTHORIZATION=f"Bearer {bearer}")
+        return client.get("/api/rooms/", REMOTE_ADDR=address)
+
+    refused = [get("203.0.113.5") for _ in range(4)]
+    assert [r.status_code for r in refused] == [401, 401, 401, 429]
+    assert refused[-1].json()["code"] == "throttled"
+    assert int(refused[-1]["Retry-After"]) > 0
+    # The address's anonymous budget is the one spent (logging out asks for no token).
+    logout = APIClient().post(
+        "/api/auth/logout/", {"refresh": "x"}, format="json", REMOTE_ADDR="203.0.113.5"
+    )
+    assert logout.status_code == 429
+    assert get("198.51.100.7").status_code == 401
+    # Alice, signed in, from the same address, has a budget of her own.
+    alice_api = bearer_client(alice)
+    assert alice_api.get("/api/rooms/", REMOTE_ADDR="203.0.113.5").status_code == 200
