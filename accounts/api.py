@@ -83,7 +83,7 @@ class LoginView(FirstRefusal, jwt_views.TokenObtainPairView):
             actor=serializer.user,
             target=serializer.user,
             ip=client_ip_from_request(request),
-            details={"method": "jwt"},
+            details={"method": "jwt", "second_factor": serializer.second_factor_passed},
         )
         return Response(serializer.validated_data, status=status.HTTP_200_OK)
 

@@ -7,7 +7,7 @@ from rest_framework_simplejwt.authentication import JWTAuthentication
 from rest_framework_simplejwt.exceptions import InvalidToken
 from rest_framework_simplejwt.settings import api_settings as jwt_settings
 
-from accounts import services
+from accounts import second_factor, services
 from accounts.throttling import ApiThrottle
 from accounts.tokens import FAMILY_CLAIM, claimed_user_id
 from chat import sql
@@ -23,10 +23,14 @@ class ChatJWTAuthentication(JWTAuthentication):
 
     def authenticate(self, request):
         try:
-            return super().authenticate(request)
+            found = super().authenticate(request)
         except AuthenticationFailed:
             ApiThrottle.count_refused_credentials(request)
             raise
+        if found is not None:
+            user, token = found
+            second_factor.mark(user, bool(token.get(second_factor.OTP_CLAIM)))
+        return found
 
     def get_validated_token(self, raw_token):
         token = super().get_validated_token(raw_token)

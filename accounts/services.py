@@ -14,6 +14,7 @@ from rest_framework_simplejwt.exceptions import ExpiredTokenError, TokenError
 from rest_framework_simplejwt.settings import api_settings as jwt_settings
 from rest_framework_simplejwt.utils import datetime_from_epoch
 
+from accounts import second_factor
 from accounts.models import EndedLogin, Ticket
 from accounts.tokens import WebSocketTicket, claimed_user_id
 from chat import audit, sql
@@ -72,7 +73,8 @@ def ticket_issue(
 ) -> IssuedTicket:
     """Issue a ticket for `user` to open one socket to `room` from `ip`.
 
-    Whether the user may view the room is the caller's check (chat.permissions).
+    Whether the user may view the room is the caller's check (chat.permissions). The ticket
+    says whether `user`'s credential passed a second factor, for the socket's staff powers.
     """
     if not user.is_active:
         raise TicketRefused("inactive users get no tickets")
@@ -80,6 +82,8 @@ def ticket_issue(
     token[jwt_settings.USER_ID_CLAIM] = str(user.pk)
     token["room"] = room.slug
     token["ip"] = ip
+    if second_factor.is_verified(user):
+        token[second_factor.OTP_CLAIM] = True
     # Through chat.sql: on every handshake, and Ticket has no save signals to skip.
     row = sql.build(
         Ticket,
@@ -138,6 +142,7 @@ def ticket_redeem(*, token: str, room_slug: str, ip: str | None) -> Redemption:
         else:
             reason = Reason.TICKET_EXPIRED
         return Redemption(error=reason, jti=jti)
+    second_factor.mark(user, bool(ticket.get(second_factor.OTP_CLAIM)))
     return Redemption(user=user, grant=Grant(jti, row.room_id, row.credential), jti=jti)
 
 

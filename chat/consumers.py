@@ -260,7 +260,7 @@ class RoomConsumer(AsyncWebsocketConsumer):
             "title": room.title,
             "visibility": room.visibility,
             "user": self.username,
-            "staff": bool(self.user.is_staff),
+            "staff": permissions.has_staff_powers(self.user),
             "role": membership.role if membership else None,
             "moderator": permissions.is_moderator(self.user, room, membership),
             "can_post": permissions.can_post(self.user, room, membership),

@@ -6,8 +6,10 @@ the user has none), so a socket can check each action in memory with state kept 
 
 from datetime import datetime
 
+from django.conf import settings
 from django.utils import timezone
 
+from accounts import second_factor
 from chat.models import Membership, Message, Room
 
 Role = Membership.Role
@@ -25,6 +27,15 @@ def _banned(membership: Membership | None) -> bool:
     return membership is not None and membership.banned_at is not None
 
 
+def has_staff_powers(user) -> bool:
+    """Staff see and moderate every room; with CHAT_ADMIN_REQUIRE_OTP only through a credential
+    that passed a second factor, as the admin asks (accounts.second_factor). A staff account
+    signed in with its password alone acts as the member it is."""
+    if not user.is_staff:
+        return False
+    return not settings.CHAT_ADMIN_REQUIRE_OTP or second_factor.is_verified(user)
+
+
 def is_demotion(old_role: str, new_role: str) -> bool:
     return _RANK[new_role] < _RANK[old_role]
 
@@ -32,7 +43,7 @@ def is_demotion(old_role: str, new_role: str) -> bool:
 def rank(user, membership: Membership | None) -> int:
     if not _active(user):
         return 0
-    if user.is_staff:
+    if has_staff_powers(user):
         return _STAFF_RANK
     if membership is None or _banned(membership):
         return 0
@@ -42,7 +53,7 @@ def rank(user, membership: Membership | None) -> int:
 def can_view(user, room: Room, membership: Membership | None) -> bool:
     if not _active(user) or room.archived_at is not None:
         return False
-    if user.is_staff:
+    if has_staff_powers(user):
         return True
     if _banned(membership):
         return False
@@ -147,6 +158,7 @@ def can_create_room(user) -> bool:
 
 
 def _target_rank(target, membership: Membership | None) -> int:
+    # A staff account is out of moderators' reach whatever credential it signs in with.
     if target.is_staff:
         return _STAFF_RANK
     if membership is None:

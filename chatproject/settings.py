@@ -371,7 +371,8 @@ CONTENT_SECURITY_POLICY = {
     },
 }
 
-# Staff sign in to the admin with a second factor (TOTP). On by default outside development.
+# Staff sign in to the admin with a second factor (TOTP), and need it for their staff powers in
+# the rooms too (chat.permissions.has_staff_powers). On by default outside development.
 CHAT_ADMIN_REQUIRE_OTP = env.bool("CHAT_ADMIN_REQUIRE_OTP", default=not DEBUG)
 
 # ---------------------------------------------------------------------------------------------

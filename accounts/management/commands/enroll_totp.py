@@ -11,7 +11,8 @@ from django_otp.plugins.otp_totp.models import TOTPDevice
 class Command(BaseCommand):
     help = (
         "Create a TOTP device for a user and print its otpauth:// URI as a QR code to scan with "
-        "an authenticator app, plus one-time backup codes. Replaces the user's devices with "
+        "an authenticator app, plus one-time backup codes, for the admin and for staff powers "
+        "in the chat (the API sign-in's otp_token). Replaces the user's devices with "
         "--replace."
     )
 

@@ -1,0 +1,156 @@
+"""Staff powers in the rooms need the admin's second factor (CHAT_ADMIN_REQUIRE_OTP), whatever
+the way in: the API's sign-in, a socket's ticket, a session.
+
+A stolen staff password reached through the API and the sockets what the admin kept behind a
+TOTP code: every private room, and moderation of every room. Now a staff account signed in
+with its password alone acts as the member it is; with a code it has its powers.
+"""
+
+import pytest
+from channels.db import database_sync_to_async
+from django.contrib.auth import get_user_model
+from django.test import Client
+from django_otp.plugins.otp_static.models import StaticDevice, StaticToken
+from django_otp.plugins.otp_totp.models import TOTPDevice
+from rest_framework.test import APIClient
+
+from chat.models import Message, SecurityEvent
+from tests.accounts.test_admin_otp import current_token, enroll
+from tests.chat.helpers import send
+from tests.factories import PASSWORD, make_member, make_room, make_user
+from tests.ws import communicator, receive_until
+
+pytestmark = pytest.mark.django_db(transaction=True)
+
+
+@pytest.fixture
+def world(settings):
+    """root (staff, TOTP enrolled) outside a private room `vault` and the public `lobby`; bob
+    a member of both, with a message in the lobby."""
+    settings.CHAT_ADMIN_REQUIRE_OTP = True
+    root, bob = make_user("root", is_staff=True), make_user("bob")
+    vault, lobby = make_room("vault", visibility="private"), make_room("lobby")
+    make_member(vault, bob)
+    make_member(lobby, bob)
+    enroll("root", "--no-qr", "--backup-codes", "1")
+    device = TOTPDevice.objects.get(user=root)
+    bob_api = signed_in("bob")
+    posted = bob_api.post(
+        "/api/rooms/lobby/messages/", {"body": "hi", "client_id": "c1"}, format="json"
+    )
+    assert posted.status_code == 201, posted.content
+    return {"device": device, "seq": posted.json()["seq"]}
+
+
+def sign_in(username: str, **extra):
+    form = {"username": username, "password": PASSWORD, **extra}
+    return APIClient().post("/api/auth/token/", form, format="json")
+
+
+def signed_in(username: str, **extra) -> APIClient:
+    response = sign_in(username, **extra)
+    assert response.status_code == 200, response.content
+    api = APIClient()
+    api.credentials(HTTP_AUTHORIZATION=f"Bearer {response.json()['access']}")
+    api.refresh_token = response.json()["refresh"]
+    return api
+
+
+def rooms(api) -> set[str]:
+    response = api.get("/api/rooms/")
+    assert response.status_code == 200
+    return {room["slug"] for room in response.json()}
+
+
+@pytest.mark.parametrize("second_factor", [False, True], ids=["password", "password+code"])
+def test_staff_powers_through_the_api_need_the_second_factor(world, second_factor):
+    extra = {"otp_token": current_token(world["device"])} if second_factor else {}
+    api = signed_in("root", **extra)
+    assert ("vault" in rooms(api)) is second_factor
+    ticket = api.post("/api/tickets/", {"room": "vault"}, format="json")
+    assert ticket.status_code == (201 if second_factor else 403)
+    row = SecurityEvent.objects.get(event=SecurityEvent.Event.LOGIN_SUCCEEDED, actor_name="root")
+    assert row.details == {"method": "jwt", "second_factor": second_factor}
+
+
+def test_the_second_factor_lasts_the_login_across_refreshes(world):
+    api = signed_in("root", otp_token=current_token(world["device"]))
+    refreshed = APIClient().post(
+        "/api/auth/token/refresh/", {"refresh": api.refresh_token}, format="json"
+    )
+    assert refreshed.status_code == 200
+    again = APIClient()
+    again.credentials(HTTP_AUTHORIZATION=f"Bearer {refreshed.json()['access']}")
+    assert "vault" in rooms(again)
+
+
+@pytest.mark.parametrize("code", ["wrong", "spent backup", "another's"])
+def test_a_bad_second_factor_refuses_the_sign_in(world, code):
+    """A code that does not verify is no silent downgrade: the client asked for staff powers.
+    Nothing is issued, and the audit trail says why."""
+    if code == "wrong":
+        sent = f"{(int(current_token(world['device'])) + 1) % 1_000_000:06d}"
+        username = "root"
+    elif code == "spent backup":
+        backup = StaticToken.objects.get(device__user__username="root").token
+        assert sign_in("root", otp_token=backup).status_code == 200  # good once
+        sent, username = backup, "root"
+    else:  # a valid code of someone else's device
+        device = StaticDevice.objects.create(user=make_user("carol"), name="backup")
+        device.token_set.create(token="12345678")
+        sent, username = "12345678", "root"
+    response = sign_in(username, otp_token=sent)
+    assert response.status_code == 401
+    assert response.json()["code"] == "otp_invalid"
+    assert "access" not in response.json()
+    failed = SecurityEvent.objects.get(event=SecurityEvent.Event.LOGIN_FAILED)
+    assert (failed.target_name, failed.reason) == ("root", "bad second factor")
+
+
+def test_without_the_requirement_a_password_gives_staff_powers(world, settings):
+    settings.CHAT_ADMIN_REQUIRE_OTP = False
+    assert "vault" in rooms(signed_in("root"))
+
+
+@pytest.mark.parametrize("second_factor", [False, True], ids=["password", "password+code"])
+async def test_a_sockets_staff_powers_follow_its_tickets_login(world, second_factor):
+    """The ticket says whether the login that asked for it passed a second factor."""
+
+    def ticket() -> str:
+        extra = {"otp_token": current_token(world["device"])} if second_factor else {}
+        api = signed_in("root", **extra)
+        response = api.post("/api/tickets/", {"room": "lobby"}, format="json")
+        assert response.status_code == 201
+        return response.json()["ticket"]
+
+    comm = communicator("/ws/rooms/lobby/", ticket=await database_sync_to_async(ticket)())
+    connected, _ = await comm.connect()
+    assert connected
+    hello = await receive_until(comm, "hello")
+    assert (hello["staff"], hello["moderator"]) == (second_factor, second_factor)
+    await send(comm, type="delete", seq=world["seq"])
+    if second_factor:
+        assert (await receive_until(comm, "deleted"))["seq"] == world["seq"]
+    else:
+        assert (await receive_until(comm, "error"))["code"] == "forbidden"
+    await comm.disconnect()
+    deleted = await database_sync_to_async(
+        lambda: Message.objects.get(seq=world["seq"]).deleted_at is not None
+    )()
+    assert deleted is second_factor
+
+
+def test_a_session_has_staff_powers_once_verified_in_the_admin(world):
+    """The pages sign in with a password; the admin's sign-in, with its code, verifies the
+    session (django-otp), and the pages' tickets then carry the powers."""
+    browser = Client()
+    browser.force_login(get_user_model().objects.get(username="root"))
+    assert browser.post("/api/tickets/", {"room": "vault"}).status_code == 403
+    form = {
+        "username": "root",
+        "password": PASSWORD,
+        "otp_device": world["device"].persistent_id,
+        "otp_token": current_token(world["device"]),
+    }
+    assert browser.post("/admin/login/?next=/admin/", form).status_code == 302
+    assert browser.post("/api/tickets/", {"room": "vault"}).status_code == 201
