@@ -1,5 +1,6 @@
 """Throttles keyed by what an attacker cannot choose: the resolved client IP, the account."""
 
+import contextlib
 import functools
 import hashlib
 import logging
@@ -121,11 +122,22 @@ class AtomicRateThrottle(SimpleRateThrottle):
         window_ms = max(1, math.ceil(self.duration * 1000))
         return bool(client.set(f"{settings.CHAT_REDIS_PREFIX}:{marker}", 1, nx=True, px=window_ms))
 
+    def forget_refusal(self) -> None:
+        """Undo first_refusal_in_window's mark, for the next refusal to be the first again."""
+        marker = f"{self.key}:refused"
+        with contextlib.suppress(RedisError, OSError):
+            if not settings.REDIS_URL:
+                cache.delete(marker)
+                return
+            client = _window_script(settings.REDIS_URL).registered_client
+            client.delete(f"{settings.CHAT_REDIS_PREFIX}:{marker}")
+
 
 class AuditedRefusals:
-    """A login limit's refusals in the audit trail (LOGIN_THROTTLED) and the security log: the
-    first of each window per counter, so a guesser who keeps on hammering writes a row a window
-    (per address, or per account), not a row a request. Without it, a brute force left only
+    """A login limit's refusals in the audit trail (LOGIN_THROTTLED) and the security log, at
+    most once a window per counter: the first refusal marks the counter for a window's length,
+    so a guesser who keeps on hammering writes a row a window (per address, or per account),
+    not a row a request. Without it, a brute force left only
     the LOGIN_FAILED rows of the attempts the limit let through, and then silence."""
 
     limit_name = ""  # what the counter is per: "address" or "account"
@@ -138,7 +150,12 @@ class AuditedRefusals:
         except (RedisError, OSError):
             first = True  # a row too many rather than a refusal unrecorded
         if first:
-            self._record_refusal(request)
+            try:
+                self._record_refusal(request)
+            except Exception as error:
+                # The refusal stands (429, not a 500); the next one of the window tries again.
+                logger.error("sign-in refusal not audited: %s", type(error).__name__)
+                self.forget_refusal()
         return False
 
     def _record_refusal(self, request) -> None:
@@ -146,23 +163,22 @@ class AuditedRefusals:
         details = {"limit": self.limit_name, "rate": self.rate, "path": request.path[:200]}
         username = self.attempted_username(request)
         if username is not None:
-            # As sent, not yet validated: a NUL or a lone surrogate would make PostgreSQL
-            # refuse the row (jsonb), and the refusal a 500.
-            details["username"] = (
-                username[:150].encode("utf-8", "replace").decode().replace("\x00", "\ufffd")
-            )
-        audit.security_event(
-            event=audit.Event.LOGIN_THROTTLED,
-            ip=ip,
-            reason=f"sign-in attempts per {self.limit_name} over {self.rate}",
-            details=details,
-        )
+            # Not validated yet: a NUL or a lone surrogate would make PostgreSQL refuse the row
+            # (jsonb), and the refusal a 500; and no longer than a username can be.
+            username = username[:150].encode("utf-8", "replace").decode().replace("\x00", "\ufffd")
+            details["username"] = username
         audit.security_logger.warning(
             "sign-ins throttled per %s (%s): ip=%s username=%r",
             self.limit_name,
             self.rate,
             ip,
             username,
+        )
+        audit.security_event(
+            event=audit.Event.LOGIN_THROTTLED,
+            ip=ip,
+            reason=f"sign-in attempts per {self.limit_name} over {self.rate}",
+            details=details,
         )
 
     def attempted_username(self, request) -> str | None:
@@ -246,9 +262,9 @@ class ApiThrottle(AtomicRateThrottle):
         as an anonymous one; over it, 429 instead of 401 (Throttled).
 
         DRF authenticates before it throttles, and a refusal ends the request: without this, a
-        client with a revoked or expired token was never limited, and a token of an ended
-        login costs the server a statement each time. `request.user` is not known here
-        (reading it would authenticate again), so the key is the address.
+        client with a revoked or expired token was never limited. The token is checked first
+        (a 429 costs what the 401 did); `request.user` is not known here (reading it would
+        authenticate again), so the key is the address.
         """
         throttle = cls()
         throttle.by_address = True

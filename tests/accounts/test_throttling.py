@@ -259,7 +259,9 @@ def test_login_refusals_are_audited_once_a_window(
 
 @pytest.mark.django_db
 @pytest.mark.parametrize("sent", ["al\x00ice", "\ud800alice", "a" * 300])
-def test_a_refused_username_is_audited_as_text_any_database_stores(store, monkeypatch, sent):
+def test_a_refused_username_is_audited_as_text_any_database_stores(
+    store, monkeypatch, caplog, sent
+):
     """The name is as the client sent it, not validated yet: a NUL or a lone surrogate would
     make PostgreSQL's jsonb refuse the row, and the refusal a 500."""
     from rest_framework.test import APIClient
@@ -284,6 +286,9 @@ def test_a_refused_username_is_audited_as_text_any_database_stores(store, monkey
     assert len(stored) <= 150
     assert "\x00" not in stored
     stored.encode("utf-8")  # no lone surrogate left
+    # The security log's line is as short (a name of any length was logged whole).
+    (line,) = [r.getMessage() for r in caplog.records if r.name == "chat.security"]
+    assert len(line) < 300
 
 
 @pytest.mark.django_db
@@ -343,3 +348,33 @@ def test_refused_credentials_take_their_place_in_the_addresss_budget(
     # Alice, signed in, from the same address, has a budget of her own.
     alice_api = bearer_client(alice)
     assert alice_api.get("/api/rooms/", REMOTE_ADDR="203.0.113.5").status_code == 200
+
+
+@pytest.mark.django_db
+def test_a_refusal_that_cannot_be_audited_still_refuses(store, monkeypatch, caplog):
+    """The audit row of a refusal failing (the database, say) leaves the refusal a 429, not a
+    500, and the next refusal of the window writes the row instead."""
+    from django.db import OperationalError
+    from rest_framework.test import APIClient
+
+    from accounts import throttling
+    from chat.models import SecurityEvent
+
+    cls = throttling.LoginUsernameThrottle
+    monkeypatch.setattr(cls, "THROTTLE_RATES", {**cls.THROTTLE_RATES, "login_user": "1/min"})
+    write = throttling.audit.security_event
+    failures = iter([True])
+
+    def failing_once(**fields):
+        if fields["event"] == SecurityEvent.Event.LOGIN_THROTTLED and next(failures, False):
+            raise OperationalError("database is locked")
+        return write(**fields)
+
+    monkeypatch.setattr(throttling.audit, "security_event", failing_once)
+    form = {"username": "alice", "password": "wrong-1"}
+    codes = [
+        APIClient().post("/api/auth/token/", form, format="json").status_code for _ in range(3)
+    ]
+    assert codes == [401, 429, 429]
+    assert SecurityEvent.objects.filter(event=SecurityEvent.Event.LOGIN_THROTTLED).count() == 1
+    assert "sign-in refusal not audited: OperationalError" in caplog.text
