@@ -29,7 +29,9 @@ class ChatJWTAuthentication(JWTAuthentication):
             raise
         if found is not None:
             user, token = found
-            second_factor.mark(user, bool(token.get(second_factor.OTP_CLAIM)))
+            device = token.get(second_factor.OTP_CLAIM)
+            # A statement more, for the logins that passed a second factor only (staff).
+            second_factor.mark(user, bool(device) and second_factor.device_holds(user, device))
         return found
 
     def get_validated_token(self, raw_token):

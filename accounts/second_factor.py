@@ -9,9 +9,11 @@ session's (`user.is_verified()`): a JWT by its login's claim, a socket by its ti
 """
 
 from django_otp import match_token
+from django_otp.models import Device
 
-# In a login's refresh and access tokens (simplejwt copies it, and keeps it across rotation) and
-# in the tickets issued to it: the login passed a second factor.
+# In a login's refresh and access tokens (simplejwt copies it, and keeps it across rotation):
+# the persistent id of the device that verified the login. A ticket issued to such a login
+# carries `True`: its request checked the device already.
 OTP_CLAIM = "otp"
 
 
@@ -26,7 +28,17 @@ def mark(user, verified: bool) -> None:
     user.is_verified = lambda: verified
 
 
-def verify_token(user, token: str) -> bool:
-    """Does `token` verify on one of `user`'s confirmed devices (TOTP code or backup code)?
-    Each device counts failures and throttles itself (django-otp)."""
-    return bool(token) and match_token(user, token) is not None
+def verify_token(user, token: str) -> Device | None:
+    """The confirmed device of `user`'s that `token` verifies on (TOTP code or backup code), or
+    None. Each device counts failures and throttles itself (django-otp)."""
+    return match_token(user, token) if token else None
+
+
+def device_holds(user, persistent_id) -> bool:
+    """Is the device that verified a login still `user`'s, and confirmed? As OTPMiddleware
+    asks of a session's device on each request: a device removed (a lost phone replaced with
+    `enroll_totp --replace`) takes its logins' staff powers with it."""
+    if not isinstance(persistent_id, str):
+        return False
+    device = Device.from_persistent_id(persistent_id)
+    return device is not None and device.user_id == user.pk and device.confirmed

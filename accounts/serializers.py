@@ -40,21 +40,22 @@ class TokenObtainPairSerializer(jwt_serializers.TokenObtainPairSerializer):
         # password has passed and before the tokens are signed (get_token is a classmethod, and
         # callers use it as one: it cannot see the request's code).
         data = jwt_serializers.TokenObtainSerializer.validate(self, attrs)
-        self.second_factor_passed = bool(attrs.get("otp_token"))
-        if self.second_factor_passed:
-            self._check_second_factor(attrs["otp_token"])
+        device = self._second_factor(attrs["otp_token"]) if attrs.get("otp_token") else None
+        self.second_factor_passed = device is not None
         refresh = self.get_token(self.user)
-        if self.second_factor_passed:
-            refresh[second_factor.OTP_CLAIM] = True
+        if device is not None:
+            refresh[second_factor.OTP_CLAIM] = device.persistent_id
         data["refresh"] = str(refresh)
         data["access"] = str(refresh.access_token)
         if jwt_settings.UPDATE_LAST_LOGIN:
             update_last_login(None, self.user)
         return data
 
-    def _check_second_factor(self, code: str) -> None:
-        if second_factor.verify_token(self.user, code):
-            return
+    def _second_factor(self, code: str):
+        """The device `code` verifies on; else the sign-in is refused (and audited)."""
+        device = second_factor.verify_token(self.user, code)
+        if device is not None:
+            return device
         audit.security_event(
             event=audit.Event.LOGIN_FAILED,
             target=self.user,

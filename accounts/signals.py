@@ -6,6 +6,8 @@ from django.contrib.auth.models import Group, Permission
 from django.contrib.auth.signals import user_logged_in, user_logged_out, user_login_failed
 from django.db.models.signals import m2m_changed, post_delete, post_save, pre_save
 from django.dispatch import receiver
+from django_otp.plugins.otp_static.models import StaticDevice
+from django_otp.plugins.otp_totp.models import TOTPDevice
 from rest_framework_simplejwt.token_blacklist.models import OutstandingToken
 
 from accounts.ip import client_ip_from_request
@@ -199,3 +201,19 @@ def _hash_upgrade(user, update_fields) -> bool:
         and set(update_fields) == {"password"}
         and is_password_usable(user.password)  # set_unusable_password() is no upgrade
     )
+
+
+# A device that verified logins (accounts.second_factor) leaves: their sockets, opened with
+# staff powers, close; the logins' own tokens lose the powers at their next request (the device
+# is looked up), and a session's at its next request (OTPMiddleware).
+@receiver(post_delete, sender=TOTPDevice, dispatch_uid="totp-device-removed")
+@receiver(post_delete, sender=StaticDevice, dispatch_uid="static-device-removed")
+def second_factor_removed(sender, instance, **kwargs):
+    chat_services.user_sockets_close(user_id=instance.user_id, reason="second factor removed")
+
+
+@receiver(post_save, sender=TOTPDevice, dispatch_uid="totp-device-unconfirmed")
+@receiver(post_save, sender=StaticDevice, dispatch_uid="static-device-unconfirmed")
+def second_factor_unconfirmed(sender, instance, created, **kwargs):
+    if not created and not instance.confirmed:
+        chat_services.user_sockets_close(user_id=instance.user_id, reason="second factor removed")

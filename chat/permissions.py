@@ -2,6 +2,8 @@
 
 Every function is pure: it decides from the user, the room and the user's membership row (None when
 the user has none), so a socket can check each action in memory with state kept fresh by events.
+The user object also says how it signed in (accounts.second_factor): staff powers need a second
+factor when CHAT_ADMIN_REQUIRE_OTP is on.
 """
 
 from datetime import datetime
@@ -90,7 +92,7 @@ def post_refusal(
     """
     if not can_post(user, room, membership):
         return "forbidden", "you may not post in this room"
-    if is_muted(membership, now):
+    if is_muted(membership, now) and not has_staff_powers(user):
         return "muted", "you are muted in this room"
     return None
 
@@ -158,8 +160,11 @@ def can_create_room(user) -> bool:
 
 
 def _target_rank(target, membership: Membership | None) -> int:
-    # A staff account is out of moderators' reach whatever credential it signs in with.
-    if target.is_staff:
+    # With the second factor required, staff rank belongs to a verified credential, not to the
+    # account: as a target, a staff account is ranked by its membership, so a room's moderators
+    # can mute or ban what its password alone reaches (a stolen one, say). Its verified
+    # credentials pass over a ban (can_view) and a mute (post_refusal) as staff.
+    if target.is_staff and not settings.CHAT_ADMIN_REQUIRE_OTP:
         return _STAFF_RANK
     if membership is None:
         return 0

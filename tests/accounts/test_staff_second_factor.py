@@ -14,11 +14,11 @@ from django_otp.plugins.otp_static.models import StaticDevice, StaticToken
 from django_otp.plugins.otp_totp.models import TOTPDevice
 from rest_framework.test import APIClient
 
-from chat.models import Message, SecurityEvent
+from chat.models import Message, Room, SecurityEvent
 from tests.accounts.test_admin_otp import current_token, enroll
 from tests.chat.helpers import send
 from tests.factories import PASSWORD, make_member, make_room, make_user
-from tests.ws import communicator, receive_until
+from tests.ws import closed_with, communicator, receive_until
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
@@ -154,3 +154,59 @@ def test_a_session_has_staff_powers_once_verified_in_the_admin(world):
     }
     assert browser.post("/admin/login/?next=/admin/", form).status_code == 302
     assert browser.post("/api/tickets/", {"room": "vault"}).status_code == 201
+
+
+def test_what_a_staff_password_alone_reaches_can_be_moderated(world):
+    """A stolen staff password must reach no more than a member's account: the lobby's owner
+    can mute it (before, staff outranked every room role as targets, whatever they signed in
+    with). The account's verified login passes over the mute, as staff."""
+    owner = make_user("owner")
+    lobby = Room.objects.get(slug="lobby")
+    make_member(lobby, owner, role="owner")
+    root = get_user_model().objects.get(username="root")
+    make_member(lobby, root)
+    password_only = signed_in("root")
+    muted = signed_in("owner").patch(
+        "/api/rooms/lobby/members/root/", {"muted_until": "2099-01-01T00:00:00Z"}, format="json"
+    )
+    assert muted.status_code == 200, muted.content
+    body = {"body": "spam", "client_id": "s1"}
+    refused = password_only.post("/api/rooms/lobby/messages/", body, format="json")
+    assert (refused.status_code, refused.json()["code"]) == (403, "muted")
+    verified = signed_in("root", otp_token=current_token(world["device"]))
+    body = {"body": "staff here", "client_id": "s2"}
+    assert verified.post("/api/rooms/lobby/messages/", body, format="json").status_code == 201
+
+
+@pytest.mark.parametrize("change", ["deleted", "unconfirmed"])
+def test_a_device_removed_takes_its_logins_powers(world, change):
+    """A lost phone replaced (`enroll_totp --replace` deletes the device): the login it
+    verified keeps signing requests, refreshes included, but its staff powers are gone."""
+    api = signed_in("root", otp_token=current_token(world["device"]))
+    assert "vault" in rooms(api)
+    if change == "deleted":
+        world["device"].delete()
+    else:
+        world["device"].confirmed = False
+        world["device"].save()
+    assert "vault" not in rooms(api)
+    refreshed = APIClient().post(
+        "/api/auth/token/refresh/", {"refresh": api.refresh_token}, format="json"
+    )
+    again = APIClient()
+    again.credentials(HTTP_AUTHORIZATION=f"Bearer {refreshed.json()['access']}")
+    assert "vault" not in rooms(again)
+
+
+async def test_a_device_removed_closes_the_sockets_it_verified(world):
+    def ticket() -> str:
+        api = signed_in("root", otp_token=current_token(world["device"]))
+        return api.post("/api/tickets/", {"room": "vault"}, format="json").json()["ticket"]
+
+    comm = communicator("/ws/rooms/vault/", ticket=await database_sync_to_async(ticket)())
+    connected, _ = await comm.connect()
+    assert connected
+    assert (await receive_until(comm, "hello"))["staff"] is True
+    await database_sync_to_async(world["device"].delete)()
+    code, reason = await closed_with(comm)
+    assert (code, reason) == (4401, "second factor removed")
