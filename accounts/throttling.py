@@ -1,6 +1,5 @@
 """Throttles keyed by what an attacker cannot choose: the resolved client IP, the account."""
 
-import contextlib
 import functools
 import hashlib
 import logging
@@ -13,6 +12,7 @@ import unicodedata
 from django.conf import settings
 from django.contrib.auth import get_user_model
 from django.core.cache import cache
+from django.db import DatabaseError
 from django.http import HttpResponse
 from django.template.loader import render_to_string
 from redis.exceptions import RedisError
@@ -122,16 +122,6 @@ class AtomicRateThrottle(SimpleRateThrottle):
         window_ms = max(1, math.ceil(self.duration * 1000))
         return bool(client.set(f"{settings.CHAT_REDIS_PREFIX}:{marker}", 1, nx=True, px=window_ms))
 
-    def forget_refusal(self) -> None:
-        """Undo first_refusal_in_window's mark, for the next refusal to be the first again."""
-        marker = f"{self.key}:refused"
-        with contextlib.suppress(RedisError, OSError):
-            if not settings.REDIS_URL:
-                cache.delete(marker)
-                return
-            client = _window_script(settings.REDIS_URL).registered_client
-            client.delete(f"{settings.CHAT_REDIS_PREFIX}:{marker}")
-
 
 class AuditedRefusals:
     """A login limit's refusals in the audit trail (LOGIN_THROTTLED) and the security log, at
@@ -150,12 +140,7 @@ class AuditedRefusals:
         except (RedisError, OSError):
             first = True  # a row too many rather than a refusal unrecorded
         if first:
-            try:
-                self._record_refusal(request)
-            except Exception as error:
-                # The refusal stands (429, not a 500); the next one of the window tries again.
-                logger.error("sign-in refusal not audited: %s", type(error).__name__)
-                self.forget_refusal()
+            self._record_refusal(request)
         return False
 
     def _record_refusal(self, request) -> None:
@@ -174,12 +159,17 @@ class AuditedRefusals:
             ip,
             username,
         )
-        audit.security_event(
-            event=audit.Event.LOGIN_THROTTLED,
-            ip=ip,
-            reason=f"sign-in attempts per {self.limit_name} over {self.rate}",
-            details=details,
-        )
+        try:
+            audit.security_event(
+                event=audit.Event.LOGIN_THROTTLED,
+                ip=ip,
+                reason=f"sign-in attempts per {self.limit_name} over {self.rate}",
+                details=details,
+            )
+        except DatabaseError as error:
+            # The refusal stands (429, not a 500) and the line above says it; the window's mark
+            # stays, so a database that keeps failing costs one attempt a window, not a request.
+            logger.error("sign-in refusal not audited: %s", type(error).__name__)
 
     def attempted_username(self, request) -> str | None:
         return None
