@@ -40,5 +40,8 @@ def device_holds(user, persistent_id) -> bool:
     `enroll_totp --replace`) takes its logins' staff powers with it."""
     if not isinstance(persistent_id, str):
         return False
-    device = Device.from_persistent_id(persistent_id)
+    try:
+        device = Device.from_persistent_id(persistent_id)
+    except AttributeError:  # a model that is no device (django-otp filters None)
+        return False
     return device is not None and device.user_id == user.pk and device.confirmed

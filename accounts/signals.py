@@ -1,5 +1,6 @@
 """Audit Django's own authentication events (logins through any path, session logouts)."""
 
+from django.conf import settings
 from django.contrib.auth import get_user_model
 from django.contrib.auth.hashers import is_password_usable
 from django.contrib.auth.models import Group, Permission
@@ -203,17 +204,40 @@ def _hash_upgrade(user, update_fields) -> bool:
     )
 
 
-# A device that verified logins (accounts.second_factor) leaves: their sockets, opened with
-# staff powers, close; the logins' own tokens lose the powers at their next request (the device
-# is looked up), and a session's at its next request (OTPMiddleware).
-@receiver(post_delete, sender=TOTPDevice, dispatch_uid="totp-device-removed")
-@receiver(post_delete, sender=StaticDevice, dispatch_uid="static-device-removed")
+# A device that verified logins (accounts.second_factor) leaves, or stops being its user's
+# confirmed device: their sockets, opened with staff powers, close; the logins' own tokens lose
+# the powers at their next request (the device is looked up), and a session's at its next
+# request (OTPMiddleware). Deleting a backup device's codes ends nothing (a code is spent by
+# the sign-in it verified): remove the device. QuerySet.update() sends no signal.
+_DEVICES = (TOTPDevice, StaticDevice)
+
+
+def _second_factor_gone(user_id: int) -> None:
+    if settings.CHAT_ADMIN_REQUIRE_OTP:  # else staff powers never depended on it
+        chat_services.user_sockets_close(user_id=user_id, reason="second factor removed")
+
+
 def second_factor_removed(sender, instance, **kwargs):
-    chat_services.user_sockets_close(user_id=instance.user_id, reason="second factor removed")
+    _second_factor_gone(instance.user_id)
 
 
-@receiver(post_save, sender=TOTPDevice, dispatch_uid="totp-device-unconfirmed")
-@receiver(post_save, sender=StaticDevice, dispatch_uid="static-device-unconfirmed")
-def second_factor_unconfirmed(sender, instance, created, **kwargs):
-    if not created and not instance.confirmed:
-        chat_services.user_sockets_close(user_id=instance.user_id, reason="second factor removed")
+def remember_device(sender, instance, **kwargs):
+    if not instance._state.adding:
+        instance._device_before = (
+            sender.objects.filter(pk=instance.pk).values("user_id", "confirmed").first()
+        )
+
+
+def device_changed(sender, instance, created, **kwargs):
+    before = instance.__dict__.pop("_device_before", None)
+    if created or before is None or not before["confirmed"]:
+        return
+    if not instance.confirmed or instance.user_id != before["user_id"]:
+        _second_factor_gone(before["user_id"])
+
+
+for _device in _DEVICES:
+    _uid = _device._meta.model_name
+    post_delete.connect(second_factor_removed, sender=_device, dispatch_uid=f"{_uid}-removed")
+    pre_save.connect(remember_device, sender=_device, dispatch_uid=f"{_uid}-before")
+    post_save.connect(device_changed, sender=_device, dispatch_uid=f"{_uid}-changed")

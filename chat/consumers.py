@@ -541,7 +541,10 @@ class RoomConsumer(AsyncWebsocketConsumer):
             return
         if kind == "hub.membership":
             self.membership = _membership(self.room_id, self.user_id, event["state"])
-            if event.get("close"):
+            # A ban, a removal or a lower role closes a member's socket; staff powers pass over
+            # them (with the second factor required, they bind a staff account's password-only
+            # credentials, which have no staff powers: chat.permissions._target_rank).
+            if event.get("close") and not permissions.has_staff_powers(self.user):
                 code, reason = event["close"]
                 await self._close(code, reason)
                 return

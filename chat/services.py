@@ -557,7 +557,8 @@ def member_remove(*, actor, room: Room, user, reason: str = "") -> None:
     with transaction.atomic():
         target = _existing_membership(room, user)
         leaving = actor.pk == user.pk and target.role != Role.OWNER
-        if leaving and (target.banned_at is not None or permissions.is_muted(target)):
+        sanctioned = target.banned_at is not None or permissions.is_muted(target)
+        if leaving and sanctioned and not permissions.has_staff_powers(actor):
             raise Forbidden("you cannot leave this room while you are banned or muted in it")
         if not leaving and not permissions.can_moderate(
             actor, room, _membership(room, actor), user, target

@@ -210,3 +210,101 @@ async def test_a_device_removed_closes_the_sockets_it_verified(world):
     await database_sync_to_async(world["device"].delete)()
     code, reason = await closed_with(comm)
     assert (code, reason) == (4401, "second factor removed")
+
+
+@pytest.mark.parametrize("sanction", ["ban", "kick"])
+async def test_a_ban_binds_only_what_the_password_alone_reaches(world, sanction):
+    """The lobby's owner bans or removes root: the socket of root's password-only login closes
+    (4403), the one of root's verified login stays, as staff pass over a ban."""
+    owner = await database_sync_to_async(make_user)("owner")
+
+    def setup():
+        lobby = Room.objects.get(slug="lobby")
+        make_member(lobby, owner, role="owner")
+        make_member(lobby, get_user_model().objects.get(username="root"))
+        tickets = []
+        for extra in ({}, {"otp_token": current_token(world["device"])}):
+            api = signed_in("root", **extra)
+            tickets.append(api.post("/api/tickets/", {"room": "lobby"}, format="json"))
+        return [t.json()["ticket"] for t in tickets]
+
+    password_only, verified = await database_sync_to_async(setup)()
+    sockets = []
+    for ticket in (password_only, verified):
+        comm = communicator("/ws/rooms/lobby/", ticket=ticket)
+        assert (await comm.connect())[0]
+        await receive_until(comm, "hello")
+        sockets.append(comm)
+
+    def sanction_root():
+        api = signed_in("owner")
+        if sanction == "ban":
+            return api.patch("/api/rooms/lobby/members/root/", {"banned": True}, format="json")
+        return api.delete("/api/rooms/lobby/members/root/")
+
+    assert (await database_sync_to_async(sanction_root)()).status_code in (200, 204)
+    assert (await closed_with(sockets[0]))[0] == 4403
+    await send(sockets[1], type="ping")
+    assert (await receive_until(sockets[1], "pong"))["type"] == "pong"
+    await sockets[1].disconnect()
+
+
+def test_staff_with_their_powers_may_leave_a_room_they_are_muted_in(world):
+    owner = make_user("owner")
+    lobby = Room.objects.get(slug="lobby")
+    make_member(lobby, owner, role="owner")
+    make_member(lobby, get_user_model().objects.get(username="root"))
+    mute = {"muted_until": "2099-01-01T00:00:00Z"}
+    api = signed_in("owner")
+    assert api.patch("/api/rooms/lobby/members/root/", mute, format="json").status_code == 200
+    assert signed_in("root").delete("/api/rooms/lobby/members/root/").status_code == 403
+    verified = signed_in("root", otp_token=current_token(world["device"]))
+    assert verified.delete("/api/rooms/lobby/members/root/").status_code == 204
+
+
+@pytest.mark.parametrize(
+    ("change", "closes"),
+    [
+        ("delete", "root"),
+        ("unconfirm", "root"),
+        ("give to carol", "root"),
+        ("rename", None),
+        ("verify a code", None),
+        ("rename a spare unconfirmed device", None),
+        ("delete with the requirement off", None),
+    ],
+)
+def test_which_device_changes_close_the_users_sockets(world, monkeypatch, settings, change, closes):
+    """Only a device leaving the user's confirmed ones ends what it verified; a verification's
+    own save (last_t, throttling) or a spare device's edit must not close every socket."""
+    from accounts import signals
+
+    closed = []
+    monkeypatch.setattr(
+        signals.chat_services,
+        "user_sockets_close",
+        lambda *, user_id, reason: closed.append((user_id, reason)),
+    )
+    device = world["device"]
+    root = device.user
+    if change == "delete":
+        device.delete()
+    elif change == "unconfirm":
+        device.confirmed = False
+        device.save()
+    elif change == "give to carol":
+        device.user = make_user("carol")
+        device.save()
+    elif change == "rename":
+        device.name = "phone"
+        device.save()
+    elif change == "verify a code":
+        assert device.verify_token(current_token(device))
+    elif change == "rename a spare unconfirmed device":
+        spare = TOTPDevice.objects.create(user=root, name="spare", confirmed=False)
+        spare.name = "spare phone"
+        spare.save()
+    else:
+        settings.CHAT_ADMIN_REQUIRE_OTP = False
+        device.delete()
+    assert closed == ([(root.pk, "second factor removed")] if closes else [])
