@@ -29,9 +29,8 @@ class ChatJWTAuthentication(JWTAuthentication):
             raise
         if found is not None:
             user, token = found
-            device = token.get(second_factor.OTP_CLAIM)
             # A statement more, for the logins that passed a second factor only (staff).
-            second_factor.mark(user, bool(device) and second_factor.device_holds(user, device))
+            second_factor.mark_by_claim(user, token.get(second_factor.OTP_CLAIM))
         return found
 
     def get_validated_token(self, raw_token):

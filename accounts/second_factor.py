@@ -11,9 +11,9 @@ session's (`user.is_verified()`): a JWT by its login's claim, a socket by its ti
 from django_otp import match_token
 from django_otp.models import Device
 
-# In a login's refresh and access tokens (simplejwt copies it, and keeps it across rotation):
-# the persistent id of the device that verified the login. A ticket issued to such a login
-# carries `True`: its request checked the device already.
+# The persistent id of the device that verified a login: in the login's refresh and access
+# tokens (simplejwt copies it, and keeps it across rotation) and in the tickets issued to it.
+# Checked (device_holds) wherever a credential carrying it is used.
 OTP_CLAIM = "otp"
 
 
@@ -23,9 +23,27 @@ def is_verified(user) -> bool:
     return bool(check is not None and check())
 
 
-def mark(user, verified: bool) -> None:
-    """Say what the credential `user` was authenticated with passed (as OTPMiddleware does)."""
-    user.is_verified = lambda: verified
+def mark(user, device_id: str | None) -> None:
+    """Say which device (persistent id), if any, verified the credential `user` was
+    authenticated with, as OTPMiddleware says it of a session's user (`otp_device`)."""
+    user.otp_device_id = device_id
+    user.is_verified = lambda: device_id is not None
+
+
+def mark_by_claim(user, claim) -> None:
+    """mark() by a token's claim: the device it names, if that still holds."""
+    mark(user, claim if claim and device_holds(user, claim) else None)
+
+
+def verified_device(user) -> str | None:
+    """The persistent id of the device that verified `user`'s credential: marked here (a JWT,
+    a ticket) or by OTPMiddleware (a session); None if none did."""
+    if not is_verified(user):
+        return None
+    device_id = getattr(user, "otp_device_id", None)
+    if device_id is None and getattr(user, "otp_device", None) is not None:
+        device_id = user.otp_device.persistent_id
+    return device_id
 
 
 def verify_token(user, token: str) -> Device | None:

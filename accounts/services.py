@@ -74,7 +74,8 @@ def ticket_issue(
     """Issue a ticket for `user` to open one socket to `room` from `ip`.
 
     Whether the user may view the room is the caller's check (chat.permissions). The ticket
-    says whether `user`'s credential passed a second factor, for the socket's staff powers.
+    names the device that verified `user`'s credential, if one did, for the socket's staff
+    powers (checked again at redemption).
     """
     if not user.is_active:
         raise TicketRefused("inactive users get no tickets")
@@ -82,8 +83,9 @@ def ticket_issue(
     token[jwt_settings.USER_ID_CLAIM] = str(user.pk)
     token["room"] = room.slug
     token["ip"] = ip
-    if second_factor.is_verified(user):
-        token[second_factor.OTP_CLAIM] = True
+    device = second_factor.verified_device(user)
+    if device is not None:
+        token[second_factor.OTP_CLAIM] = device
     # Through chat.sql: on every handshake, and Ticket has no save signals to skip.
     row = sql.build(
         Ticket,
@@ -142,7 +144,10 @@ def ticket_redeem(*, token: str, room_slug: str, ip: str | None) -> Redemption:
         else:
             reason = Reason.TICKET_EXPIRED
         return Redemption(error=reason, jti=jti)
-    second_factor.mark(user, bool(ticket.get(second_factor.OTP_CLAIM)))
+    # Checked again here, not trusted from the issue: a device removed between the ticket
+    # request's check and its row (after the removal revoked the user's tickets) takes the
+    # powers from this socket too. A statement more, for staff tickets only.
+    second_factor.mark_by_claim(user, ticket.get(second_factor.OTP_CLAIM))
     return Redemption(user=user, grant=Grant(jti, row.room_id, row.credential), jti=jti)
 
 

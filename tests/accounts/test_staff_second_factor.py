@@ -308,3 +308,42 @@ def test_which_device_changes_close_the_users_sockets(world, monkeypatch, settin
         settings.CHAT_ADMIN_REQUIRE_OTP = False
         device.delete()
     assert closed == ([(root.pk, "second factor removed")] if closes else [])
+
+
+@pytest.mark.parametrize("way", ["api", "session"])
+async def test_a_ticket_is_checked_against_its_device_when_the_socket_opens(world, way):
+    """A ticket names the device that verified its login. Removed between the ticket request's
+    check and the ticket's row (the removal's revocation of the user's tickets came first:
+    here, a removal that sends no signal stands in for that instant), the device takes the
+    socket's staff powers: it opens as the member root is not, and is refused."""
+
+    def tickets() -> list[str]:
+        # One sign-in (a TOTP code verifies once), two tickets.
+        if way == "api":
+            api = signed_in("root", otp_token=current_token(world["device"]))
+            answers = [
+                api.post("/api/tickets/", {"room": "vault"}, format="json") for _ in range(2)
+            ]
+        else:
+            browser = Client()
+            form = {
+                "username": "root",
+                "password": PASSWORD,
+                "otp_device": world["device"].persistent_id,
+                "otp_token": current_token(world["device"]),
+            }
+            assert browser.post("/admin/login/?next=/admin/", form).status_code == 302
+            answers = [browser.post("/api/tickets/", {"room": "vault"}) for _ in range(2)]
+        return [answer.json()["ticket"] for answer in answers]
+
+    kept, lost = await database_sync_to_async(tickets)()
+    comm = communicator("/ws/rooms/vault/", ticket=kept)
+    assert (await comm.connect())[0]
+    assert (await receive_until(comm, "hello"))["staff"] is True
+    await comm.disconnect()
+    await database_sync_to_async(
+        lambda: TOTPDevice.objects.filter(pk=world["device"].pk)._raw_delete("default")
+    )()
+    comm = communicator("/ws/rooms/vault/", ticket=lost)
+    assert (await comm.connect())[0]
+    assert (await closed_with(comm))[0] == 4403
