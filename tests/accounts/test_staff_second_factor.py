@@ -56,6 +56,17 @@ def signed_in(username: str, **extra) -> APIClient:
     return api
 
 
+def admin_sign_in(browser: Client, device: TOTPDevice) -> None:
+    """root signs in to the admin with a code: django-otp verifies the browser's session."""
+    form = {
+        "username": "root",
+        "password": PASSWORD,
+        "otp_device": device.persistent_id,
+        "otp_token": current_token(device),
+    }
+    assert browser.post("/admin/login/?next=/admin/", form).status_code == 302
+
+
 def rooms(api) -> set[str]:
     response = api.get("/api/rooms/")
     assert response.status_code == 200
@@ -146,13 +157,7 @@ def test_a_session_has_staff_powers_once_verified_in_the_admin(world):
     browser = Client()
     browser.force_login(get_user_model().objects.get(username="root"))
     assert browser.post("/api/tickets/", {"room": "vault"}).status_code == 403
-    form = {
-        "username": "root",
-        "password": PASSWORD,
-        "otp_device": world["device"].persistent_id,
-        "otp_token": current_token(world["device"]),
-    }
-    assert browser.post("/admin/login/?next=/admin/", form).status_code == 302
+    admin_sign_in(browser, world["device"])
     assert browser.post("/api/tickets/", {"room": "vault"}).status_code == 201
 
 
@@ -326,13 +331,7 @@ async def test_a_ticket_is_checked_against_its_device_when_the_socket_opens(worl
             ]
         else:
             browser = Client()
-            form = {
-                "username": "root",
-                "password": PASSWORD,
-                "otp_device": world["device"].persistent_id,
-                "otp_token": current_token(world["device"]),
-            }
-            assert browser.post("/admin/login/?next=/admin/", form).status_code == 302
+            admin_sign_in(browser, world["device"])
             answers = [browser.post("/api/tickets/", {"room": "vault"}) for _ in range(2)]
         return [answer.json()["ticket"] for answer in answers]
 
