@@ -76,13 +76,15 @@ _CREDENTIAL_FIELDS = ("password", "is_active", "is_staff", "is_superuser")
 
 @receiver(pre_save, sender=get_user_model(), dispatch_uid="user-credentials-before")
 def remember_credentials(sender, instance, update_fields=None, **kwargs):
-    if instance._state.adding or (
-        update_fields and not set(_CREDENTIAL_FIELDS) & set(update_fields)
-    ):
-        return
-    instance._credentials_before = (
-        sender.objects.filter(pk=instance.pk).values(*_CREDENTIAL_FIELDS).first()
-    )
+    instance._credentials_before = _stored(sender, instance, _CREDENTIAL_FIELDS, update_fields)
+
+
+def _stored(sender, instance, fields, update_fields) -> dict | None:
+    """The stored values of `fields`, read in pre_save for post_save to compare with; None for
+    a new row, or a save that writes none of them."""
+    if instance._state.adding or (update_fields and not set(fields) & set(update_fields)):
+        return None
+    return sender.objects.filter(pk=instance.pk).values(*fields).first()
 
 
 @receiver(post_save, sender=get_user_model(), dispatch_uid="user-credentials-after")
@@ -221,19 +223,16 @@ def second_factor_removed(sender, instance, **kwargs):
     _second_factor_gone(instance.user_id)
 
 
-def remember_device(sender, instance, **kwargs):
-    if not instance._state.adding:
-        instance._device_before = (
-            sender.objects.filter(pk=instance.pk).values("user_id", "confirmed").first()
-        )
+def remember_device(sender, instance, update_fields=None, **kwargs):
+    instance._device_before = _stored(sender, instance, ("user", "confirmed"), update_fields)
 
 
 def device_changed(sender, instance, created, **kwargs):
     before = instance.__dict__.pop("_device_before", None)
     if created or before is None or not before["confirmed"]:
         return
-    if not instance.confirmed or instance.user_id != before["user_id"]:
-        _second_factor_gone(before["user_id"])
+    if not instance.confirmed or instance.user_id != before["user"]:
+        _second_factor_gone(before["user"])
 
 
 for _device in _DEVICES:
