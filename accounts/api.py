@@ -78,6 +78,16 @@ class LoginView(FirstRefusal, jwt_views.TokenObtainPairView):
             serializer.is_valid(raise_exception=True)
         except TokenError as error:
             raise InvalidToken(error.args[0]) from error
+        except serializers.SecondFactorRefused:
+            # Audited here, beside the success row, not as a side effect of validation.
+            audit.security_event(
+                event=audit.Event.LOGIN_FAILED,
+                target=serializer.user,
+                ip=client_ip_from_request(request),
+                reason="bad second factor",
+                details={"username": serializer.user.username, "method": "jwt"},
+            )
+            raise
         audit.security_event(
             event=audit.Event.LOGIN_SUCCEEDED,
             actor=serializer.user,

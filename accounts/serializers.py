@@ -13,9 +13,7 @@ from rest_framework_simplejwt.tokens import RefreshToken
 from rest_framework_simplejwt.utils import get_md5_hash_password
 
 from accounts import second_factor
-from accounts.ip import client_ip_from_request
 from accounts.tokens import ChatRefreshToken
-from chat import audit
 
 User = get_user_model()
 
@@ -52,21 +50,18 @@ class TokenObtainPairSerializer(jwt_serializers.TokenObtainPairSerializer):
         return data
 
     def _second_factor(self, code: str):
-        """The device `code` verifies on; else the sign-in is refused (and audited)."""
+        """The device `code` verifies on; else the sign-in is refused (the view audits it)."""
         device = second_factor.verify_token(self.user, code)
-        if device is not None:
-            return device
-        audit.security_event(
-            event=audit.Event.LOGIN_FAILED,
-            target=self.user,
-            ip=client_ip_from_request(self.context["request"]),
-            reason="bad second factor",
-            details={"username": self.user.username, "method": "jwt"},
-        )
-        raise AuthenticationFailed(
-            "The one-time code is wrong, used already, or its device is throttled.",
-            code="otp_invalid",
-        )
+        if device is None:
+            raise SecondFactorRefused(
+                "The one-time code is wrong, used already, or its device is throttled.",
+                code="otp_invalid",
+            )
+        return device
+
+
+class SecondFactorRefused(AuthenticationFailed):
+    """The password passed and the one-time code did not (401 `otp_invalid`)."""
 
 
 class TokenRefreshSerializer(jwt_serializers.TokenRefreshSerializer):
