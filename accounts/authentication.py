@@ -30,7 +30,7 @@ class ChatJWTAuthentication(JWTAuthentication):
         if found is not None:
             user, token = found
             # A statement more, for the logins that passed a second factor only (staff).
-            second_factor.mark_by_claim(user, token.get(second_factor.OTP_CLAIM))
+            second_factor.mark(user, token.get(second_factor.OTP_CLAIM))
         return found
 
     def get_validated_token(self, raw_token):

@@ -23,16 +23,13 @@ def is_verified(user) -> bool:
     return bool(check is not None and check())
 
 
-def mark(user, device_id: str | None) -> None:
-    """Say which device (persistent id), if any, verified the credential `user` was
-    authenticated with, as OTPMiddleware says it of a session's user (`otp_device`)."""
+def mark(user, claim) -> None:
+    """Say which device, if any, verified the credential `user` was authenticated with: the
+    one a token's claim names, if it still holds. As OTPMiddleware says it of a session's
+    user (`otp_device`)."""
+    device_id = claim if claim and device_holds(user, claim) else None
     user.otp_device_id = device_id
     user.is_verified = lambda: device_id is not None
-
-
-def mark_by_claim(user, claim) -> None:
-    """mark() by a token's claim: the device it names, if that still holds."""
-    mark(user, claim if claim and device_holds(user, claim) else None)
 
 
 def verified_device(user) -> str | None:

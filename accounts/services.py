@@ -147,7 +147,7 @@ def ticket_redeem(*, token: str, room_slug: str, ip: str | None) -> Redemption:
     # Checked again here, not trusted from the issue: a device removed between the ticket
     # request's check and its row (after the removal revoked the user's tickets) takes the
     # powers from this socket too. A statement more, for staff tickets only.
-    second_factor.mark_by_claim(user, ticket.get(second_factor.OTP_CLAIM))
+    second_factor.mark(user, ticket.get(second_factor.OTP_CLAIM))
     return Redemption(user=user, grant=Grant(jti, row.room_id, row.credential), jti=jti)
 
 
