@@ -9,7 +9,6 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 from urllib.parse import parse_qsl, urlencode, urlsplit
 
-from channels.db import database_sync_to_async
 from django.conf import settings
 from django.contrib.auth.models import AnonymousUser
 
@@ -20,6 +19,7 @@ from chat.protocol import TICKET_SUBPROTOCOL_PREFIX, chosen_subprotocol, handsha
 from chat.routing import room_slug_from_path
 from chat.runtime import get_runtime
 from chat.state import StateUnavailable
+from chatproject.dbthread import database_sync_to_async
 
 logger = logging.getLogger("accounts.middleware")
 

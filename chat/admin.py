@@ -8,7 +8,6 @@ import json
 from collections.abc import AsyncIterator, Iterable, Iterator
 from datetime import datetime
 
-from asgiref.sync import sync_to_async
 from django.contrib import admin, messages
 from django.core.exceptions import PermissionDenied
 from django.core.handlers.asgi import ASGIRequest
@@ -32,6 +31,7 @@ from chat.models import (
     Room,
     SecurityEvent,
 )
+from chatproject.dbthread import database_thread
 
 # --- CSV export ----------------------------------------------------------------------------------
 
@@ -72,8 +72,10 @@ def csv_lines(queryset: QuerySet, fields: Iterable[str]) -> Iterator[str]:
 async def _in_request_thread(lines: Iterator[str], size: int = 500) -> AsyncIterator[str]:
     # Under ASGI a synchronous iterator would be read to the end into memory before the first byte
     # goes out; read it chunk by chunk in the request's database thread instead.
-    take = sync_to_async(lambda: list(itertools.islice(lines, size)), thread_sensitive=True)
-    while chunk := await take():
+    def take():
+        return list(itertools.islice(lines, size))
+
+    while chunk := await database_thread.run(take):
         for line in chunk:
             yield line
 

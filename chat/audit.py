@@ -17,7 +17,6 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 from uuid import UUID
 
-from channels.db import database_sync_to_async
 from django.conf import settings
 from django.db import IntegrityError, transaction
 from django.db.models import Max, Q
@@ -35,6 +34,7 @@ from chat.models import (
 )
 from chat.protocol import handshake_header
 from chat.state import StateUnavailable
+from chatproject.dbthread import database_sync_to_async
 
 logger = logging.getLogger("chat.audit")
 

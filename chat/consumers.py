@@ -12,7 +12,6 @@ import uuid
 from typing import Any
 
 from channels.consumer import get_handler_name
-from channels.db import database_sync_to_async
 from channels.exceptions import StopConsumer
 from channels.generic.websocket import AsyncWebsocketConsumer
 from django.conf import settings
@@ -43,6 +42,7 @@ from chat.protocol import (
 from chat.runtime import get_runtime
 from chat.services import SendItem
 from chat.state import StateUnavailable
+from chatproject.dbthread import database_sync_to_async
 
 logger = logging.getLogger("chat.consumers")
 

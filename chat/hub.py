@@ -20,13 +20,13 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
-from channels.db import database_sync_to_async
 from channels.layers import get_channel_layer
 from django.conf import settings
 
 from chat import broadcast, frames, metrics, selectors
 from chat.protocol import CLOSE_TRY_AGAIN, CLOSE_UNAUTHORIZED
 from chat.runtime import cancel_and_wait
+from chatproject.dbthread import database_sync_to_async
 
 if TYPE_CHECKING:
     from chat.runtime import Runtime

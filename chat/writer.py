@@ -6,11 +6,11 @@ import asyncio
 import logging
 from collections.abc import Awaitable, Callable
 
-from channels.db import database_sync_to_async
 from django.db import DataError, IntegrityError
 
 from chat import broadcast, frames, metrics, services
 from chat.services import SendItem, SendResult
+from chatproject.dbthread import database_sync_to_async
 
 logger = logging.getLogger("chat.writer")
 

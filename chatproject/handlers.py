@@ -14,6 +14,7 @@ from django.http import FileResponse
 from django.urls import Resolver404, get_resolver, set_script_prefix
 
 from chat.protocol import handshake_header
+from chatproject.dbthread import database_thread
 
 _CACHED_PATH_LENGTH = 256  # longer paths are resolved each time, so clients cannot fill the cache
 
@@ -30,13 +31,14 @@ class OneHopASGIHandler(ASGIHandler):
     `request_finished` thus fires before the bytes go out; a streaming response is closed
     (`request_finished`) in a second call once sent.
 
-    Sync views run in asgiref's one thread-sensitive thread, which the sockets' database calls
-    share, with its long-lived connection (stock Django gives each request a thread of its own,
-    hence a new connection each time); requests are short, and concurrency comes from running
-    several processes. Async views (/healthz) run their middleware in a pool thread instead, and
-    the view itself on the loop: a health check must answer while a stuck query holds the
-    database thread. Which kind a path leads to is read from the root URLconf; a middleware
-    that sets `request.urlconf` would not be seen here (none does).
+    Sync views run in the process's database thread (chatproject/dbthread.py), which the
+    sockets' database calls share, with its long-lived connection (stock Django gives each
+    request a thread of its own, hence a new connection each time); requests are short, and
+    concurrency comes from running several processes. Async views (/healthz) run their
+    middleware in a pool thread instead, and the view itself on the loop: a health check must
+    answer while a stuck query holds the database thread. Which kind a path leads to is read
+    from the root URLconf; a middleware that sets `request.urlconf` would not be seen here (none
+    does).
     """
 
     def __init__(self):
@@ -58,14 +60,21 @@ class OneHopASGIHandler(ASGIHandler):
             return
         shared_thread = not _leads_to_async_view(scope)
         try:
-            response = await sync_to_async(self._respond, thread_sensitive=shared_thread)(
-                scope, body_file, shared_thread
-            )
+            if shared_thread:
+                response = await database_thread.run(self._respond, scope, body_file, True)
+            else:
+                response = await sync_to_async(self._respond, thread_sensitive=False)(
+                    scope, body_file, False
+                )
             # A closed response with its content in bytes goes out without a thread; a
-            # streaming one may still read the request body, and is closed once sent.
+            # streaming one may still read the request body, and is closed once sent, in the
+            # thread whose connections request_finished closes.
             await self.send_response(response, send)
             if response.streaming:
-                await sync_to_async(response.close)()
+                if shared_thread:
+                    await database_thread.run(response.close)
+                else:
+                    await sync_to_async(response.close)()
         finally:
             body_file.close()
 

@@ -12,6 +12,7 @@ from django.http import HttpResponse, JsonResponse, StreamingHttpResponse
 from django.urls import include, path
 from django.views.decorators.csrf import csrf_exempt
 
+from chatproject.dbthread import DatabaseThread, database_thread
 from chatproject.handlers import OneHopASGIHandler
 from tests.asgi_http import call, scope
 
@@ -145,15 +146,20 @@ async def test_a_sync_request_crosses_into_one_thread_once_from_start_to_finish(
 
     handler = OneHopASGIHandler()
     hops = []
-    real_call = SyncToAsync.__call__
+    real_call, real_run = SyncToAsync.__call__, DatabaseThread.run
 
-    def counted(self, *args, **kwargs):
-        hops.append(self.func)
-        return real_call(self, *args, **kwargs)
+    def counted(self, fn, *args, **kwargs):
+        hops.append(fn)
+        return real_call(self, fn, *args, **kwargs)
+
+    def counted_run(self, fn, *args, **kwargs):
+        hops.append(fn)
+        return real_run(self, fn, *args, **kwargs)
 
     signals.request_started.connect(started)
     signals.request_finished.connect(finished)
     monkeypatch.setattr(SyncToAsync, "__call__", counted)
+    monkeypatch.setattr(DatabaseThread, "run", counted_run)
     try:
         status, headers, _, body = _answer(await call(handler, "GET", "/t/sync/"))
     finally:
@@ -164,9 +170,26 @@ async def test_a_sync_request_crosses_into_one_thread_once_from_start_to_finish(
     assert (b"X-Thing", "é".encode("latin1")) in headers
     assert (b"Set-Cookie", b"flavour=plain; HttpOnly; Path=/; SameSite=Lax") in headers
     assert [event for event, _ in seen] == ["started", "view", "finished"]
-    threads = {thread for _, thread in seen}
-    assert len(threads) == 1
-    assert threading.get_ident() not in threads
+    # The database thread: the sockets' database calls' own, with its long-lived connection.
+    assert {thread for _, thread in seen} == {database_thread.ident}
+    assert threading.get_ident() != database_thread.ident
+
+
+@pytest.mark.filterwarnings("ignore:StreamingHttpResponse must consume synchronous iterators")
+async def test_a_streaming_response_is_closed_in_the_database_thread_once_sent():
+    """request_finished closes the connections of the thread the request ran in."""
+
+    def finished(**kwargs):
+        seen.append(("finished", threading.get_ident()))
+
+    signals.request_finished.connect(finished)
+    try:
+        sent = await call(OneHopASGIHandler(), "GET", "/t/stream/")
+    finally:
+        signals.request_finished.disconnect(finished)
+    bodies = [m for m in sent if m["type"] == "http.response.body"]
+    assert b"".join(m.get("body", b"") for m in bodies) == b"row 0\nrow 1\nrow 2\n"
+    assert seen == [("finished", database_thread.ident)]
 
 
 async def test_an_async_view_runs_on_the_event_loop():

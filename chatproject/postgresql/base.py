@@ -1,8 +1,9 @@
 """Django's PostgreSQL backend, with CONN_HEALTH_CHECKS once per idle spell, not once per hop.
 
 Django checks a persistent connection (`SELECT 1`) before its first query after every
-`close_old_connections()`, and Channels' `database_sync_to_async` calls that around every call,
-as every request does. On PostgreSQL that was four of a full handshake's eighteen statements,
+`close_old_connections()`, which the database thread runs before every call
+(chatproject/dbthread.py; Channels' `database_sync_to_async` ran it before and after), as every
+request does. On PostgreSQL that was four of a full handshake's eighteen statements,
 and one per batch of messages (docs/performance.md, "At scale").
 
 Here a connection is taken to be alive if its last unit of work made a cursor less than
