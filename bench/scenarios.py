@@ -921,8 +921,14 @@ CATEGORIES = [
     ),
     ("channel layer", ("channels/layers", "channels_redis/")),
     (
-        "thread hops (asgiref, executor)",
-        ("asgiref/", "concurrent/futures", "threading.py", "channels/db.py"),
+        "thread hops (asgiref, executor, the database thread)",
+        (
+            "asgiref/",
+            "concurrent/futures",
+            "threading.py",
+            "channels/db.py",
+            "chatproject/dbthread.py",
+        ),
     ),
     ("asyncio event loop", ("asyncio/",)),
 ]
