@@ -890,6 +890,7 @@ IDLE_LEAVES = {
     "Condition.wait (threading.py)",
     "Thread._wait_for_tstate_lock (threading.py)",
     "_worker (concurrent/futures/thread.py)",
+    "DatabaseThread._work (chatproject/dbthread.py)",  # waiting in SimpleQueue.get, in C
 }
 
 # What kind of work a sample is, by the first rule that matches from the leaf up.

@@ -3,18 +3,17 @@
 Sync views (chatproject/handlers.py) and the sockets' database calls run here, one at a time,
 each on the thread's long-lived connections. asgiref's `sync_to_async` did this job before, at
 about twice the CPU a crossing costs here: per call it built a ThreadPoolExecutor future (with
-its Condition), a shield, and copied every context variable to the thread and back again
+its Condition) and a shield, and copied the context variables to the thread and back again
 (docs/performance.md). Here a call is a queue entry and a wake-up each way.
 
-What is kept from asgiref:
-- the caller's context variables are seen by the call (a copy; what the call sets stays in it);
-- a caller cancelled mid-call waits for the call to finish before its cancellation goes on, so
-  nothing that follows (a socket's cleanup, a shutdown) overlaps work still running;
-- sync code here that waits on async code (`async_to_sync`, as a publish after commit does) has
-  it run on the caller's event loop, and a database call that code makes runs in this thread,
-  as asgiref does, instead of waiting on itself.
-Asgiref's `Local`s set on the loop are not carried over (Django's connections are not such
-Locals; nothing here sets one before a call).
+What asgiref's thread-sensitive calls did, and these do too:
+- the call sees the caller's context variables, asgiref `Local`s included (a copy: what the call
+  sets stays in it);
+- a cancelled caller is released at once; its call is dropped if it has not started, and
+  otherwise runs to its end;
+- async code that a call waits on (`async_to_sync`, as a publish after commit does) runs on the
+  caller's event loop, and a database call from there, or from any async code that sync code
+  waits on, runs in the waiting thread instead of waiting on it.
 """
 
 from __future__ import annotations
@@ -30,41 +29,37 @@ from collections.abc import Awaitable, Callable
 from queue import SimpleQueue
 from typing import Any, ParamSpec, TypeVar
 
-from asgiref.sync import SyncToAsync, sync_to_async
-from django.db import close_old_connections
+from asgiref.sync import AsyncToSync, SyncToAsync, sync_to_async
+
+# asgiref's own first step in its thread: `Local`s set by the caller become this thread's.
+from asgiref.sync import _restore_context as _adopt_locals
+from django.db import close_old_connections, connections
 
 P = ParamSpec("P")
 R = TypeVar("R")
 
-# Set in every call's context: async code that a call waits on (async_to_sync) inherits it.
-_in_call: contextvars.ContextVar[bool] = contextvars.ContextVar("in_database_call", default=False)
-
 
 class _Call:
-    __slots__ = ("context", "finished", "fn", "future", "loop", "over")
+    __slots__ = ("abandoned", "context", "fn", "future", "loop")
 
     def __init__(self, loop: asyncio.AbstractEventLoop, fn: Callable[[], Any]) -> None:
         self.loop, self.fn = loop, fn
         self.future = loop.create_future()
         self.context = contextvars.copy_context()
-        self.over = False  # the result has reached the loop
-        self.finished: asyncio.Future | None = None  # made for a caller cancelled meanwhile
+        self.abandoned = False  # its caller was cancelled
 
 
-def _marked(fn: Callable[[], Any]) -> Any:
-    _in_call.set(True)
-    return fn()
+def _in_thread(call: _Call) -> Any:
+    _adopt_locals(call.context)
+    return call.fn()
 
 
 def _deliver(call: _Call, error: BaseException | None, result: Any) -> None:
-    call.over = True
-    if not call.future.done():  # else its caller was cancelled, and has the `finished` future
+    if not call.future.done():  # else its caller was cancelled
         if error is None:
             call.future.set_result(result)
         else:
             call.future.set_exception(error)
-    if call.finished is not None and not call.finished.done():
-        call.finished.set_result(None)
 
 
 class DatabaseThread:
@@ -72,7 +67,7 @@ class DatabaseThread:
 
     def __init__(self, name: str = "database") -> None:
         self.name = name
-        self._queue: SimpleQueue[_Call | None] = SimpleQueue()
+        self._queue: SimpleQueue[_Call | None] | None = None
         self._thread: threading.Thread | None = None
         self._lock = threading.Lock()
 
@@ -82,65 +77,87 @@ class DatabaseThread:
 
     async def run(self, fn: Callable[P, R], /, *args: P.args, **kwargs: P.kwargs) -> R:
         """`fn(*args, **kwargs)` in the thread, awaited."""
-        if _in_call.get():
-            # Waited on by a call in progress (async_to_sync): the thread is busy with that call,
-            # so this one runs where asgiref runs it, in the waiting thread.
+        if getattr(AsyncToSync.executors, "current", None) is not None:
+            # Sync code waits on this (async_to_sync): the thread it waits in, this one or
+            # another, takes the call meanwhile, as asgiref does. Queued here, the call would
+            # wait on its own caller, or beside its transaction.
             return await sync_to_async(fn)(*args, **kwargs)
-        if self._thread is None:
-            self._start()
+        queue = self._queue or self._start()
         loop = asyncio.get_running_loop()
         call = _Call(loop, functools.partial(fn, *args, **kwargs) if args or kwargs else fn)
-        self._queue.put(call)
+        queue.put(call)
         try:
             return await call.future
         except asyncio.CancelledError:
-            if not call.over:
-                call.finished = loop.create_future()
-                await call.finished
+            call.abandoned = True
             raise
 
-    def _start(self) -> None:
+    def _start(self) -> SimpleQueue:
         with self._lock:
-            if self._thread is None:
-                self._thread = threading.Thread(target=self._work, name=self.name, daemon=True)
+            if self._queue is None:
+                queue: SimpleQueue[_Call | None] = SimpleQueue()
+                self._thread = threading.Thread(
+                    target=self._work, args=(queue,), name=self.name, daemon=True
+                )
                 self._thread.start()
-                atexit.register(self.stop)
+                self._queue = queue
+            return self._queue
 
     def stop(self, timeout: float = 10.0) -> None:
-        """Finish what is queued, then end the thread (at exit: it is a daemon thread)."""
+        """Finish what is queued, close the thread's connections, end it (at exit, as a daemon
+        thread would not be waited for)."""
         with self._lock:
-            thread, self._thread = self._thread, None
-        if thread is not None:
-            self._queue.put(None)
+            queue, thread = self._queue, self._thread
+            self._queue = self._thread = None  # the next call starts a new thread, queue and all
+        if queue is not None and thread is not None:
+            queue.put(None)
             thread.join(timeout)
 
-    def _work(self) -> None:
-        get, pid = self._queue.get, os.getpid()
+    def _forget(self) -> None:
+        # In a forked child: the parent's thread did not come along, and its lock may be held.
+        self._queue = self._thread = None
+        self._lock = threading.Lock()
+
+    @staticmethod
+    def _work(queue: SimpleQueue) -> None:
+        get, pid = queue.get, os.getpid()
         # Where asgiref's async_to_sync looks for the loop a sync thread serves: async code that
         # a call waits on (a publish on the channel layer) runs on its caller's loop, as it did
         # from asgiref's thread, not on a new loop of its own.
         serving = SyncToAsync.threadlocal
         while (call := get()) is not None:
+            if call.abandoned:
+                continue
             serving.main_event_loop, serving.main_event_loop_pid = call.loop, pid
             error = result = None
             try:
-                result = call.context.run(_marked, call.fn)
+                result = call.context.run(_in_thread, call)
             except BaseException as raised:
                 error = raised
             # A caller's loop that is closed has nobody waiting.
             with contextlib.suppress(RuntimeError):
                 call.loop.call_soon_threadsafe(_deliver, call, error, result)
             del call, error, result
+        connections.close_all()  # SQLite checkpoints its WAL as its last connection closes
 
 
 database_thread = DatabaseThread()
+atexit.register(database_thread.stop)
+os.register_at_fork(after_in_child=database_thread._forget)
 
 
 def _unit_of_work(fn: Callable[..., R], args, kwargs) -> R:
     # Django's request_started does this for a request; Channels did it before and after each
-    # call. Once, before, is enough: the next call's check is the one after this call.
+    # call. Before is enough for a connection that is old or broken: the next call's check is
+    # this one's check after. Not for one a bug left in a transaction, which would hold its
+    # locks until then: that is closed at once, as Channels' check after would have.
     close_old_connections()
-    return fn(*args, **kwargs)
+    try:
+        return fn(*args, **kwargs)
+    finally:
+        for connection in connections.all(initialized_only=True):
+            if connection.connection is not None and not connection.get_autocommit():
+                connection.close_if_unusable_or_obsolete()
 
 
 def database_sync_to_async(fn: Callable[P, R]) -> Callable[P, Awaitable[R]]:

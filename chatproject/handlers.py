@@ -67,8 +67,8 @@ class OneHopASGIHandler(ASGIHandler):
                     scope, body_file, False
                 )
             # A closed response with its content in bytes goes out without a thread; a
-            # streaming one may still read the request body, and is closed once sent, in the
-            # thread whose connections request_finished closes.
+            # streaming one may still read the request body, and is closed once sent: a sync
+            # view's in the database thread, whose connections request_finished closes.
             await self.send_response(response, send)
             if response.streaming:
                 if shared_thread:

@@ -33,7 +33,7 @@ def pytest_configure(config):
 def _release_test_database(django_db_setup, django_db_blocker):
     """Let Django drop the PostgreSQL test database at the end of the run.
 
-    Async tests reach the database from asgiref's executor threads, whose persistent
+    Async tests reach the database from the database thread and asgiref's, whose persistent
     connections (CONN_MAX_AGE) outlive the tests; PostgreSQL refuses to drop a database with
     sessions on it, and the run would leave a test_* database behind every time. Torn down
     before django_db_setup, this ends those sessions first.

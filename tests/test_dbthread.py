@@ -6,6 +6,7 @@ import threading
 import time
 
 import pytest
+from asgiref.local import Local
 from asgiref.sync import async_to_sync
 from django.db import connection
 
@@ -66,48 +67,67 @@ async def test_a_call_sees_the_callers_context_variables_and_changes_only_its_co
     assert await own_thread.run(flavour.get) == "salted"  # nothing left over from the last call
 
 
-async def test_a_cancelled_caller_waits_for_its_call_to_finish(own_thread):
-    release, finished = threading.Event(), threading.Event()
+async def test_a_call_sees_the_callers_asgiref_locals(own_thread):
+    """Django keeps the active translation, time zone and caches in asgiref Locals; asgiref's
+    thread-sensitive calls carried them to the thread, and so does this."""
+    local = Local()
+    local.flavour = "salted"
+    assert await own_thread.run(getattr, local, "flavour", None) == "salted"
+
+
+async def test_a_cancelled_caller_is_released_while_its_call_runs_to_its_end(own_thread):
+    """As asgiref's: the caller goes on at once; the call, started, is not interrupted."""
+    started, release, finished = threading.Event(), threading.Event(), threading.Event()
 
     def slow():
+        started.set()
         release.wait(WAIT)
         finished.set()
 
     caller = asyncio.ensure_future(own_thread.run(slow))
-    await asyncio.sleep(0.05)
+    assert await asyncio.to_thread(started.wait, WAIT)
     caller.cancel()
-    await asyncio.sleep(0.05)
-    assert not caller.done()  # still waiting for the call, which has not finished
-    release.set()
     with pytest.raises(asyncio.CancelledError):
-        await asyncio.wait_for(caller, WAIT)
-    assert finished.is_set()
+        await caller
+    assert not finished.is_set()
+    release.set()
+    assert await own_thread.run(finished.is_set) is True  # the next call comes after it
 
 
-async def test_a_caller_cancelled_before_its_call_starts_still_waits_for_it(own_thread):
-    release = threading.Event()
-    order = []
-    first = asyncio.ensure_future(own_thread.run(release.wait, WAIT))
-    second = asyncio.ensure_future(own_thread.run(order.append, "second ran"))
-    await asyncio.sleep(0.05)
-    second.cancel()
-    await asyncio.sleep(0.05)
-    assert not second.done()
-    release.set()
+async def test_a_call_whose_caller_was_cancelled_before_it_started_is_dropped(own_thread):
+    started, release = threading.Event(), threading.Event()
+    ran = []
+
+    def first():
+        started.set()
+        release.wait(WAIT)
+
+    holder = asyncio.ensure_future(own_thread.run(first))
+    assert await asyncio.to_thread(started.wait, WAIT)
+    dropped = asyncio.ensure_future(own_thread.run(ran.append, "dropped"))
+    await asyncio.sleep(0)  # queued behind the first
+    dropped.cancel()
     with pytest.raises(asyncio.CancelledError):
-        await asyncio.wait_for(second, WAIT)
-    assert order == ["second ran"]
-    assert await first is True
+        await dropped
+    release.set()
+    await holder
+    await own_thread.run(ran.append, "next")
+    assert ran == ["next"]
 
 
 def test_a_caller_whose_loop_closed_does_not_stop_the_thread(own_thread):
-    release = threading.Event()
+    started, release = threading.Event(), threading.Event()
+
+    def held():
+        started.set()
+        release.wait(WAIT)
+
     loop = asyncio.new_event_loop()
-    pending = loop.create_task(own_thread.run(release.wait, WAIT))
-    loop.run_until_complete(asyncio.sleep(0.05))  # the call has started
-    pending.cancel()
+    waiting = loop.create_task(own_thread.run(held))
+    loop.run_until_complete(asyncio.to_thread(started.wait, WAIT))
     loop.close()  # with its caller still waiting
-    release.set()
+    assert not waiting.done()
+    release.set()  # the answer finds the loop closed
     assert asyncio.run(own_thread.run(lambda: "served")) == "served"
 
 
@@ -132,8 +152,21 @@ async def test_async_code_a_call_waits_on_gets_the_database_in_that_same_thread(
     def outer():
         return threading.get_ident(), async_to_sync(inner)()
 
-    outer_ident, inner_ident = await asyncio.wait_for(own_thread.run(outer), WAIT)
+    outer_ident, inner_ident = await own_thread.run(outer)
     assert outer_ident == inner_ident == own_thread.ident
+
+
+def test_a_database_call_from_async_code_that_sync_code_waits_on_runs_in_the_waiting_thread(
+    own_thread,
+):
+    """Sync code holding a transaction, waiting on async code that writes, would otherwise wait
+    on its own lock (asgiref: thread-sensitive calls go back to the waiting sync thread)."""
+
+    async def inner():
+        return await own_thread.run(threading.get_ident)
+
+    assert async_to_sync(inner)() == threading.get_ident()
+    assert own_thread.ident is None  # never needed
 
 
 def test_stop_finishes_the_queued_calls_first():
@@ -166,3 +199,16 @@ async def test_database_calls_keep_their_connection_until_it_is_obsolete():
     await database_thread.run(expire)
     assert await read() is not first  # closed by the check before the next call, and replaced
     assert await database_thread.run(threading.get_ident) == database_thread.ident
+
+
+@pytest.mark.django_db(transaction=True)
+async def test_a_call_that_leaves_a_transaction_open_has_its_connection_closed_at_once():
+    """It would hold its locks (the audit chain's head, a room's row) until the next call."""
+
+    def leave_open():
+        connection.set_autocommit(False)
+        with connection.cursor() as cursor:
+            cursor.execute("SELECT 1")
+
+    await database_sync_to_async(leave_open)()
+    assert await database_thread.run(lambda: connection.connection is None)

@@ -2,8 +2,9 @@
 
 It runs against the PostgreSQL CI provides (DATABASE_URL when the suite runs on it, else
 CHAT_TEST_DATABASE_URL), on a connection of its own, so both CI runs cover it. Each "unit of
-work" below is what `database_sync_to_async` and a request do: close_old_connections() before and
-after.
+work" below is what a request does: close_old_connections() before and after. The database
+thread's calls (chatproject/dbthread.py) do it before only; the tests of the checks' cadence run
+both ways.
 """
 
 import os
@@ -61,19 +62,31 @@ def unit_of_work(wrapper, sql: str = "SELECT 2"):
         wrapper.close_if_unusable_or_obsolete()
 
 
-def test_a_connection_in_use_is_not_checked_before_every_unit_of_work(database):
+def database_call(wrapper, sql: str = "SELECT 2"):
+    wrapper.close_if_unusable_or_obsolete()
+    with wrapper.cursor() as cursor:
+        cursor.execute(sql)
+        return cursor.fetchone()
+
+
+UNITS = pytest.mark.parametrize("unit", [unit_of_work, database_call], ids=["request", "call"])
+
+
+@UNITS
+def test_a_connection_in_use_is_not_checked_before_every_unit_of_work(database, unit):
     wrapper, checks, _ = database
     for _ in range(5):
-        assert unit_of_work(wrapper) == (2,)
+        assert unit(wrapper) == (2,)
     assert checks == []
 
 
-def test_a_connection_idle_past_the_limit_is_checked_first(database, settings):
+@UNITS
+def test_a_connection_idle_past_the_limit_is_checked_first(database, settings, unit):
     wrapper, checks, _ = database
-    unit_of_work(wrapper)
+    unit(wrapper)
     settings.DATABASE_HEALTH_CHECK_IDLE = 0.0
-    unit_of_work(wrapper)
-    unit_of_work(wrapper)
+    unit(wrapper)
+    unit(wrapper)
     assert checks == [True, True]
 
 

@@ -9,9 +9,10 @@ and one per batch of messages (docs/performance.md, "At scale").
 Here a connection is taken to be alive if its last unit of work made a cursor less than
 `DATABASE_HEALTH_CHECK_IDLE` seconds ago and left it open: its queries ran, or they failed and
 Django's own check at the end of that unit found it alive (a connection that fails the check is
-closed). One idle for longer, or whose last unit of work ran no query, is checked as Django
-checks it. What this gives up: a connection the server dropped within that last second fails
-its next unit of work, once, with the error every caller already handles (HTTP 500, a socket's
+closed; the database thread makes that check at the start of its next call). One idle for
+longer, or whose last unit of work ran no query, is checked as Django checks it. What this
+gives up: a connection the server dropped within that last second fails its next unit of work,
+once, with the error every caller already handles (HTTP 500, a socket's
 "unavailable"), and is then replaced.
 """
 

@@ -5,12 +5,12 @@ import json
 import threading
 
 import pytest
-from asgiref.sync import sync_to_async
 from django.db import connection
 from django.test import Client
 
 from chat import health
 from chat.runtime import get_runtime
+from chatproject.dbthread import database_thread
 from tests.asgi_http import call
 from tests.chat.helpers import join, send, sync
 from tests.factories import make_room, make_user
@@ -41,16 +41,20 @@ def test_healthz_reports_database_and_channel_layer():
 
 @pytest.fixture
 async def held_database_thread():
-    """asgiref's one thread-sensitive thread (every sync view and socket query) kept busy, as a
-    stuck query would keep it."""
+    """The database thread (every sync view and socket query, chatproject/dbthread.py) kept
+    busy, as a stuck query would keep it."""
     release = threading.Event()
     holders = []
 
     async def hold():
-        holders.append(
-            asyncio.ensure_future(sync_to_async(release.wait, thread_sensitive=True)(timeout=30))
-        )
-        await asyncio.sleep(0.05)
+        started = threading.Event()
+
+        def stuck():
+            started.set()
+            release.wait(timeout=30)
+
+        holders.append(asyncio.ensure_future(database_thread.run(stuck)))
+        assert await asyncio.to_thread(started.wait, 30)
         return holders[-1]
 
     yield hold
