@@ -6,7 +6,8 @@ about twice the CPU a crossing costs here: per call it built a ThreadPoolExecuto
 its Condition) and a shield, and copied the context variables to the thread and back again
 (docs/performance.md). Here a call is a queue entry and a wake-up each way.
 
-What asgiref's thread-sensitive calls did, and these do too:
+What asgiref's thread-sensitive calls did, and these do too (what a call sets in its context,
+`Local`s included, does not come back to its caller, as it did there):
 - the call sees the caller's context variables, asgiref `Local`s included (a copy: what the call
   sets stays in it);
 - a cancelled caller is released at once; its call is dropped if it has not started, and
@@ -33,7 +34,7 @@ from asgiref.sync import AsyncToSync, SyncToAsync, sync_to_async
 
 # asgiref's own first step in its thread: `Local`s set by the caller become this thread's.
 from asgiref.sync import _restore_context as _adopt_locals
-from django.db import close_old_connections, connections
+from django.db import connections
 
 P = ParamSpec("P")
 R = TypeVar("R")
@@ -80,7 +81,7 @@ class DatabaseThread:
         if getattr(AsyncToSync.executors, "current", None) is not None:
             # Sync code waits on this (async_to_sync): the thread it waits in, this one or
             # another, takes the call meanwhile, as asgiref does. Queued here, the call would
-            # wait on its own caller, or beside its transaction.
+            # wait on its own caller, or beside its transaction and on its locks.
             return await sync_to_async(fn)(*args, **kwargs)
         queue = self._queue or self._start()
         loop = asyncio.get_running_loop()
@@ -132,6 +133,10 @@ class DatabaseThread:
             error = result = None
             try:
                 result = call.context.run(_in_thread, call)
+            except StopIteration as raised:
+                # A future cannot hold StopIteration (set_exception refuses it): as asyncio does.
+                error = RuntimeError(f"{call.fn!r} raised StopIteration")
+                error.__cause__ = raised
             except BaseException as raised:
                 error = raised
             # A caller's loop that is closed has nobody waiting.
@@ -139,6 +144,12 @@ class DatabaseThread:
                 call.loop.call_soon_threadsafe(_deliver, call, error, result)
             del call, error, result
         connections.close_all()  # SQLite checkpoints its WAL as its last connection closes
+        # Calls queued after the stop, by a caller that raced it: answered, not left waiting.
+        stopped = RuntimeError("the database thread has stopped")
+        while not queue.empty():
+            if (late := queue.get()) is not None:
+                with contextlib.suppress(RuntimeError):
+                    late.loop.call_soon_threadsafe(_deliver, late, stopped, None)
 
 
 database_thread = DatabaseThread()
@@ -147,17 +158,28 @@ os.register_at_fork(after_in_child=database_thread._forget)
 
 
 def _unit_of_work(fn: Callable[..., R], args, kwargs) -> R:
-    # Django's request_started does this for a request; Channels did it before and after each
-    # call. Before is enough for a connection that is old or broken: the next call's check is
-    # this one's check after. Not for one a bug left in a transaction, which would hold its
-    # locks until then: that is closed at once, as Channels' check after would have.
-    close_old_connections()
+    """Django's close_old_connections() around `fn`, as Channels' database_sync_to_async, but:
+
+    - before the call only, for a connection that is old or broken: the next call's check is
+      this one's check after. After it too for one a bug left in a transaction, which would
+      hold its locks until then.
+    - never for a connection in `atomic`, which only sync code waiting on this call (run in its
+      thread, above) can hold: Django's check closes such a connection, and the transaction
+      with it (Channels' did).
+    """
+    for connection in connections.all(initialized_only=True):
+        if not connection.in_atomic_block:
+            connection.close_if_unusable_or_obsolete()
     try:
         return fn(*args, **kwargs)
     finally:
         for connection in connections.all(initialized_only=True):
-            if connection.connection is not None and not connection.get_autocommit():
-                connection.close_if_unusable_or_obsolete()
+            if (
+                not connection.in_atomic_block
+                and connection.connection is not None
+                and not connection.get_autocommit()
+            ):
+                connection.close()
 
 
 def database_sync_to_async(fn: Callable[P, R]) -> Callable[P, Awaitable[R]]:

@@ -1,6 +1,7 @@
 """chatproject/dbthread.py: the database thread keeps what asgiref's sync_to_async promised."""
 
 import asyncio
+import contextlib
 import contextvars
 import threading
 import time
@@ -8,7 +9,8 @@ import time
 import pytest
 from asgiref.local import Local
 from asgiref.sync import async_to_sync
-from django.db import connection
+from django.contrib.auth import get_user_model
+from django.db import connection, connections, transaction
 
 from chatproject.dbthread import DatabaseThread, database_sync_to_async, database_thread
 from tests.conftest import WAIT
@@ -128,7 +130,7 @@ def test_a_caller_whose_loop_closed_does_not_stop_the_thread(own_thread):
     loop.close()  # with its caller still waiting
     assert not waiting.done()
     release.set()  # the answer finds the loop closed
-    assert asyncio.run(own_thread.run(lambda: "served")) == "served"
+    assert asyncio.run(asyncio.wait_for(own_thread.run(lambda: "served"), WAIT)) == "served"
 
 
 async def test_async_code_a_call_waits_on_runs_on_the_callers_loop(own_thread):
@@ -152,7 +154,7 @@ async def test_async_code_a_call_waits_on_gets_the_database_in_that_same_thread(
     def outer():
         return threading.get_ident(), async_to_sync(inner)()
 
-    outer_ident, inner_ident = await own_thread.run(outer)
+    outer_ident, inner_ident = await asyncio.wait_for(own_thread.run(outer), WAIT)
     assert outer_ident == inner_ident == own_thread.ident
 
 
@@ -176,12 +178,50 @@ def test_stop_finishes_the_queued_calls_first():
     async def queue_and_stop():
         calls = [asyncio.ensure_future(thread.run(done.append, i)) for i in range(3)]
         await asyncio.sleep(0)  # the calls are queued
+        worker = thread._thread
         thread.stop(timeout=WAIT)
-        return calls
+        return worker, calls
 
-    asyncio.run(queue_and_stop())
+    worker, _ = asyncio.run(queue_and_stop())
     assert done == [0, 1, 2]
-    assert thread.ident is None
+    assert not worker.is_alive()
+
+
+async def test_a_call_queued_behind_the_stop_is_answered_not_left_waiting(own_thread):
+    started, release = threading.Event(), threading.Event()
+
+    def held():
+        started.set()
+        release.wait(WAIT)
+
+    holder = asyncio.ensure_future(own_thread.run(held))
+    assert await asyncio.to_thread(started.wait, WAIT)
+    own_thread._queue.put(None)  # stop()'s own step, raced by the call below
+    late = asyncio.ensure_future(own_thread.run(lambda: "too late"))
+    await asyncio.sleep(0)
+    release.set()
+    await holder
+    with pytest.raises(RuntimeError, match="stopped"):
+        await asyncio.wait_for(late, WAIT)
+
+
+async def test_stop_iteration_reaches_the_caller_as_an_error(own_thread):
+    with pytest.raises(RuntimeError, match="StopIteration"):
+        await asyncio.wait_for(own_thread.run(next, iter(())), WAIT)
+
+
+@pytest.mark.django_db(transaction=True)
+def test_stop_closes_the_threads_connections():
+    thread = DatabaseThread(name="database-close")
+
+    def open_one():
+        connection.ensure_connection()
+        return connections["default"]  # this thread's wrapper
+
+    wrapper = asyncio.run(thread.run(open_one))
+    assert wrapper.connection is not None
+    thread.stop(timeout=WAIT)
+    assert wrapper.connection is None
 
 
 @pytest.mark.django_db(transaction=True)
@@ -212,3 +252,28 @@ async def test_a_call_that_leaves_a_transaction_open_has_its_connection_closed_a
 
     await database_sync_to_async(leave_open)()
     assert await database_thread.run(lambda: connection.connection is None)
+
+
+class Abort(Exception):
+    pass
+
+
+@pytest.mark.django_db(transaction=True)
+@pytest.mark.parametrize("fails", [False, True], ids=["commits", "rolls-back"])
+def test_a_write_from_async_code_a_transaction_waits_on_is_part_of_it(fails):
+    """The write runs in the waiting thread, inside its transaction, which the unit of work's
+    connection checks leave alone (Django's check would close the connection, and with it the
+    transaction: Channels' database_sync_to_async did)."""
+    users = get_user_model().objects
+    write = database_sync_to_async(lambda: users.create(username="inner"))
+
+    async def inner():
+        await write()
+
+    with contextlib.suppress(Abort), transaction.atomic():
+        users.create(username="outer")
+        async_to_sync(inner)()
+        if fails:
+            raise Abort
+    names = set(users.values_list("username", flat=True))
+    assert names == (set() if fails else {"outer", "inner"})

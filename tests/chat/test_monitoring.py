@@ -27,7 +27,7 @@ def sample(text: str, name: str, **labels) -> float:
     return 0.0
 
 
-# database_sync_to_async closes "old" connections, the test's own included: commit for real.
+# The probe reads on a connection of its own (chat.health), which sees only what is committed.
 @pytest.mark.django_db(transaction=True)
 def test_healthz_reports_database_and_channel_layer():
     response = Client().get("/healthz")
