@@ -6,10 +6,9 @@ about twice the CPU a crossing costs here: per call it built a ThreadPoolExecuto
 its Condition) and a shield, and copied the context variables to the thread and back again
 (docs/performance.md). Here a call is a queue entry and a wake-up each way.
 
-What asgiref's thread-sensitive calls did, and these do too (what a call sets in its context,
-`Local`s included, does not come back to its caller, as it did there):
-- the call sees the caller's context variables, asgiref `Local`s included (a copy: what the call
-  sets stays in it);
+What asgiref's thread-sensitive calls did, and these do too:
+- the call sees the caller's context variables, asgiref `Local`s included; what it sets in them
+  stays in its copy (asgiref copied it back to the caller);
 - a cancelled caller is released at once; its call is dropped if it has not started, and
   otherwise runs to its end;
 - async code that a call waits on (`async_to_sync`, as a publish after commit does) runs on the
