@@ -59,22 +59,15 @@ class OneHopASGIHandler(ASGIHandler):
             await _refuse_too_large(send, limit)
             return
         shared_thread = not _leads_to_async_view(scope)
+        hop = database_thread.run if shared_thread else _in_pool_thread
         try:
-            if shared_thread:
-                response = await database_thread.run(self._respond, scope, body_file, True)
-            else:
-                response = await sync_to_async(self._respond, thread_sensitive=False)(
-                    scope, body_file, False
-                )
+            response = await hop(self._respond, scope, body_file, shared_thread)
             # A closed response with its content in bytes goes out without a thread; a
-            # streaming one may still read the request body, and is closed once sent: a sync
-            # view's in the database thread, whose connections request_finished closes.
+            # streaming one may still read the request body, and is closed once sent, in the
+            # kind of thread the request ran in (request_finished closes its connections).
             await self.send_response(response, send)
             if response.streaming:
-                if shared_thread:
-                    await database_thread.run(response.close)
-                else:
-                    await sync_to_async(response.close)()
+                await hop(response.close)
         finally:
             body_file.close()
 
@@ -97,6 +90,10 @@ class OneHopASGIHandler(ASGIHandler):
             if not shared_thread:
                 # A pool thread keeps no persistent connection an async view's ORM call opened.
                 connections.close_all()
+
+
+async def _in_pool_thread(fn, *args):
+    return await sync_to_async(fn, thread_sensitive=False)(*args)
 
 
 class BodyTooLarge(Exception):
