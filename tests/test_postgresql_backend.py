@@ -52,21 +52,20 @@ def database(django_db_blocker, settings):
         wrapper.close()
 
 
-def unit_of_work(wrapper, sql: str = "SELECT 2"):
-    wrapper.close_if_unusable_or_obsolete()
-    try:
-        with wrapper.cursor() as cursor:
-            cursor.execute(sql)
-            return cursor.fetchone()
-    finally:
-        wrapper.close_if_unusable_or_obsolete()
-
-
 def database_call(wrapper, sql: str = "SELECT 2"):
+    """The database thread's unit of work: the check before only."""
     wrapper.close_if_unusable_or_obsolete()
     with wrapper.cursor() as cursor:
         cursor.execute(sql)
         return cursor.fetchone()
+
+
+def unit_of_work(wrapper, sql: str = "SELECT 2"):
+    """A request's: the check before and after."""
+    try:
+        return database_call(wrapper, sql)
+    finally:
+        wrapper.close_if_unusable_or_obsolete()
 
 
 UNITS = pytest.mark.parametrize("unit", [unit_of_work, database_call], ids=["request", "call"])
