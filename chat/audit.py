@@ -282,6 +282,11 @@ def _locked_head() -> AuditChainHead:
     # The migration creates the head; only a trail with no rows at all may start over (a flushed
     # test database). Rows without a head mean someone removed it: refuse to write.
     if any(m.objects.exists() for m in (ConnectionLog, MessageLog, SecurityEvent)):
+        # Unless another process started the trail since the read above: its head and its
+        # first rows commit together, so rows seen now mean its head is there to be read.
+        found = sql.select_in(AuditChainHead, ["last_seq", "last_hash"], pk=[1], for_update=True)
+        if found:
+            return found[0]
         raise ChainHeadMissing("the audit chain head is missing while audit rows exist")
     AuditChainHead.objects.get_or_create(pk=1, defaults={"last_seq": 0, "last_hash": GENESIS_HASH})
     return AuditChainHead.objects.select_for_update().get(pk=1)

@@ -556,3 +556,23 @@ def test_link_format_is_the_documented_one():
     assert audit.link_hash(prev, 7, "message", content) == expected
     with override_settings(CHAT_AUDIT_HMAC_KEY=GOLDEN_KEY + "-other"):
         assert audit.link_hash(prev, 7, "message", content) != expected
+
+
+def test_a_trail_started_by_another_process_meanwhile_is_appended_to(monkeypatch):
+    """On a flushed database two processes' first writes race: one finds no head, the other
+    then commits the head with its first rows. The first must append to that chain, not take
+    the rows it now sees for a trail whose head was removed (a 500, seen in CI)."""
+    AuditChainHead.objects.all().delete()
+    audit.security_event(event=audit.Event.LOGIN_FAILED, reason="first process")
+    select_in, calls = audit.sql.select_in, []
+
+    def head_not_there_yet(model, *args, **kwargs):
+        calls.append(model)
+        if model is AuditChainHead and len(calls) == 1:
+            return []  # read before the other process committed
+        return select_in(model, *args, **kwargs)
+
+    monkeypatch.setattr(audit.sql, "select_in", head_not_there_yet)
+    audit.security_event(event=audit.Event.LOGIN_FAILED, reason="second process")
+    assert head().last_seq == 2
+    assert audit.verify_chain().ok
