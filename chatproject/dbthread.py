@@ -38,6 +38,21 @@ from django.db import connections
 P = ParamSpec("P")
 R = TypeVar("R")
 
+# The context variable behind `AsyncToSync.executors` (an asgiref `Local`), read directly: on a
+# call from the event loop the Local holds nothing, and reading it then raised and caught an
+# AttributeError, 3 µs a call (0.05 µs this way).
+_executors = AsyncToSync.executors._storage._data
+
+
+def _sync_caller_waiting() -> bool:
+    """Whether sync code in some thread waits on this async code (`async_to_sync`)."""
+    storage = _executors.get(None)
+    return (
+        storage is not None
+        and storage.thread_id == threading.get_ident()  # as the Local checks
+        and storage.data.get("current") is not None
+    )
+
 
 class _Call:
     __slots__ = ("abandoned", "context", "fn", "future", "loop")
@@ -77,7 +92,7 @@ class DatabaseThread:
 
     async def run(self, fn: Callable[P, R], /, *args: P.args, **kwargs: P.kwargs) -> R:
         """`fn(*args, **kwargs)` in the thread, awaited."""
-        if getattr(AsyncToSync.executors, "current", None) is not None:
+        if _sync_caller_waiting():
             # Sync code waits on this (async_to_sync): the thread it waits in, this one or
             # another, takes the call meanwhile, as asgiref does. Queued here, the call would
             # wait on its own caller, or beside its transaction and on its locks.
