@@ -5,6 +5,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import errno
+import gc
+import importlib
 import logging
 import pprint
 import time
@@ -583,6 +585,22 @@ def _writes_directly(transport) -> bool:
         and not transport.dataBuffer
         and not transport._tempDataBuffer
     )
+
+
+def freeze_startup_heap(application: str) -> None:
+    """Import the ASGI application (dotted path), collect what starting up left, and exempt
+    the rest from the cyclic garbage collector (`gc.freeze`). Call just before serving.
+
+    Django, DRF, Twisted and the application leave about 200,000 objects that live as long as
+    the process. Each of the collector's full passes walked them all: on the bench host, nine
+    passes of 79 ms in a run of 6,000 handshakes, 6% of the server's CPU and a 79 ms stall of
+    every socket each time. Frozen, they are never walked again; a full pass walks only what
+    was made since (docs/performance.md). What starting up left as garbage is collected first,
+    since a frozen object is never freed.
+    """
+    importlib.import_module(application)
+    gc.collect()
+    gc.freeze()
 
 
 def finish_event_loop() -> None:

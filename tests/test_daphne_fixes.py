@@ -530,3 +530,49 @@ async def test_a_socket_whose_corked_frames_cannot_be_written_is_dropped():
     assert broken.dropped is True
     assert (fine.sent, fine.dropped) == ([b"bc"], None)
     assert corks.frames == {}
+
+
+def test_serve_freezes_the_heap_it_started_with_after_collecting_its_garbage(monkeypatch):
+    """`manage.py serve` exempts what starting up built from the cyclic collector's passes
+    (chatproject.server.freeze_startup_heap), with the application imported, after a collection:
+    garbage left in a cycle by then is freed, not frozen for ever."""
+    import gc
+    import sys
+    import weakref
+
+    from daphne.cli import CommandLineInterface
+    from django.core.management import call_command
+
+    class Cycle:
+        pass
+
+    left = Cycle()
+    left.me = left
+    left_behind = weakref.ref(left)
+    del left
+    seen = {}
+
+    def run(cli, argv):
+        seen.update(
+            frozen=gc.get_freeze_count(),
+            application="chatproject.asgi" in sys.modules,
+            garbage_freed=left_behind() is None,
+            application_arg=argv[-1],
+        )
+
+    monkeypatch.setattr(CommandLineInterface, "run", run)
+    monkeypatch.setattr("chat.management.commands.serve._replay_audit_spool", lambda: None)
+    monkeypatch.setattr("chatproject.server.finish_event_loop", lambda: None)
+    gc.unfreeze()
+    was = gc.isenabled()
+    gc.disable()  # no collection but serve's own between the cycle and the freeze
+    try:
+        call_command("serve", "--port", "0")
+    finally:
+        gc.unfreeze()
+        if was:
+            gc.enable()
+    assert seen["application_arg"] == "chatproject.asgi:application"
+    assert seen["application"]
+    assert seen["garbage_freed"]
+    assert seen["frozen"] > 10_000  # Django and the application: about 200,000 objects

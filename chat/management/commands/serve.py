@@ -24,7 +24,11 @@ class Command(BaseCommand):
     def handle(self, *args, **options):
         from daphne.cli import CommandLineInterface
 
-        from chatproject.server import finish_event_loop, install_daphne_fixes
+        from chatproject.server import (
+            finish_event_loop,
+            freeze_startup_heap,
+            install_daphne_fixes,
+        )
 
         if settings.CHAT_MAX_FRAME_BYTES <= 0:
             raise CommandError("CHAT_MAX_FRAME_BYTES must be positive: unbounded frames are a DoS.")
@@ -61,6 +65,7 @@ class Command(BaseCommand):
         _replay_audit_spool()
         cli = CommandLineInterface()
         cli.server_class = install_daphne_fixes()
+        freeze_startup_heap(settings.ASGI_APPLICATION.rpartition(".")[0])
         try:
             cli.run(argv)
         finally:
