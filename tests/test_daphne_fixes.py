@@ -534,8 +534,9 @@ async def test_a_socket_whose_corked_frames_cannot_be_written_is_dropped():
 
 def test_serve_freezes_the_heap_it_started_with_after_collecting_its_garbage(monkeypatch):
     """`manage.py serve` exempts what starting up built from the cyclic collector's passes
-    (chatproject.server.freeze_startup_heap), with the application imported, after a collection:
-    garbage left in a cycle by then is freed, not frozen for ever."""
+    (chatproject.server.freeze_startup_heap), with the application imported (as with
+    --skip-checks: nothing imported it before), after a collection: garbage left in a cycle by
+    then is freed, not frozen for ever."""
     import gc
     import sys
     import weakref
@@ -546,10 +547,6 @@ def test_serve_freezes_the_heap_it_started_with_after_collecting_its_garbage(mon
     class Cycle:
         pass
 
-    left = Cycle()
-    left.me = left
-    left_behind = weakref.ref(left)
-    del left
     seen = {}
 
     def run(cli, argv):
@@ -563,15 +560,25 @@ def test_serve_freezes_the_heap_it_started_with_after_collecting_its_garbage(mon
     monkeypatch.setattr(CommandLineInterface, "run", run)
     monkeypatch.setattr("chat.management.commands.serve._replay_audit_spool", lambda: None)
     monkeypatch.setattr("chatproject.server.finish_event_loop", lambda: None)
+    import chatproject
+
+    # Imported again by serve; the module and the package's attribute are put back after.
+    monkeypatch.delitem(sys.modules, "chatproject.asgi", raising=False)
+    monkeypatch.setattr(chatproject, "asgi", getattr(chatproject, "asgi", None), raising=False)
     gc.unfreeze()
     was = gc.isenabled()
-    gc.disable()  # no collection but serve's own between the cycle and the freeze
+    gc.disable()  # from here to the freeze, no collection but serve's own
     try:
+        left = Cycle()
+        left.me = left
+        left_behind = weakref.ref(left)
+        del left
         call_command("serve", "--port", "0")
     finally:
         gc.unfreeze()
         if was:
             gc.enable()
+    assert seen, "serve never reached daphne's CLI"
     assert seen["application_arg"] == "chatproject.asgi:application"
     assert seen["application"]
     assert seen["garbage_freed"]

@@ -43,6 +43,7 @@ class Command(BaseCommand):
         if options["access_log"]:
             argv += ["--access-log", options["access_log"]]
         limit = str(settings.CHAT_MAX_FRAME_BYTES)
+        module, _, attribute = settings.ASGI_APPLICATION.rpartition(".")
         argv += [
             "--websocket-max-message-size",
             limit,
@@ -60,12 +61,12 @@ class Command(BaseCommand):
             "-v",
             str(min(int(options["verbosity"]), 3)),
             "--no-server-name",
-            settings.ASGI_APPLICATION.replace(".application", ":application"),
+            f"{module}:{attribute}",
         ]
         _replay_audit_spool()
         cli = CommandLineInterface()
         cli.server_class = install_daphne_fixes()
-        freeze_startup_heap(settings.ASGI_APPLICATION.rpartition(".")[0])
+        freeze_startup_heap(module)
         try:
             cli.run(argv)
         finally:
