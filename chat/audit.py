@@ -210,7 +210,8 @@ def append(items: list[AuditItem]) -> int:
                 if item.connection_id not in open_ids:
                     continue
                 open_ids.discard(item.connection_id)
-                row = ConnectionLog(
+                row = sql.build(  # only what the seal writes; positionally, as below
+                    ConnectionLog,
                     id=item.connection_id,
                     closed_at=item.closed_at,
                     close_code=item.close_code,
@@ -698,7 +699,8 @@ class ConnectionAudit:
         if outcome == Outcome.ACCEPTED:
             metrics.CONNECTIONS_OPEN.inc()
         runtime.audit.add(
-            ConnectionLog(
+            sql.build(  # not ConnectionLog(...): one per handshake
+                ConnectionLog,
                 id=self.id,
                 jti=jti,
                 user_id=getattr(user, "pk", None),
