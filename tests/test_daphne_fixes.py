@@ -544,6 +544,8 @@ def test_serve_freezes_the_heap_it_started_with_after_collecting_its_garbage(mon
     from daphne.cli import CommandLineInterface
     from django.core.management import call_command
 
+    import chatproject
+
     class Cycle:
         pass
 
@@ -560,8 +562,6 @@ def test_serve_freezes_the_heap_it_started_with_after_collecting_its_garbage(mon
     monkeypatch.setattr(CommandLineInterface, "run", run)
     monkeypatch.setattr("chat.management.commands.serve._replay_audit_spool", lambda: None)
     monkeypatch.setattr("chatproject.server.finish_event_loop", lambda: None)
-    import chatproject
-
     # Imported again by serve; the module and the package's attribute are put back after.
     monkeypatch.delitem(sys.modules, "chatproject.asgi", raising=False)
     monkeypatch.setattr(chatproject, "asgi", getattr(chatproject, "asgi", None), raising=False)
