@@ -277,20 +277,28 @@ def lock_chain() -> None:
 
 
 def _locked_head() -> AuditChainHead:
-    found = sql.select_in(AuditChainHead, ["last_seq", "last_hash"], pk=[1], for_update=True)
-    if found:
-        return found[0]
+    head = _head_for_update()
+    if head is not None:
+        return head
     # The migration creates the head; only a trail with no rows at all may start over (a flushed
     # test database). Rows without a head mean someone removed it: refuse to write.
     if any(m.objects.exists() for m in (ConnectionLog, MessageLog, SecurityEvent)):
         # Unless another process started the trail since the read above: its head and its
         # first rows commit together, so rows seen now mean its head is there to be read.
-        found = sql.select_in(AuditChainHead, ["last_seq", "last_hash"], pk=[1], for_update=True)
-        if found:
-            return found[0]
-        raise ChainHeadMissing("the audit chain head is missing while audit rows exist")
+        head = _head_for_update()
+        if head is None:
+            raise ChainHeadMissing("the audit chain head is missing while audit rows exist")
+        return head
     AuditChainHead.objects.get_or_create(pk=1, defaults={"last_seq": 0, "last_hash": GENESIS_HASH})
-    return AuditChainHead.objects.select_for_update().get(pk=1)
+    head = _head_for_update()
+    assert head is not None  # found or made above, in this transaction
+    return head
+
+
+def _head_for_update() -> AuditChainHead | None:
+    """The chain's head, locked for the rest of the transaction (SELECT ... FOR UPDATE)."""
+    found = sql.select_in(AuditChainHead, ["last_seq", "last_hash"], pk=[1], for_update=True)
+    return found[0] if found else None
 
 
 _SEAL_FIELDS = (
