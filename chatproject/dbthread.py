@@ -71,6 +71,12 @@ def _in_thread(call: _Call) -> Any:
     return call.fn()
 
 
+def _answer(call: _Call, error: BaseException | None, result: Any) -> None:
+    """From the thread: the call's outcome, to its caller's loop."""
+    with contextlib.suppress(RuntimeError):  # a caller's loop that is closed has nobody waiting
+        call.loop.call_soon_threadsafe(_deliver, call, error, result)
+
+
 def _deliver(call: _Call, error: BaseException | None, result: Any) -> None:
     if not call.future.done():  # else its caller was cancelled
         if error is None:
@@ -155,17 +161,14 @@ class DatabaseThread:
                 error.__cause__ = raised
             except BaseException as raised:
                 error = raised
-            # A caller's loop that is closed has nobody waiting.
-            with contextlib.suppress(RuntimeError):
-                call.loop.call_soon_threadsafe(_deliver, call, error, result)
+            _answer(call, error, result)
             del call, error, result
         connections.close_all()  # SQLite checkpoints its WAL as its last connection closes
         # Calls queued after the stop, by a caller that raced it: answered, not left waiting.
         stopped = RuntimeError("the database thread has stopped")
         while not queue.empty():
             if (late := queue.get()) is not None:
-                with contextlib.suppress(RuntimeError):
-                    late.loop.call_soon_threadsafe(_deliver, late, stopped, None)
+                _answer(late, stopped, None)
 
 
 database_thread = DatabaseThread()
