@@ -13,7 +13,7 @@ import json
 import time
 from dataclasses import dataclass, field
 
-from picows import WSFrame, WSListener, WSMsgType, WSTransport, ws_connect
+from picows import WSCloseCode, WSFrame, WSListener, WSMsgType, WSTransport, ws_connect
 
 from bench.servers import Target
 
@@ -165,7 +165,10 @@ class Conn(WSListener):
 
     def close(self) -> None:
         if self.transport is not None and not self.transport.is_disconnected:
-            self.transport.send_close()
+            # A normal closure (1000). picows's default sends a code of 0, which RFC 6455 does not
+            # allow: every server took each close as a protocol violation (autobahn answers 1002
+            # and arms a closing-handshake timer), and the handshakes measured that path.
+            self.transport.send_close(WSCloseCode.OK)
             self.transport.disconnect()
 
 
