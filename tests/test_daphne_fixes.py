@@ -2,12 +2,18 @@
 
 import asyncio
 import contextlib
+import gc
 import socket
+import sys
+import weakref
 
 import pytest
+from daphne.cli import CommandLineInterface
+from django.core.management import call_command
 from twisted.internet import protocol, reactor, ssl, tcp
 from twisted.protocols.tls import TLSMemoryBIOFactory
 
+import chatproject
 from accounts.middleware import take_ticket
 from chatproject.server import HANDSHAKE_LEFTOVERS, Inbox, _writes_directly
 from tests.wait import eventually
@@ -537,14 +543,6 @@ def test_serve_freezes_the_heap_it_started_with_after_collecting_its_garbage(mon
     (chatproject.server.freeze_startup_heap), with the application imported (as with
     --skip-checks: nothing imported it before), after a collection: garbage left in a cycle by
     then is freed, not frozen for ever."""
-    import gc
-    import sys
-    import weakref
-
-    from daphne.cli import CommandLineInterface
-    from django.core.management import call_command
-
-    import chatproject
 
     class Cycle:
         pass

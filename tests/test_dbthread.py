@@ -8,7 +8,7 @@ import time
 
 import pytest
 from asgiref.local import Local
-from asgiref.sync import async_to_sync
+from asgiref.sync import AsyncToSync, async_to_sync
 from django.contrib.auth import get_user_model
 from django.db import connection, connections, transaction
 
@@ -180,7 +180,6 @@ def test_the_waiting_check_reads_what_asgiref_keeps_in_its_local():
     """`_sync_caller_waiting` reads asgiref's context variable directly (the Local's getattr
     costs 3 µs when empty): it must agree with the Local, in a sync caller's async code, in a
     plain loop, and in a thread that merely inherited the context."""
-    from asgiref.sync import AsyncToSync
 
     def by_local():
         return getattr(AsyncToSync.executors, "current", None) is not None
