@@ -248,7 +248,7 @@ def _auth_frame_ticket(text: str | None) -> str | None:
         return None
     try:
         frame = json.loads(text)
-    except ValueError:
+    except (ValueError, RecursionError):  # as chat.consumers._parse: deep nesting fits in 8 KiB
         return None
     if (
         isinstance(frame, dict)

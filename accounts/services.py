@@ -109,6 +109,10 @@ def ticket_redeem(*, token: str, room_slug: str, ip: str | None) -> Redemption:
     check before the UPDATE leaves the ticket unused, so a stolen ticket presented from elsewhere
     does not burn the owner's.
     """
+    if not token.isascii():
+        # A JWT is ASCII by its grammar; a first frame's JSON can carry anything (a lone
+        # surrogate made PyJWT raise UnicodeEncodeError, which the middleware took for an outage).
+        return Redemption(error=Reason.TICKET_INVALID)
     try:
         ticket = WebSocketTicket(token)
     except ExpiredTokenError:

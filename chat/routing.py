@@ -1,7 +1,8 @@
 """Where a room's socket is: /ws/rooms/<slug>/.
 
 Every WebSocket path is served by chat.consumers.RoomConsumer (chatproject/asgi.py): a path that
-names no room gets the same treatment as an unknown room (close 4404), audited like the rest. So
+names no room is refused at its ticket, which names a room (4401: room_mismatch, or
+ticket_missing), before anything else is read, and audited like the rest. So
 no URL router sits between the middleware and the consumer; it would only copy the scope (and
 hold the copy, a frame and two dicts, 1.4 KB, for as long as each socket is open).
 """

@@ -19,8 +19,8 @@ application = ProtocolTypeRouter(
         # /static/ for deployments without a proxy in front (the embedded default, tests);
         # anything else goes straight to Django.
         "http": ASGIStaticFilesHandler(OneHopASGIHandler()),
-        # Every path: the consumer serves /ws/rooms/<slug>/ and closes anything else with 4404
-        # (chat/routing.py).
+        # Every path: the consumer serves /ws/rooms/<slug>/; on any other path no ticket
+        # matches, and it closes with 4401 (chat/routing.py).
         "websocket": TicketAuthMiddlewareStack(RoomConsumer.as_asgi()),
     }
 )

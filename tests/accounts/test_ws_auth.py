@@ -391,6 +391,26 @@ async def test_no_ticket_in_first_frame_is_refused(alice, lobby):
     assert (await audit_rows())[0].reason == "ticket_missing"
 
 
+@pytest.mark.parametrize(
+    ("frame", "reason"),
+    [
+        ("[" * 5000, "ticket_missing"),  # under the 8 KiB cap; json raises RecursionError
+        ('{"type": "auth", "ticket": ' + "[" * 5000 + "}", "ticket_missing"),
+        ('{"type": "auth", "ticket": "\\ud800"}', "ticket_invalid"),  # a lone surrogate
+        ('{"type": "auth", "ticket": "t\u00e9st"}', "ticket_invalid"),
+    ],
+    ids=["nested", "nested-ticket", "lone-surrogate", "non-ascii"],
+)
+async def test_malformed_first_frame_is_refused_4401_and_audited(alice, lobby, frame, reason):
+    comm = communicator(LOBBY, transport="first_frame", ticket=None)
+    assert (await comm.connect())[0]
+    await comm.send_to(text_data=frame)
+    assert (await closed_with(comm))[0] == 4401
+    await comm.disconnect()
+    [row] = await audit_rows()
+    assert (row.outcome, row.reason, row.close_code) == ("rejected", reason, 4401)
+
+
 async def test_no_ticket_within_the_time_limit_closes_4408(alice, lobby, settings):
     settings.CHAT_AUTH_TIMEOUT = 0.2
     comm = communicator(LOBBY, transport="first_frame", ticket=None)
