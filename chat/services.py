@@ -423,6 +423,8 @@ def room_join(*, user, room: Room) -> Membership:
             room=room,
             details={"role": "member"},
         )
+        # A visitor's open sockets in a public or read-only room learn the role they now have.
+        _publish_membership(room, user, membership)
     return membership
 
 
@@ -447,6 +449,9 @@ def membership_add(*, actor, room: Room, user, role: str = Role.MEMBER) -> Membe
             room=room,
             details={"role": role},
         )
+        # Takes effect live, as a promotion does: a visitor's open sockets in a public or
+        # read-only room (a moderator added there may post at once).
+        _publish_membership(room, user, membership)
     return membership
 
 

@@ -719,6 +719,35 @@ async def test_promotion_takes_effect_live(people):
     await b.disconnect()
 
 
+@pytest.mark.parametrize("how", ["added", "joined"])
+async def test_a_visitor_made_a_member_learns_it_on_their_open_socket(how):
+    def setup():
+        owner, carol = make_user("owner"), make_user("carol")
+        room = make_room("news", owner=owner, visibility=Room.Visibility.READ_ONLY)
+        return owner, carol, room
+
+    owner, carol, room = await sync(setup)()
+    c, hello = await join(carol, room)
+    assert (hello["role"], hello["can_post"]) == (None, False)
+    if how == "added":
+        add = services.membership_add
+        await sync(add)(actor=owner, room=room, user=carol, role="moderator")
+        role = "moderator"
+    else:
+        await sync(services.room_join)(user=carol, room=room)
+        role = "member"
+    assert (await receive_until(c, "membership"))["role"] == role
+    await send(c, type="message", body="from the socket", client_id="ws-1")
+    frame = {"type": None}
+    while frame["type"] not in ("ack", "error"):
+        frame = json.loads(await c.receive_from(timeout=WAIT))
+    if role == "moderator":  # a read-only room's moderators post
+        assert frame == {"type": "ack", "client_id": "ws-1", "seq": 1}
+    else:
+        assert (frame["type"], frame["code"]) == ("error", "forbidden")
+    await c.disconnect()
+
+
 async def test_a_ban_racing_an_open_socket_still_stops_the_message(people):
     """The socket's cached membership is briefly stale; the service re-checks in its transaction."""
     _, bob, room = people
