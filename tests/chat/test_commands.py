@@ -201,6 +201,17 @@ def test_verify_audit_log_accepts_its_own_anchor_later():
     assert "Anchor 9 matches." in out
 
 
+def test_verify_audit_log_accepts_the_head_it_printed_for_an_empty_chain():
+    out = run("verify_audit_log")
+    [anchor] = [line.removeprefix("Head: ") for line in out.splitlines() if "Head: " in line]
+    assert anchor == "0:" + audit.GENESIS_HASH
+    build_chain()
+
+    assert "Anchor 0 matches" in run("verify_audit_log", "--anchor", anchor)
+    with pytest.raises(CommandError, match="anchor 0 does not match"):
+        run("verify_audit_log", "--anchor", "0:" + "1" * 64)
+
+
 def rewind_head_after_truncation():
     # Without the key one can still cut the tail and point the head at the new last link.
     SecurityEvent.objects.filter(chain_seq=9).delete()

@@ -50,6 +50,13 @@ class Command(BaseCommand):
             self._check_anchor(*expected, state)
 
     def _check_anchor(self, seq: int, anchored_hash: str, state: audit.ChainState) -> None:
+        if seq == 0:
+            # The start, before the first link, which an empty chain prints as its head: every
+            # chain starts there, pruned or not, and it holds nothing else to compare.
+            if not hmac.compare_digest(anchored_hash, audit.GENESIS_HASH):
+                raise CommandError("anchor 0 does not match: position 0 is the chain's start")
+            self.stdout.write("Anchor 0 matches (the chain's start).")
+            return
         checkpoint = state.checkpoint
         if checkpoint is not None and seq <= checkpoint.seq:
             if seq < checkpoint.seq:
