@@ -7,6 +7,10 @@ from django.contrib.auth.models import Group
 from django.urls import reverse
 from django.utils.html import format_html
 from django.utils.http import urlencode
+from django_otp.plugins.otp_static.admin import StaticDeviceAdmin
+from django_otp.plugins.otp_static.models import StaticDevice
+from django_otp.plugins.otp_totp.admin import TOTPDeviceAdmin
+from django_otp.plugins.otp_totp.models import TOTPDevice
 
 from accounts.models import Ticket, TicketQuerySet, User
 from accounts.services import tickets_revoke
@@ -157,6 +161,51 @@ class TicketAdmin(ReadOnlyMixin, admin.ModelAdmin):
         tickets = Ticket.objects.filter(pk__in=list(queryset.values_list("pk", flat=True)))
         count = tickets_revoke(actor=request.user, tickets=tickets)
         self.message_user(request, f"Revoked {count} tickets.", messages.SUCCESS)
+
+
+# --- second factors -------------------------------------------------------------------------
+# django-otp's own device admins, for superusers only: a device decides who passes the second
+# factor, so adding one to an account whose password one knows, or moving one, is a grant
+# (accounts.signals audits each device that becomes or stops being a user's confirmed one).
+
+
+class SecondFactorAdminMixin:
+    def has_module_permission(self, request):
+        return request.user.is_superuser
+
+    def has_view_permission(self, request, obj=None):
+        return request.user.is_superuser
+
+    def has_add_permission(self, request):
+        return request.user.is_superuser
+
+    def has_change_permission(self, request, obj=None):
+        return request.user.is_superuser
+
+    def has_delete_permission(self, request, obj=None):
+        return request.user.is_superuser
+
+    # The signal handlers record who made the change.
+    def save_model(self, request, obj, form, change):
+        with audit.acting_as(request.user):
+            super().save_model(request, obj, form, change)
+
+    def save_related(self, request, form, formsets, change):
+        with audit.acting_as(request.user):
+            super().save_related(request, form, formsets, change)
+
+    def delete_model(self, request, obj):
+        with audit.acting_as(request.user):
+            super().delete_model(request, obj)
+
+    def delete_queryset(self, request, queryset):
+        with audit.acting_as(request.user):
+            super().delete_queryset(request, queryset)
+
+
+for _model, _admin in ((TOTPDevice, TOTPDeviceAdmin), (StaticDevice, StaticDeviceAdmin)):
+    admin.site.unregister(_model)
+    admin.site.register(_model, type(_admin.__name__, (SecondFactorAdminMixin, _admin), {}))
 
 
 admin.site.unregister(Group)

@@ -1,6 +1,7 @@
 """Audit Django's own authentication events (logins through any path, session logouts)."""
 
-from django.conf import settings
+from types import SimpleNamespace
+
 from django.contrib.auth import get_user_model
 from django.contrib.auth.hashers import is_password_usable
 from django.contrib.auth.models import Group, Permission
@@ -206,21 +207,31 @@ def _hash_upgrade(user, update_fields) -> bool:
     )
 
 
-# A device that verified logins (accounts.second_factor) leaves, or stops being its user's
-# confirmed device: their sockets, opened with staff powers, close; the logins' own tokens lose
-# the powers at their next request (the device is looked up), and a session's at its next
-# request (OTPMiddleware). Deleting a backup device's codes ends nothing (a code is spent by
-# the sign-in it verified): remove the device. QuerySet.update() sends no signal.
+# A device that verifies logins (accounts.second_factor) is audited as it becomes a user's
+# confirmed device and as it stops being one. When it stops, their sockets, opened with staff
+# powers, close; the logins' own tokens lose the powers at their next request (the device is
+# looked up), and a session's at its next request (OTPMiddleware). Deleting a backup device's
+# codes ends nothing (a code is spent by the sign-in it verified): remove the device.
+# QuerySet.update() sends no signal.
 _DEVICES = (TOTPDevice, StaticDevice)
 
 
-def _second_factor_gone(user_id: int) -> None:
-    if settings.CHAT_ADMIN_REQUIRE_OTP:  # else staff powers never depended on it
-        chat_services.user_sockets_close(user_id=user_id, reason="second factor removed")
+def _device_owner(user_id: int):
+    # The user row, for the audit row's snapshot of the name; a bare key if it is already gone.
+    return get_user_model().objects.filter(pk=user_id).first() or SimpleNamespace(
+        pk=user_id, username=""
+    )
+
+
+def _second_factor(device, user_id: int, *, added: bool) -> None:
+    chat_services.second_factor_changed(
+        user=_device_owner(user_id), device=device, added=added, actor=audit.acting_user()
+    )
 
 
 def second_factor_removed(sender, instance, **kwargs):
-    _second_factor_gone(instance.user_id)
+    if instance.confirmed:  # an unconfirmed device never verified anything
+        _second_factor(instance, instance.user_id, added=False)
 
 
 def remember_device(sender, instance, update_fields=None, **kwargs):
@@ -229,10 +240,19 @@ def remember_device(sender, instance, update_fields=None, **kwargs):
 
 def device_changed(sender, instance, created, **kwargs):
     before = instance.__dict__.pop("_device_before", None)
-    if created or before is None or not before["confirmed"]:
+    if created:
+        if instance.confirmed:
+            _second_factor(instance, instance.user_id, added=True)
         return
-    if not instance.confirmed or instance.user_id != before["user"]:
-        _second_factor_gone(before["user"])
+    if before is None:  # a save that wrote neither the user nor `confirmed`
+        return
+    was = before["user"] if before["confirmed"] else None
+    now = instance.user_id if instance.confirmed else None
+    if was != now:
+        if was is not None:
+            _second_factor(instance, was, added=False)
+        if now is not None:
+            _second_factor(instance, now, added=True)
 
 
 for _device in _DEVICES:

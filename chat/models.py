@@ -371,6 +371,8 @@ class SecurityEvent(ChainedRow):
         USER_DEACTIVATED = "user_deactivated", "User deactivated"
         USER_REACTIVATED = "user_reactivated", "User reactivated"
         PRIVILEGES_CHANGED = "privileges_changed", "Privileges changed (staff, groups, permissions)"
+        SECOND_FACTOR_ADDED = "second_factor_added", "Second factor added (a confirmed device)"
+        SECOND_FACTOR_REMOVED = "second_factor_removed", "Second factor removed"
         USER_DELETED = "user_deleted", "User deleted"
         RATE_LIMITED = "rate_limited", "Rate limit closed a socket"
         ALERT = "alert", "Alert threshold crossed"

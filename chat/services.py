@@ -643,6 +643,24 @@ def user_credentials_changed(
         user_sockets_close(user_id=user.pk, reason=reason)
 
 
+def second_factor_changed(*, user, device, added: bool, actor=None) -> None:
+    """A device that verifies `user`'s sign-ins (accounts.second_factor) became theirs and
+    confirmed (`added`), or stopped being so (deleted, unconfirmed, moved to another account).
+
+    Audited either way, with the device's kind and name, never its key or codes. A removal
+    closes the user's sockets: their staff powers may rest on it (accounts.signals).
+    """
+    with transaction.atomic():
+        audit.security_event(
+            event=audit.Event.SECOND_FACTOR_ADDED if added else audit.Event.SECOND_FACTOR_REMOVED,
+            actor=actor,
+            target=user,
+            details={"device": device._meta.model_name, "name": device.name[:64]},
+        )
+        if not added and settings.CHAT_ADMIN_REQUIRE_OTP:  # else staff powers never needed it
+            user_sockets_close(user_id=user.pk, reason="second factor removed")
+
+
 def user_deleted(*, user, actor=None) -> None:
     """A user was deleted (the admin, the shell; `post_delete`, so `user` keeps its key): audit
     it and close the sockets they still have open (4401). Their memberships went with the row,

@@ -374,6 +374,9 @@ CONTENT_SECURITY_POLICY = {
 # Staff sign in to the admin with a second factor (TOTP), and need it for their staff powers in
 # the rooms too (chat.permissions.has_staff_powers). On by default outside development.
 CHAT_ADMIN_REQUIRE_OTP = env.bool("CHAT_ADMIN_REQUIRE_OTP", default=not DEBUG)
+# django-otp's device admins show no TOTP key or backup code once a device exists (its default
+# showed both, and a QR code of the key, to anyone with the view permission).
+OTP_ADMIN_HIDE_SENSITIVE_DATA = True
 
 # ---------------------------------------------------------------------------------------------
 # Internationalisation and static files

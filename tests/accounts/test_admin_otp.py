@@ -3,12 +3,14 @@
 import io
 
 import pytest
+from django.contrib.auth.models import Permission
 from django.core.management import CommandError, call_command
 from django.test import Client
 from django_otp.oath import totp
 from django_otp.plugins.otp_static.models import StaticToken
 from django_otp.plugins.otp_totp.models import TOTPDevice
 
+from chat.models import SecurityEvent
 from tests.factories import PASSWORD, make_user
 
 pytestmark = pytest.mark.django_db
@@ -124,3 +126,80 @@ def test_enroll_twice_needs_replace(staff):
         enroll("root", "--no-qr")
     enroll("root", "--no-qr", "--replace")
     assert TOTPDevice.objects.filter(user=staff).count() == 1
+
+
+# --- the device admins -----------------------------------------------------------------------
+
+
+def otp_admin(settings, user) -> Client:
+    settings.CHAT_ADMIN_REQUIRE_OTP = False  # the sign-in is not what these tests are about
+    client = Client()
+    client.force_login(user)
+    return client
+
+
+def test_the_device_admins_show_no_key_and_no_backup_code(settings, staff):
+    client = otp_admin(settings, staff)
+    enroll("root", "--no-qr", "--backup-codes", "1")
+    device = TOTPDevice.objects.get(user=staff)
+    code = StaticToken.objects.get(device__user=staff)
+    totp_page = client.get(f"/admin/otp_totp/totpdevice/{device.pk}/change/")
+    static_page = client.get(f"/admin/otp_static/staticdevice/{code.device_id}/change/")
+    assert (totp_page.status_code, static_page.status_code) == (200, 200)
+    assert device.key not in totp_page.content.decode()
+    assert code.token not in static_page.content.decode()
+    for view in ("config", "qrcode"):  # the key again, as text and as a QR code
+        assert client.get(f"/admin/otp_totp/totpdevice/{device.pk}/{view}/").status_code == 403
+
+
+@pytest.mark.parametrize("path", ["otp_totp/totpdevice/", "otp_static/staticdevice/"])
+def test_only_superusers_reach_the_device_admins(settings, path):
+    helpdesk = make_user("helpdesk", is_staff=True)
+    helpdesk.user_permissions.set(
+        Permission.objects.filter(content_type__app_label__in=["otp_totp", "otp_static"])
+    )
+    client = otp_admin(settings, helpdesk)
+    assert client.get(f"/admin/{path}").status_code == 403
+    assert client.get(f"/admin/{path}add/").status_code == 403
+    assert path.split("/")[0] not in client.get("/admin/").content.decode()
+
+
+def test_device_changes_in_the_admin_are_audited_with_who_made_them(settings, staff):
+    client = otp_admin(settings, staff)
+    carol = make_user("carol", is_staff=True)
+    added = client.post(
+        "/admin/otp_totp/totpdevice/add/",
+        {
+            "user": carol.pk,
+            "name": "phone",
+            "confirmed": "on",
+            "key": "3132333435363738393031323334353637383930",
+            "step": 30,
+            "t0": 0,
+            "digits": 6,
+            "tolerance": 1,
+            "drift": 0,
+            "throttling_failure_count": 0,
+        },
+    )
+    assert added.status_code == 302, added.content.decode()[:2000]
+    device = TOTPDevice.objects.get(user=carol)
+    removed = client.post(f"/admin/otp_totp/totpdevice/{device.pk}/delete/", {"post": "yes"})
+    assert removed.status_code == 302
+    rows = SecurityEvent.objects.filter(event__startswith="second_factor").order_by("chain_seq")
+    assert [(r.event, r.actor_name, r.target_name, r.details) for r in rows] == [
+        (event, "root", "carol", {"device": "totpdevice", "name": "phone"})
+        for event in ("second_factor_added", "second_factor_removed")
+    ]
+    assert device.key not in str([r.details for r in rows])
+
+
+def test_enrolling_is_audited_without_the_key_or_the_codes(staff):
+    output = enroll("root", "--no-qr", "--backup-codes", "2")
+    rows = SecurityEvent.objects.filter(event__startswith="second_factor").order_by("chain_seq")
+    assert [(r.event, r.target_name, r.details["device"]) for r in rows] == [
+        ("second_factor_added", "root", "totpdevice"),
+        ("second_factor_added", "root", "staticdevice"),
+    ]
+    secrets = [TOTPDevice.objects.get(user=staff).key, *output.split()[-2:]]
+    assert not any(secret in str(r.details) for r in rows for secret in secrets)

@@ -268,20 +268,27 @@ def test_staff_with_their_powers_may_leave_a_room_they_are_muted_in(world):
 
 
 @pytest.mark.parametrize(
-    ("change", "closes"),
+    ("change", "closes", "events"),
     [
-        ("delete", "root"),
-        ("unconfirm", "root"),
-        ("give to carol", "root"),
-        ("rename", None),
-        ("verify a code", None),
-        ("rename a spare unconfirmed device", None),
-        ("delete with the requirement off", None),
+        ("delete", "root", [("second_factor_removed", "root")]),
+        ("unconfirm", "root", [("second_factor_removed", "root")]),
+        (
+            "give to carol",
+            "root",
+            [("second_factor_removed", "root"), ("second_factor_added", "carol")],
+        ),
+        ("rename", None, []),
+        ("verify a code", None, []),
+        ("rename a spare unconfirmed device", None, []),
+        ("delete with the requirement off", None, [("second_factor_removed", "root")]),
     ],
 )
-def test_which_device_changes_close_the_users_sockets(world, monkeypatch, settings, change, closes):
+def test_which_device_changes_close_the_users_sockets(
+    world, monkeypatch, settings, change, closes, events
+):
     """Only a device leaving the user's confirmed ones ends what it verified; a verification's
-    own save (last_t, throttling) or a spare device's edit must not close every socket."""
+    own save (last_t, throttling) or a spare device's edit must not close every socket. Each
+    device that stops or starts being someone's confirmed one is audited, and nothing else."""
     from accounts import signals
 
     closed = []
@@ -292,6 +299,7 @@ def test_which_device_changes_close_the_users_sockets(world, monkeypatch, settin
     )
     device = world["device"]
     root = device.user
+    before = SecurityEvent.objects.count()
     if change == "delete":
         device.delete()
     elif change == "unconfirm":
@@ -313,6 +321,9 @@ def test_which_device_changes_close_the_users_sockets(world, monkeypatch, settin
         settings.CHAT_ADMIN_REQUIRE_OTP = False
         device.delete()
     assert closed == ([(root.pk, "second factor removed")] if closes else [])
+    rows = SecurityEvent.objects.order_by("chain_seq")[before:]
+    assert [(row.event, row.target_name) for row in rows] == events
+    assert all(row.details == {"device": "totpdevice", "name": device.name} for row in rows)
 
 
 @pytest.mark.parametrize("way", ["api", "session"])
