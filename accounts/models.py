@@ -114,11 +114,13 @@ class Ticket(models.Model):
 
 
 class EndedLogin(models.Model):
-    """A JWT login (token family) that was logged out while its access tokens still live.
+    """A login that was logged out while something it obtained still lives.
 
-    Logging out blacklists the refresh token, but an access token of that login stays valid
-    until it expires (minutes): this row makes the API refuse it meanwhile, ticket requests
-    included. `cleanup_tickets` deletes rows once every token of the login has expired.
+    A JWT login (token family): logging out blacklists the refresh token, but an access token
+    of that login stays valid until it expires (minutes): this row makes the API refuse it
+    meanwhile, ticket requests included. Any login, a session's too: a ticket it obtained as it
+    ended cannot open a socket (chat.selectors.socket_context). `cleanup_tickets` deletes rows
+    once nothing of the login is left.
     """
 
     credential = models.CharField("credential", max_length=80, unique=True)

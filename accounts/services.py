@@ -6,6 +6,7 @@ import hashlib
 from dataclasses import dataclass
 from datetime import timedelta
 
+from django.conf import settings
 from django.contrib.auth import get_user_model
 from django.db import transaction
 from django.db.models import Q
@@ -171,16 +172,18 @@ def tickets_revoke_for_login(*, user_id: int, credential: str | None = None) -> 
     return tickets.update(revoked_at=now)
 
 
-def login_end(*, user, credential: str) -> None:
-    """Record a logged-out JWT login until its last access token has expired."""
+def login_end(*, user, credential: str, jwt: bool) -> None:
+    """Record a logged-out login: a JWT login until its last access token has expired, any
+    login until a ticket it obtained can no longer be joining a room (chat.selectors
+    .socket_context: a ticket request that passed its checks before the logout writes its row
+    after the logout revoked the login's tickets)."""
     now = timezone.now()
+    kept = settings.CHAT_TICKET_LIFETIME + JOINING_GRACE
+    if jwt:
+        kept = max(kept, jwt_settings.ACCESS_TOKEN_LIFETIME)
     EndedLogin.objects.update_or_create(
         credential=credential,
-        defaults={
-            "user": user,
-            "ended_at": now,
-            "expires_at": now + jwt_settings.ACCESS_TOKEN_LIFETIME,
-        },
+        defaults={"user": user, "ended_at": now, "expires_at": now + kept},
     )
 
 

@@ -22,7 +22,7 @@ from django.db.models import (
 from django.db.models.functions import Coalesce, Greatest
 from django.utils import timezone
 
-from accounts.models import Ticket
+from accounts.models import EndedLogin, Ticket
 from chat import frames, permissions, sql
 from chat.models import ConnectionLog, Membership, Message, Room, SecurityEvent
 
@@ -64,12 +64,16 @@ class SocketContext:
     ticket_revoked: bool = False
 
 
-def socket_context(*, room_id: int, user_id: int, jti: str = "") -> SocketContext:
-    """Fresh state for a socket that has just subscribed to its room's events: four lookups by
-    key in one statement (chat.sql.get_each).
+def socket_context(
+    *, room_id: int, user_id: int, jti: str = "", credential: str = ""
+) -> SocketContext:
+    """Fresh state for a socket that has just subscribed to its room's events: up to five
+    lookups by key in one statement (chat.sql.get_each).
 
-    `ticket_revoked`: the login that obtained ticket `jti` ended while the socket was joining
-    (accounts.services.tickets_revoke_for_login), after its revocation broadcast went out.
+    `ticket_revoked`: the login that obtained ticket `jti` (`credential`) ended while the socket
+    was joining, after its revocation broadcast went out: its tickets were revoked
+    (accounts.services.tickets_revoke_for_login), or it is recorded as ended (a ticket whose
+    row was written after that revocation, by a request that had passed its check before).
     """
     lookups: list[sql.Lookup] = [
         (Room, None, {"pk": room_id}),
@@ -78,14 +82,18 @@ def socket_context(*, room_id: int, user_id: int, jti: str = "") -> SocketContex
     ]
     if jti:
         lookups.append((Ticket, ["revoked_at"], {"jti": jti}))
-    room, membership, user, *ticket = sql.get_each(*lookups)
+    if credential:
+        lookups.append((EndedLogin, [], {"credential": credential}))
+    room, membership, user, *login = sql.get_each(*lookups)
     if room is None:
         return SocketContext(None, None, False)
+    ticket = login.pop(0) if jti else None
+    ended = bool(login) and login[0] is not None
     return SocketContext(
         room,
         membership,
         user is not None and user.is_active,
-        bool(ticket) and ticket[0] is not None and ticket[0].revoked_at is not None,
+        (ticket is not None and ticket.revoked_at is not None) or ended,
     )
 
 

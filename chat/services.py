@@ -692,8 +692,7 @@ def user_logged_out(*, user, credential: str, method: str, ip: str | None) -> No
         )
         if not credential:
             return
-        if method == "jwt":
-            login_end(user=user, credential=credential)
+        login_end(user=user, credential=credential, jwt=method == "jwt")
         user_sockets_close(user_id=user.pk, credential=credential, reason="logged out")
 
 

@@ -186,6 +186,45 @@ async def test_a_socket_still_joining_when_its_login_ends_is_closed(setup, monke
     await comm.disconnect()
 
 
+@pytest.mark.parametrize("how", ["jwt_logout", "session_logout"])
+async def test_a_ticket_written_after_its_login_ended_opens_no_socket(setup, monkeypatch, how):
+    """The ticket request passed its checks, then the logout (another process) revoked the
+    login's tickets before this ticket's row existed: the ended login still refuses it."""
+    from accounts import api
+
+    alice, _ = setup
+    browser, tokens = Client(), {}
+
+    def ticket_request() -> str:
+        if how == "session_logout":
+            return session_ticket(browser)  # signs in, then asks
+        tokens.update(jwt_login())
+        client = APIClient()
+        client.credentials(HTTP_AUTHORIZATION=f"Bearer {tokens['access']}")
+        response = client.post("/api/tickets/", {"room": "lobby"}, format="json")
+        assert response.status_code == 201, response.content
+        return response.json()["ticket"]
+
+    issue = api.services.ticket_issue
+
+    def logout_first(**kwargs):
+        _end_login(how, alice, browser, tokens.get("refresh", ""))
+        return issue(**kwargs)
+
+    monkeypatch.setattr(api.services, "ticket_issue", logout_first)
+    ticket = await sync(ticket_request)()
+    comm = communicator("/ws/rooms/lobby/", ticket=ticket)
+    assert (await comm.connect())[0]
+    code, _ = await closed_with(comm)
+    await comm.disconnect()
+    await get_runtime().audit.flush()
+    from chat.models import ConnectionLog
+
+    log = await sync(ConnectionLog.objects.get)()
+    assert (code, log.outcome, log.reason) == (4401, "rejected", "ticket_revoked")
+    assert await sync(SecurityEvent.objects.filter(event="logout").count)() == 1
+
+
 def test_access_tokens_of_a_logged_out_login_are_refused_at_once(setup):
     tokens = jwt_login()
     other = jwt_login()

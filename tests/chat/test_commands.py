@@ -92,14 +92,21 @@ def test_cleanup_tickets_dry_run_deletes_nothing(tickets):
 def test_cleanup_tickets_forgets_ended_logins_once_their_tokens_have_expired(settings):
     user = make_user("alice")
     with time_machine.travel(timezone.now() - timedelta(hours=1)):
-        account_services.login_end(user=user, credential="jwt:old")
-    account_services.login_end(user=user, credential="jwt:recent")
+        account_services.login_end(user=user, credential="jwt:old", jwt=True)
+    # A session's login is kept only while a ticket it obtained could still be joining.
+    joining = settings.CHAT_TICKET_LIFETIME + account_services.JOINING_GRACE
+    with time_machine.travel(timezone.now() - joining - timedelta(seconds=1)):
+        account_services.login_end(user=user, credential="session:old", jwt=False)
+        account_services.login_end(user=user, credential="jwt:recent", jwt=True)
+    account_services.login_end(user=user, credential="session:recent", jwt=False)
 
-    assert "Would delete 1 ended logins" in run("cleanup_tickets", "--dry-run")
+    assert "Would delete 2 ended logins" in run("cleanup_tickets", "--dry-run")
     assert account_services.login_has_ended("jwt:old")
-    assert "Deleted 1 ended logins" in run("cleanup_tickets")
+    assert "Deleted 2 ended logins" in run("cleanup_tickets")
     assert not account_services.login_has_ended("jwt:old")
+    assert not account_services.login_has_ended("session:old")
     assert account_services.login_has_ended("jwt:recent")  # its access tokens still live
+    assert account_services.login_has_ended("session:recent")
 
 
 @pytest.mark.parametrize("older_than", ["86400s", "1440m", "24h", "1d"])

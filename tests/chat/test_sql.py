@@ -450,9 +450,14 @@ def test_a_socket_s_context_and_a_ticket_s_redemption_read_in_one_statement(
 ):
     (room, _, _), (user, _, _) = grid
     with django_assert_num_queries(1):
-        context = selectors.socket_context(room_id=room.pk, user_id=user.pk, jti="none")
+        context = selectors.socket_context(
+            room_id=room.pk, user_id=user.pk, jti="none", credential="jwt:none"
+        )
     assert (context.room, context.membership.user_id, context.user_active) == (room, user.pk, True)
     assert context.ticket_revoked is False
+    accounts_services.login_end(user=user, credential="jwt:none", jwt=True)
+    ended = selectors.socket_context(room_id=room.pk, user_id=user.pk, credential="jwt:none")
+    assert ended.ticket_revoked is True
     issued = accounts_services.ticket_issue(user=user, room=room, ip="127.0.0.1", credential="c")
     with django_assert_num_queries(2):  # the reads, then the single-use claim
         redeemed = accounts_services.ticket_redeem(
