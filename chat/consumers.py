@@ -372,6 +372,14 @@ class RoomConsumer(AsyncWebsocketConsumer):
             )
             return await self._refuse(error.code, error.detail, **extra)
         if refusal := permissions.post_refusal(self.user, self.room, self.membership):
+            # A message stored before the mute (or the room's change), whose ack was lost with
+            # an earlier socket, is acked with its seq, as the store would (docs/protocol.md):
+            # a read on refused frames only, which the abuse limit bounds.
+            stored = await database_sync_to_async(selectors.message_seq_of)(
+                room_id=self.room_id, author_id=self.user_id, client_id=client_id
+            )
+            if stored is not None:
+                return await self.send_text(frames.ack(client_id, stored))
             return await self._refuse(*refusal, client_id=client_id)
         if not await self.runtime.state.take_token(
             f"messages:{self.user_id}", settings.CHAT_MESSAGE_RATE, settings.CHAT_MESSAGE_BURST

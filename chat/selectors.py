@@ -180,6 +180,12 @@ def changes_between(
     return deleted, message_payloads(restored, room=room), last
 
 
+def message_seq_of(*, room_id: int, author_id: int, client_id: str) -> int | None:
+    """The seq of the message `author_id` stored in the room under `client_id`, if any."""
+    found = sql.select_in(Message, ["room", "seq"], author=[author_id], client_id=[client_id])
+    return next((m.seq for m in found if m.room_id == room_id), None)
+
+
 def message_frames_between(room_id: int, after: int, upto: int) -> list[tuple[int, str]]:
     """Message frames with after < seq <= upto, in order (the hub's gap filling)."""
     rows = list(

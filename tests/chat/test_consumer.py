@@ -748,6 +748,35 @@ async def test_a_visitor_made_a_member_learns_it_on_their_open_socket(how):
     await c.disconnect()
 
 
+@pytest.mark.parametrize("change", ["muted", "read-only"])
+async def test_a_stored_message_sent_again_after_a_refusal_began_is_acked(people, change):
+    """Its ack was lost with the socket; the client sends it again, as the protocol says, once
+    the author may no longer post: it is acked with its seq, not refused. A new one is refused."""
+    alice, bob, room = people
+    b, _ = await join(bob, room)
+    await send(b, type="message", body="before", client_id="keep-1")
+    assert (await receive_until(b, "ack"))["seq"] == 1
+    await b.disconnect()
+    if change == "muted":
+        until = timezone.now() + timedelta(hours=1)
+        await sync(services.member_mute)(actor=alice, room=room, user=bob, until=until)
+    else:
+        visibility = Room.Visibility.READ_ONLY
+        await sync(services.room_update)(actor=alice, room=room, visibility=visibility)
+    b, hello = await join(bob, room)
+    assert hello["can_post"] is (change == "muted")
+    await send(b, type="message", body="before", client_id="keep-1")
+    assert json.loads(await b.receive_from()) == {"type": "ack", "client_id": "keep-1", "seq": 1}
+    await send(b, type="message", body="after", client_id="new-1")
+    refused = await receive_until(b, "error")
+    assert (refused["code"], refused["client_id"]) == (
+        "muted" if change == "muted" else "forbidden",
+        "new-1",
+    )
+    assert await sync(Message.objects.count)() == 1
+    await b.disconnect()
+
+
 async def test_a_ban_racing_an_open_socket_still_stops_the_message(people):
     """The socket's cached membership is briefly stale; the service re-checks in its transaction."""
     _, bob, room = people
