@@ -51,9 +51,15 @@ def messages_event(room_id: int, items: list[tuple[int, str]]) -> dict[str, Any]
     }
 
 
-def frame_event(room_id: int, text: str, *, exclude_user: int | None = None) -> dict[str, Any]:
-    """A ready frame for the room's sockets (all, or all but one user's)."""
-    return {"type": "hub.frame", "room": room_id, "text": text, "exclude_user": exclude_user}
+def frame_event(
+    room_id: int, text: str, *, exclude_user: int | None = None, seq: int | None = None
+) -> dict[str, Any]:
+    """A ready frame for the room's sockets (all, or all but one user's). With `seq`, it is
+    about that message (deleted, restored): each hub sends it only after the message itself."""
+    event = {"type": "hub.frame", "room": room_id, "text": text, "exclude_user": exclude_user}
+    if seq is not None:
+        event["seq"] = seq
+    return event
 
 
 def presence_event(

@@ -67,6 +67,8 @@ class RoomFeed:
     started: asyncio.Event = field(default_factory=asyncio.Event)
     early: list[dict[str, Any]] = field(default_factory=list)  # events before `started`
     pending: dict[int, str] = field(default_factory=dict)  # out-of-order frames by seq
+    # Frames about a message not delivered yet (deleted, restored), by its seq, in arrival order.
+    after: dict[int, list[str]] = field(default_factory=dict)
     gap_timer: asyncio.TimerHandle | None = None
     filling: bool = False
     presence_seen: dict[str, int] = field(default_factory=dict)  # last version per username
@@ -303,6 +305,11 @@ class Hub:
             if "ts" in event:
                 metrics.DELIVERY_LATENCY.observe(max(0.0, time.time() - event["ts"]))
         elif kind == "hub.frame":
+            seq = event.get("seq")
+            if seq is not None and seq > feed.delivered:
+                # The message it is about is late or parked behind a gap: it goes first.
+                feed.after.setdefault(seq, []).append(event["text"])
+                return
             await self._send_all(feed, event["text"], exclude_user=event.get("exclude_user"))
         elif kind == "hub.presence":
             await self._on_presence(feed, event)
@@ -342,14 +349,25 @@ class Hub:
         if seq <= feed.delivered or seq in feed.pending:
             return
         if seq == feed.delivered + 1 and not feed.filling:
-            feed.delivered = seq
-            await self._send_all(feed, text, cork=cork)
+            await self._deliver(feed, seq, text, cork=cork)
             await self._drain_pending(feed)
             return
         feed.pending[seq] = text
         if feed.gap_timer is None and not feed.filling:
             loop = asyncio.get_running_loop()
             feed.gap_timer = loop.call_later(GAP_WAIT, self._start_fill, feed)
+
+    async def _deliver(self, feed: RoomFeed, seq: int, text: str, *, cork: bool) -> None:
+        """Message `seq`, the next in order, to the room's sockets; then what was held for it."""
+        feed.delivered = seq
+        await self._send_all(feed, text, cork=cork)
+        if feed.after:
+            await self._send_after(feed)
+
+    async def _send_after(self, feed: RoomFeed) -> None:
+        for seq in sorted(s for s in feed.after if s <= feed.delivered):
+            for text in feed.after.pop(seq):
+                await self._send_all(feed, text, cork=True)
 
     async def _drain_pending(self, feed: RoomFeed) -> None:
         # A gap fill delivers from the database what may also have arrived live meanwhile
@@ -358,8 +376,8 @@ class Hub:
         for seq in [seq for seq in feed.pending if seq <= feed.delivered]:
             del feed.pending[seq]
         while feed.delivered + 1 in feed.pending:
-            feed.delivered += 1
-            await self._send_all(feed, feed.pending.pop(feed.delivered), cork=True)
+            seq = feed.delivered + 1
+            await self._deliver(feed, seq, feed.pending.pop(seq), cork=True)
         if not feed.pending and feed.gap_timer is not None:
             feed.gap_timer.cancel()
             feed.gap_timer = None
@@ -382,8 +400,7 @@ class Hub:
             )
             for seq, text in missing:
                 if seq == feed.delivered + 1:
-                    feed.delivered = seq
-                    await self._send_all(feed, text, cork=True)
+                    await self._deliver(feed, seq, text, cork=True)
             if feed.delivered < upto:
                 # Numbers that never committed cannot exist (seq is gap-free), so this is a
                 # message deleted from the database by hand; skip it rather than stall the room.
@@ -391,6 +408,7 @@ class Hub:
                     "room %s: messages %s..%s missing", feed.room_id, feed.delivered + 1, upto
                 )
                 feed.delivered = upto
+                await self._send_after(feed)
         except Exception:
             logger.exception("gap fill failed in room %s", feed.room_id)
         finally:

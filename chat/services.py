@@ -280,7 +280,7 @@ def message_delete(
                 )
             ]
         )
-        _publish_frame(room, frames.deleted(room.slug, seq))
+        _publish_frame(room, frames.deleted(room.slug, seq), seq=seq)
     return message
 
 
@@ -311,6 +311,7 @@ def message_restore(*, actor, message: Message) -> Message:
         _publish_frame(
             room,
             frames.restored(frames.message_data(message, room_slug=room.slug, author_name=author)),
+            seq=message.seq,
         )
     return message
 
@@ -737,8 +738,8 @@ def _existing_membership(room: Room, user) -> Membership:
     return membership
 
 
-def _publish_frame(room: Room, text: str) -> None:
-    broadcast.publish(broadcast.room_group(room.pk), broadcast.frame_event(room.pk, text))
+def _publish_frame(room: Room, text: str, *, seq: int | None = None) -> None:
+    broadcast.publish(broadcast.room_group(room.pk), broadcast.frame_event(room.pk, text, seq=seq))
 
 
 def _publish_membership(

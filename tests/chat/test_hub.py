@@ -1,12 +1,15 @@
-"""The hub's fan-out: which writes it asks the server to send together."""
+"""The hub's fan-out: which writes it asks the server to send together, and in what order."""
 
+import json
 from dataclasses import dataclass, field
 
 import pytest
 
-from chat import broadcast, frames
+from chat import broadcast, frames, services
 from chat.hub import Hub, RoomFeed
 from chat.runtime import get_runtime
+from tests.chat.helpers import sync
+from tests.factories import make_room, make_user
 
 
 @dataclass(eq=False)
@@ -82,3 +85,81 @@ async def test_a_presence_change_older_than_one_already_come_for_its_user_is_dro
         frames.prepared(carol["text"]).payloadHybi,  # another user's: its own order
     ]
     assert joining.held == [joined, carol]
+
+
+@dataclass(eq=False)
+class TextSocket:
+    """A socket without the server's prepared-frame path: the hub hands it each frame's text."""
+
+    socket_id: str
+    user_id: int
+    texts: list[str] = field(default_factory=list)
+    sent: int = 0
+    closing: bool = False
+    ready: bool = True
+    presence_version: int = 0
+    fast_send = None
+
+    async def send_text(self, text: str) -> None:
+        self.texts.append(text)
+
+
+def _message(seq: int) -> str:
+    data = {"seq": seq, "room": "lobby", "author": "alice", "created_at": "2026-12-07T10:00:00Z"}
+    return frames.message({**data, "body": f"m{seq}", "client_id": f"c{seq}"})
+
+
+@pytest.mark.django_db(transaction=True)
+@pytest.mark.parametrize("path", ["behind a gap", "late", "filled from the database"])
+async def test_a_deleted_or_restored_frame_never_overtakes_its_message(path):
+    """A client shows the first copy of a seq it gets and ignores later ones (the protocol):
+    a `deleted` that came first would leave the deleted body on its screen."""
+
+    def stored_room():
+        # Messages 1 and 2 stored, 2 deleted since: what a gap fill reads.
+        alice = make_user("alice")
+        room = make_room("lobby", owner=alice)
+        for n in (1, 2):
+            services.message_send(room=room, author=alice, body=f"m{n}", client_id=f"c{n}")
+        services.message_delete(actor=alice, room=room, seq=2)
+        return room.pk
+
+    room_id = await sync(stored_room)()
+    hub = Hub(get_runtime())
+    feed = RoomFeed(room_id=room_id, delivered=0)
+    sock = TextSocket("s", user_id=1)
+    feed.sockets = {"s": sock}
+
+    async def event(e):
+        await hub._on_room_event(feed, e)
+
+    def messages(seq: int):
+        return broadcast.messages_event(room_id, [(seq, _message(seq))])
+
+    about_2 = [
+        broadcast.frame_event(room_id, frames.deleted("lobby", 2), seq=2),
+        broadcast.frame_event(room_id, frames.restored(json.loads(_message(2))), seq=2),
+        broadcast.frame_event(room_id, frames.deleted("lobby", 2), seq=2),
+    ]
+    if path == "behind a gap":
+        await event(messages(2))  # parked: 1 is missing
+        for e in about_2:
+            await event(e)
+        await event(messages(1))
+    elif path == "late":
+        await event(messages(1))
+        for e in about_2:
+            await event(e)
+        await event(messages(2))
+    else:
+        await event(messages(3))  # parked: 1 and 2 missing, read from the database
+        for e in about_2:
+            await event(e)
+        feed.gap_timer.cancel()
+        feed.gap_timer, feed.filling = None, True
+        await hub._fill(feed)
+    order = [(f["type"], f.get("seq") or f["message"]["seq"]) for f in map(json.loads, sock.texts)]
+    assert order[: order.index(("message", 2)) + 1] == [("message", 1), ("message", 2)]
+    about = [kind for kind, seq in order if seq == 2]
+    assert about == ["message", "deleted", "restored", "deleted"]
+    assert feed.after == {}
