@@ -422,6 +422,35 @@ def test_rows_appended_while_verifying_are_left_for_the_next_verification(monkey
     assert audit.verify_chain().links_checked == LINKS + 1
 
 
+@pytest.mark.parametrize("when", ["before the walk", "during the walk"])
+@pytest.mark.parametrize("tampered", [False, True], ids=["sound", "tampered"])
+def test_a_prune_committing_while_verifying_is_not_called_tampering(monkeypatch, when, tampered):
+    """The nightly prune (another process) deletes rows the walk was about to read: the walk
+    is made again from its checkpoint, where a real break is still found."""
+    with long_ago():
+        build_chain("old-")
+    recent = build_chain("new-")
+    name = "_rows_outside_the_walk" if when == "before the walk" else "iter_links"
+    original = getattr(audit, name)
+
+    def prune_meanwhile(*args, **kwargs):
+        monkeypatch.setattr(audit, name, original)  # once
+        assert audit.prune_before(cutoff=cutoff()).checkpoint
+        if tampered:  # and someone edits a row kept, as well
+            ConnectionLog.objects.filter(pk=recent.connection.pk).update(user_agent="curl")
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(audit, name, prune_meanwhile)
+    result = audit.verify_chain()
+    assert AuditCheckpoint.objects.count() == 1
+    if tampered:
+        expected = f"ConnectionLog {recent.connection.pk} (opening) was altered"
+        assert (result.ok, result.problem) == (False, expected)
+    else:
+        assert result.ok, result.problem
+        assert result.links_checked == LINKS + 1  # from the checkpoint: the recent chain, the prune
+
+
 def test_a_pruned_connection_restored_from_a_backup_is_caught():
     """Its hashes are genuine, but it belongs below the checkpoint, where nothing may be."""
     with long_ago():
