@@ -10,14 +10,17 @@ import time_machine
 from asgiref.sync import async_to_sync, sync_to_async
 from channels.layers import get_channel_layer
 from django.contrib.auth.models import Permission
+from django.db import connection
+from django.db.models import F
 from django.http import StreamingHttpResponse
+from django.test.utils import CaptureQueriesContext
 from django.urls import reverse
 from django.utils import timezone
 
 from accounts import services as account_services
 from accounts.models import Ticket
 from chat import audit, services
-from chat.admin import ConnectionLogAdmin
+from chat.admin import ConnectionLogAdmin, EstimatedCountPaginator
 from chat.models import (
     AuditCheckpoint,
     ConnectionLog,
@@ -121,6 +124,38 @@ def test_audit_lists_show_rows_to_staff_with_view_permission(trail, client, mode
     rows = results(client.get(admin_url(model, "changelist")))
 
     assert trail[model] in rows
+
+
+@pytest.mark.django_db(transaction=True)  # ANALYZE sees committed rows
+@pytest.mark.parametrize("filtered", [False, True], ids=["whole table", "filtered"])
+def test_a_large_audit_list_is_not_counted_row_by_row(admin_client, monkeypatch, filtered):
+    """PostgreSQL: an unfiltered list of a large table shows the planner's estimate instead of
+    a COUNT(*) of every row on every page. Filtered lists, and SQLite, count exactly."""
+    build_chain()
+    monkeypatch.setattr(EstimatedCountPaginator, "exact_below", 2)  # "large", for this test
+    table = SecurityEvent._meta.db_table
+    postgresql = connection.vendor == "postgresql"
+    if postgresql:
+        with connection.cursor() as cursor:
+            cursor.execute(f'ANALYZE "{table}"')
+            cursor.execute("SELECT reltuples::bigint FROM pg_class WHERE relname = %s", [table])
+            estimate = cursor.fetchone()[0]
+        assert estimate >= 2
+    query = "?event__exact=login_failed" if filtered else ""
+    with CaptureQueriesContext(connection) as queries:
+        response = admin_client.get(admin_url(SecurityEvent, "changelist") + query)
+    rows = results(response)
+    whole = [
+        q["sql"]
+        for q in queries
+        if "COUNT(" in q["sql"].upper() and table in q["sql"] and "WHERE" not in q["sql"].upper()
+    ]
+    exact = SecurityEvent.objects.filter(event="login_failed" if filtered else F("event"))
+    if postgresql and not filtered:
+        assert (whole, response.context["cl"].result_count) == ([], estimate)
+    else:
+        assert response.context["cl"].result_count == len(rows) == exact.count()
+        assert len(whole) == (0 if filtered else 1)
 
 
 def test_overview_is_linked_from_the_index_for_those_who_may_see_it(client):
