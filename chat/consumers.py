@@ -199,9 +199,7 @@ class RoomConsumer(AsyncWebsocketConsumer):
             return await self._reject(Reason.TOO_MANY_CONNECTIONS)
         self.counted = True
         # Subscribe, then read the state: a change committed after the read reaches us as an event.
-        context = await self.runtime.hub.attach(
-            self, functools.partial(self._context, ticket.jti, ticket.credential)
-        )
+        context = await self.runtime.hub.attach(self, functools.partial(self._context, ticket.jti))
         self.attached = True
         if context.room is None or context.room.archived_at is not None:
             return await self._reject(Reason.NOT_FOUND)
@@ -247,10 +245,10 @@ class RoomConsumer(AsyncWebsocketConsumer):
             await self._publish(self._presence(self.presence_version, joined=True))
         return None
 
-    async def _context(self, jti: str, credential: str) -> tuple[selectors.SocketContext, int]:
+    async def _context(self, jti: str) -> tuple[selectors.SocketContext, int]:
         """The socket's state, and its room's last_seq (for the hub, chat.hub.Hub.attach)."""
         context = await database_sync_to_async(selectors.socket_context)(
-            room_id=self.room_id, user_id=self.user_id, jti=jti, credential=credential
+            room_id=self.room_id, user_id=self.user_id, jti=jti, credential=self.credential
         )
         return context, context.room.last_seq if context.room is not None else 0
 
