@@ -319,7 +319,8 @@ class MemberDetailView(RoomScopedView):
         """Remove (kick) a member, or leave (your own name); their sockets in the room close 4403.
 
         A ban stays (400: lift it instead); a banned or muted member cannot leave (403); a muted
-        member kicked from a public room keeps the membership, as a member, until unmuted.
+        member kicked from a public room keeps the membership, as a member, until unmuted, and
+        is not removed from a private or read-only room (400: ban, or lift the mute first).
         """
         room, user = self._target(request, slug, username)
         try:

@@ -63,6 +63,24 @@ def test_a_muted_member_kicked_from_a_public_room_stays_muted(lobby):
     assert not Membership.objects.filter(room=room, user=bob).exists()  # now it goes
 
 
+@pytest.mark.parametrize("visibility", ["read_only", "private"])
+def test_a_muted_member_is_not_kicked_out_of_the_mute_where_outsiders_cannot_post(
+    lobby, visibility
+):
+    """Kicked, the row would go and the mute with it: added again, or once the room is public,
+    bob could post. The moderator bans, or lifts the mute first."""
+    room, owner, mod, bob = lobby
+    services.room_update(actor=owner, room=room, visibility=visibility)
+    mute(room, owner, bob)
+    refused = client_for(mod).delete("/api/rooms/lobby/members/bob/")
+    assert refused.status_code == 400
+    assert "muted" in refused.json()["detail"]
+    assert Membership.objects.get(room=room, user=bob).muted_until is not None
+    services.member_mute(actor=mod, room=room, user=bob, until=None)  # lifted: now a kick goes
+    assert client_for(mod).delete("/api/rooms/lobby/members/bob/").status_code == 204
+    assert not Membership.objects.filter(room=room, user=bob).exists()
+
+
 def test_a_kick_does_not_lift_a_ban(lobby):
     room, owner, mod, bob = lobby
     services.member_ban(actor=owner, room=room, user=bob)
