@@ -217,7 +217,12 @@ REST_FRAMEWORK = {
         "rest_framework.authentication.SessionAuthentication",
     ],
     "DEFAULT_PERMISSION_CLASSES": ["rest_framework.permissions.IsAuthenticated"],
-    "DEFAULT_RENDERER_CLASSES": ["rest_framework.renderers.JSONRenderer"],
+    "DEFAULT_RENDERER_CLASSES": ["chatproject.rest.JSONRenderer"],
+    "DEFAULT_PARSER_CLASSES": [
+        "chatproject.rest.JSONParser",
+        "rest_framework.parsers.FormParser",
+        "rest_framework.parsers.MultiPartParser",
+    ],
     "DEFAULT_SCHEMA_CLASS": "drf_spectacular.openapi.AutoSchema",
     # Every API view not limited otherwise; see accounts/throttling.py.
     "DEFAULT_THROTTLE_CLASSES": ["accounts.throttling.ApiThrottle"],

@@ -25,3 +25,5 @@ urlpatterns = [
     ),
     path("", include("chat.page_urls")),
 ]
+
+handler404 = "chatproject.rest.page_not_found"

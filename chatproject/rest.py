@@ -1,0 +1,41 @@
+"""DRF's JSON parser and renderer for input theirs answer with a 500, and the API's 404."""
+
+from django.http import JsonResponse
+from django.views import defaults
+from rest_framework import parsers, renderers
+from rest_framework.exceptions import NotFound, ParseError
+
+
+class JSONParser(parsers.JSONParser):
+    """DRF's, with JSON nested deeper than the interpreter's recursion limit (2 KB of
+    brackets) refused like any other malformed JSON: DRF catches ValueError only, and the json
+    module raises RecursionError, which reached the client as a 500 and a logged traceback."""
+
+    def parse(self, stream, media_type=None, parser_context=None):
+        try:
+            return super().parse(stream, media_type, parser_context)
+        except RecursionError:
+            raise ParseError("JSON parse error - nested too deeply") from None
+
+
+class JSONRenderer(renderers.JSONRenderer):
+    """DRF's (UTF-8), except for an answer that holds a lone surrogate - an error quoting what
+    the client sent (`"\\ud800" is not a valid choice.`), which cannot be encoded as UTF-8 and
+    was a 500: that one is written with JSON's `\\u` escapes."""
+
+    def render(self, data, accepted_media_type=None, renderer_context=None):
+        try:
+            return super().render(data, accepted_media_type, renderer_context)
+        except UnicodeEncodeError:
+            self.ensure_ascii = True
+            return super().render(data, accepted_media_type, renderer_context)
+
+
+def page_not_found(request, exception):
+    """Django's 404 page, but for /api/ the API's own error shape (docs/protocol.md): a path
+    its routes refuse (a seq beyond the largest, a malformed slug) is a 404 of the API too."""
+    if request.path.startswith("/api/"):
+        return JsonResponse(
+            {"detail": str(NotFound.default_detail), "code": "not_found"}, status=404
+        )
+    return defaults.page_not_found(request, exception)
