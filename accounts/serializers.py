@@ -12,8 +12,8 @@ from rest_framework_simplejwt.settings import api_settings as jwt_settings
 from rest_framework_simplejwt.tokens import RefreshToken
 from rest_framework_simplejwt.utils import get_md5_hash_password
 
-from accounts import second_factor
-from accounts.tokens import ChatRefreshToken
+from accounts import second_factor, services
+from accounts.tokens import FAMILY_CLAIM, ChatRefreshToken
 
 User = get_user_model()
 
@@ -65,10 +65,11 @@ class SecondFactorRefused(AuthenticationFailed):
 
 
 class TokenRefreshSerializer(jwt_serializers.TokenRefreshSerializer):
-    """Refresh with rotation; a token minted before the user's last password change is refused."""
+    """Refresh with rotation, once per token; a token minted before the user's last password
+    change, or of a login that has ended, is refused."""
 
     def validate(self, attrs):
-        refresh = RefreshToken(attrs["refresh"])
+        refresh = RefreshToken(attrs["refresh"])  # signature, expiry, blacklist
         user = User.objects.filter(
             **{jwt_settings.USER_ID_FIELD: refresh.get(jwt_settings.USER_ID_CLAIM)}
         ).first()
@@ -77,7 +78,24 @@ class TokenRefreshSerializer(jwt_serializers.TokenRefreshSerializer):
         claim = refresh.get(jwt_settings.REVOKE_TOKEN_CLAIM)
         if jwt_settings.CHECK_REVOKE_TOKEN and claim != get_md5_hash_password(user.password):
             raise InvalidToken("The user's password has changed since this token was issued.")
-        return super().validate(attrs)
+        family = refresh.get(FAMILY_CLAIM)
+        if family and services.login_has_ended(services.credential_for_jwt(family)):
+            raise InvalidToken("This login has ended.")
+        # simplejwt's rotation (TokenRefreshSerializer.validate, with ROTATE_REFRESH_TOKENS and
+        # BLACKLIST_AFTER_ROTATION on, settings.py), except that it ignored whether its
+        # blacklisting created the entry: two requests presenting one token at the same moment
+        # both passed the check above and both rotated it, forking the login into two (a
+        # logout ended one). The entry is unique per token: the second is refused as a reuse.
+        _, created = refresh.blacklist()
+        if not created:
+            raise InvalidToken("Token is blacklisted")
+        data = {"access": str(refresh.access_token)}
+        refresh.set_jti()
+        refresh.set_exp()
+        refresh.set_iat()
+        refresh.outstand()
+        data["refresh"] = str(refresh)
+        return data
 
 
 class LogoutSerializer(serializers.Serializer):

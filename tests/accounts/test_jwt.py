@@ -1,7 +1,12 @@
+import threading
+
 import pytest
+from django.db import connection
 from rest_framework.test import APIClient
 from rest_framework_simplejwt.token_blacklist.models import BlacklistedToken, OutstandingToken
+from rest_framework_simplejwt.tokens import BlacklistMixin, RefreshToken
 
+from accounts.tokens import FAMILY_CLAIM
 from chat.models import SecurityEvent
 from tests.factories import PASSWORD, make_room, make_user
 
@@ -67,6 +72,54 @@ def test_refresh_rotates_and_blacklists_the_old_token(api):
     assert response.json()["refresh"] != first
     again = api.post("/api/auth/token/refresh/", {"refresh": first}, format="json")
     assert again.status_code == 401
+
+
+@pytest.mark.django_db(transaction=True)
+def test_a_refresh_token_presented_twice_at_once_rotates_once(monkeypatch):
+    """Both requests pass the blacklist check before either writes its entry (the interleaving
+    any two requests in flight can have): one rotates, the other is refused as a reuse, so the
+    login does not fork into two that a logout would end only one of."""
+    make_user("alice")
+    first = login(APIClient()).json()["refresh"]
+    both_checked = threading.Barrier(2, timeout=10)
+    check = BlacklistMixin.check_blacklist
+
+    def check_then_wait(self):
+        check(self)
+        both_checked.wait()
+
+    monkeypatch.setattr(BlacklistMixin, "check_blacklist", check_then_wait)
+    answers = []
+
+    def refresh():
+        try:
+            api = APIClient(raise_request_exception=False)
+            answers.append(api.post("/api/auth/token/refresh/", {"refresh": first}, format="json"))
+        finally:
+            connection.close()
+
+    threads = [threading.Thread(target=refresh) for _ in range(2)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert sorted(answer.status_code for answer in answers) == [200, 401]
+    [refused] = [answer for answer in answers if answer.status_code == 401]
+    assert refused.json()["code"] == "token_not_valid"
+
+
+def test_a_refresh_token_of_a_login_that_ended_is_refused(api, monkeypatch):
+    """Even one that was never blacklisted (a branch of a login forked before the fix above)."""
+    from accounts import services
+
+    make_user("alice")
+    refresh = login(api).json()["refresh"]
+    family = RefreshToken(refresh)[FAMILY_CLAIM]
+    services.login_end(
+        user=make_user("bob"), credential=services.credential_for_jwt(family), jwt=True
+    )
+    answer = api.post("/api/auth/token/refresh/", {"refresh": refresh}, format="json")
+    assert (answer.status_code, answer.json()["detail"]) == (401, "This login has ended.")
 
 
 def test_logout_blacklists_the_refresh_token(api):
