@@ -7,7 +7,7 @@ from chat import views
 urlpatterns = [
     path(
         "login/",
-        throttle_login(auth_views.LoginView.as_view(redirect_authenticated_user=True)),
+        throttle_login(views.SignInView.as_view()),
         name="login",
     ),
     path("logout/", auth_views.LogoutView.as_view(), name="logout"),

@@ -1,14 +1,28 @@
 """Pages: the room list and a room. All data after the first paint comes from the API and socket."""
 
 import math
+from urllib.parse import urlsplit
 
 from django.conf import settings
+from django.contrib.auth import views as auth_views
 from django.contrib.auth.decorators import login_required
 from django.http import Http404
 from django.shortcuts import render
 
 from chat import permissions, selectors
 from chat.models import Membership, Room
+
+
+class SignInView(auth_views.LoginView):
+    """Django's sign-in page; a signed-in visitor goes on to `next`, or to the rooms. A `next`
+    naming this page itself goes to the rooms too: Django raised "Redirection loop" (a 500)
+    for `/login/?next=/login/`, a link anyone could send."""
+
+    redirect_authenticated_user = True
+
+    def get_redirect_url(self):
+        url = super().get_redirect_url()  # "" unless safe
+        return "" if url and urlsplit(url).path == self.request.path else url
 
 
 def _membership_from_annotations(room: Room) -> Membership | None:

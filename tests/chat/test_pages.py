@@ -165,6 +165,16 @@ def test_pages_have_no_inline_scripts_styles_or_handlers(client, alice, path):
     assert inline_code(response.content.decode()) == []
 
 
+@pytest.mark.parametrize(
+    ("next_url", "goes_to"),
+    [("/login/", "/"), ("/login/?next=/login/", "/"), ("/rooms/lobby/", "/rooms/lobby/")],
+)
+def test_a_signed_in_visitor_of_the_login_page_goes_on_never_to_it_again(client, next_url, goes_to):
+    client.force_login(make_user("alice"))
+    response = client.get("/login/", {"next": next_url})
+    assert (response.status_code, response["Location"]) == (302, goes_to)
+
+
 def test_login_page_is_inline_free_and_labelled_when_anonymous(client):
     response = client.get("/login/")
     content = response.content.decode()
