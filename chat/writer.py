@@ -15,6 +15,8 @@ from chatproject.dbthread import database_sync_to_async
 logger = logging.getLogger("chat.writer")
 
 MAX_BATCH = 500
+# The writer's task, which a shutdown lets finish (chatproject.server.finish_event_loop).
+TASK_NAME = "chat-message-writer"
 
 Reply = Callable[[str], Awaitable[None]]
 
@@ -43,7 +45,7 @@ class MessageWriter:
         future: asyncio.Future[SendResult | None] = loop.create_future()
         self._queue.append((item, reply, future))
         if self._task is None:
-            self._task = loop.create_task(self._run(), name="chat-message-writer")
+            self._task = loop.create_task(self._run(), name=TASK_NAME)
         return future
 
     async def _run(self) -> None:
@@ -98,7 +100,8 @@ class MessageWriter:
             future.set_result(None)
 
     async def drain(self) -> None:
-        if self._task is not None:
+        """Until everything submitted is written, answered and published."""
+        while self._task is not None:
             await asyncio.shield(self._task)
 
 

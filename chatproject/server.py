@@ -617,6 +617,7 @@ def finish_event_loop() -> None:
     SHUTDOWN_CANCEL_WITHIN is left (and logged), that risk included: waiting on it for ever
     would leave the queued audit rows to systemd's SIGKILL.
     """
+    from chat import writer
     from chat.audit import WRITE_TASK_NAME
     from chat.runtime import cancel_and_wait, shutdown_runtime
 
@@ -624,10 +625,14 @@ def finish_event_loop() -> None:
     if loop.is_closed():
         return
     pending = [task for task in asyncio.all_tasks(loop) if not task.done()]
-    # An audit write in flight is waited for, not cancelled: its rows are either written or
-    # kept, and then spooled if the database is down (chat/spool.py).
-    writes = [task for task in pending if task.get_name() == WRITE_TASK_NAME]
-    others = [task for task in pending if task.get_name() != WRITE_TASK_NAME]
+    # Writes in flight are waited for, not cancelled. An audit write's rows are either written
+    # or kept, and then spooled if the database is down (chat/spool.py). The message writer's
+    # batch commits whatever happens to its caller (the database thread runs a started call
+    # to its end): cancelled, it left that batch unanswered and unpublished (other processes'
+    # sockets never saw it live) and the batches queued behind it unwritten.
+    finishing = (WRITE_TASK_NAME, writer.TASK_NAME)
+    writes = [task for task in pending if task.get_name() in finishing]
+    others = [task for task in pending if task.get_name() not in finishing]
     for task in others:
         # Now, before the loop runs anything queued: a socket's disconnect event reaching it
         # first would record 1006, not 1001.

@@ -2,13 +2,18 @@
 
 import asyncio
 import contextlib
+import json
 import logging
 import sys
 import threading
+import time
+from types import SimpleNamespace
 
 import pytest
 
+from chat import writer as writer_module
 from chat.runtime import cancel_and_wait, get_runtime
+from chat.services import SendResult
 from chatproject import server
 
 # Each test's guard against a hang; the stops under test take a grace period or two.
@@ -174,3 +179,49 @@ def test_shutdown_finishes_a_task_that_lost_its_cancellation(monkeypatch):
     thread.join(timeout=HANG)
     assert not thread.is_alive(), "finish_event_loop did not return"
     assert outcome == {"cancelled": True, "went_on": LOSES_CANCELLATIONS, "closed": True}
+
+
+@pytest.mark.django_db(transaction=True)
+def test_shutdown_lets_the_message_writer_answer_publish_and_finish_its_queue(monkeypatch):
+    """At SIGTERM a batch being written commits anyway (the database thread runs a started
+    call to its end): cancelled, the writer left it unanswered and unpublished, and the batch
+    queued behind it unwritten."""
+    monkeypatch.setattr(server, "SHUTDOWN_CANCEL_GRACE", 0.05)
+    started, committed, published, replies = threading.Event(), [], [], []
+
+    def store_many(items):  # in the database thread: the transaction
+        started.set()
+        time.sleep(0.3)
+        committed.extend(item.client_id for item in items)
+        results = [SendResult(seq=n) for n, _ in enumerate(items, 1)]
+        return results, [("room-1", {"type": "hub.messages", "room": 1, "items": []})]
+
+    async def apublish(group, event):
+        published.append(group)
+
+    monkeypatch.setattr(writer_module.services, "message_store_many", store_many)
+    monkeypatch.setattr(writer_module.broadcast, "apublish", apublish)
+
+    def run() -> None:
+        loop = asyncio.new_event_loop()
+        asyncio.set_event_loop(loop)
+
+        async def reply(text):
+            replies.append(json.loads(text))
+
+        async def one_then_another():
+            runtime = get_runtime()
+            runtime.writer.submit(SimpleNamespace(client_id="m1"), reply)
+            await asyncio.to_thread(started.wait, HANG)
+            runtime.writer.submit(SimpleNamespace(client_id="m2"), reply)  # the next batch
+
+        loop.run_until_complete(one_then_another())
+        server.finish_event_loop()  # what `manage.py serve` runs at SIGTERM
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    thread.join(timeout=HANG)
+    assert not thread.is_alive(), "finish_event_loop did not return"
+    assert committed == ["m1", "m2"]
+    assert [(r["type"], r["client_id"]) for r in replies] == [("ack", "m1"), ("ack", "m2")]
+    assert published == ["room-1", "room-1"]
