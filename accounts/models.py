@@ -1,14 +1,41 @@
 """Users and the server-side record of WebSocket tickets."""
 
 from django.contrib.auth.models import AbstractUser
+from django.contrib.auth.validators import UnicodeUsernameValidator
 from django.db import models
 from django.utils import timezone
+from django.utils.deconstruct import deconstructible
+from django.utils.translation import gettext_lazy as _
 
 from chat import sql
 
 
+@deconstructible
+class UsernameValidator(UnicodeUsernameValidator):
+    """Django's characters (letters, digits and @.+-_), but not "." or "..": a URL's path
+    segment of only those is resolved away by browsers (and by the URL standard when
+    percent-encoded too), so the page's request for /api/rooms/<slug>/members/../ reached the
+    room itself, and such a member could not be moderated."""
+
+    regex = r"^(?!\.{1,2}\Z)[\w.@+-]+\Z"
+    message = (
+        "Enter a valid username. It may contain only letters, numbers, and @/./+/-/_ "
+        'characters, and may not be "." or "..".'
+    )
+
+
 class User(AbstractUser):
     """A person who can sign in. Deactivate (is_active=False) rather than delete."""
+
+    username_validator = UsernameValidator()
+    username = models.CharField(
+        _("username"),
+        max_length=150,
+        unique=True,
+        help_text=_("Required. 150 characters or fewer. Letters, digits and @/./+/-/_ only."),
+        validators=[username_validator],
+        error_messages={"unique": _("A user with that username already exists.")},
+    )
 
     class Meta(AbstractUser.Meta):
         swappable = "AUTH_USER_MODEL"
