@@ -23,8 +23,43 @@ from chat.admin import ReadOnlyMixin
 _PRIVILEGE_FIELDS = ("is_staff", "is_superuser", "groups", "user_permissions")
 
 
+class ActingAsMixin:
+    """The signal handlers in accounts/signals.py audit every change to a user, a group's
+    permissions and a second-factor device; these tell them who made it."""
+
+    def save_model(self, request, obj, form, change):
+        with audit.acting_as(request.user):
+            super().save_model(request, obj, form, change)
+
+    def save_related(self, request, form, formsets, change):
+        # Groups and permissions (many-to-many) are saved here, after the row itself.
+        with audit.acting_as(request.user):
+            super().save_related(request, form, formsets, change)
+
+    def delete_model(self, request, obj):
+        with audit.acting_as(request.user):
+            super().delete_model(request, obj)
+
+    def delete_queryset(self, request, queryset):
+        with audit.acting_as(request.user):
+            super().delete_queryset(request, queryset)
+
+
+class SuperuserChangesMixin:
+    """What grants privileges is made, changed and deleted by superusers only."""
+
+    def has_add_permission(self, request):
+        return request.user.is_superuser
+
+    def has_change_permission(self, request, obj=None):
+        return request.user.is_superuser
+
+    def has_delete_permission(self, request, obj=None):
+        return request.user.is_superuser
+
+
 @admin.register(User)
-class UserAdmin(DjangoUserAdmin):
+class UserAdmin(ActingAsMixin, DjangoUserAdmin):
     # is_active changes only through the actions: the services audit them and close sockets.
     readonly_fields = ("is_active", "last_login", "date_joined")
     actions = ["deactivate", "reactivate"]
@@ -38,25 +73,6 @@ class UserAdmin(DjangoUserAdmin):
     def get_readonly_fields(self, request, obj=None):
         fields = super().get_readonly_fields(request, obj)
         return fields if request.user.is_superuser else (*fields, *_PRIVILEGE_FIELDS)
-
-    def save_related(self, request, form, formsets, change):
-        # Groups and permissions are saved here, after the user (accounts/signals.py).
-        with audit.acting_as(request.user):
-            super().save_related(request, form, formsets, change)
-
-    # The signal handlers in accounts/signals.py audit every change to a user; these tell them
-    # who made it.
-    def save_model(self, request, obj, form, change):
-        with audit.acting_as(request.user):
-            super().save_model(request, obj, form, change)
-
-    def delete_model(self, request, obj):
-        with audit.acting_as(request.user):
-            super().delete_model(request, obj)
-
-    def delete_queryset(self, request, queryset):
-        with audit.acting_as(request.user):
-            super().delete_queryset(request, queryset)
 
     def user_change_password(self, request, id, form_url=""):
         with audit.acting_as(request.user):
@@ -169,38 +185,12 @@ class TicketAdmin(ReadOnlyMixin, admin.ModelAdmin):
 # (accounts.signals audits each device that becomes or stops being a user's confirmed one).
 
 
-class SecondFactorAdminMixin:
+class SecondFactorAdminMixin(ActingAsMixin, SuperuserChangesMixin):
     def has_module_permission(self, request):
         return request.user.is_superuser
 
     def has_view_permission(self, request, obj=None):
         return request.user.is_superuser
-
-    def has_add_permission(self, request):
-        return request.user.is_superuser
-
-    def has_change_permission(self, request, obj=None):
-        return request.user.is_superuser
-
-    def has_delete_permission(self, request, obj=None):
-        return request.user.is_superuser
-
-    # The signal handlers record who made the change.
-    def save_model(self, request, obj, form, change):
-        with audit.acting_as(request.user):
-            super().save_model(request, obj, form, change)
-
-    def save_related(self, request, form, formsets, change):
-        with audit.acting_as(request.user):
-            super().save_related(request, form, formsets, change)
-
-    def delete_model(self, request, obj):
-        with audit.acting_as(request.user):
-            super().delete_model(request, obj)
-
-    def delete_queryset(self, request, queryset):
-        with audit.acting_as(request.user):
-            super().delete_queryset(request, queryset)
 
 
 for _model, _admin in ((TOTPDevice, TOTPDeviceAdmin), (StaticDevice, StaticDeviceAdmin)):
@@ -212,19 +202,6 @@ admin.site.unregister(Group)
 
 
 @admin.register(Group)
-class GroupAdmin(DjangoGroupAdmin):
+class GroupAdmin(ActingAsMixin, SuperuserChangesMixin, DjangoGroupAdmin):
     """Groups carry permissions: only superusers make or change them (accounts/signals.py
     audits every change of a group's permissions)."""
-
-    def has_add_permission(self, request):
-        return request.user.is_superuser
-
-    def has_change_permission(self, request, obj=None):
-        return request.user.is_superuser
-
-    def has_delete_permission(self, request, obj=None):
-        return request.user.is_superuser
-
-    def save_related(self, request, form, formsets, change):
-        with audit.acting_as(request.user):
-            super().save_related(request, form, formsets, change)

@@ -4,7 +4,7 @@ import pytest
 from django.test import Client
 from rest_framework.test import APIClient
 
-from chat.models import SecurityEvent
+from chat.models import ConnectionLog, SecurityEvent
 from chat.runtime import get_runtime
 from tests.chat.helpers import join, sync
 from tests.factories import PASSWORD, make_room, make_user
@@ -54,6 +54,17 @@ async def open_socket(ticket: str):
     assert (await comm.connect())[0]
     await receive_until(comm, "hello")
     return comm
+
+
+async def refusal(ticket: str) -> tuple[int, str, str]:
+    """Open a socket with `ticket`: its close code, and the outcome and reason recorded."""
+    comm = communicator("/ws/rooms/lobby/", ticket=ticket)
+    assert (await comm.connect())[0]
+    code, _ = await closed_with(comm)
+    await comm.disconnect()
+    await get_runtime().audit.flush()
+    log = await sync(ConnectionLog.objects.get)()
+    return code, log.outcome, log.reason
 
 
 async def test_jwt_logout_closes_the_sockets_of_that_login_only(setup):
@@ -154,17 +165,9 @@ async def test_an_unused_ticket_dies_with_the_login_that_obtained_it(setup, how)
     else:
         ticket, refresh = await sync(jwt_ticket)("alice")
     await sync(_end_login)(how, alice, browser, refresh)
-    comm = communicator("/ws/rooms/lobby/", ticket=ticket)
-    assert (await comm.connect())[0]
-    code, _ = await closed_with(comm)
-    await comm.disconnect()
-    await get_runtime().audit.flush()
-    from chat.models import ConnectionLog
-
-    log = await sync(ConnectionLog.objects.get)()
     # A deactivated user is refused as such before the ticket row is even looked at.
     expected = "user_inactive" if how == "deactivation" else "ticket_revoked"
-    assert (code, log.outcome, log.reason) == (4401, "rejected", expected)
+    assert await refusal(ticket) == (4401, "rejected", expected)
 
 
 async def test_a_socket_still_joining_when_its_login_ends_is_closed(setup, monkeypatch):
@@ -213,15 +216,7 @@ async def test_a_ticket_written_after_its_login_ended_opens_no_socket(setup, mon
 
     monkeypatch.setattr(api.services, "ticket_issue", logout_first)
     ticket = await sync(ticket_request)()
-    comm = communicator("/ws/rooms/lobby/", ticket=ticket)
-    assert (await comm.connect())[0]
-    code, _ = await closed_with(comm)
-    await comm.disconnect()
-    await get_runtime().audit.flush()
-    from chat.models import ConnectionLog
-
-    log = await sync(ConnectionLog.objects.get)()
-    assert (code, log.outcome, log.reason) == (4401, "rejected", "ticket_revoked")
+    assert await refusal(ticket) == (4401, "rejected", "ticket_revoked")
     assert await sync(SecurityEvent.objects.filter(event="logout").count)() == 1
 
 
