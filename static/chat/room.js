@@ -137,6 +137,12 @@ function onFrame(frame) {
 }
 
 function onHello(hello) {
+  // Tickets come from the browser's session, not from this page: signed out in another tab and
+  // signed in as someone else, this page would send its outbox under their name.
+  if (hello.user !== ME) {
+    connection.stop("signed-out");
+    return;
+  }
   state.role = hello.role;
   state.moderator = hello.moderator;
   // Staff moderate every room without a room role.

@@ -191,6 +191,37 @@ async def test_signing_out_in_another_tab_stops_the_room_and_offers_sign_in(open
     await assert_healthy(alice)
 
 
+async def test_a_room_page_never_posts_as_a_user_who_signed_in_in_another_tab(
+    open_tab, server, lobby
+):
+    """alice signs out in another tab and bob signs in there before her room page reconnects:
+    the page's next ticket is for bob's session. What alice typed must not go out as bob's."""
+    alice = await signed_in(open_tab, server, "alice", clock=True)
+    await open_room(alice, "lobby")
+    # Paused: the page reconnects only when the test lets its backoff end.
+    await alice.page.clock.pause_at(await alice.page.evaluate("Date.now() / 1000 + 1"))
+    other = await alice.page.context.new_page()
+    await other.goto("/")
+    await other.get_by_role("button", name="Sign out").click()
+    await expect(other).to_have_url(re.compile(r"/login/$"))
+    await expect(alice.page.locator("#status")).to_have_attribute("data-state", "waiting")
+    await sign_in_fast(alice, server, await user("bob"))  # the browser's session is bob's now
+    await send(alice, "typed by alice")
+
+    await alice.page.clock.run_for(5_000)
+    stopped = alice.page.get_by_role("alert").filter(has_text="You are signed out.")
+    await expect(stopped).to_be_visible()
+    await expect(alice.page.locator("#status")).to_have_attribute("data-state", "stopped")
+    # The ticket was granted (bob's) and its socket opened: the page stopped on its hello.
+    assert await alice.ticket_requests() == 2
+    assert len(alice.sockets) == 2
+    assert [f for f in alice.frames_sent if f["type"] == "message"] == []
+    await expect(alice.page.locator("#pending > li")).to_have_count(1)  # still alice's to send
+    stored = await sync_to_async(Message.objects.filter(room=lobby).count)()
+    assert stored == 0
+    await assert_healthy(alice)
+
+
 @pytest.mark.parametrize(
     ("action", "explanation"),
     [
