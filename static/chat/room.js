@@ -50,6 +50,9 @@ const READ_MARK_DELAY_MS = 1500;
 const NEWEST_PAGE = 50;
 const CONTROL_CHARACTERS = /[\u0000-\u0008\u000b\u000c\u000e-\u001f\u007f]/g;
 const MAX_TIMEOUT_MS = 2 ** 31 - 1;
+// `unavailable` without a client_id: the database could not answer a request; it is asked again
+// after this long if still unanswered (docs/protocol.md §4: try again shortly).
+const UNAVAILABLE_RETRY_MS = 3000;
 
 const STOPPED_TEXT = {
   removed: ["You were removed from this room.", "A moderator removed you from this room."],
@@ -167,7 +170,7 @@ function onHello(hello) {
     state.resumeSeq = 0;
     state.seenSeq = 0;
     if (hello.last_seq > 0) {
-      connection.send({ type: "history", limit: Math.min(NEWEST_PAGE, state.historyLimit) });
+      requestCatchUp({ type: "history", limit: Math.min(NEWEST_PAGE, state.historyLimit) });
     } else {
       state.loaded = true;
       caughtUp();
@@ -189,7 +192,6 @@ function onHello(hello) {
 // were deleted or restored meanwhile. A live frame about a seq while its answer is on the way is
 // newer than the answer, so the answer leaves that seq alone.
 
-const RESYNC_RETRY_MS = 3000;
 const resync = { upto: 0, from: null, touched: new Set(), maxSeqs: 1000, retry: null };
 
 function startResync() {
@@ -217,7 +219,7 @@ function retryResync() {
   clearTimeout(resync.retry);
   resync.retry = setTimeout(() => {
     if (resync.from === from) requestResync(from);
-  }, RESYNC_RETRY_MS);
+  }, UNAVAILABLE_RETRY_MS);
 }
 
 function onResync(frame) {
@@ -232,11 +234,34 @@ function onResync(frame) {
   requestResync(frame.to + 1);
 }
 
+// --- catch-up: the newest page, or the pages after resumeSeq, up to hello.last_seq ---------------
+// Until the catch-up ends the log is busy and the outbox waits, so its request on the way is
+// remembered: an `unavailable` error may be the answer. The next hello starts a catch-up of its
+// own, which drops a retry the last socket left.
+
+const catchUp = { awaited: null, retry: null };
+
+function requestCatchUp(frame) {
+  clearTimeout(catchUp.retry);
+  catchUp.awaited = connection.send(frame) ? frame : null;
+}
+
+function retryCatchUp() {
+  const frame = catchUp.awaited;
+  if (frame === null) return;
+  clearTimeout(catchUp.retry);
+  catchUp.retry = setTimeout(() => {
+    if (catchUp.awaited === frame) requestCatchUp(frame);
+  }, UNAVAILABLE_RETRY_MS);
+}
+
 function requestMissed() {
-  connection.send({ type: "history", after: state.resumeSeq, limit: state.historyLimit });
+  requestCatchUp({ type: "history", after: state.resumeSeq, limit: state.historyLimit });
 }
 
 function caughtUp() {
+  clearTimeout(catchUp.retry);
+  catchUp.awaited = null;
   // The hub sends every message after hello's last_seq, in order, and the catch-up has reached
   // last_seq: nothing below what we have seen is missing now.
   state.resumeSeq = Math.max(state.resumeSeq, state.seenSeq);
@@ -249,6 +274,8 @@ function caughtUp() {
 
 function onHistory(frame) {
   const older = "before" in frame;
+  // A request asked again can be answered twice: only the awaited answer moves the catch-up on.
+  if (!older && (catchUp.awaited === null || frame.after !== catchUp.awaited.after)) return;
   changeLog(
     () => {
       let added = false;
@@ -323,7 +350,11 @@ function onDeleted(frame) {
 }
 
 function onError(frame) {
-  if (frame.code === "unavailable" && !frame.client_id) retryResync();
+  if (frame.code === "unavailable" && !frame.client_id) {
+    // It does not say which request it answers: each one still unanswered is asked again.
+    retryResync();
+    retryCatchUp();
+  }
   if (frame.client_id && outbox.has(frame.client_id)) {
     outbox.refuse(frame.client_id, frame.code, frame.detail);
     if (frame.code === "muted" || frame.code === "forbidden") loadMembers();

@@ -501,6 +501,88 @@ async def test_a_live_message_during_a_long_catch_up_does_not_skip_the_gap(open_
     assert [r.get("after") for r in history_requests[1:]] == [3, 103, 203]
 
 
+UNAVAILABLE = {"type": "error", "code": "unavailable", "detail": "temporarily unavailable"}
+
+
+async def test_a_first_page_answered_unavailable_is_asked_again(open_tab, server):
+    """docs/protocol.md §4: `unavailable` without a client_id: the database could not answer,
+    try again shortly. Until the newest page comes the log is busy and the outbox waits."""
+    import json
+
+    tab = await signed_in(open_tab, server, "bob")
+    history_requests, message_frames = [], []
+
+    def handler(ws):
+        def on_message(text):
+            frame = json.loads(text)
+            if frame["type"] == "message":
+                message_frames.append(frame)
+            if frame["type"] != "history":
+                return
+            history_requests.append(frame)
+            if len(history_requests) == 1:  # the database fails once
+                ws.send(json.dumps(UNAVAILABLE))
+                return
+            page = [scripted_message(s) for s in (1, 2, 3)]
+            ws.send(json.dumps({"type": "history", "messages": page, "has_more": False}))
+
+        ws.on_message(on_message)
+        ws.send(json.dumps(scripted_hello(3)))
+
+    await tab.page.route_web_socket(re.compile(r".*/ws/rooms/lobby/"), handler)
+    await tab.page.goto("/rooms/lobby/")
+    await expect(tab.page.locator("#status")).to_have_attribute("data-state", "open")
+    await send(tab, "queued until the log is complete")
+    await expect(tab.page.locator("#log")).to_have_attribute("aria-busy", "false")
+    assert await message_seqs(tab) == [1, 2, 3]
+    assert history_requests == [{"type": "history", "limit": 50}] * 2
+    await eventually(lambda: message_frames, "the queued message sent")
+    assert [f["body"] for f in message_frames] == ["queued until the log is complete"]
+
+
+async def test_a_catch_up_answered_unavailable_is_asked_again(open_tab, server):
+    """After a reconnect the page asks for what it missed (4-6) while a live message (7) comes:
+    an `unavailable` answer must not leave 4-6 out for good."""
+    import json
+
+    tab = await signed_in(open_tab, server, "bob")
+    sockets, after_requests = [], []
+
+    def handler(ws):
+        n = len(sockets)
+        sockets.append(ws)
+
+        def on_message(text):
+            frame = json.loads(text)
+            if frame["type"] != "history":
+                return
+            if "after" not in frame:
+                page = [scripted_message(s) for s in (1, 2, 3)]
+                ws.send(json.dumps({"type": "history", "messages": page, "has_more": False}))
+                return
+            after_requests.append(frame["after"])
+            if len(after_requests) == 1:  # the database fails once
+                ws.send(json.dumps(UNAVAILABLE))
+                return
+            page = [scripted_message(s) for s in range(frame["after"] + 1, 7)]
+            answer = {"messages": page, "has_more": False, "after": frame["after"]}
+            ws.send(json.dumps({"type": "history", **answer}))
+
+        ws.on_message(on_message)
+        ws.send(json.dumps(scripted_hello(3 if n == 0 else 6)))
+        if n == 1:
+            ws.send(json.dumps({"type": "message", **scripted_message(7)}))
+
+    await tab.page.route_web_socket(re.compile(r".*/ws/rooms/lobby/"), handler)
+    await tab.page.goto("/rooms/lobby/")
+    await expect(tab.page.locator("#log")).to_have_attribute("aria-busy", "false")
+    await sockets[0].close(code=1001, reason="restart")
+    await expect(tab.page.locator("#messages > li")).to_have_count(7)
+    assert await message_seqs(tab) == [1, 2, 3, 4, 5, 6, 7]
+    assert after_requests == [3, 3]
+    assert len(sockets) == 2
+
+
 async def test_a_server_that_fails_right_after_hello_is_retried_with_growing_delays(
     open_tab, server
 ):
