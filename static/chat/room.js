@@ -89,7 +89,8 @@ const state = {
 };
 const messages = new Map(); // seq -> {data, el}
 // Deletions of messages not shown yet: a `deleted` frame can overtake its message when the
-// message waits for a gap to be filled. The message then arrives as a tombstone.
+// message waits for a gap to be filled, or the history page that shows a message older than
+// hello.last_seq. The message then arrives as a tombstone.
 const deletedAhead = new Set();
 const pendingEls = new Map(); // client_id -> element
 const members = new Map(); // username -> member, as the REST API gives it
@@ -342,7 +343,10 @@ function onAck(frame) {
 function onDeleted(frame) {
   const known = messages.get(frame.seq);
   if (!known) {
-    if (frame.seq > state.seenSeq) deletedAhead.add(frame.seq);
+    // Everything up to resumeSeq has arrived: an unknown seq there is older than the pages
+    // loaded. Above it, even below seenSeq, the message may still come in a history page read
+    // before the deletion.
+    if (frame.seq > state.resumeSeq) deletedAhead.add(frame.seq);
     return;
   }
   const { seq, room, author, created_at } = known.data;

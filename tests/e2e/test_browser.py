@@ -629,6 +629,38 @@ async def test_a_deletion_that_overtakes_its_message_still_hides_the_body(open_t
     await expect(tab.page.locator("[data-seq='2']")).to_contain_text("m2")
 
 
+async def test_a_deletion_that_overtakes_the_first_page_still_hides_the_body(open_tab, server):
+    """docs/protocol.md §5: a `deleted` about a message older than hello.last_seq can come before
+    the `history` that shows it. Here a live message (4) comes first, then the deletion of 2,
+    then the newest page, read before that deletion (2 still with its body)."""
+    import json
+
+    tab = await signed_in(open_tab, server, "bob")
+
+    def handler(ws):
+        def on_message(text):
+            if json.loads(text)["type"] != "history":
+                return
+            ws.send(json.dumps({"type": "deleted", "room": "lobby", "seq": 2}))
+            page = [scripted_message(s) for s in (1, 2, 3)]
+            ws.send(json.dumps({"type": "history", "messages": page, "has_more": False}))
+
+        ws.on_message(on_message)
+        ws.send(json.dumps(scripted_hello(3)))
+        ws.send(json.dumps({"type": "message", **scripted_message(4)}))
+
+    await tab.page.route_web_socket(re.compile(r".*/ws/rooms/lobby/"), handler)
+    await tab.page.goto("/rooms/lobby/")
+    await expect(tab.page.locator("#log")).to_have_attribute("aria-busy", "false")
+    assert await message_seqs(tab) == [1, 2, 3, 4]
+    second = tab.page.locator("[data-seq='2']")
+    await expect(second).to_have_class(re.compile(r"\bdeleted\b"))
+    await expect(second).not_to_contain_text("m2")
+    await expect(tab.page.locator("#messages .body")).to_have_text(
+        ["m1", "This message was deleted.", "m3", "m4"]
+    )
+
+
 async def test_a_reconnected_page_catches_up_on_deletions_and_restorations(open_tab, server):
     """Shown: 1, 2 (deleted), 3. Away: 1 and 3 deleted, 2 restored; while the resync answer is
     on its way, a live `restored` for 1 comes first: newer, so the answer leaves 1 alone."""
