@@ -211,9 +211,14 @@ class RoomConsumer(AsyncWebsocketConsumer):
         if not permissions.can_view(user, self.room, self.membership):
             return await self._reject(Reason.FORBIDDEN)
         self.joined = True
-        announce, online, self.presence_version = await state.presence_join(
+        announce, online, self.presence_version, departed = await state.presence_join(
             self.room_id, self.username, self.socket_id
         )
+        for username, version in departed:
+            # Users whose leases had all lapsed, which this join took out of the room's list
+            # (chat.state): announced at once, so that nothing below can lose them. This
+            # socket's own hello is past them.
+            await self._publish(self._presence(version, joined=False, username=username))
         await self._accept()
         await self.record.decide(
             self.runtime,
@@ -589,16 +594,18 @@ class RoomConsumer(AsyncWebsocketConsumer):
         """A hub event (chat.broadcast) to every process with sockets in this room."""
         await broadcast.apublish(broadcast.room_group(self.room_id), event)
 
-    def _presence(self, version: int, *, joined: bool) -> dict[str, Any]:
-        """This user's join or leave, made at the room's presence `version`. A join is not sent
-        to the user's own sockets: the joiner's hello lists it, and so did the others'."""
+    def _presence(
+        self, version: int, *, joined: bool, username: str | None = None
+    ) -> dict[str, Any]:
+        """This user's join or leave, or the leave of `username` (one whose leases lapsed, which
+        this socket's join found: chat.state), made at the room's presence `version`. A join is
+        not sent to the user's own sockets: the joiner's hello lists it, and so did the others'."""
+        username = username or self.username
         if joined:
-            text, exclude = frames.presence(self.room.slug, joined=self.username), self.user_id
+            text, exclude = frames.presence(self.room.slug, joined=username), self.user_id
         else:
-            text, exclude = frames.presence(self.room.slug, left=self.username), None
-        return broadcast.presence_event(
-            self.room_id, self.username, text, version, exclude_user=exclude
-        )
+            text, exclude = frames.presence(self.room.slug, left=username), None
+        return broadcast.presence_event(self.room_id, username, text, version, exclude_user=exclude)
 
     async def _finish(self) -> None:
         """Leave the hub, presence and caps, and seal the connection's audit record. Runs once."""

@@ -54,6 +54,7 @@ class Socket(Protocol):
     opened_at: float
     ready: bool
     presence_version: int  # of the room's list of users its hello gave (chat.state)
+    room: Any  # its chat.models.Room, loaded before ready()
 
     async def send_text(self, text: str) -> None: ...
     async def on_control(self, event: dict[str, Any]) -> None: ...
@@ -72,6 +73,7 @@ class RoomFeed:
     gap_timer: asyncio.TimerHandle | None = None
     filling: bool = False
     presence_seen: dict[str, int] = field(default_factory=dict)  # last version per username
+    slug: str = ""  # the room's, once a socket is ready: for the departures a sweep announces
 
 
 def _is_timeout(error: BaseException) -> bool:
@@ -152,7 +154,9 @@ class Hub:
     def ready(self, sock: Socket) -> int:
         """Start frames for the socket; returns the seq after which it receives every message."""
         sock.ready = True
-        return self.rooms[sock.room_id].delivered
+        feed = self.rooms[sock.room_id]
+        feed.slug = sock.room.slug
+        return feed.delivered
 
     async def detach(self, sock: Socket) -> None:
         users = self.users.get(sock.user_id)
@@ -261,7 +265,8 @@ class Hub:
                 logger.exception("hub heartbeat failed")
 
     async def heartbeat(self) -> None:
-        """Renew leases and group memberships; close sockets past their maximum age."""
+        """Renew leases and group memberships; close sockets past their maximum age; announce
+        the departures of users whose leases lapsed in this process's rooms."""
         sockets = self.local_sockets()
         await self.runtime.state.renew(
             [(s.user_id, s.socket_id, s.room_id, s.username) for s in sockets]
@@ -278,6 +283,24 @@ class Hub:
                         code=CLOSE_UNAUTHORIZED, reason="session expired", user_id=sock.user_id
                     )
                 )
+        # Last, after this process's own leases are renewed (and so never swept by it), and so
+        # that a failure here (Redis gone) costs none of the above.
+        await self._sweep_presence()
+
+    async def _sweep_presence(self) -> None:
+        """Announce the users gone from this process's rooms without a word: their sockets'
+        leases lapsed (their process died, or their close never reached Redis), so no close
+        announced them. The state takes each such user out of the room's list once, whichever
+        process sweeps or joins there first (chat.state), with the version to announce, as a
+        close gives. A room whose sockets here are all still joining is left to their joins,
+        which sweep it too."""
+        slugs = {room_id: feed.slug for room_id, feed in self.rooms.items() if feed.slug}
+        for room_id, username, version in await self.runtime.state.sweep(list(slugs)):
+            text = frames.presence(slugs[room_id], left=username)
+            await broadcast.apublish(
+                broadcast.room_group(room_id),
+                broadcast.presence_event(room_id, username, text, version),
+            )
 
     # --- events ----------------------------------------------------------------------------------
 

@@ -3,7 +3,9 @@
 Without REDIS_URL there is one process and the state lives in memory. With it, every process
 reads and writes the same Redis keys with atomic scripts. Socket entries are leases: a process
 renews its sockets' leases (Hub heartbeat), so a crashed process's sockets expire instead of
-counting forever.
+counting forever. A user whose every lease in a room has lapsed is taken out of its presence by
+the next sweep (Hub heartbeat) or join there, as a change of the room's list that someone then
+announces: nobody else would, the socket's own close having never run or never reached Redis.
 """
 
 from __future__ import annotations
@@ -39,7 +41,10 @@ def _guarded(method):
 
 
 class MemoryState:
-    """Single-process state: RedisState's semantics without leases (no process can outlive it)."""
+    """Single-process state: RedisState's semantics. Socket slots have no leases (no process can
+    outlive it); presence entries do, as in Redis, for a socket whose close never ran (its
+    cleanup cancelled or failed): it lapses, and the next sweep or join announces its user's
+    departure."""
 
     def __init__(self) -> None:
         # Each rate entry records when it is back at rest (a full bucket, a lapsed window or
@@ -49,7 +54,13 @@ class MemoryState:
         self._throttles: dict[str, float] = {}  # at rest (allowed again)
         self._next_sweep = time.monotonic() + SWEEP_SECONDS
         self._user_sockets: dict[int, set[str]] = defaultdict(set)
-        self._presence: dict[int, dict[str, set[str]]] = defaultdict(lambda: defaultdict(set))
+        # Room -> username -> socket -> lease end (time.monotonic()).
+        self._presence: dict[int, dict[str, dict[str, float]]] = defaultdict(
+            lambda: defaultdict(dict)
+        )
+        # Room -> a time before which no lease there lapses: a join or sweep reads the whole
+        # room only from then on, about once a lease, not on every call.
+        self._lapses: dict[int, float] = {}
         self._versions: dict[int, int] = defaultdict(int)
 
     async def take_token(self, key: str, rate: float, burst: int) -> bool:
@@ -114,38 +125,93 @@ class MemoryState:
 
     async def presence_join(
         self, room_id: int, username: str, socket_id: str
-    ) -> tuple[bool, list[str], int]:
+    ) -> tuple[bool, list[str], int, list[tuple[str, int]]]:
         """Put the socket in the room's presence: (a join to announce: the user's first socket
-        there, with someone else there?, the room's users, sorted, and the room's presence
-        version that list is at).
+        there, with someone else there?, the room's users, sorted, the room's presence version
+        that list is at, and the departures to announce: (username, version) of the users whose
+        leases there had all lapsed, taken out of the list first, as a sweep would).
 
         The version counts the changes of the room's list of users; every announcement carries
         the version it made, so a socket skips those its list already shows (chat.hub)."""
+        now = time.monotonic()
+        gone = self._lapse(room_id, now)
         room = self._presence[room_id]
         sockets = room[username]
         first = not sockets
-        sockets.add(socket_id)
+        sockets[socket_id] = now + LEASE_SECONDS
+        self._lapses[room_id] = min(self._lapses.get(room_id, math.inf), now + LEASE_SECONDS)
         if first:
             self._versions[room_id] += 1
-        return first and len(room) > 1, sorted(room), self._versions[room_id]
+        others = len(room) > 1
+        return first and others, sorted(room), self._versions[room_id], gone if others else []
 
     def _presence_leave(self, room_id: int, username: str, socket_id: str) -> int:
         room = self._presence.get(room_id, {})
         sockets = room.get(username)
         if not sockets or socket_id not in sockets:
             return 0
-        sockets.discard(socket_id)
+        del sockets[socket_id]
+        # Its user's sockets whose leases lapsed are gone too: the last live one leaves the room.
+        now = time.monotonic()
+        for lapsed in [s for s, end in sockets.items() if end <= now]:
+            del sockets[lapsed]
         if sockets:
             return 0
         del room[username]
         self._versions[room_id] += 1
         if not room:
-            del self._presence[room_id]
+            self._forget(room_id)
             return 0
         return self._versions[room_id]
 
+    def _lapse(self, room_id: int, now: float) -> list[tuple[str, int]]:
+        """Take out of the room's presence the sockets whose leases lapsed by `now`, and the
+        users left with none, each a change of the list: [(username, version)]."""
+        if self._lapses.get(room_id, math.inf) > now:
+            return []
+        room = self._presence[room_id]
+        gone, due = [], math.inf
+        for username, sockets in list(room.items()):
+            for lapsed in [s for s, end in sockets.items() if end <= now]:
+                del sockets[lapsed]
+            if sockets:
+                due = min(due, *sockets.values())
+                continue
+            del room[username]
+            self._versions[room_id] += 1
+            gone.append((username, self._versions[room_id]))
+        if room:
+            self._lapses[room_id] = due
+        else:
+            self._forget(room_id)
+        return gone
+
+    def _forget(self, room_id: int) -> None:
+        """An empty room's presence (not its version, which a later join goes on from)."""
+        self._presence.pop(room_id, None)
+        self._lapses.pop(room_id, None)
+
+    async def sweep(self, room_ids: list[int]) -> list[tuple[int, str, int]]:
+        """Take out of these rooms' presence the users whose leases there have all lapsed:
+        (room_id, username, version) of each departure to announce, the room still having
+        someone in it to hear it. Each departure is returned once, by the first call after it."""
+        now = time.monotonic()
+        swept = []
+        for room_id in room_ids:
+            gone = self._lapse(room_id, now)
+            if room_id in self._presence:
+                swept += [(room_id, username, version) for username, version in gone]
+        return swept
+
     async def renew(self, sockets: list[tuple[int, str, int, str]]) -> None:
-        """(user_id, socket_id, room_id, username) for every local socket; nothing to do here."""
+        """(user_id, socket_id, room_id, username) for every local socket: the presence leases
+        of those still in it (one that left meanwhile is not brought back)."""
+        expires = time.monotonic() + LEASE_SECONDS
+        for _, socket_id, room_id, username in sockets:
+            users = self._presence.get(room_id)
+            held = users.get(username) if users is not None else None
+            if held is not None and socket_id in held:
+                held[socket_id] = expires
 
     async def close(self) -> None:
         pass
@@ -196,31 +262,75 @@ local function version(key, change)
 end
 """
 
+# A room's users (a sorted set, `pr`) are scored by their latest socket lease there (`pu`, one
+# sorted set per user). The sweep takes out of the list the users whose entry lapsed by `now`
+# and who have no socket with a live lease left, each a change of the list (its version), and
+# returns {username, version, ...}. A user with a live socket stays, scored by it (the entry
+# lapsed first only if processes' clocks differ). One script, so each departure is taken, and
+# announced, once whichever processes sweep the room at the same moment. The users' socket sets
+# are named here, not in KEYS, since only the script knows who lapsed: one Redis server, as the
+# deployment runs (docs/deploy.md), not a cluster.
+_SWEEP = """
+local function sweep(users, changes, user_prefix, now)
+    local gone = {}
+    for _, user in ipairs(redis.call('ZRANGEBYSCORE', users, '-inf', now)) do
+        local sockets = user_prefix .. user
+        redis.call('ZREMRANGEBYSCORE', sockets, '-inf', now)
+        local last = redis.call('ZRANGE', sockets, -1, -1, 'WITHSCORES')
+        if #last > 0 then
+            redis.call('ZADD', users, last[2], user)
+        else
+            redis.call('ZREM', users, user)
+            gone[#gone + 1] = user
+            gone[#gone + 1] = version(changes, true)
+        end
+    end
+    return gone
+end
+"""
+
 # KEYS: the user's sockets in the room, the room's users, the room's presence version.
-# ARGV: now, lease end, socket, username. Returns {announce (1/0), the room's users, the version}:
-# announce if this is the user's first socket there and the list has anyone else in it, even
-# with a lapsed lease (a live process may be late renewing it; one that crashed hears nothing).
+# ARGV: now, lease end, socket, username, the prefix of the room's users' socket sets.
+# Returns {announce (1/0), the room's users, the version, the departures}: the users whose leases
+# had all lapsed go first, as the sweep takes them ({username, version, ...}, for the joiner to
+# announce); then announce if this is the user's first socket there and the list has anyone else
+# in it. Departures only with someone else there to hear them.
 _PRESENCE_JOIN_SCRIPT = (
     _VERSION
+    + _SWEEP
     + """
 local now, expires = tonumber(ARGV[1]), tonumber(ARGV[2])
+local gone = sweep(KEYS[2], KEYS[3], ARGV[5], now)
 redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now)
 local first = redis.call('ZCARD', KEYS[1]) == 0
 redis.call('ZADD', KEYS[1], expires, ARGV[3])
 redis.call('ZADD', KEYS[2], expires, ARGV[4])
 redis.call('PEXPIREAT', KEYS[1], math.ceil(expires * 1000))
 redis.call('PEXPIREAT', KEYS[2], math.ceil(expires * 1000))
-local announce = first and redis.call('ZCARD', KEYS[2]) > 1
-redis.call('ZREMRANGEBYSCORE', KEYS[2], '-inf', now)
+local others = redis.call('ZCARD', KEYS[2]) > 1
 local at = version(KEYS[3], first)
-return {announce and 1 or 0, redis.call('ZRANGE', KEYS[2], 0, -1), at}
+if not others then gone = {} end
+return {first and others and 1 or 0, redis.call('ZRANGE', KEYS[2], 0, -1), at, gone}
+"""
+)
+
+# KEYS: the room's users, its presence version. ARGV: now, the prefix of the users' socket sets.
+# Returns the departures (as the join's) if the list still has anyone in it to hear them.
+_PRESENCE_SWEEP_SCRIPT = (
+    _VERSION
+    + _SWEEP
+    + """
+local gone = sweep(KEYS[1], KEYS[2], ARGV[2], tonumber(ARGV[1]))
+if redis.call('ZCARD', KEYS[1]) == 0 then return {} end
+return gone
 """
 )
 
 # KEYS: the user's sockets; then, if the socket was in a room's presence, the user's sockets in
 # the room, the room's users and its presence version. ARGV: socket, now, username. Returns the
-# version of the departure if the user left the room and the list still has anyone in it (as
-# above, lapsed leases included), else 0.
+# version of the departure if the user left the room and the list still has anyone in it, else 0.
+# A user with another socket there stays, scored by its lease, so that the sweep takes them once
+# it lapses (a socket on a process that died) rather than when this one's would have.
 _SOCKET_CLOSE_SCRIPT = (
     _VERSION
     + """
@@ -229,7 +339,11 @@ redis.call('ZREM', KEYS[1], ARGV[1])
 if #KEYS < 4 then return 0 end
 if redis.call('ZREM', KEYS[2], ARGV[1]) == 0 then return 0 end
 redis.call('ZREMRANGEBYSCORE', KEYS[2], '-inf', now)
-if redis.call('ZCARD', KEYS[2]) > 0 then return 0 end
+local last = redis.call('ZRANGE', KEYS[2], -1, -1, 'WITHSCORES')
+if #last > 0 then
+    redis.call('ZADD', KEYS[3], 'XX', last[2], ARGV[3])
+    return 0
+end
 redis.call('ZREM', KEYS[3], ARGV[3])
 local at = version(KEYS[4], true)
 if redis.call('ZCARD', KEYS[3]) == 0 then return 0 end
@@ -239,8 +353,9 @@ return at
 
 # A heartbeat's refresh of one local socket's leases. KEYS: the user's sockets, the user's sockets
 # in the room, the room's users. ARGV: socket, lease end, username. Only a socket still in its
-# sets is refreshed (one that closed meanwhile is not brought back); its user is put back in the
-# room's list if another's join pruned the entry while the heartbeat was late.
+# sets is refreshed (one that closed, or that a sweep took once its lease lapsed, is not brought
+# back); its user is put back in the room's list if the entry went missing there otherwise (the
+# list's key expired early, its expiry set by a process whose clock is behind).
 _RENEW_SCRIPT = """
 local expires = tonumber(ARGV[2])
 local at = math.ceil(expires * 1000)
@@ -349,6 +464,7 @@ class RedisState:
         self._presence_join = self._redis.register_script(_PRESENCE_JOIN_SCRIPT)
         self._socket_close = self._redis.register_script(_SOCKET_CLOSE_SCRIPT)
         self._renew = self._redis.register_script(_RENEW_SCRIPT)
+        self._sweep = self._redis.register_script(_PRESENCE_SWEEP_SCRIPT)
 
     def _key(self, *parts: object) -> str:
         return ":".join([self._prefix, *map(str, parts)])
@@ -401,13 +517,32 @@ class RedisState:
     @_guarded
     async def presence_join(
         self, room_id: int, username: str, socket_id: str
-    ) -> tuple[bool, list[str], int]:
+    ) -> tuple[bool, list[str], int, list[tuple[str, int]]]:
         now = time.time()
-        announce, online, version = await self._presence_join(
+        announce, online, version, gone = await self._presence_join(
             keys=self._presence_keys(room_id, username),
-            args=[now, now + LEASE_SECONDS, socket_id, username],
+            args=[now, now + LEASE_SECONDS, socket_id, username, self._key("pu", room_id, "")],
         )
-        return bool(announce), sorted(name.decode() for name in online), int(version)
+        online = sorted(name.decode() for name in online)
+        return bool(announce), online, int(version), _departures(gone)
+
+    @_guarded
+    async def sweep(self, room_ids: list[int]) -> list[tuple[int, str, int]]:
+        if not room_ids:
+            return []
+        now = time.time()
+        async with self._redis.pipeline(transaction=False) as pipe:
+            for room_id in room_ids:
+                keys = [self._key("pr", room_id), self._key("pv", room_id)]
+                args = [now, self._key("pu", room_id, "")]
+                # Queued on the pipeline, as renew's: one round trip for all the rooms.
+                await self._sweep(keys=keys, args=args, client=pipe)
+            swept = await pipe.execute()
+        return [
+            (room_id, username, version)
+            for room_id, gone in zip(room_ids, swept, strict=True)
+            for username, version in _departures(gone)
+        ]
 
     @_guarded
     async def renew(self, sockets: list[tuple[int, str, int, str]]) -> None:
@@ -422,6 +557,11 @@ class RedisState:
 
     async def close(self) -> None:
         await self._redis.aclose(close_connection_pool=True)
+
+
+def _departures(flat: list) -> list[tuple[str, int]]:
+    """A script's {username, version, ...} as [(username, version)]."""
+    return [(flat[i].decode(), int(flat[i + 1])) for i in range(0, len(flat), 2)]
 
 
 def make_state() -> MemoryState | RedisState:

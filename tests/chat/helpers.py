@@ -1,9 +1,12 @@
 """Socket-test helpers: connect users to rooms through the real ASGI application."""
 
 import json
+import time
+from types import SimpleNamespace
 
 from channels.db import database_sync_to_async
 
+from chat import state as state_module
 from tests.factories import make_ticket
 from tests.ws import WAIT, Communicator, communicator, receive_until
 
@@ -46,3 +49,20 @@ async def drain(comm: Communicator, timeout: float = 0.2) -> list[dict]:
 def sync(fn):
     """Run ORM code from an async test (committed: socket tests use transactional databases)."""
     return database_sync_to_async(fn)
+
+
+# Later than any lease not renewed since the present moment.
+LAPSED = state_module.LEASE_SECONDS + 1
+
+
+def state_clock_ahead(monkeypatch, seconds: float) -> None:
+    """Run the shared state's clocks (chat.state: the wall clock Redis's leases are scored by,
+    the memory state's monotonic one) `seconds` ahead of now: a lease that nobody renews in the
+    meantime lapses as it would have that much later."""
+    monkeypatch.setattr(
+        state_module,
+        "time",
+        SimpleNamespace(
+            time=lambda: time.time() + seconds, monotonic=lambda: time.monotonic() + seconds
+        ),
+    )

@@ -6,6 +6,7 @@ import json
 from datetime import timedelta
 
 import pytest
+from django.conf import settings as django_settings
 from django.utils import timezone
 
 from chat import broadcast, frames, selectors, services
@@ -13,7 +14,8 @@ from chat.consumers import RoomConsumer
 from chat.hub import GAP_WAIT, HEARTBEAT
 from chat.models import MAX_SEQ, ConnectionLog, Membership, Message, MessageLog, Room
 from chat.runtime import get_runtime
-from tests.chat.helpers import drain, join, receive_all, send, sync
+from chat.state import RedisState, StateUnavailable
+from tests.chat.helpers import LAPSED, drain, join, receive_all, send, state_clock_ahead, sync
 from tests.factories import make_member, make_room, make_user
 from tests.wait import eventually
 from tests.ws import WAIT, closed_with, receive_until
@@ -592,6 +594,102 @@ async def test_a_change_a_joining_socket_s_list_already_shows_is_not_replayed(pe
     assert await drain(a) == []
     await a.disconnect()
     await b1.disconnect()
+
+
+def close_unreachable(monkeypatch) -> None:
+    """Make the sockets' closes fail to reach the shared state (Redis down a moment): what they
+    leave in it is what a process that died leaves, leases nobody renews or closes."""
+
+    async def unreachable(*args):
+        raise StateUnavailable("the shared state is unreachable")
+
+    monkeypatch.setattr(get_runtime().state, "socket_close", unreachable)
+
+
+async def test_a_user_whose_close_was_lost_is_announced_gone_once_the_lease_lapses(
+    people, monkeypatch
+):
+    alice, bob, room = people
+    b, _ = await join(bob, room)
+    a, _ = await join(alice, room)
+    assert (await receive_until(b, "presence"))["joined"] == "alice"
+    state = get_runtime().state
+    close = state.socket_close
+    close_unreachable(monkeypatch)
+    await a.disconnect()
+    monkeypatch.setattr(state, "socket_close", close)
+    assert not [f for f in await drain(b) if f["type"] == "presence"]
+    # Her lease lapses; this process's heartbeat renews bob's and sweeps the room.
+    state_clock_ahead(monkeypatch, LAPSED)
+    await get_runtime().hub.heartbeat()
+    assert await receive_until(b, "presence") == {
+        "type": "presence",
+        "room": "lobby",
+        "left": "alice",
+    }
+    # Once: the next heartbeat announces nothing, and a join after it comes after it.
+    await get_runtime().hub.heartbeat()
+    carol = await sync(make_user)("carol")
+    c, hello = await join(carol, room)
+    assert hello["presence"] == ["bob", "carol"]
+    assert (await receive_until(b, "presence"))["joined"] == "carol"
+    assert not [f for f in await drain(b) if f["type"] == "presence"]
+    await b.disconnect()
+    await c.disconnect()
+
+
+async def test_a_join_announces_the_departures_of_users_whose_leases_lapsed(people, monkeypatch):
+    alice, bob, room = people
+    a, _ = await join(alice, room)
+    state_clock_ahead(monkeypatch, LAPSED - 30)
+    b, _ = await join(bob, room)  # bob's lease runs 60 s past alice's
+    assert (await receive_until(a, "presence"))["joined"] == "bob"
+    state = get_runtime().state
+    close = state.socket_close
+    close_unreachable(monkeypatch)
+    await a.disconnect()
+    monkeypatch.setattr(state, "socket_close", close)
+    # alice's lease lapses, and carol joins before any heartbeat: her join takes alice out.
+    state_clock_ahead(monkeypatch, LAPSED)
+    carol = await sync(make_user)("carol")
+    c, hello = await join(carol, room)
+    assert hello["presence"] == ["bob", "carol"]
+    changes = await receive_all(b, "presence", 2)
+    assert [f.get("left") or f.get("joined") for f in changes] == ["alice", "carol"]
+    assert not [f for f in await drain(c) if f["type"] == "presence"]  # her hello is past it
+    await b.disconnect()
+    await c.disconnect()
+
+
+@pytest.mark.redis
+@pytest.mark.skipif(not django_settings.REDIS_URL, reason="processes share presence in Redis")
+async def test_the_users_of_a_process_that_died_are_announced_gone_by_the_others(people):
+    alice, bob, room = people
+    b, hello = await join(bob, room)  # bob on this process ("B")
+    assert hello["presence"] == ["bob"]
+    # Process "A": alice's socket joins there, as its consumer does.
+    a_state = RedisState(django_settings.REDIS_URL, django_settings.CHAT_REDIS_PREFIX, 4)
+    assert await a_state.socket_open(alice.pk, "a1", 10)
+    announce, _, version = (await a_state.presence_join(room.pk, "alice", "a1"))[:3]
+    assert announce
+    text = frames.presence("lobby", joined="alice")
+    await broadcast.apublish(
+        broadcast.room_group(room.pk),
+        broadcast.presence_event(room.pk, "alice", text, version, exclude_user=alice.pk),
+    )
+    assert (await receive_until(b, "presence"))["joined"] == "alice"
+    # A is killed (no close), and its leases lapse: all a crash leaves in Redis.
+    lapsed = {("us", alice.pk): "a1", ("pu", room.pk, "alice"): "a1", ("pr", room.pk): "alice"}
+    for key, member in lapsed.items():
+        await a_state._redis.zadd(a_state._key(*key), {member: 1.0})
+    await a_state.close()
+    await get_runtime().hub.heartbeat()  # B's
+    assert await receive_until(b, "presence") == {
+        "type": "presence",
+        "room": "lobby",
+        "left": "alice",
+    }
+    await b.disconnect()
 
 
 # --- live moderation ------------------------------------------------------------------------------

@@ -15,6 +15,7 @@ import redis
 
 from chat import state as state_module
 from chat.state import _BUCKET_SCRIPT, MemoryState, RedisState, StateUnavailable
+from tests.chat.helpers import LAPSED, state_clock_ahead
 from tests.services import reachable_redis_url, redis_clear_prefix
 
 
@@ -36,11 +37,11 @@ def state(request):
 
 async def test_joining_tells_whether_to_announce_who_is_there_and_at_which_version(state):
     # bob alone: nobody to tell.
-    announce, online, first = await state.presence_join(7, "bob", "b1")
+    announce, online, first, _ = await state.presence_join(7, "bob", "b1")
     assert (announce, online) == (False, ["bob"])
-    assert await state.presence_join(7, "alice", "a1") == (True, ["alice", "bob"], first + 1)
+    assert await state.presence_join(7, "alice", "a1") == (True, ["alice", "bob"], first + 1, [])
     # A second socket of alice's: nothing to announce, the list names her once, no change.
-    assert await state.presence_join(7, "alice", "a2") == (False, ["alice", "bob"], first + 1)
+    assert await state.presence_join(7, "alice", "a2") == (False, ["alice", "bob"], first + 1, [])
     # Another room is another list, with its own count of changes.
     assert (await state.presence_join(8, "carol", "c1"))[:2] == (False, ["carol"])
 
@@ -49,24 +50,24 @@ async def test_closing_leaves_the_presence_on_the_users_last_socket_only(state):
     for socket_id in ("a1", "a2"):
         assert await state.socket_open(1, socket_id, limit=2)
         await state.presence_join(7, "alice", socket_id)
-    _, _, joined = await state.presence_join(7, "bob", "b1")
+    _, _, joined, _ = await state.presence_join(7, "bob", "b1")
 
     assert await state.socket_close(1, "a1", (7, "alice")) == 0
-    assert await state.presence_join(7, "bob", "b2") == (False, ["alice", "bob"], joined)
+    assert await state.presence_join(7, "bob", "b2") == (False, ["alice", "bob"], joined, [])
     # Her last socket: a departure bob hears, the next change.
     assert await state.socket_close(1, "a2", (7, "alice")) == joined + 1
-    assert await state.presence_join(7, "bob", "b3") == (False, ["bob"], joined + 1)
+    assert await state.presence_join(7, "bob", "b3") == (False, ["bob"], joined + 1, [])
     # Closing it again changes nothing and announces nothing.
     assert await state.socket_close(1, "a2", (7, "alice")) == 0
 
 
 async def test_a_departure_nobody_hears_still_counts_as_a_change(state):
     await state.presence_join(7, "alice", "a1")
-    _, _, joined = await state.presence_join(7, "bob", "b1")
+    _, _, joined, _ = await state.presence_join(7, "bob", "b1")
     assert await state.socket_close(2, "b1", (7, "bob")) == joined + 1  # alice hears it
     assert await state.socket_close(1, "a1", (7, "alice")) == 0  # nobody is left to
     # The list changed all the same: an announcement made before it is older than this list.
-    assert await state.presence_join(7, "carol", "c1") == (False, ["carol"], joined + 3)
+    assert await state.presence_join(7, "carol", "c1") == (False, ["carol"], joined + 3, [])
 
 
 async def test_closing_frees_the_socket_slot_with_or_without_presence(state):
@@ -98,19 +99,105 @@ async def test_a_late_heartbeat_does_not_bring_back_a_user_who_left(state):
     assert (await state.presence_join(7, "carol", "c1"))[1] == ["bob", "carol"]
 
 
+# --- leases that lapse: a socket whose close never ran or never reached the state -----------------
+
+
+async def test_a_user_whose_leases_all_lapsed_is_swept_once_as_a_change(state, monkeypatch):
+    await state.presence_join(7, "alice", "a1")  # her process dies: a1 is never closed
+    _, _, joined, _ = await state.presence_join(7, "bob", "b1")
+    state_clock_ahead(monkeypatch, LAPSED)
+    await state.renew([(2, "b1", 7, "bob")])  # bob's process lives on
+    assert await state.sweep([7, 8]) == [(7, "alice", joined + 1)]
+    # Once, whoever sweeps next; and a join after it is a change after it.
+    assert await state.sweep([7]) == []
+    assert await state.presence_join(7, "alice", "a2") == (True, ["alice", "bob"], joined + 2, [])
+
+
+async def test_a_sweep_takes_only_the_users_left_without_a_live_socket(state, monkeypatch):
+    await state.presence_join(7, "alice", "a1")  # on a process that dies
+    await state.presence_join(7, "bob", "b1")  # on that process too
+    _, _, joined, _ = await state.presence_join(7, "bob", "b2")  # and on one that lives
+    state_clock_ahead(monkeypatch, LAPSED)
+    await state.renew([(2, "b2", 7, "bob")])
+    assert await state.sweep([7]) == [(7, "alice", joined + 1)]
+    assert await state.presence_join(7, "carol", "c1") == (True, ["bob", "carol"], joined + 2, [])
+    # b2 is bob's last socket there: its close is his departure.
+    assert await state.socket_close(2, "b2", (7, "bob")) == joined + 3
+
+
+async def test_a_user_who_closed_elsewhere_is_swept_once_the_socket_left_behind_lapses(
+    state, monkeypatch
+):
+    await state.presence_join(7, "alice", "a1")  # her process dies
+    _, _, joined, _ = await state.presence_join(7, "bob", "b1")
+    state_clock_ahead(monkeypatch, LAPSED - 30)
+    await state.renew([(2, "b1", 7, "bob")])
+    # She reconnects to another process and leaves again, while a1's lease still holds her.
+    await state.presence_join(7, "alice", "a2")
+    assert await state.socket_close(1, "a2", (7, "alice")) == 0
+    # a1's lease lapses (a2's would have 60 s later): nothing is left to hold her there.
+    state_clock_ahead(monkeypatch, LAPSED)
+    assert await state.sweep([7]) == [(7, "alice", joined + 1)]
+
+
+async def test_a_join_takes_out_the_users_whose_leases_lapsed_and_returns_their_departures(
+    state, monkeypatch
+):
+    await state.presence_join(7, "alice", "a1")
+    _, _, joined, _ = await state.presence_join(7, "bob", "b1")
+    state_clock_ahead(monkeypatch, LAPSED)
+    await state.renew([(2, "b1", 7, "bob")])
+    # carol's list has no alice, and alice's departure is a change before carol's join: for
+    # carol's socket to announce to the others, its own hello being past it.
+    assert await state.presence_join(7, "carol", "c1") == (
+        True,
+        ["bob", "carol"],
+        joined + 2,
+        [("alice", joined + 1)],
+    )
+    assert await state.sweep([7]) == []
+
+
+async def test_a_sweep_that_empties_a_room_announces_nothing_but_counts_the_change(
+    state, monkeypatch
+):
+    _, _, joined, _ = await state.presence_join(7, "alice", "a1")
+    state_clock_ahead(monkeypatch, LAPSED)
+    assert await state.sweep([7]) == []  # nobody there to hear it
+    assert await state.presence_join(7, "bob", "b1") == (False, ["bob"], joined + 2, [])
+
+
+async def test_processes_sweeping_a_room_at_once_take_each_departure_once(redis_state, monkeypatch):
+    other = RedisState(reachable_redis_url(), redis_state._prefix, max_connections=4)
+    try:
+        await redis_state.presence_join(7, "alice", "a1")
+        await redis_state.presence_join(7, "carol", "c1")
+        _, _, joined, _ = await redis_state.presence_join(7, "bob", "b1")
+        state_clock_ahead(monkeypatch, LAPSED)
+        await other.renew([(2, "b1", 7, "bob")])
+        swept = await asyncio.gather(*(s.sweep([7]) for s in [redis_state, other] * 3))
+        departures = sorted(departure for one in swept for departure in one)
+        assert departures == [(7, "alice", joined + 1), (7, "carol", joined + 2)]
+    finally:
+        await other.close()
+
+
 async def lapse(redis_state, room_id: int, username: str) -> None:
-    """The user's room entry as a process that missed its heartbeats leaves it: expired."""
+    """The user's entry in the room's list lapsed, not their socket's lease: the entry was last
+    written by a process whose clock is behind that of the socket's."""
     await redis_state._redis.zadd(redis_state._key("pr", room_id), {username: 1.0})
 
 
-async def test_someone_whose_lease_lapsed_still_hears_joins_and_leaves(redis_state):
+async def test_someone_whose_room_entry_lapsed_before_their_socket_is_still_there(redis_state):
     await redis_state.presence_join(7, "alice", "a1")
     await redis_state.presence_join(7, "bob", "b1")
     await lapse(redis_state, 7, "alice")
     assert await redis_state.socket_close(2, "b1", (7, "bob")) > 0  # alice hears bob leave
     await lapse(redis_state, 7, "alice")
-    announce, online, _ = await redis_state.presence_join(7, "carol", "c1")
-    assert (announce, online) == (True, ["carol"])  # and carol come, though not listed
+    assert await redis_state.sweep([7]) == []  # nor is she swept: a1's lease is live
+    await lapse(redis_state, 7, "alice")
+    announce, online, _, gone = await redis_state.presence_join(7, "carol", "c1")
+    assert (announce, online, gone) == (True, ["alice", "carol"], [])  # and carol come
 
 
 async def test_a_lost_version_counter_starts_above_the_versions_it_gave(redis_state):
@@ -130,7 +217,8 @@ async def test_a_lost_version_counter_starts_again_from_redis_s_clock(redis_stat
 
 async def test_a_heartbeat_puts_back_a_live_user_whose_room_entry_was_pruned(redis_state):
     await redis_state.presence_join(7, "alice", "a1")
-    # The process missed its heartbeats: another's join pruned alice's lapsed room entry.
+    # Her entry went missing from the room's list (its key expired early: its expiry was set
+    # by a process whose clock is behind).
     await redis_state._redis.zrem(redis_state._key("pr", 7), "alice")
     await redis_state.renew([(1, "a1", 7, "alice")])
     assert (await redis_state.presence_join(7, "bob", "b1"))[1] == ["alice", "bob"]
