@@ -9,7 +9,7 @@ from rest_framework.views import APIView
 
 from accounts.ip import client_ip_from_request
 from accounts.serializers import ErrorSerializer
-from accounts.throttling import ApiThrottle, FirstRefusal, MessagePostThrottle
+from accounts.throttling import ApiThrottle, FirstRefusal, MessagePostThrottle, RoomCreateThrottle
 from chat import permissions, selectors, serializers, services
 from chat.models import Room
 
@@ -52,6 +52,8 @@ class RoomScopedView(APIView):
 
 
 class RoomListView(APIView):
+    throttle_classes = [ApiThrottle, RoomCreateThrottle]
+
     @extend_schema(responses={200: serializers.RoomSerializer(many=True)})
     def get(self, request):
         """Rooms you can see, with your role and your unread count."""

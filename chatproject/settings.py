@@ -229,6 +229,7 @@ REST_FRAMEWORK = {
     "DEFAULT_THROTTLE_RATES": {
         "api": env.str("CHAT_API_RATE", default="600/min"),
         "rest_messages": env.str("CHAT_API_MESSAGE_RATE", default="60/min"),
+        "room_create": env.str("CHAT_ROOM_CREATE_RATE", default="20/hour"),
         "tickets": env.str("CHAT_TICKET_RATE", default="60/min"),
         "login_ip": env.str("CHAT_LOGIN_RATE_PER_IP", default="20/min"),
         "login_user": env.str("CHAT_LOGIN_RATE_PER_USERNAME", default="10/min"),

@@ -325,7 +325,11 @@ def rates(monkeypatch):
     from accounts import throttling
 
     def set_rates(**rates):
-        for cls in (throttling.ApiThrottle, throttling.MessagePostThrottle):
+        for cls in (
+            throttling.ApiThrottle,
+            throttling.MessagePostThrottle,
+            throttling.RoomCreateThrottle,
+        ):
             monkeypatch.setattr(cls, "THROTTLE_RATES", {**cls.THROTTLE_RATES, **rates})
 
     return set_rates
@@ -355,6 +359,22 @@ def test_messages_posted_through_the_api_are_limited_per_user(alice, rates):
         "/api/rooms/lobby/messages/", {"body": "hi", "client_id": "b1"}, format="json"
     )
     assert bob_post.status_code == 201
+
+
+def test_rooms_created_are_limited_per_user(alice, rates):
+    """Public rooms are in everyone's list: one account must not grow it without bound."""
+    rates(room_create="2/hour")
+    api = client_for(alice)
+    created = [
+        api.post("/api/rooms/", {"slug": f"r{i}", "title": f"R{i}"}, format="json")
+        for i in range(3)
+    ]
+    assert [c.status_code for c in created] == [201, 201, 429]
+    assert int(created[-1]["Retry-After"]) > 0
+    assert Room.objects.count() == 2
+    assert api.get("/api/rooms/").status_code == 200  # listing is not creating
+    other = client_for(make_user("bob")).post("/api/rooms/", {"slug": "b", "title": "B"})
+    assert other.status_code == 201
 
 
 @pytest.mark.parametrize(
