@@ -355,9 +355,11 @@ function onDeleted(frame) {
 
 function onError(frame) {
   if (frame.code === "unavailable" && !frame.client_id) {
-    // It does not say which request it answers: each one still unanswered is asked again.
+    // It does not say which request it answers: each one still unanswered is asked again, and
+    // "Load earlier", which the reader asked for, may be clicked again (the toast says why).
     retryResync();
     retryCatchUp();
+    state.loadingOlder = false;
   }
   if (frame.client_id && outbox.has(frame.client_id)) {
     outbox.refuse(frame.client_id, frame.code, frame.detail);

@@ -540,6 +540,45 @@ async def test_a_first_page_answered_unavailable_is_asked_again(open_tab, server
     assert [f["body"] for f in message_frames] == ["queued until the log is complete"]
 
 
+async def test_load_earlier_answered_unavailable_can_be_clicked_again(open_tab, server):
+    """An older page the database could not read: the reader is told and may ask again (the
+    page used to wait for an answer that would not come until its next reconnect)."""
+    import json
+
+    tab = await signed_in(open_tab, server, "bob")
+    before_requests = []
+
+    def handler(ws):
+        def on_message(text):
+            frame = json.loads(text)
+            if frame["type"] != "history":
+                return
+            if "before" not in frame:  # the newest page: 3, with more before it
+                page = [scripted_message(3)]
+                ws.send(json.dumps({"type": "history", "messages": page, "has_more": True}))
+                return
+            before_requests.append(frame["before"])
+            if len(before_requests) == 1:  # the database fails once
+                ws.send(json.dumps(UNAVAILABLE))
+                return
+            page = [scripted_message(s) for s in (1, 2)]
+            answer = {"type": "history", "before": 3, "messages": page, "has_more": False}
+            ws.send(json.dumps(answer))
+
+        ws.on_message(on_message)
+        ws.send(json.dumps(scripted_hello(3)))
+
+    await tab.page.route_web_socket(re.compile(r".*/ws/rooms/lobby/"), handler)
+    await tab.page.goto("/rooms/lobby/")
+    earlier = tab.page.get_by_role("button", name="Load earlier messages")
+    await earlier.click()
+    await expect(tab.page.locator("#toast")).to_contain_text("temporarily unavailable")
+    await earlier.click()
+    await eventually(lambda: len(before_requests) == 2, "Load earlier asked again")
+    await expect(tab.page.locator("#messages .body")).to_have_text(["m1", "m2", "m3"])
+    assert before_requests == [3, 3]
+
+
 async def test_a_catch_up_answered_unavailable_is_asked_again(open_tab, server):
     """After a reconnect the page asks for what it missed (4-6) while a live message (7) comes:
     an `unavailable` answer must not leave 4-6 out for good."""
