@@ -1,7 +1,11 @@
-"""JWT authentication that also refuses the access tokens of a login that has been logged out."""
+"""JWT authentication that also refuses the access tokens of a login that has been logged out,
+and session authentication that refuses a page's request once the session is someone else's."""
+
+from urllib.parse import unquote
 
 from django.utils.translation import gettext_lazy as _
 from drf_spectacular.contrib.rest_framework_simplejwt import SimpleJWTScheme
+from rest_framework.authentication import SessionAuthentication
 from rest_framework.exceptions import AuthenticationFailed
 from rest_framework_simplejwt.authentication import JWTAuthentication
 from rest_framework_simplejwt.exceptions import InvalidToken
@@ -81,3 +85,23 @@ class ChatJWTScheme(SimpleJWTScheme):
     """The OpenAPI description of it: simplejwt's Bearer scheme (drf-spectacular)."""
 
     target_class = ChatJWTAuthentication
+
+
+class ChatSessionAuthentication(SessionAuthentication):
+    """DRF's session authentication (the pages), with one check more: a page names the user it
+    was opened for (`X-Chat-User`, static/chat/api.js). Signed out in another tab and signed in
+    there as someone else, the browser's session is theirs, and a page left open would act as
+    them (mark read, moderate, ask for tickets): such a request is refused (401 user_changed)."""
+
+    def authenticate(self, request):
+        found = super().authenticate(request)
+        page_user = request.headers.get("X-Chat-User")
+        if (
+            found is not None
+            and page_user is not None
+            and unquote(page_user) != found[0].get_username()
+        ):
+            raise AuthenticationFailed(
+                "This page was opened for another user: reload it.", code="user_changed"
+            )
+        return found

@@ -214,7 +214,7 @@ REST_FRAMEWORK = {
     # JWT first: its WWW-Authenticate header is what turns "not authenticated" into a 401.
     "DEFAULT_AUTHENTICATION_CLASSES": [
         "accounts.authentication.ChatJWTAuthentication",  # refuses logged-out logins
-        "rest_framework.authentication.SessionAuthentication",
+        "accounts.authentication.ChatSessionAuthentication",  # refuses another user's page
     ],
     "DEFAULT_PERMISSION_CLASSES": ["rest_framework.permissions.IsAuthenticated"],
     "DEFAULT_RENDERER_CLASSES": ["chatproject.rest.JSONRenderer"],

@@ -16,8 +16,13 @@ function csrfToken() {
   return document.querySelector('meta[name="csrf-token"]')?.content ?? "";
 }
 
+// Whose page this is. The session may be someone else's by now (signed out in another tab, and
+// in again as them): the server refuses a request whose page names another user.
+const PAGE_USER = document.querySelector('meta[name="chat-user"]')?.content;
+
 export async function api(path, { method = "GET", body } = {}) {
   const headers = { Accept: "application/json" };
+  if (PAGE_USER) headers["X-Chat-User"] = encodeURIComponent(PAGE_USER);
   if (body !== undefined) headers["Content-Type"] = "application/json";
   if (method !== "GET") headers["X-CSRFToken"] = csrfToken();
   let response;

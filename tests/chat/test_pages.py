@@ -223,3 +223,24 @@ def test_the_room_list_refreshes_every_second_or_more_or_never(
     page = client.get("/")
     assert page.status_code == 200
     assert f'data-unread-refresh-ms="{ms}"' in page.content.decode()
+
+
+@pytest.mark.parametrize(
+    ("page_user", "status"),
+    [(None, 200), ("bob", 200), ("alice", 401), ("%C3%A9lodie", 401), ("b%6Fb", 200)],
+    ids=["no header", "the session's user", "another user", "another, encoded", "encoded"],
+)
+def test_an_api_request_from_a_page_opened_for_another_user_is_refused(client, page_user, status):
+    """Signed out in another tab and in again as bob: alice's page must not act as bob."""
+    client.force_login(make_user("bob"))
+    headers = {} if page_user is None else {"HTTP_X_CHAT_USER": page_user}
+    response = client.get("/api/rooms/", **headers)
+    assert response.status_code == status
+    if status == 401:
+        assert response.json()["code"] == "user_changed"
+
+
+def test_every_page_names_its_user_for_the_api_requests_it_makes(client):
+    client.force_login(make_user("élodie"))
+    page = client.get("/").content.decode()
+    assert '<meta name="chat-user" content="élodie">' in page
