@@ -11,7 +11,7 @@ from datetime import datetime
 from django.contrib import admin, messages
 from django.core.exceptions import PermissionDenied
 from django.core.handlers.asgi import ASGIRequest
-from django.core.paginator import Paginator
+from django.core.paginator import EmptyPage, PageNotAnInteger, Paginator
 from django.db import connections
 from django.db.models import QuerySet
 from django.http import HttpRequest, StreamingHttpResponse
@@ -131,6 +131,7 @@ class EstimatedCountPaginator(Paginator):
     never analyzed, and SQLite get the exact count."""
 
     exact_below = 100_000
+    estimated = False
 
     @cached_property
     def count(self) -> int:
@@ -144,8 +145,29 @@ class EstimatedCountPaginator(Paginator):
                 )
                 found = cursor.fetchone()
             if found is not None and found[0] >= self.exact_below:
+                self.estimated = True
                 return found[0]
         return super().count
+
+    # An estimate can fall short (rows added since the last ANALYZE): a page past it is served
+    # all the same, as full as the rows allow, rather than refused as out of range.
+    def validate_number(self, number):
+        if not (self.count and self.estimated):
+            return super().validate_number(number)
+        try:
+            number = int(number)
+        except (TypeError, ValueError):
+            raise PageNotAnInteger("That page number is not an integer") from None
+        if number < 1:
+            raise EmptyPage("That page number is less than 1")
+        return number
+
+    def page(self, number):
+        if not (self.count and self.estimated):
+            return super().page(number)
+        number = self.validate_number(number)
+        bottom = (number - 1) * self.per_page
+        return self._get_page(self.object_list[bottom : bottom + self.per_page], number, self)
 
 
 class AuditAdmin(ReadOnlyMixin, admin.ModelAdmin):

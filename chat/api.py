@@ -51,7 +51,7 @@ class RoomScopedView(APIView):
         return room
 
 
-class RoomListView(APIView):
+class RoomListView(FirstRefusal, APIView):
     throttle_classes = [ApiThrottle, RoomCreateThrottle]
 
     @extend_schema(responses={200: serializers.RoomSerializer(many=True)})
@@ -321,8 +321,7 @@ class MemberDetailView(RoomScopedView):
         """Remove (kick) a member, or leave (your own name); their sockets in the room close 4403.
 
         A ban stays (400: lift it instead); a banned or muted member cannot leave (403); a muted
-        member kicked from a public room keeps the membership, as a member, until unmuted, and
-        is not removed from a private or read-only room (400: ban, or lift the mute first).
+        member is not removed (400: ban them, or lift the mute first).
         """
         room, user = self._target(request, slug, username)
         try:

@@ -376,17 +376,17 @@ class RoomConsumer(AsyncWebsocketConsumer):
             return await self._refuse(error.code, error.detail, **extra)
         if refusal := permissions.post_refusal(self.user, self.room, self.membership):
             # A message stored before the mute (or the room's change), whose ack was lost with
-            # an earlier socket, is acked with its seq, as the store would (docs/protocol.md):
-            # a read on refused frames only, which the abuse limit bounds.
-            stored = await database_sync_to_async(selectors.message_seq_of)(
-                room_id=self.room_id, author_id=self.user_id, client_id=client_id
-            )
-            if stored is not None:
-                return await self.send_text(frames.ack(client_id, stored))
+            # an earlier socket, is acked with its seq, as the store would (docs/protocol.md).
+            # The read it takes spends the sender's message rate, as a message would: past it,
+            # the refusal, which the abuse limit counts.
+            if await self._take_message_token():
+                stored = await database_sync_to_async(selectors.message_seq_of)(
+                    room_id=self.room_id, author_id=self.user_id, client_id=client_id
+                )
+                if stored is not None:
+                    return await self.send_text(frames.ack(client_id, stored))
             return await self._refuse(*refusal, client_id=client_id)
-        if not await self.runtime.state.take_token(
-            f"messages:{self.user_id}", settings.CHAT_MESSAGE_RATE, settings.CHAT_MESSAGE_BURST
-        ):
+        if not await self._take_message_token():
             return await self._refuse(
                 ERR_RATE_LIMITED, "too many messages; slow down", client_id=client_id
             )
@@ -399,6 +399,11 @@ class RoomConsumer(AsyncWebsocketConsumer):
         if len(self._inflight) >= MAX_IN_FLIGHT:
             await asyncio.wait(self._inflight, return_when=asyncio.FIRST_COMPLETED)
         return None
+
+    async def _take_message_token(self) -> bool:
+        return await self.runtime.state.take_token(
+            f"messages:{self.user_id}", settings.CHAT_MESSAGE_RATE, settings.CHAT_MESSAGE_BURST
+        )
 
     async def on_history(self, frame: dict[str, Any]) -> None:
         before, after = _seq(frame, "before"), _seq(frame, "after")

@@ -557,9 +557,8 @@ def member_remove(*, actor, room: Room, user, reason: str = "") -> None:
 
     Members may remove themselves (leave). In a public room a kicked user may come back; ban to
     keep them out. A sanction lives on the membership, so removing one must not lift it: a
-    banned or muted member cannot leave, a ban stays until lifted, in a public room (where
-    anyone may post) a muted member who is kicked keeps the row, as a member, until unmuted,
-    and elsewhere a muted member is not removed (ban them, or lift the mute first).
+    banned or muted member cannot leave, a ban stays until lifted, and a muted member is not
+    removed (ban them, or lift the mute first).
     """
     with transaction.atomic():
         target = _existing_membership(room, user)
@@ -573,34 +572,25 @@ def member_remove(*, actor, room: Room, user, reason: str = "") -> None:
             raise Forbidden("you may not remove this member")
         if target.banned_at is not None:
             raise Invalid("this user is banned from the room; the ban stays until it is lifted")
-        if (
-            not leaving
-            and room.visibility != Room.Visibility.PUBLIC
-            and permissions.is_muted(target)
-        ):
-            # Here a non-member cannot post, so a kept row would let them in, and a deleted one
-            # would take the mute with it (were they added again, or the room made public).
+        if not leaving and permissions.is_muted(target):
+            # Deleted, the row would take the mute with it (the user added again, or joining a
+            # public room, would post unmuted); kept, it would stay a membership (one that
+            # reads a private room, or a room made private later).
             raise Invalid(
                 "this member is muted, which removing them would lift: ban them to keep them "
                 "out, or lift the mute first"
             )
-        role, kept = target.role, False
-        if room.visibility == Room.Visibility.PUBLIC and permissions.is_muted(target):
-            target.role, kept = Role.MEMBER, True
-            target.save(update_fields=["role"])
-        else:
-            target.delete()
+        role = target.role
+        target.delete()
         audit.security_event(
             event=audit.Event.MEMBER_REMOVED,
             actor=actor,
             target=user,
             room=room,
             reason=reason,
-            details={"role": role, "left": leaving, **({"kept_for_mute": True} if kept else {})},
+            details={"role": role, "left": leaving},
         )
-        _publish_membership(
-            room, user, target if kept else None, close=(CLOSE_FORBIDDEN, "removed")
-        )
+        _publish_membership(room, user, None, close=(CLOSE_FORBIDDEN, "removed"))
 
 
 # --- users ---------------------------------------------------------------------------------------

@@ -3,6 +3,7 @@
 from datetime import timedelta
 
 import pytest
+import time_machine
 from django.utils import timezone
 from rest_framework.test import APIClient
 
@@ -375,6 +376,16 @@ def test_rooms_created_are_limited_per_user(alice, rates):
     assert api.get("/api/rooms/").status_code == 200  # listing is not creating
     other = client_for(make_user("bob")).post("/api/rooms/", {"slug": "b", "title": "B"})
     assert other.status_code == 201
+
+
+def test_a_room_refused_by_the_general_limit_does_not_spend_the_room_budget(alice, rates):
+    """DRF asks every throttle even once one has refused, and each records the request."""
+    rates(api="1/min", room_create="2/hour")
+    api = client_for(alice)
+    assert api.post("/api/rooms/", {"slug": "r1", "title": "R1"}).status_code == 201
+    assert api.post("/api/rooms/", {"slug": "r2", "title": "R2"}).status_code == 429  # api
+    with time_machine.travel(timezone.now() + timedelta(seconds=61)):
+        assert api.post("/api/rooms/", {"slug": "r3", "title": "R3"}).status_code == 201
 
 
 @pytest.mark.parametrize(

@@ -875,6 +875,31 @@ async def test_a_stored_message_sent_again_after_a_refusal_began_is_acked(people
     await b.disconnect()
 
 
+async def test_resending_a_stored_message_while_muted_spends_the_message_rate(people, settings):
+    """Each resend reads the database: past the sender's message rate it is refused like any
+    frame of a muted sender, and enough refusals close the socket (the abuse limit)."""
+    settings.CHAT_MESSAGE_RATE, settings.CHAT_MESSAGE_BURST = 0.01, 3
+    settings.CHAT_ABUSE_LIMIT = 2
+    alice, bob, room = people
+    b, _ = await join(bob, room)
+    await send(b, type="message", body="before", client_id="keep-1")
+    assert (await receive_until(b, "ack"))["seq"] == 1
+    until = timezone.now() + timedelta(hours=1)
+    await sync(services.member_mute)(actor=alice, room=room, user=bob, until=until)
+    await receive_until(b, "membership")
+    answers = []
+    for _ in range(2):  # the burst had 3 tokens; the first message took one
+        await send(b, type="message", body="before", client_id="keep-1")
+        answers.append(json.loads(await b.receive_from())["type"])
+    for _ in range(3):
+        await send(b, type="message", body="before", client_id="keep-1")
+    refused = [json.loads(await b.receive_from()) for _ in range(3)]
+    assert answers == ["ack", "ack"]
+    assert [(f["type"], f["code"]) for f in refused] == [("error", "muted")] * 3
+    assert (await closed_with(b))[0] == 4429
+    await b.disconnect()
+
+
 async def test_a_ban_racing_an_open_socket_still_stops_the_message(people):
     """The socket's cached membership is briefly stale; the service re-checks in its transaction."""
     _, bob, room = people
