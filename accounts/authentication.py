@@ -4,6 +4,7 @@ and session authentication that refuses a page's request once the session is som
 from urllib.parse import unquote
 
 from django.utils.translation import gettext_lazy as _
+from drf_spectacular.authentication import SessionScheme
 from drf_spectacular.contrib.rest_framework_simplejwt import SimpleJWTScheme
 from rest_framework.authentication import SessionAuthentication
 from rest_framework.exceptions import AuthenticationFailed
@@ -105,3 +106,9 @@ class ChatSessionAuthentication(SessionAuthentication):
                 "This page was opened for another user: reload it.", code="user_changed"
             )
         return found
+
+
+class ChatSessionScheme(SessionScheme):
+    """The OpenAPI description of it: DRF's session cookie scheme (drf-spectacular)."""
+
+    target_class = ChatSessionAuthentication
