@@ -8,6 +8,8 @@ from asgiref.sync import async_to_sync
 from channels.layers import get_channel_layer
 from django.db import transaction
 
+from chat import frames
+
 logger = logging.getLogger("chat.broadcast")
 
 
@@ -75,6 +77,12 @@ def presence_event(
         "version": version,
         "exclude_user": exclude_user,
     }
+
+
+def departure_event(room_id: int, room_slug: str, username: str, version: int) -> dict[str, Any]:
+    """`username` left the room at its presence `version`: their last socket there closed, or
+    their leases lapsed (chat.state). To everyone in the room, as a presence frame."""
+    return presence_event(room_id, username, frames.presence(room_slug, left=username), version)
 
 
 def membership_event(

@@ -218,7 +218,9 @@ class RoomConsumer(AsyncWebsocketConsumer):
             # Users whose leases had all lapsed, which this join took out of the room's list
             # (chat.state): announced at once, so that nothing below can lose them. This
             # socket's own hello is past them.
-            await self._publish(self._presence(version, joined=False, username=username))
+            await self._publish(
+                broadcast.departure_event(self.room_id, self.room.slug, username, version)
+            )
         await self._accept()
         await self.record.decide(
             self.runtime,
@@ -599,18 +601,15 @@ class RoomConsumer(AsyncWebsocketConsumer):
         """A hub event (chat.broadcast) to every process with sockets in this room."""
         await broadcast.apublish(broadcast.room_group(self.room_id), event)
 
-    def _presence(
-        self, version: int, *, joined: bool, username: str | None = None
-    ) -> dict[str, Any]:
-        """This user's join or leave, or the leave of `username` (one whose leases lapsed, which
-        this socket's join found: chat.state), made at the room's presence `version`. A join is
-        not sent to the user's own sockets: the joiner's hello lists it, and so did the others'."""
-        username = username or self.username
-        if joined:
-            text, exclude = frames.presence(self.room.slug, joined=username), self.user_id
-        else:
-            text, exclude = frames.presence(self.room.slug, left=username), None
-        return broadcast.presence_event(self.room_id, username, text, version, exclude_user=exclude)
+    def _presence(self, version: int, *, joined: bool) -> dict[str, Any]:
+        """This user's join or leave, made at the room's presence `version`. A join is not sent
+        to the user's own sockets: the joiner's hello lists it, and so did the others'."""
+        if not joined:
+            return broadcast.departure_event(self.room_id, self.room.slug, self.username, version)
+        text = frames.presence(self.room.slug, joined=self.username)
+        return broadcast.presence_event(
+            self.room_id, self.username, text, version, exclude_user=self.user_id
+        )
 
     async def _finish(self) -> None:
         """Leave the hub, presence and caps, and seal the connection's audit record. Runs once."""

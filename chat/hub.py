@@ -296,10 +296,9 @@ class Hub:
         which sweep it too."""
         slugs = {room_id: feed.slug for room_id, feed in self.rooms.items() if feed.slug}
         for room_id, username, version in await self.runtime.state.sweep(list(slugs)):
-            text = frames.presence(slugs[room_id], left=username)
             await broadcast.apublish(
                 broadcast.room_group(room_id),
-                broadcast.presence_event(room_id, username, text, version),
+                broadcast.departure_event(room_id, slugs[room_id], username, version),
             )
 
     # --- events ----------------------------------------------------------------------------------
