@@ -269,31 +269,30 @@ class ApiThrottle(AtomicRateThrottle):
         return self.cache_format % {"scope": self.scope, "ident": ident}
 
 
-class RoomCreateThrottle(FailClosed, AtomicRateThrottle, UserRateThrottle):
+class UserPostThrottle(FailClosed, AtomicRateThrottle, UserRateThrottle):
+    """A user's POSTs to a view that also answers reads, which it does not limit (the view
+    answers the anonymous before throttling)."""
+
+    def get_cache_key(self, request, view):
+        if request.method != "POST":
+            return None
+        return super().get_cache_key(request, view)
+
+
+class RoomCreateThrottle(UserPostThrottle):
     """Rooms created, per user. A public room is in everyone's list (`GET /api/rooms/`, which
     the rooms page asks for again every few seconds): without this one account could grow
     every user's list by hundreds of rooms a minute."""
 
     scope = "room_create"
 
-    def get_cache_key(self, request, view):
-        if request.method != "POST":  # listing rooms is not creating one
-            return None
-        return super().get_cache_key(request, view)
 
-
-class MessagePostThrottle(FailClosed, AtomicRateThrottle, UserRateThrottle):
+class MessagePostThrottle(UserPostThrottle):
     """Messages posted through the API, per user. A socket's messages take tokens from the
     user's bucket in chat.state (CHAT_MESSAGE_RATE/BURST); without this, the API was a way
     around that limit: every message posted is stored and sent to every member of the room."""
 
     scope = "rest_messages"
-
-    def get_cache_key(self, request, view):
-        # Reading the room is not posting; the view answers the anonymous before throttling.
-        if request.method != "POST":
-            return None
-        return super().get_cache_key(request, view)
 
 
 _unlimited_warned_at = -math.inf
