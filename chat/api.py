@@ -1,5 +1,7 @@
 """Rooms REST API: thin views over chat.selectors and chat.services, same policy as the sockets."""
 
+from operator import attrgetter
+
 from django.db import transaction
 from drf_spectacular.utils import OpenApiParameter, OpenApiResponse, extend_schema
 from rest_framework import status
@@ -12,6 +14,7 @@ from accounts.serializers import ErrorSerializer
 from accounts.throttling import ApiThrottle, FirstRefusal, MessagePostThrottle, RoomCreateThrottle
 from chat import permissions, selectors, serializers, services
 from chat.models import Room
+from chatproject.rest import link_next
 
 
 class ConflictError(APIException):
@@ -38,6 +41,32 @@ def _raise_for(error: services.ServiceError):
 
 _ERRORS = {403: ErrorSerializer, 404: ErrorSerializer}
 
+# The query and the response header of a list that comes in pages (rooms, members).
+_LIST_PAGE = [
+    OpenApiParameter(
+        "after",
+        str,
+        description="Start after this key (slug, username): the last of the page before",
+    ),
+    OpenApiParameter(
+        "limit", int, description=f"At most this many (<= {serializers.LIST_LIMIT_MAX})"
+    ),
+    OpenApiParameter(
+        "Link",
+        str,
+        location=OpenApiParameter.HEADER,
+        response=[200],
+        description='The next page, `<path?after=...>; rel="next"`; absent on the last page',
+    ),
+]
+
+
+def _page_query(request) -> tuple[str | None, int]:
+    """`after` and `limit` of a list page, or a 400 naming the bad one."""
+    query = serializers.ListQuerySerializer(data=request.query_params)
+    query.is_valid(raise_exception=True)
+    return query.validated_data.get("after"), query.validated_data["limit"]
+
 
 class RoomScopedView(APIView):
     """Resolves <slug> to a room the user may view: 404 if unknown or archived, 403 if no access."""
@@ -54,11 +83,19 @@ class RoomScopedView(APIView):
 class RoomListView(FirstRefusal, APIView):
     throttle_classes = [ApiThrottle, RoomCreateThrottle]
 
-    @extend_schema(responses={200: serializers.RoomSerializer(many=True)})
+    @extend_schema(parameters=_LIST_PAGE, responses={200: serializers.RoomSerializer(many=True)})
     def get(self, request):
-        """Rooms you can see, with your role and your unread count."""
-        rooms = selectors.rooms_visible(user=request.user)
-        return Response(serializers.RoomSerializer(rooms, many=True).data)
+        """Rooms you can see, with your role and your unread count, by slug, in pages."""
+        after, limit = _page_query(request)
+        rooms, next_after = selectors.page_after(
+            selectors.rooms_visible(user=request.user, after=after),
+            limit=limit,
+            key=attrgetter("slug"),
+        )
+        return Response(
+            serializers.RoomSerializer(rooms, many=True).data,
+            headers=link_next(request, after=next_after),
+        )
 
     @extend_schema(
         request=serializers.RoomCreateSerializer,
@@ -217,16 +254,27 @@ class MessageDetailView(RoomScopedView):
 
 
 class MemberListView(RoomScopedView):
-    @extend_schema(responses={200: serializers.MemberSerializer(many=True), **_ERRORS})
+    @extend_schema(
+        parameters=_LIST_PAGE,
+        responses={200: serializers.MemberSerializer(many=True), **_ERRORS},
+    )
     def get(self, request, slug: str):
-        """The room's members. Bans and mutes are moderation data: moderators only see them."""
+        """The room's members by username, in pages. Bans and mutes are moderation data:
+        moderators only see them."""
         room = self.room_for(request, slug)
+        after, limit = _page_query(request)
         moderator = permissions.is_moderator(request.user, room, self.membership)
-        members = selectors.room_members(room=room, include_banned=moderator)
+        members, next_after = selectors.page_after(
+            selectors.room_members(room=room, include_banned=moderator, after=after),
+            limit=limit,
+            key=attrgetter("user.username"),
+        )
         serializer_class = (
             serializers.MemberSerializer if moderator else serializers.PublicMemberSerializer
         )
-        return Response(serializer_class(members, many=True).data)
+        return Response(
+            serializer_class(members, many=True).data, headers=link_next(request, after=next_after)
+        )
 
     @extend_schema(
         request=serializers.MemberAddSerializer,

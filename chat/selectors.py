@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime, timedelta
+from typing import Any
 
 from django.conf import settings
 from django.contrib.auth import get_user_model
@@ -97,10 +99,14 @@ def socket_context(
     )
 
 
-def rooms_visible(*, user) -> QuerySet[Room]:
-    """Rooms the user can see, with their role (`my_role`) and `unread` count, by slug."""
+def rooms_visible(*, user, after: str | None = None) -> QuerySet[Room]:
+    """Rooms the user can see, with their role (`my_role`) and `unread` count, by slug; those
+    after the slug `after` if given (a page: see `page_after`)."""
     mine = Membership.objects.filter(room=OuterRef("pk"), user=user)
-    qs = Room.objects.filter(archived_at__isnull=True).annotate(
+    qs = Room.objects.filter(archived_at__isnull=True)
+    if after is not None:
+        qs = qs.filter(slug__gt=after)
+    qs = qs.annotate(
         my_role=Subquery(mine.values("role")[:1]),
         my_banned=Subquery(mine.values("banned_at")[:1]),
         my_last_read=Subquery(mine.values("last_read_seq")[:1]),
@@ -122,11 +128,27 @@ def rooms_visible(*, user) -> QuerySet[Room]:
     ).order_by("slug")
 
 
-def room_members(*, room: Room, include_banned: bool = True) -> QuerySet[Membership]:
+def room_members(
+    *, room: Room, include_banned: bool = True, after: str | None = None
+) -> QuerySet[Membership]:
+    """The room's members by username; those after the username `after` if given."""
     members = Membership.objects.filter(room=room).select_related("user")
     if not include_banned:
         members = members.filter(banned_at__isnull=True)
+    if after is not None:
+        members = members.filter(user__username__gt=after)
     return members.order_by("user__username")
+
+
+def page_after(rows: QuerySet, *, limit: int, key: Callable[[Any], str]) -> tuple[list, str | None]:
+    """The first `limit` rows of an ordered list, and the key of the last one if more follow:
+    the `after` of the next page. Pages by key (the slug, the username), not by offset, so a
+    row added or removed meanwhile neither repeats nor skips another."""
+    page = list(rows[: limit + 1])
+    if len(page) <= limit:
+        return page, None
+    page = page[:limit]
+    return page, key(page[-1])
 
 
 def messages_page(

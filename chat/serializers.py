@@ -9,6 +9,11 @@ from chat.models import MAX_SEQ, SLUG_RE, Membership, Room
 
 # Control characters and bidi overrides/isolates: names and reasons shown to others are one
 # line of text that reads as it is stored ("Trojan Source" reordering included).
+# Lists (rooms, members) come in pages of this many, up to LIST_LIMIT_MAX on request; the
+# response's Link header names the next page (docs/protocol.md).
+LIST_LIMIT = 100
+LIST_LIMIT_MAX = 500
+
 _NOT_PLAIN = re.compile(r"[\x00-\x1f\x7f-\x9f\u202a-\u202e\u2066-\u2069]")
 
 
@@ -80,6 +85,13 @@ class MessageQuerySerializer(serializers.Serializer):
         if "before" in attrs and "after" in attrs:
             raise serializers.ValidationError("give before or after, not both")
         return attrs
+
+
+class ListQuerySerializer(serializers.Serializer):
+    """A page of a list by key: the rooms (by slug) or a room's members (by username)."""
+
+    after = serializers.CharField(max_length=150, required=False, trim_whitespace=False)
+    limit = serializers.IntegerField(min_value=1, max_value=LIST_LIMIT_MAX, default=LIST_LIMIT)
 
 
 class MessageSerializer(serializers.Serializer):

@@ -1,6 +1,8 @@
 """Pages: the room list and a room. All data after the first paint comes from the API and socket."""
 
 import math
+import re
+from operator import attrgetter
 from urllib.parse import urlsplit
 
 from django.conf import settings
@@ -10,7 +12,8 @@ from django.http import Http404
 from django.shortcuts import render
 
 from chat import permissions, selectors
-from chat.models import Membership, Room
+from chat.models import SLUG_RE, Membership, Room
+from chat.serializers import LIST_LIMIT
 
 
 class SignInView(auth_views.LoginView):
@@ -38,7 +41,15 @@ _VISIBILITY_CHOICES = [(value, *label.split(": ", 1)) for value, label in Room.V
 
 @login_required
 def room_list(request):
-    rooms = list(selectors.rooms_visible(user=request.user))
+    """The rooms, a page of LIST_LIMIT at a time (`?after=<slug>`), as the API gives them."""
+    after = request.GET.get("after")
+    if after is not None and not re.fullmatch(SLUG_RE, after):
+        after = None  # a link edited by hand: the first page
+    rooms, next_after = selectors.page_after(
+        selectors.rooms_visible(user=request.user, after=after),
+        limit=LIST_LIMIT,
+        key=attrgetter("slug"),
+    )
     for room in rooms:
         room.can_join = permissions.can_join(request.user, room, _membership_from_annotations(room))
     return render(
@@ -46,6 +57,8 @@ def room_list(request):
         "chat/room_list.html",
         {
             "rooms": rooms,
+            "page_after": after or "",
+            "next_after": next_after,
             "visibilities": _VISIBILITY_CHOICES,
             "unread_refresh_ms": _unread_refresh_ms(settings.CHAT_UNREAD_REFRESH_SECONDS),
         },

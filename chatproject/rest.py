@@ -1,6 +1,8 @@
-"""DRF's JSON parser and renderer for input theirs answer with a 500, and the API's 404."""
+"""DRF's JSON parser and renderer for input theirs answer with a 500, the API's 404, and the
+Link header of a list's pages."""
 
-from django.http import JsonResponse
+from django.http import JsonResponse, QueryDict
+from django.utils.encoding import escape_uri_path
 from django.views import defaults
 from rest_framework import parsers, renderers
 from rest_framework.exceptions import NotFound, ParseError
@@ -29,6 +31,17 @@ class JSONRenderer(renderers.JSONRenderer):
         except UnicodeEncodeError:
             self.ensure_ascii = True
             return super().render(data, accepted_media_type, renderer_context)
+
+
+def link_next(request, *, after: str | None) -> dict[str, str]:
+    """The headers of a list page: `Link: <...>; rel="next"` (RFC 8288) naming the same query
+    with `after` moved on, or nothing on the last page. The link is a path, resolved against
+    the request's own URL, so it holds behind any proxy."""
+    if after is None:
+        return {}
+    query = request.GET.copy() if request.GET else QueryDict(mutable=True)
+    query["after"] = after
+    return {"Link": f'<{escape_uri_path(request.path)}?{query.urlencode()}>; rel="next"'}
 
 
 def page_not_found(request, exception):

@@ -20,7 +20,29 @@ function csrfToken() {
 // in again as them): the server refuses a request whose page names another user.
 const PAGE_USER = document.querySelector('meta[name="chat-user"]')?.content;
 
-export async function api(path, { method = "GET", body } = {}) {
+export async function api(path, options = {}) {
+  return (await request(path, options)).data;
+}
+
+// Every item of a list the API gives in pages (rooms, members): its pages in order, each
+// asked for at the path its predecessor's `Link: <...>; rel="next"` names.
+export async function apiList(path) {
+  const items = [];
+  for (let next = path; next; ) {
+    const { data, response } = await request(next);
+    items.push(...data);
+    next = nextLink(response.headers.get("Link"));
+  }
+  return items;
+}
+
+function nextLink(header) {
+  const match = /<([^>]*)>\s*;\s*rel="?next"?/.exec(header ?? "");
+  // Only a path of this site: the server sends one, and a page follows nothing else.
+  return match && match[1].startsWith("/") && !match[1].startsWith("//") ? match[1] : null;
+}
+
+async function request(path, { method = "GET", body } = {}) {
   const headers = { Accept: "application/json" };
   if (PAGE_USER) headers["X-Chat-User"] = encodeURIComponent(PAGE_USER);
   if (body !== undefined) headers["Content-Type"] = "application/json";
@@ -42,7 +64,7 @@ export async function api(path, { method = "GET", body } = {}) {
     const retryAfter = Number.parseInt(response.headers.get("Retry-After") ?? "", 10);
     throw new ApiError(response.status, data, Number.isNaN(retryAfter) ? null : retryAfter);
   }
-  return data;
+  return { data, response };
 }
 
 // A sentence for people from the API's error answer: {"detail", "code"}, and for a refused

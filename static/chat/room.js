@@ -1,7 +1,7 @@
 // The room page: history and live messages merged by seq, the composer and its outbox, typing,
 // members with presence, and moderation. Every user-provided string goes through textContent.
 
-import { api } from "./api.js";
+import { api, apiList } from "./api.js";
 import { RoomConnection } from "./connection.js";
 import { Outbox } from "./outbox.js";
 
@@ -732,7 +732,7 @@ let membersTimer = null;
 async function loadMembers() {
   clearTimeout(membersTimer);
   try {
-    const list = await api(`/api/rooms/${ROOM}/members/`);
+    const list = await apiList(`/api/rooms/${ROOM}/members/`);
     members.clear();
     for (const member of list) members.set(member.username, member);
     renderMembers();

@@ -102,7 +102,9 @@ async function refreshUnread() {
   refreshing = true;
   let rooms;
   try {
-    rooms = await api("/api/rooms/");
+    // The rooms this page shows: the API's page that starts where this one does.
+    const after = layout.dataset.pageAfter;
+    rooms = await api(after ? `/api/rooms/?after=${encodeURIComponent(after)}` : "/api/rooms/");
   } catch (error) {
     // Signed out (here or in another tab): stop asking until the page is loaded again.
     if ((error.status === 401 || error.status === 403) && timer !== null) clearInterval(timer);

@@ -465,3 +465,95 @@ def test_every_api_error_has_a_detail_and_a_code(alice, method, path, body, answ
     api = client_for(alice)
     response = api.get(path) if body is None else getattr(api, method)(path, body, format="json")
     assert (response.status_code, response.json()) == (400, answer)
+
+
+def _pages(api: APIClient, path: str) -> tuple[list[list[str]], list[str]]:
+    """Every page of a list, following its Link headers: the keys of each, and the links."""
+    pages, links = [], []
+    while path:
+        response = api.get(path)
+        assert response.status_code == 200
+        pages.append([item.get("slug") or item["username"] for item in response.json()])
+        link = response.headers.get("Link")
+        links.append(link)
+        path = link[1 : link.index(">")] if link else None
+    return pages, links
+
+
+def test_room_list_comes_in_pages_linked_by_slug(alice):
+    for slug in ["e-room", "a-room", "c-room", "b-room", "d-room"]:
+        make_room(slug)
+    make_room("z-private", visibility=Room.Visibility.PRIVATE)  # not alice's: never listed
+    pages, links = _pages(client_for(alice), "/api/rooms/?limit=2")
+    assert pages == [["a-room", "b-room"], ["c-room", "d-room"], ["e-room"]]
+    assert links == [
+        '</api/rooms/?limit=2&after=b-room>; rel="next"',
+        '</api/rooms/?limit=2&after=d-room>; rel="next"',
+        None,
+    ]
+
+
+def test_room_list_page_holds_by_key_when_rooms_come_and_go(alice):
+    for slug in ["a-room", "b-room", "c-room", "d-room"]:
+        make_room(slug)
+    api = client_for(alice)
+    first = api.get("/api/rooms/?limit=2")
+    make_room("aa-room")  # before the next page's start: not repeated, nothing skipped
+    Room.objects.filter(slug="c-room").update(archived_at=timezone.now())
+    link = first.headers["Link"]
+    assert [r["slug"] for r in api.get(link[1 : link.index(">")]).json()] == ["d-room"]
+
+
+def test_room_list_default_page_is_the_documented_size(alice):
+    from chat.serializers import LIST_LIMIT
+
+    Room.objects.bulk_create(
+        Room(slug=f"room-{i:04d}", title="t", created_by=alice) for i in range(LIST_LIMIT + 1)
+    )
+    response = client_for(alice).get("/api/rooms/")
+    assert len(response.json()) == LIST_LIMIT
+    assert response.headers["Link"] == f'</api/rooms/?after=room-{LIST_LIMIT - 1:04d}>; rel="next"'
+
+
+@pytest.mark.parametrize(
+    ("query", "field"),
+    [
+        ("limit=0", "limit"),
+        ("limit=501", "limit"),
+        ("limit=x", "limit"),
+        ("after=" + "a" * 151, "after"),
+    ],
+)
+def test_list_page_queries_are_validated(alice, query, field):
+    room = make_room("lobby", owner=alice)
+    for path in ("/api/rooms/", f"/api/rooms/{room.slug}/members/"):
+        response = client_for(alice).get(f"{path}?{query}")
+        assert response.status_code == 400, path
+        assert field in response.json()["errors"], path
+
+
+def test_member_list_comes_in_pages_linked_by_username(alice):
+    room = make_room("lobby", owner=alice)
+    for name in ["dave", "bob", "erin", "carol"]:
+        make_member(room, make_user(name))
+    make_member(room, make_user("banned-bo"), banned_at=timezone.now())  # members don't see bans
+    pages, links = _pages(client_for(make_user("zed")), f"/api/rooms/{room.slug}/members/?limit=2")
+    assert pages == [["alice", "bob"], ["carol", "dave"], ["erin"]]
+    assert links[0] == f'</api/rooms/{room.slug}/members/?limit=2&after=bob>; rel="next"'
+    pages, _ = _pages(client_for(alice), f"/api/rooms/{room.slug}/members/?limit=3")
+    assert pages == [["alice", "banned-bo", "bob"], ["carol", "dave", "erin"]]
+
+
+def test_member_list_link_encodes_the_username(alice):
+    room = make_room("lobby", owner=alice)
+    make_member(room, make_user("bob+1@x"))
+    make_member(room, make_user("carol"))
+    response = client_for(alice).get(f"/api/rooms/{room.slug}/members/?limit=2")
+    assert (
+        response.headers["Link"]
+        == '</api/rooms/lobby/members/?limit=2&after=bob%2B1%40x>; rel="next"'
+    )
+    link = response.headers["Link"]
+    assert [m["username"] for m in client_for(alice).get(link[1 : link.index(">")]).json()] == [
+        "carol"
+    ]

@@ -133,6 +133,38 @@ def test_room_list_shows_rooms_the_user_can_see_with_unread_and_join(client, ali
     assert 'data-join="mine"' not in content
 
 
+def test_room_list_page_comes_in_pages_like_the_api(client, alice, monkeypatch):
+    monkeypatch.setattr("chat.views.LIST_LIMIT", 2)
+    for slug in ["a-room", "b-room", "c-room"]:
+        make_room(slug)
+
+    first = client.get("/").content.decode()
+    assert 'data-slug="a-room"' in first
+    assert 'data-slug="b-room"' in first
+    assert 'data-slug="c-room"' not in first
+    assert 'data-page-after=""' in first
+    assert 'href="/?after=b-room" rel="next">More rooms' in first
+
+    second = client.get("/?after=b-room").content.decode()
+    assert 'data-slug="c-room"' in second
+    assert 'data-slug="b-room"' not in second
+    assert 'data-page-after="b-room"' in second  # the unread refresh asks for this page
+    assert 'rel="next"' not in second
+    assert 'href="/">First rooms' in second
+
+    past = client.get("/?after=z").content.decode()
+    assert "No more rooms." in past
+    assert "No rooms yet." not in past
+
+
+@pytest.mark.parametrize("after", ["<b>", "A-ROOM", "a" * 51, "-x"])
+def test_room_list_page_starts_over_for_an_edited_after(client, alice, after):
+    make_room("a-room")
+    content = client.get("/", {"after": after}).content.decode()
+    assert 'data-slug="a-room"' in content
+    assert 'data-page-after=""' in content
+
+
 def test_room_list_offers_no_join_for_private_rooms_staff_can_see(client):
     staff = user("root", is_staff=True)
     client.force_login(staff)

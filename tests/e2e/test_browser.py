@@ -11,7 +11,7 @@ from django.contrib.auth import get_user_model
 from playwright.async_api import expect
 
 from chat import services
-from chat.models import Membership, Message
+from chat.models import Membership, Message, Room
 from tests.e2e.browser import (  # noqa: F401  (the *_fixture names are fixtures)
     PHONE,
     assert_healthy,
@@ -804,4 +804,43 @@ async def test_room_list_badges_follow_new_messages_while_shown(open_tab, garden
     await open_room(bob, "lobby")
     await send(bob, "three")
     await expect(badge).to_have_text("3 unread")  # no reload: the list asked again by itself
+    await assert_healthy(alice, bob)
+
+
+async def test_lists_longer_than_a_page_are_shown_whole_and_kept_fresh(
+    open_tab, garden, server_factory
+):
+    """A page of rooms past the first keeps its own badges fresh; the members drawer follows
+    the member list's Link headers to its last page."""
+    from chat.serializers import LIST_LIMIT
+
+    @sync_to_async
+    def crowd():
+        owner = get_user_model().objects.get(username="alice")
+        Room.objects.bulk_create(
+            Room(slug=f"a-{i:04d}", title="t", created_by=owner) for i in range(LIST_LIMIT)
+        )
+        users = get_user_model().objects.bulk_create(
+            get_user_model()(username=f"zz-{i:04d}") for i in range(LIST_LIMIT + 1)
+        )
+        Membership.objects.bulk_create(Membership(room=garden, user=u) for u in users)
+
+    await crowd()
+    server = server_factory(CHAT_UNREAD_REFRESH_SECONDS="1")
+    alice = await signed_in(open_tab, server, "alice", viewport=PHONE)
+    page = alice.page
+    await page.goto("/")
+    await expect(page.locator(".room-row[data-slug='lobby']")).to_have_count(0)
+    await page.get_by_role("link", name="More rooms").click()
+    badge = page.locator(".room-row[data-slug='lobby'] .unread")
+    await expect(badge).to_have_text("2 unread")
+
+    bob = await signed_in(open_tab, server, "bob")
+    await open_room(bob, "lobby")
+    await send(bob, "three")
+    await expect(badge).to_have_text("3 unread")  # the second page's refresh asks for it
+
+    await open_room(alice, "garden")
+    await page.get_by_role("button", name="Members").click()
+    await expect(page.locator(f"[data-username='zz-{LIST_LIMIT:04d}']")).to_have_count(1)
     await assert_healthy(alice, bob)
