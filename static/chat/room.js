@@ -216,11 +216,12 @@ function requestResync(from) {
 // An `unavailable` error (the database failed) may be the answer to the resync: ask again.
 function retryResync() {
   const from = resync.from;
-  if (from === null) return;
+  if (from === null) return false;
   clearTimeout(resync.retry);
   resync.retry = setTimeout(() => {
     if (resync.from === from) requestResync(from);
   }, UNAVAILABLE_RETRY_MS);
+  return true;
 }
 
 function onResync(frame) {
@@ -249,11 +250,12 @@ function requestCatchUp(frame) {
 
 function retryCatchUp() {
   const frame = catchUp.awaited;
-  if (frame === null) return;
+  if (frame === null) return false;
   clearTimeout(catchUp.retry);
   catchUp.retry = setTimeout(() => {
     if (catchUp.awaited === frame) requestCatchUp(frame);
   }, UNAVAILABLE_RETRY_MS);
+  return true;
 }
 
 function requestMissed() {
@@ -357,9 +359,12 @@ function onError(frame) {
   if (frame.code === "unavailable" && !frame.client_id) {
     // It does not say which request it answers: each one still unanswered is asked again, and
     // "Load earlier", which the reader asked for, may be clicked again (the toast says why).
-    retryResync();
-    retryCatchUp();
+    // A page that only asks again by itself has nothing to tell the reader.
+    const resyncAskedAgain = retryResync();
+    const catchUpAskedAgain = retryCatchUp();
+    const readerAsked = state.loadingOlder;
     state.loadingOlder = false;
+    if ((resyncAskedAgain || catchUpAskedAgain) && !readerAsked) return;
   }
   if (frame.client_id && outbox.has(frame.client_id)) {
     outbox.refuse(frame.client_id, frame.code, frame.detail);

@@ -564,6 +564,8 @@ async def test_a_first_page_answered_unavailable_is_asked_again(open_tab, server
     assert history_requests == [{"type": "history", "limit": 50}] * 2
     await eventually(lambda: message_frames, "the queued message sent")
     assert [f["body"] for f in message_frames] == ["queued until the log is complete"]
+    # Asked again by itself: no error for the reader, who can do nothing about it.
+    assert "unavailable" not in (await tab.page.locator("#toast").text_content() or "")
 
 
 async def test_load_earlier_answered_unavailable_can_be_clicked_again(open_tab, server):
@@ -646,6 +648,7 @@ async def test_a_catch_up_answered_unavailable_is_asked_again(open_tab, server):
     assert await message_seqs(tab) == [1, 2, 3, 4, 5, 6, 7]
     assert after_requests == [3, 3]
     assert len(sockets) == 2
+    assert "unavailable" not in (await tab.page.locator("#toast").text_content() or "")
 
 
 async def test_a_server_that_fails_right_after_hello_is_retried_with_growing_delays(
