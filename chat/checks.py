@@ -199,6 +199,24 @@ def check_socket_rates(app_configs=None, **kwargs: Any) -> Messages:
     return errors
 
 
+def check_leases(app_configs=None, **kwargs: Any) -> Messages:
+    """A socket's lease is renewed every CHAT_HEARTBEAT seconds: one that lasts less than two
+    heartbeats may lapse while its socket is open (a renewal late by a busy loop, or one that
+    failed), and its user be announced gone."""
+    heartbeat, lease = settings.CHAT_HEARTBEAT, settings.CHAT_PRESENCE_LEASE
+    if 0 < heartbeat < float("inf") and lease >= 2 * heartbeat:
+        return []
+    return [
+        Error(
+            f"CHAT_HEARTBEAT is {heartbeat!r} and CHAT_PRESENCE_LEASE is {lease!r}: open sockets' "
+            "leases could lapse between renewals, and their users be announced gone.",
+            hint="Use a positive CHAT_HEARTBEAT and a CHAT_PRESENCE_LEASE of at least twice it "
+            "(30 and 90 seconds by default).",
+            id="chat.E014",
+        )
+    ]
+
+
 def _proxy_headers_trusted() -> list[str]:
     names = []
     if getattr(settings, "SECURE_PROXY_SSL_HEADER", None):
@@ -358,6 +376,7 @@ CHECKS = [
     check_allowed_origins,
     check_frame_limits,
     check_socket_rates,
+    check_leases,
     check_trusted_proxies,
     check_signing_keys,
     check_proxy_headers_middleware,

@@ -35,7 +35,6 @@ logger = logging.getLogger("chat.hub")
 
 # How long an out-of-order message waits for the ones before it before they are read from the DB.
 GAP_WAIT = 0.2
-HEARTBEAT = 30.0
 
 T = TypeVar("T")
 
@@ -258,7 +257,7 @@ class Hub:
 
     async def _heartbeat_loop(self) -> None:
         while True:
-            await asyncio.sleep(HEARTBEAT)
+            await asyncio.sleep(settings.CHAT_HEARTBEAT)
             try:
                 await self.heartbeat()
             except Exception:

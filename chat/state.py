@@ -18,7 +18,6 @@ from collections import defaultdict
 
 from django.conf import settings
 
-LEASE_SECONDS = 90.0
 # How often the memory state forgets rate entries back at rest (MemoryState._sweep).
 SWEEP_SECONDS = 60.0
 
@@ -138,8 +137,8 @@ class MemoryState:
         room = self._presence[room_id]
         sockets = room[username]
         first = not sockets
-        sockets[socket_id] = now + LEASE_SECONDS
-        self._lapses[room_id] = min(self._lapses.get(room_id, math.inf), now + LEASE_SECONDS)
+        sockets[socket_id] = end = now + settings.CHAT_PRESENCE_LEASE
+        self._lapses[room_id] = min(self._lapses.get(room_id, math.inf), end)
         if first:
             self._versions[room_id] += 1
         others = len(room) > 1
@@ -206,7 +205,7 @@ class MemoryState:
     async def renew(self, sockets: list[tuple[int, str, int, str]]) -> None:
         """(user_id, socket_id, room_id, username) for every local socket: the presence leases
         of those still in it (one that left meanwhile is not brought back)."""
-        expires = time.monotonic() + LEASE_SECONDS
+        expires = time.monotonic() + settings.CHAT_PRESENCE_LEASE
         for _, socket_id, room_id, username in sockets:
             users = self._presence.get(room_id)
             held = users.get(username) if users is not None else None
@@ -499,7 +498,8 @@ class RedisState:
         now = time.time()
         return bool(
             await self._socket_open(
-                keys=[self._key("us", user_id)], args=[now, now + LEASE_SECONDS, limit, socket_id]
+                keys=[self._key("us", user_id)],
+                args=[now, now + settings.CHAT_PRESENCE_LEASE, limit, socket_id],
             )
         )
 
@@ -521,7 +521,13 @@ class RedisState:
         now = time.time()
         announce, online, version, gone = await self._presence_join(
             keys=self._presence_keys(room_id, username),
-            args=[now, now + LEASE_SECONDS, socket_id, username, self._key("pu", room_id, "")],
+            args=[
+                now,
+                now + settings.CHAT_PRESENCE_LEASE,
+                socket_id,
+                username,
+                self._key("pu", room_id, ""),
+            ],
         )
         online = sorted(name.decode() for name in online)
         return bool(announce), online, int(version), _departures(gone)
@@ -546,7 +552,7 @@ class RedisState:
 
     @_guarded
     async def renew(self, sockets: list[tuple[int, str, int, str]]) -> None:
-        expires = time.time() + LEASE_SECONDS
+        expires = time.time() + settings.CHAT_PRESENCE_LEASE
         async with self._redis.pipeline(transaction=False) as pipe:
             for user_id, socket_id, room_id, username in sockets:
                 # The user's sockets, in the room too, and the room's users (not its version).

@@ -299,6 +299,12 @@ CHAT_ABUSE_WINDOW = env.float("CHAT_ABUSE_WINDOW", default=10.0)
 CHAT_MAX_SOCKETS_PER_USER = env.int("CHAT_MAX_SOCKETS_PER_USER", default=10)
 CHAT_CONNECT_RATE_PER_IP = env.int("CHAT_CONNECT_RATE_PER_IP", default=60)  # per minute
 CHAT_MAX_CONNECTION_AGE = env.float("CHAT_MAX_CONNECTION_AGE", default=3600.0)
+# Every HEARTBEAT seconds a process renews its sockets' leases (slots, presence) for
+# PRESENCE_LEASE seconds, re-joins its channel-layer groups, closes sockets past their maximum
+# age and announces the users whose leases lapsed (a crashed process's): they are gone from the
+# lists within PRESENCE_LEASE + HEARTBEAT. The lease must outlast two heartbeats (chat.E014).
+CHAT_HEARTBEAT = env.float("CHAT_HEARTBEAT", default=30.0)
+CHAT_PRESENCE_LEASE = env.float("CHAT_PRESENCE_LEASE", default=90.0)
 
 # daphne keepalive: a socket idle for PING_INTERVAL gets a ping; no pong within PING_TIMEOUT
 # closes it. Both feed `manage.py serve`.

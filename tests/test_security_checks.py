@@ -247,6 +247,14 @@ BAD_CONFIGURATIONS = [
     pytest.param("chat.E013", {"CHAT_READ_BURST": 0}, id="read-burst-zero"),
     pytest.param("chat.E013", {"CHAT_MESSAGE_RATE": -5.0}, id="message-rate-negative"),
     pytest.param("chat.E013", {"CHAT_MESSAGE_BURST": 0}, id="message-burst-zero"),
+    pytest.param("chat.E014", {"CHAT_HEARTBEAT": 0.0}, id="heartbeat-zero"),
+    pytest.param("chat.E014", {"CHAT_HEARTBEAT": float("nan")}, id="heartbeat-nan"),
+    pytest.param("chat.E014", {"CHAT_PRESENCE_LEASE": 59.9}, id="lease-under-two-heartbeats"),
+    pytest.param(
+        "chat.E014",
+        {"CHAT_HEARTBEAT": 1.0, "CHAT_PRESENCE_LEASE": float("nan")},
+        id="lease-nan",
+    ),
     pytest.param("chat.E006", {"CHAT_TRUSTED_PROXIES": []}, id="ssl-header-no-proxies"),
     pytest.param(
         "chat.E006",

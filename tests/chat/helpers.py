@@ -5,6 +5,7 @@ import time
 from types import SimpleNamespace
 
 from channels.db import database_sync_to_async
+from django.conf import settings
 
 from chat import state as state_module
 from tests.factories import make_ticket
@@ -52,7 +53,7 @@ def sync(fn):
 
 
 # Later than any lease not renewed since the present moment.
-LAPSED = state_module.LEASE_SECONDS + 1
+LAPSED = settings.CHAT_PRESENCE_LEASE + 1
 
 
 def state_clock_ahead(monkeypatch, seconds: float) -> None:

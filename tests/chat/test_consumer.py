@@ -11,7 +11,7 @@ from django.utils import timezone
 
 from chat import broadcast, frames, selectors, services
 from chat.consumers import RoomConsumer
-from chat.hub import GAP_WAIT, HEARTBEAT
+from chat.hub import GAP_WAIT
 from chat.models import MAX_SEQ, ConnectionLog, Membership, Message, MessageLog, Room
 from chat.runtime import get_runtime
 from chat.state import RedisState, StateUnavailable
@@ -711,7 +711,7 @@ async def test_the_users_of_a_process_that_died_are_announced_gone_by_the_others
     ],
 )
 async def test_moderation_closes_open_sockets_pushed_not_polled(action, code, reason):
-    assert HEARTBEAT > WAIT
+    assert django_settings.CHAT_HEARTBEAT > WAIT
 
     def setup():
         owner, target = make_user("owner"), make_user("target", is_staff=action == "unstaff")
@@ -747,7 +747,7 @@ async def test_moderation_closes_open_sockets_pushed_not_polled(action, code, re
 
     await sync(act)()
     for tab in (t1, t2):
-        # Pushed: the only timer that closes a socket is chat.hub's heartbeat, every HEARTBEAT
+        # Pushed: the only timer that closes a socket is chat.hub's heartbeat, every CHAT_HEARTBEAT
         # seconds (more than closed_with waits), and only for its age, with its own reason.
         assert (await closed_with(tab)) == (code, reason)
         await tab.disconnect()

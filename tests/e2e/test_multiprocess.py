@@ -2,6 +2,7 @@
 
 import asyncio
 import shutil
+import signal
 import subprocess
 import time
 
@@ -53,6 +54,36 @@ async def test_processes_share_chat_and_presence(server_factory, redis_url, peop
         await b.close()
         assert (await a.expect("presence"))["left"] == "bob"
         await a.close()
+
+
+async def test_a_killed_process_has_its_users_announced_gone_on_the_others(
+    server_factory, redis_url, people
+):
+    """A process killed with SIGKILL closes nothing: its users leave the other processes' lists
+    when their leases lapse, by the survivors' heartbeat sweep (docs/deploy.md). Short leases
+    here, so that it takes seconds rather than the default two minutes."""
+    a_server, b_server = two_processes(
+        server_factory, redis_url, CHAT_HEARTBEAT="0.5", CHAT_PRESENCE_LEASE="1.5"
+    )
+    async with (
+        ChatClient(a_server.url, a_server.origin, "alice") as alice,
+        ChatClient(b_server.url, b_server.origin, "bob") as bob,
+    ):
+        await alice.connect("lobby", a_server.ws_url(""))
+        b = await bob.connect("lobby", b_server.ws_url(""))
+        assert b.hello["presence"] == ["alice", "bob"]
+        # Several leases later alice is still listed: her process renews them.
+        await asyncio.sleep(3)
+        later = await bob.connect("lobby", b_server.ws_url(""))
+        assert later.hello["presence"] == ["alice", "bob"]
+        await later.close()
+
+        a_server.stop(signal.SIGKILL)
+        left = await b.expect("presence", timeout=30)
+        assert left["left"] == "alice"
+        assert [f for f in b.seen if f["type"] == "presence"] == [left]  # announced once
+        again = await bob.connect("lobby", b_server.ws_url(""))
+        assert again.hello["presence"] == ["bob"]
 
 
 async def test_revocation_reaches_every_process(server_factory, redis_url, people):
