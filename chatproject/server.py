@@ -63,12 +63,15 @@ def install_daphne_fixes() -> type:
       never reads (it hands the body to the application as it came). Finding out whether a
       body is a form parses the Content-Type through the email package: 40-60 µs of every
       ticket request. Our requests skip it.
+    - Shutdown: daphne's kill_all_applications raised KeyError on a connection with no
+      application yet (a request arriving, an upgrade under a second old), so the sockets were
+      dropped (1006) before they could say 1001. Ours skips those connections.
     """
     import txaio
     from autobahn.websocket import protocol as autobahn_protocol
     from daphne import http_protocol, server, ws_protocol
     from django.conf import settings
-    from twisted.internet import reactor
+    from twisted.internet import defer, reactor
     from twisted.internet.interfaces import IPushProducer
     from zope.interface import implementer
 
@@ -352,6 +355,23 @@ def install_daphne_fixes() -> type:
     server.HTTPFactory = ChatHTTPFactory
 
     class ChatServer(server.Server):
+        def kill_all_applications(self):
+            """daphne's, skipping connections that have no application: a request still
+            arriving, an upgraded request for up to a second (until daphne's checker reaps
+            it). daphne read `details["application_instance"]`, and the KeyError made Twisted
+            skip the rest of its shutdown triggers and drop every socket before the consumers
+            could close them with 1001: clients of a restarted server saw 1006."""
+            wait_for = []
+            for details in self.connections.values():
+                instance = details.get("application_instance")
+                if instance is not None and not instance.done():
+                    instance.cancel()
+                    wait_for.append(instance)
+            logger.info("Killed %i pending application instances", len(wait_for))
+            waited = defer.Deferred.fromFuture(asyncio.gather(*wait_for))
+            waited.addErrback(lambda _: None)
+            return waited
+
         def create_application(self, protocol, scope):
             """daphne's, with an Inbox for its asyncio.Queue (see Inbox)."""
             assert "application_instance" not in self.connections[protocol]
