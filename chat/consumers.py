@@ -307,6 +307,7 @@ class RoomConsumer(AsyncWebsocketConsumer):
         self.received += 1
         if not self.ready or self.closing:
             return
+        frame: dict[str, Any] = {}
         try:
             if text_data is None:
                 raise FrameError(ERR_INVALID_FRAME, "binary frames are not supported")
@@ -329,8 +330,11 @@ class RoomConsumer(AsyncWebsocketConsumer):
             # A backing service failed (Redis, the database): not the client's fault, so no
             # abuse count; the socket stays open and the client may send again.
             logger.warning("frame not served, backing service failed: %s", type(error).__name__)
+            # A message's answer names it, whatever failed (its rate, or the read of a resend
+            # after a mute), so that its sender knows which to send again.
+            extra = _client_id_of(frame.get("client_id")) if frame.get("type") == "message" else {}
             await self.send_text(
-                frames.error(ERR_UNAVAILABLE, "temporarily unavailable; try again")
+                frames.error(ERR_UNAVAILABLE, "temporarily unavailable; try again", **extra)
             )
 
     async def _refuse(self, code: str, detail: str, **extra: Any) -> None:
@@ -370,12 +374,7 @@ class RoomConsumer(AsyncWebsocketConsumer):
             client_id = services.clean_client_id(client_id)
             body = services.clean_body(frame.get("body"))
         except services.ServiceError as error:
-            extra = (
-                {"client_id": client_id}
-                if isinstance(client_id, str) and services.CLIENT_ID_RE.fullmatch(client_id)
-                else {}
-            )
-            return await self._refuse(error.code, error.detail, **extra)
+            return await self._refuse(error.code, error.detail, **_client_id_of(client_id))
         if refusal := permissions.post_refusal(self.user, self.room, self.membership):
             # A message stored before the mute (or the room's change), whose ack was lost with
             # an earlier socket, is acked with its seq, as the store would (docs/protocol.md).
@@ -634,6 +633,13 @@ class RoomConsumer(AsyncWebsocketConsumer):
             self.record.close(
                 self.runtime, code=self.close_code, received=self.received, sent=self.sent
             )
+
+
+def _client_id_of(value: Any) -> dict[str, str]:
+    """An answer's `client_id` field: the frame's own if it is a well-formed one, else none."""
+    if isinstance(value, str) and services.CLIENT_ID_RE.fullmatch(value):
+        return {"client_id": value}
+    return {}
 
 
 def _parse(text: str) -> dict[str, Any]:

@@ -65,11 +65,13 @@ def clean_body(body: Any) -> str:
     """A message body as stored: a non-blank string within the length limit, valid Unicode."""
     if not isinstance(body, str):
         raise Invalid("body must be a string", code="invalid_frame")
+    # A line break is one character however the client's platform writes it, as the page's
+    # counter shows it.
+    body = body.replace("\r\n", "\n")
     if len(body) > settings.CHAT_MAX_MESSAGE_LENGTH:
         raise Invalid(
             f"body is longer than {settings.CHAT_MAX_MESSAGE_LENGTH} characters", code="too_long"
         )
-    body = body.replace("\r\n", "\n")
     if not body.strip():
         raise Invalid("body is empty", code="invalid_frame")
     if _CONTROL.search(body):

@@ -146,6 +146,12 @@ def test_post_message_validation(alice):
         "/api/rooms/lobby/messages/", {"body": "x" * 4001, "client_id": "k"}, format="json"
     )
     assert (too_long.status_code, too_long.json()["code"]) == (400, "too_long")
+    # Counted as stored: a CRLF is one line break, so 4,000 characters with it fit.
+    crlf = api.post(
+        "/api/rooms/lobby/messages/", {"body": "x" * 3999 + "\r\n", "client_id": "k"}, format="json"
+    )
+    assert crlf.status_code == 201
+    assert Message.objects.get(client_id="k").body == "x" * 3999 + "\n"
     bad_id = api.post(
         "/api/rooms/lobby/messages/", {"body": "x", "client_id": "no spaces"}, format="json"
     )

@@ -15,6 +15,7 @@ from chat.hub import GAP_WAIT
 from chat.models import Message, Room
 from chat.runtime import get_runtime
 from chat.services import SendItem
+from chat.state import StateUnavailable
 from tests.chat.helpers import drain, join, receive_all, send, sync
 from tests.factories import make_ticket
 from tests.wait import eventually_sync
@@ -207,6 +208,33 @@ async def test_a_database_error_answers_unavailable_and_keeps_the_socket(
     await send(a, type="ping")
     assert (await receive_until(a, "pong"))["type"] == "pong"
     await a.disconnect()
+
+
+@pytest.mark.parametrize("failure", ["rate", "resend-read"])
+async def test_a_message_answered_unavailable_names_its_client_id(people, monkeypatch, failure):
+    """docs/protocol.md: `unavailable` with a client_id means that message was not stored,
+    send it again; without one, the client cannot tell which of its messages to resend."""
+    alice, bob, room = people
+    b, _ = await join(bob, room)
+    if failure == "rate":
+
+        async def unreachable(*args):
+            raise StateUnavailable("the shared state is unreachable")
+
+        monkeypatch.setattr(get_runtime().state, "take_token", unreachable)
+    else:  # muted since: a resend is looked up in the database, which fails
+
+        def fail(**kwargs):
+            raise OperationalError("database went away")
+
+        until = timezone.now() + timedelta(minutes=5)
+        await sync(services.member_mute)(actor=alice, room=room, user=bob, until=until)
+        await receive_until(b, "membership")
+        monkeypatch.setattr(selectors, "message_seq_of", fail)
+    await send(b, type="message", body="hello", client_id="c-1")
+    error = await receive_until(b, "error")
+    assert (error["code"], error.get("client_id")) == ("unavailable", "c-1")
+    await b.disconnect()
 
 
 async def test_a_change_made_while_joining_is_in_hello_not_in_a_frame_before_it(
