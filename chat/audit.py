@@ -238,7 +238,16 @@ def append(items: list[AuditItem]) -> int:
         if sealed:
             _seal(sealed)
         sql.update_many(AuditChainHead, ["last_seq", "last_hash"], [(1, [seq, prev])])
+        if inserts[MessageLog]:
+            # Counted once recorded: a batch rolled back and stored again, or a flush retried,
+            # is still one event a row.
+            transaction.on_commit(functools.partial(_count_message_events, inserts[MessageLog]))
     return given - len(items)
+
+
+def _count_message_events(rows: list[MessageLog]) -> None:
+    for row in rows:
+        metrics.MESSAGE_EVENTS.labels(row.event, row.reason).inc()
 
 
 def _not_yet_stored(items: list[AuditItem]) -> list[AuditItem]:
@@ -391,7 +400,6 @@ def message_log(
     `at` is when it happened (default: now); a batch of messages passes its one timestamp, the
     messages' own created_at.
     """
-    metrics.MESSAGE_EVENTS.labels(event, reason).inc()
     return sql.build(  # not MessageLog(...): one per message, on the hot path
         MessageLog,
         event=event,

@@ -188,6 +188,7 @@ async def test_metrics_count_connections_messages_and_deliveries():
     await receive_until(b, "message")
     await a.send_to(text_data="not json")
     await receive_until(a, "error")
+    await get_runtime().audit.flush()  # message events count once recorded
     during = await sync(scrape)()
     await a.disconnect()
     await b.disconnect()
@@ -208,3 +209,36 @@ async def test_metrics_count_connections_messages_and_deliveries():
     assert delta(during, "chat_message_events_total", event="rejected", reason="invalid_frame") == 1
     assert delta(during, "chat_deliveries_total") >= 2
     assert delta(during, "chat_delivery_latency_seconds_count") >= 1
+
+
+@pytest.mark.django_db(transaction=True)
+def test_metrics_count_a_message_once_when_its_store_is_retried(monkeypatch):
+    # Another process stores the same client_id between the check and the insert: the batch
+    # rolls back and is stored again (services.message_store_many). One message was sent.
+    from django.db import IntegrityError
+    from prometheus_client import REGISTRY
+
+    from chat import services, sql
+    from chat.models import Message, MessageLog
+
+    alice = make_user("alice")
+    room = make_room("lobby", owner=alice)
+    insert_many, raced = sql.insert_many, []
+
+    def race_once(rows):
+        if rows and isinstance(rows[0], Message) and not raced:
+            raced.append(True)
+            raise IntegrityError("duplicate key value violates unique constraint")
+        return insert_many(rows)
+
+    monkeypatch.setattr(sql, "insert_many", race_once)
+
+    def sent() -> float:
+        labels = {"event": "sent", "reason": ""}
+        return REGISTRY.get_sample_value("chat_message_events_total", labels) or 0.0
+
+    before = sent()
+    result = services.message_send(room=room, author=alice, body="hi", client_id="m1")
+    assert (raced, result.seq) == ([True], 1)
+    assert MessageLog.objects.filter(event="sent").count() == 1
+    assert sent() - before == 1
