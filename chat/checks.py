@@ -217,6 +217,40 @@ def check_leases(app_configs=None, **kwargs: Any) -> Messages:
     ]
 
 
+# What DRF reads of a rate's period: its first letter (SimpleRateThrottle.parse_rate).
+_RATE_PERIODS = ("s", "m", "h", "d")
+
+
+def _malformed_rate(rate: Any) -> bool:
+    """Not what DRF's throttles can read: "<requests>/<period>", or None for no limit."""
+    if rate is None:
+        return False
+    if not isinstance(rate, str) or rate.count("/") != 1:
+        return True
+    number, period = rate.split("/")
+    try:
+        return int(number) < 0 or period[:1] not in _RATE_PERIODS
+    except ValueError:
+        return True
+
+
+def check_throttle_rates(app_configs=None, **kwargs: Any) -> Messages:
+    """The HTTP limits (CHAT_*_RATE): DRF reads a rate at the first request it limits, and one
+    it cannot read fails that request, and every later one, with a 500."""
+    rates = settings.REST_FRAMEWORK.get("DEFAULT_THROTTLE_RATES", {})
+    malformed = {scope: rate for scope, rate in rates.items() if _malformed_rate(rate)}
+    if not malformed:
+        return []
+    return [
+        Error(
+            f"Throttle rates that cannot be read: {malformed}: every request they limit fails.",
+            hint="Write each CHAT_*_RATE as <requests>/<period>, the period s, min, hour or "
+            "day (e.g. 60/min).",
+            id="chat.E015",
+        )
+    ]
+
+
 def _proxy_headers_trusted() -> list[str]:
     names = []
     if getattr(settings, "SECURE_PROXY_SSL_HEADER", None):
@@ -377,6 +411,7 @@ CHECKS = [
     check_frame_limits,
     check_socket_rates,
     check_leases,
+    check_throttle_rates,
     check_trusted_proxies,
     check_signing_keys,
     check_proxy_headers_middleware,

@@ -185,6 +185,11 @@ def _jwt_key(key: str) -> dict:
     return {**settings.SIMPLE_JWT, "SIGNING_KEY": key}
 
 
+def _throttle_rate(scope: str, rate: str) -> dict:
+    rates = {**settings.REST_FRAMEWORK["DEFAULT_THROTTLE_RATES"], scope: rate}
+    return {**settings.REST_FRAMEWORK, "DEFAULT_THROTTLE_RATES": rates}
+
+
 BAD_CONFIGURATIONS = [
     pytest.param(
         "chat.E001",
@@ -254,6 +259,17 @@ BAD_CONFIGURATIONS = [
         "chat.E014",
         {"CHAT_HEARTBEAT": 1.0, "CHAT_PRESENCE_LEASE": float("nan")},
         id="lease-nan",
+    ),
+    *(
+        pytest.param("chat.E015", {"REST_FRAMEWORK": _throttle_rate("login_ip", rate)}, id=name)
+        for name, rate in [
+            ("rate-in-words", "20 per minute"),
+            ("rate-no-period", "20"),
+            ("rate-unknown-period", "20/week"),
+            ("rate-not-a-number", "twenty/min"),
+            ("rate-negative", "-1/min"),
+            ("rate-empty", ""),
+        ]
     ),
     pytest.param("chat.E006", {"CHAT_TRUSTED_PROXIES": []}, id="ssl-header-no-proxies"),
     pytest.param(
