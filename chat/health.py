@@ -13,10 +13,11 @@ PROBE_TIMEOUT = 2.0  # seconds; a probe that takes longer is a failed check
 
 # The database probe's own thread: never the thread every other database call of the process
 # shares (a query stuck there must not hold the health check), nor the default pool (a probe
-# stuck on a dead database would keep a worker of it). One probe at a time: while the last one
-# has not come back, the check fails at once.
+# stuck on a dead database would keep a worker of it). One probe at a time: checks that come
+# while it runs share its answer; once it has run past its time limit, they fail at once.
 _PROBE_THREAD = ThreadPoolExecutor(max_workers=1, thread_name_prefix="healthz-db")
 _running: Future | None = None
+_running_since = 0.0
 
 
 class PreviousProbeRunning(Exception):
@@ -33,10 +34,11 @@ def _select_one() -> None:
 
 
 async def _database() -> None:
-    global _running
-    if _running is not None and not _running.done():
+    global _running, _running_since
+    if _running is None or _running.done():
+        _running, _running_since = _PROBE_THREAD.submit(_select_one), time.monotonic()
+    elif time.monotonic() - _running_since >= PROBE_TIMEOUT:
         raise PreviousProbeRunning
-    _running = _PROBE_THREAD.submit(_select_one)
     await asyncio.wrap_future(_running)
 
 

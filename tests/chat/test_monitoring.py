@@ -242,3 +242,12 @@ def test_metrics_count_a_message_once_when_its_store_is_retried(monkeypatch):
     assert (raced, result.seq) == ([True], 1)
     assert MessageLog.objects.filter(event="sent").count() == 1
     assert sent() - before == 1
+
+
+@pytest.mark.django_db(transaction=True)
+async def test_healthz_checks_at_the_same_moment_all_answer_200():
+    # Several health checkers (both proxies, a load balancer's nodes, a monitor) may ask a
+    # process at once: the database answers them all, and none is a reason to take it out.
+    answers = await asyncio.gather(healthz(), healthz(), healthz())
+    assert [status for status, _ in answers] == [200, 200, 200], answers
+    assert all(body["checks"]["database"]["ok"] for _, body in answers)
