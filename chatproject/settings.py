@@ -15,6 +15,12 @@ env = environ.Env()
 if (BASE_DIR / ".env").is_file():
     env.read_env(BASE_DIR / ".env", overwrite=False)
 
+
+def _stripped(values: list[str]) -> list[str]:
+    """A comma-separated list as people write it: "a, b" is ["a", "b"] (env.list keeps " b")."""
+    return [value.strip() for value in values if value.strip()]
+
+
 # ---------------------------------------------------------------------------------------------
 # Core
 # ---------------------------------------------------------------------------------------------
@@ -33,7 +39,9 @@ if not SECRET_KEY:
     SECRET_KEY = "django-insecure-development-only-key-never-use-in-production"  # noqa: S105
 
 _LOOPBACK_HOSTS = ["127.0.0.1", "localhost", "[::1]"]
-ALLOWED_HOSTS = env.list("DJANGO_ALLOWED_HOSTS", default=_LOOPBACK_HOSTS if DEBUG else [])
+ALLOWED_HOSTS = _stripped(
+    env.list("DJANGO_ALLOWED_HOSTS", default=_LOOPBACK_HOSTS if DEBUG else [])
+)
 # Each daphne process is scraped (/metrics) and health-checked (/healthz) on its own loopback
 # port, not through the proxy: those requests name the loopback address. Absolute URLs built
 # from a loopback Host point nowhere an attacker could use.
@@ -270,12 +278,14 @@ SPECTACULAR_SETTINGS = {
 # ---------------------------------------------------------------------------------------------
 
 # Exact scheme://host[:port] origins allowed to open WebSockets. No wildcards, ever.
-CHAT_ALLOWED_ORIGINS = env.list(
-    "CHAT_ALLOWED_ORIGINS",
-    default=["http://127.0.0.1:8000", "http://localhost:8000"] if DEBUG else [],
+CHAT_ALLOWED_ORIGINS = _stripped(
+    env.list(
+        "CHAT_ALLOWED_ORIGINS",
+        default=["http://127.0.0.1:8000", "http://localhost:8000"] if DEBUG else [],
+    )
 )
 # Reverse proxies (IPs or CIDRs) whose X-Forwarded-For entries we believe. Empty: the socket peer.
-CHAT_TRUSTED_PROXIES = env.list("CHAT_TRUSTED_PROXIES", default=[])
+CHAT_TRUSTED_PROXIES = _stripped(env.list("CHAT_TRUSTED_PROXIES", default=[]))
 
 CHAT_TICKET_LIFETIME = timedelta(seconds=env.int("CHAT_TICKET_LIFETIME", default=30))
 CHAT_AUTH_TIMEOUT = env.float("CHAT_AUTH_TIMEOUT", default=5.0)
@@ -365,7 +375,7 @@ SECURE_HSTS_PRELOAD = env.bool("DJANGO_HSTS_PRELOAD", default=False)
 # and chat.E006 refuses the setting without trusted proxies).
 if env.bool("DJANGO_BEHIND_PROXY", default=False):
     SECURE_PROXY_SSL_HEADER = ("HTTP_X_FORWARDED_PROTO", "https")
-CSRF_TRUSTED_ORIGINS = env.list("DJANGO_CSRF_TRUSTED_ORIGINS", default=[])
+CSRF_TRUSTED_ORIGINS = _stripped(env.list("DJANGO_CSRF_TRUSTED_ORIGINS", default=[]))
 
 # No inline scripts or styles anywhere: every script is a static ES module.
 CONTENT_SECURITY_POLICY = {

@@ -105,6 +105,22 @@ def test_documented_production_env_passes_deploy_checks():
     assert "System check identified no issues" in result.stdout
 
 
+def test_listed_hosts_may_be_separated_by_a_comma_and_a_space():
+    # "a, b" is how people write lists: the second host must not be " b", which matches no
+    # request (400 for every request to it), nor the second CSRF origin " https://b".
+    env = {
+        **documented_production_env(),
+        "DJANGO_ALLOWED_HOSTS": "chat.example.com, www.example.com",
+        "DJANGO_CSRF_TRUSTED_ORIGINS": "https://chat.example.com, https://www.example.com",
+    }
+    code = "from django.conf import settings as s; print(s.ALLOWED_HOSTS, s.CSRF_TRUSTED_ORIGINS)"
+    result = manage("shell", "-v", "0", "-c", code, env=env)
+    assert result.returncode == 0, result.stderr
+    hosts = ["chat.example.com", "www.example.com", "127.0.0.1", "localhost", "[::1]"]
+    origins = ["https://chat.example.com", "https://www.example.com"]
+    assert result.stdout.strip() == f"{hosts} {origins}"
+
+
 def test_deploy_checks_fail_on_in_memory_layer_in_production():
     env = documented_production_env()
     del env["REDIS_URL"]
