@@ -34,7 +34,9 @@ DELIVERY_LATENCY = Histogram(
 ERRORS = Counter("chat_errors_total", "Unexpected errors by component", ["component"])
 
 
-def metrics_view(request):
+async def metrics_view(request):
+    # Async, as /healthz: the view runs on the event loop and its middleware in a pool thread,
+    # never behind a query stuck in the database thread (chatproject/handlers.py).
     if not _allowed(request):
         return HttpResponseForbidden(
             "metrics are only served to loopback or with the metrics token"

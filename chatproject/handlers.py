@@ -34,7 +34,7 @@ class OneHopASGIHandler(ASGIHandler):
     Sync views run in the process's database thread (chatproject/dbthread.py), which the
     sockets' database calls share, with its long-lived connection (stock Django gives each
     request a thread of its own, hence a new connection each time); requests are short, and
-    concurrency comes from running several processes. Async views (/healthz) run their
+    concurrency comes from running several processes. Async views (/healthz, /metrics) run their
     middleware in a pool thread instead, and the view itself on the loop: a health check must
     answer while a stuck query holds the database thread. Which kind a path leads to is read
     from the root URLconf; a middleware that sets `request.urlconf` would not be seen here (none

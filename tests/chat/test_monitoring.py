@@ -251,3 +251,18 @@ async def test_healthz_checks_at_the_same_moment_all_answer_200():
     answers = await asyncio.gather(healthz(), healthz(), healthz())
     assert [status for status, _ in answers] == [200, 200, 200], answers
     assert all(body["checks"]["database"]["ok"] for _, body in answers)
+
+
+@pytest.mark.django_db(transaction=True)
+async def test_metrics_answer_while_a_stuck_query_holds_the_database_thread(
+    held_database_thread,
+):
+    # A database stall is when the process's numbers matter most: a scrape needs no query,
+    # and must not queue behind one.
+    from chatproject.asgi import application
+
+    holder = await held_database_thread()
+    sent = await asyncio.wait_for(call(application, "GET", "/metrics"), timeout=5)
+    assert not holder.done()
+    assert sent[0]["status"] == 200
+    assert b"chat_connections_open" in b"".join(m.get("body", b"") for m in sent[1:])
