@@ -72,10 +72,29 @@ def cmd_run(args: argparse.Namespace) -> None:
     manage("collectstatic", "--noinput", "-v", "0")
     manage("seed_demo")
     print(f"\nServing on http://{args.host}:{args.port}/  (Ctrl+C stops)\n", flush=True)
-    os.execv(  # noqa: S606
+    os.execve(  # noqa: S606
         str(PYTHON),
         [str(PYTHON), "manage.py", "serve", "--bind", args.host, "--port", str(args.port)],
+        serve_environment(args.host, args.port),
     )
+
+
+def serve_environment(host: str, port: int) -> dict[str, str]:
+    """The server's environment: the pages it serves may open sockets, whatever the --port.
+
+    A browser's Origin is the page's, and settings.py's development origins are port 8000's
+    only. Origins the developer set (in the environment or .env) are kept.
+    """
+    env = dict(os.environ)
+    dotenv = ROOT / ".env"
+    lines = dotenv.read_text().splitlines() if dotenv.exists() else []
+    if "CHAT_ALLOWED_ORIGINS" in env or any(
+        line.startswith("CHAT_ALLOWED_ORIGINS=") for line in lines
+    ):
+        return env
+    names = dict.fromkeys([f"[{host}]" if ":" in host else host, "127.0.0.1", "localhost"])
+    env["CHAT_ALLOWED_ORIGINS"] = ",".join(f"http://{name}:{port}" for name in names)
+    return env
 
 
 def test_environment() -> dict[str, str]:
