@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import ipaddress
+import math
 import re
+from datetime import timedelta
 from importlib.metadata import PackageNotFoundError, version
 from typing import Any
 
@@ -217,6 +219,50 @@ def check_leases(app_configs=None, **kwargs: Any) -> Messages:
     ]
 
 
+# Limits and intervals that only make sense above zero: at zero or below each turns a
+# protection off or the service down without a word (a ticket expired when issued, no socket
+# allowed, an alert that never fires).
+_POSITIVE_SETTINGS = (
+    "CHAT_TICKET_LIFETIME",
+    "CHAT_AUTH_TIMEOUT",
+    "CHAT_HISTORY_LIMIT",
+    "CHAT_TYPING_INTERVAL",
+    "CHAT_ABUSE_LIMIT",
+    "CHAT_ABUSE_WINDOW",
+    "CHAT_MAX_SOCKETS_PER_USER",
+    "CHAT_CONNECT_RATE_PER_IP",
+    "CHAT_MAX_CONNECTION_AGE",
+    "CHAT_PING_INTERVAL",
+    "CHAT_PING_TIMEOUT",
+    "CHAT_SLOW_CLIENT_TIMEOUT",
+    "CHAT_SLOW_CLIENT_MAX_BYTES",
+    "CHAT_AUDIT_FLUSH_INTERVAL",
+    "CHAT_SECURITY_ALERT_THRESHOLD",
+    "CHAT_SECURITY_ALERT_WINDOW",
+)
+
+
+def _positive(value: Any) -> bool:
+    if isinstance(value, timedelta):
+        value = value.total_seconds()
+    return isinstance(value, int | float) and not isinstance(value, bool) and 0 < value < math.inf
+
+
+def check_positive_limits(app_configs=None, **kwargs: Any) -> Messages:
+    bad = {name: getattr(settings, name) for name in _POSITIVE_SETTINGS}
+    bad = {name: value for name, value in bad.items() if not _positive(value)}
+    if not bad:
+        return []
+    return [
+        Error(
+            f"Limits that must be positive numbers are not: {bad}.",
+            hint="Give each a number above zero (docs/deploy.md's environment lists the "
+            "defaults), or leave it unset.",
+            id="chat.E016",
+        )
+    ]
+
+
 # What DRF reads of a rate's period: its first letter (SimpleRateThrottle.parse_rate).
 _RATE_PERIODS = ("s", "m", "h", "d")
 
@@ -412,6 +458,7 @@ CHECKS = [
     check_socket_rates,
     check_leases,
     check_throttle_rates,
+    check_positive_limits,
     check_trusted_proxies,
     check_signing_keys,
     check_proxy_headers_middleware,

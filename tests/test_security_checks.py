@@ -5,6 +5,7 @@ import re
 import secrets
 import subprocess
 import sys
+from datetime import timedelta
 from pathlib import Path
 
 import pytest
@@ -285,6 +286,19 @@ BAD_CONFIGURATIONS = [
             ("rate-not-a-number", "twenty/min"),
             ("rate-negative", "-1/min"),
             ("rate-empty", ""),
+        ]
+    ),
+    *(
+        pytest.param("chat.E016", {name: value}, id=f"{name.lower()}-{value}")
+        for name, value in [
+            ("CHAT_TICKET_LIFETIME", timedelta(0)),
+            ("CHAT_MAX_SOCKETS_PER_USER", 0),
+            ("CHAT_HISTORY_LIMIT", -1),
+            ("CHAT_PING_INTERVAL", 0),
+            ("CHAT_SECURITY_ALERT_WINDOW", 0),
+            ("CHAT_AUTH_TIMEOUT", float("inf")),
+            ("CHAT_ABUSE_WINDOW", float("nan")),
+            ("CHAT_SLOW_CLIENT_MAX_BYTES", True),
         ]
     ),
     pytest.param("chat.E006", {"CHAT_TRUSTED_PROXIES": []}, id="ssl-header-no-proxies"),
