@@ -4,6 +4,9 @@ import logging
 import re
 
 # Our code never logs credentials; this is the net under third-party libraries and tracebacks.
+# A value after "name=" or "name: ": quoted, up to its closing quote (a passphrase has spaces, a
+# password any punctuation), else (a bare value, or a quote cut off) up to the next separator.
+_VALUE = r"""(?:"(?:[^"\\]|\\.)*"|'(?:[^'\\]|\\.)*'|['"]?[^\s&'",;}]+)"""
 _PATTERNS = [
     # JWTs (tickets, access and refresh tokens): three base64url segments, header starting "eyJ".
     (re.compile(r"eyJ[\w-]{4,}\.[\w-]{4,}\.[\w-]{4,}"), "[redacted-jwt]"),
@@ -11,13 +14,13 @@ _PATTERNS = [
     (re.compile(r"(ticket[=.])[^\s&\"',;]+", re.IGNORECASE), r"\1[redacted]"),
     # Authorization headers.
     (re.compile(r"(Bearer\s+)[^\s\"',;]+", re.IGNORECASE), r"\1[redacted]"),
-    # Session and CSRF cookies.
-    (re.compile(r"((?:sessionid|csrftoken)=)[^\s;\"',]+", re.IGNORECASE), r"\1[redacted]"),
-    # password=... in form bodies and dict reprs.
+    # Session and CSRF cookies: in a Cookie header, and in a dict of cookies.
     (
-        re.compile(r"(['\"]?password\d?['\"]?\s*[:=]\s*['\"]?)[^\s&'\",}]+", re.IGNORECASE),
+        re.compile(r"((?:sessionid|csrftoken)['\"]?\s*[:=]\s*)" + _VALUE, re.IGNORECASE),
         r"\1[redacted]",
     ),
+    # password=... in form bodies, "password": ... in JSON and dict reprs.
+    (re.compile(r"(password\d?['\"]?\s*[:=]\s*)" + _VALUE, re.IGNORECASE), r"\1[redacted]"),
 ]
 
 
