@@ -25,6 +25,9 @@ from accounts.tokens import FAMILY_CLAIM
 from chat import audit, permissions, selectors
 from chat import services as chat_services
 
+# Answers that carry a credential (tokens, tickets): never kept by any cache.
+NO_STORE = {"Cache-Control": "no-store"}
+
 
 def exception_handler(exc, context):
     """DRF's handler, every error answered `{"detail": text, "code": code}` (docs/protocol.md).
@@ -95,11 +98,17 @@ class LoginView(FirstRefusal, jwt_views.TokenObtainPairView):
             ip=client_ip_from_request(request),
             details={"method": "jwt", "second_factor": serializer.second_factor_passed},
         )
-        return Response(serializer.validated_data, status=status.HTTP_200_OK)
+        return Response(serializer.validated_data, status=status.HTTP_200_OK, headers=NO_STORE)
 
 
 class RefreshView(jwt_views.TokenRefreshView):
     """Exchange a refresh token for a new access and a new refresh token (the old one dies)."""
+
+    def post(self, request, *args, **kwargs):
+        response = super().post(request, *args, **kwargs)
+        for name, value in NO_STORE.items():
+            response[name] = value
+        return response
 
 
 class LogoutView(APIView):
@@ -189,8 +198,7 @@ class TicketCreateView(APIView):
             expires_at=issued.row.expires_at,
             ws_url=f"/ws/rooms/{room.slug}/",
         )
-        # Tickets are credentials: never cache them anywhere.
-        return Response(body, status=status.HTTP_201_CREATED, headers={"Cache-Control": "no-store"})
+        return Response(body, status=status.HTTP_201_CREATED, headers=NO_STORE)
 
     @staticmethod
     def _credential(request) -> str:

@@ -64,6 +64,19 @@ def test_access_token_lifetime_comes_from_settings(api, settings):
     )
 
 
+@pytest.mark.parametrize("endpoint", ["login", "refresh"])
+def test_token_answers_are_never_cached(api, endpoint):
+    """Access and refresh tokens outlive a ticket (which is answered no-store): an answer
+    carrying them must not be kept by any cache either (as RFC 6749 5.1 asks of token answers)."""
+    make_user("alice")
+    response = login(api)
+    if endpoint == "refresh":
+        refresh = response.json()["refresh"]
+        response = api.post("/api/auth/token/refresh/", {"refresh": refresh}, format="json")
+    assert response.status_code == 200
+    assert response["Cache-Control"] == "no-store"
+
+
 def test_refresh_rotates_and_blacklists_the_old_token(api):
     make_user("alice")
     first = login(api).json()["refresh"]
