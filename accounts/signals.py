@@ -73,6 +73,7 @@ def store_refresh_token_digest(sender, instance, **kwargs):
 # the admin's forms, `manage.py changepassword`, Django's password views or the shell. The
 # services that deactivate users do it themselves (queryset updates send no signals).
 _CREDENTIAL_FIELDS = ("password", "is_active", "is_staff", "is_superuser")
+_UNPRIVILEGED = {"is_staff": False, "is_superuser": False}
 
 
 @receiver(pre_save, sender=get_user_model(), dispatch_uid="user-credentials-before")
@@ -91,7 +92,10 @@ def _stored(sender, instance, fields, update_fields) -> dict | None:
 @receiver(post_save, sender=get_user_model(), dispatch_uid="user-credentials-after")
 def credentials_changed(sender, instance, created, update_fields=None, **kwargs):
     before = instance.__dict__.pop("_credentials_before", None)
-    if created or before is None:
+    if created:
+        # An account made privileged (createsuperuser, the shell) is granted them as it is made.
+        before = {"password": instance.password, "is_active": instance.is_active, **_UNPRIVILEGED}
+    if before is None:
         return
     password_changed = before["password"] != instance.password and not _hash_upgrade(
         instance, update_fields

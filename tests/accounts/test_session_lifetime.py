@@ -130,6 +130,24 @@ async def test_last_login_update_is_not_a_credential_change(setup):
     assert "password_changed" not in events
 
 
+@pytest.mark.parametrize("how", ["createsuperuser", "shell"])
+def test_an_account_made_with_privileges_is_audited_as_a_grant(how, monkeypatch):
+    """A superuser made by `createsuperuser` (or a staff account by the shell) was granted its
+    privileges as it was made: no privileges_changed row, none at all, said so."""
+    from django.contrib.auth import get_user_model
+    from django.core.management import call_command
+
+    if how == "createsuperuser":
+        monkeypatch.setenv("DJANGO_SUPERUSER_PASSWORD", PASSWORD)
+        call_command("createsuperuser", "--noinput", "--username", "mallory", "--email", "m@x.io")
+        granted = {"is_staff": [False, True], "is_superuser": [False, True]}
+    else:
+        get_user_model().objects.create_user("mallory", password=PASSWORD, is_staff=True)
+        granted = {"is_staff": [False, True]}
+    event = SecurityEvent.objects.get(event="privileges_changed")
+    assert (event.target_name, event.details) == ("mallory", granted)
+
+
 @pytest.mark.parametrize("field", ["is_staff", "is_superuser"])
 def test_privilege_changes_are_audited(setup, field):
     alice, _ = setup

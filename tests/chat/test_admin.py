@@ -319,9 +319,8 @@ def test_csv_export_quotes_every_cell_so_no_separator_starts_a_formula(admin_cli
 async def test_csv_export_streams_asynchronously_under_asgi(async_client):
     def setup():
         build_chain()
-        return make_user("root", is_staff=True, is_superuser=True), list(
-            SecurityEvent.objects.all()
-        )
+        events = list(SecurityEvent.objects.all())
+        return make_user("root", is_staff=True, is_superuser=True), events
 
     superuser, events = await sync_to_async(setup)()
     await async_client.aforce_login(superuser)
@@ -632,7 +631,9 @@ def test_privilege_changes_in_the_admin_record_who_made_them(admin_client, admin
 
     bob.refresh_from_db()
     assert bob.is_superuser
-    event = SecurityEvent.objects.get(event=SecurityEvent.Event.PRIVILEGES_CHANGED)
+    event = SecurityEvent.objects.get(
+        event=SecurityEvent.Event.PRIVILEGES_CHANGED, target_id=bob.pk
+    )
     assert (event.actor_id, event.target_id) == (admin_user.pk, bob.pk)
     assert event.details == {"is_staff": [False, True], "is_superuser": [False, True]}
 
@@ -790,6 +791,9 @@ def test_grants_of_permissions_and_groups_are_audited(admin_client, admin_user):
         helpdesk.user_set.clear()
     rows = SecurityEvent.objects.filter(event=SecurityEvent.Event.PRIVILEGES_CHANGED)
     assert [(r.actor_name, r.target_name, r.details) for r in rows.order_by("pk")] == [
+        # The two accounts made privileged (the fixture's superuser, mallory).
+        ("", "admin", {"is_staff": [False, True], "is_superuser": [False, True]}),
+        ("", "mallory", {"is_staff": [False, True]}),
         ("admin", "mallory", {"groups": {"added": ["helpdesk"]}}),
         ("admin", "mallory", {"user_permissions": {"added": ["chat.view_securityevent"]}}),
         ("admin", "", {"group": "helpdesk", "permissions": {"added": ["accounts.change_user"]}}),
