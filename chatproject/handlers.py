@@ -5,16 +5,20 @@ from functools import lru_cache
 
 from asgiref.sync import iscoroutinefunction, sync_to_async
 from django.conf import settings
+from django.contrib.staticfiles.handlers import ASGIStaticFilesHandler
 from django.core import signals
 from django.core.exceptions import RequestAborted
 from django.core.handlers import base
 from django.core.handlers.asgi import ASGIHandler, get_script_prefix
+from django.core.handlers.exception import convert_exception_to_response
 from django.db import connections
 from django.http import FileResponse
+from django.middleware.security import SecurityMiddleware
 from django.urls import Resolver404, get_resolver, set_script_prefix
 
 from chat.protocol import handshake_header
 from chatproject.dbthread import database_thread
+from chatproject.middleware import UntrustedProxyHeadersMiddleware
 
 _CACHED_PATH_LENGTH = 256  # longer paths are resolved each time, so clients cannot fill the cache
 
@@ -163,3 +167,16 @@ def _async_view(resolver, path_info: str) -> bool:
     except Resolver404:
         return False
     return iscoroutinefunction(match.func)
+
+
+class StaticFilesHandler(ASGIStaticFilesHandler):
+    """Django's /static/ handler, for deployments without a proxy in front (chatproject/asgi.py),
+    its answers through the two middleware that make every page https only: the redirect to
+    https, HSTS, nosniff and the referrer and opener policies. Django's serves a file past
+    every middleware: over plain http too, and without those headers over https."""
+
+    def serve(self, request):
+        # Made per request: they read the settings when made (tests change them), and cost
+        # little beside serving a file.
+        served = convert_exception_to_response(super().serve)  # a 404 gets the headers too
+        return UntrustedProxyHeadersMiddleware(SecurityMiddleware(served))(request)

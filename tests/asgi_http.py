@@ -3,13 +3,21 @@
 import asyncio
 
 
-def scope(method: str, path_: str, headers=(), *, query: bytes = b"", root_path: str = "") -> dict:
+def scope(
+    method: str,
+    path_: str,
+    headers=(),
+    *,
+    query: bytes = b"",
+    root_path: str = "",
+    scheme: str = "http",
+) -> dict:
     return {
         "type": "http",
         "asgi": {"version": "3.0"},
         "http_version": "1.1",
         "method": method,
-        "scheme": "http",
+        "scheme": scheme,
         "path": path_,
         "raw_path": path_.encode(),
         "query_string": query,

@@ -20,6 +20,7 @@ from chat import checks
 from chat.consumers import RoomConsumer
 from chatproject.asgi import application
 from tests import envdoc
+from tests.asgi_http import call
 from tests.factories import PASSWORD, make_user
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -454,6 +455,23 @@ def test_production_pages_send_security_headers(client):
     assert policy["object-src"] == ["'none'"]
     assert policy["frame-ancestors"] == ["'none'"]
     assert policy["base-uri"] == ["'none'"]
+
+
+@pytest.mark.parametrize("path", ["/static/chat/api.js", "/static/no-such-file.js"])
+async def test_production_static_files_are_https_only_with_the_security_headers(path):
+    """Served by the app itself when no proxy is in front (docs/deploy.md, TLS at daphne):
+    Django's static handler skips every middleware, so a file went out over plain http, and
+    without HSTS or nosniff over https."""
+    with production_http():
+        plain = await call(application, "GET", path)
+        secure = await call(application, "GET", path, scheme="https")
+    assert plain[0]["status"] == 301
+    assert dict(plain[0]["headers"])[b"Location"] == f"https://testserver{path}".encode()
+    headers = {name.lower(): value for name, value in secure[0]["headers"]}
+    assert secure[0]["status"] == (200 if "chat" in path else 404)
+    assert headers[b"strict-transport-security"].startswith(b"max-age=31536000")
+    assert headers[b"x-content-type-options"] == b"nosniff"
+    assert headers[b"referrer-policy"] == b"same-origin"
 
 
 @pytest.mark.django_db
