@@ -39,6 +39,11 @@ def normalise_origin(value: str) -> str | None:
         return None
     if parts.scheme not in _DEFAULT_PORTS or not parts.hostname:
         return None
+    if not parts.hostname.isascii():
+        # Browsers send a serialised origin: an internationalised name in punycode
+        # (xn--bcher-kva.example), never as written. An allow-list entry in Unicode matched no
+        # browser at all (chat.E004 refuses it).
+        return None
     if parts.path not in ("", "/") or parts.query or parts.fragment or parts.username:
         return None
     host = parts.hostname.lower()

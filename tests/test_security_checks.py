@@ -256,6 +256,11 @@ BAD_CONFIGURATIONS = [
         "chat.E004", {"CHAT_ALLOWED_ORIGINS": ["https://chat.example.com/chat"]}, id="origins-path"
     ),
     pytest.param("chat.E004", {"CHAT_ALLOWED_ORIGINS": ["null"]}, id="origins-null"),
+    # Browsers send an internationalised name as punycode (https://xn--bcher-kva.example):
+    # written in Unicode, the entry matched no browser's Origin and refused every socket.
+    pytest.param(
+        "chat.E004", {"CHAT_ALLOWED_ORIGINS": ["https://bücher.example"]}, id="origins-unicode"
+    ),
     pytest.param(
         "chat.E004",
         {"CHAT_ALLOWED_ORIGINS": ["https://chat.example.com", "ftp://chat.example.com"]},
