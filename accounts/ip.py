@@ -8,9 +8,20 @@ from django.conf import settings
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 
 
+def proxy_network(entry: str) -> IPNetwork:
+    """A CHAT_TRUSTED_PROXIES entry as a network (ValueError if it names none). An IPv4-mapped
+    one ("::ffff:127.0.0.1", as a dual-stack server shows an IPv4 peer) is the IPv4 network it
+    names: peers are compared as IPv4 addresses (_parse)."""
+    network = ipaddress.ip_network(entry.strip(), strict=False)
+    mapped = network.network_address.ipv4_mapped if network.version == 6 else None
+    if mapped is not None and network.prefixlen >= 96:
+        return ipaddress.ip_network(f"{mapped}/{network.prefixlen - 96}")
+    return network
+
+
 @lru_cache(maxsize=8)
 def _networks(proxies: tuple[str, ...]) -> tuple[IPNetwork, ...]:
-    return tuple(ipaddress.ip_network(p.strip(), strict=False) for p in proxies if p.strip())
+    return tuple(proxy_network(p) for p in proxies if p.strip())
 
 
 def _parse(value: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import ipaddress
 import math
 import re
 from datetime import timedelta
@@ -12,6 +11,8 @@ from typing import Any
 from django.conf import settings
 from django.core.checks import CheckMessage, Error, Warning
 from django.utils.module_loading import import_string
+
+from accounts.ip import proxy_network
 
 # daphne 4.2.2 fixed CVE-2026-44545 (it passed no frame or message size limit to autobahn) and
 # CVE-2026-44546 (header injection through a parser differential with autobahn).
@@ -328,7 +329,7 @@ def check_trusted_proxies(app_configs=None, **kwargs: Any) -> Messages:
     networks = []
     for entry in proxies:
         try:
-            networks.append(ipaddress.ip_network(str(entry).strip(), strict=False))
+            networks.append(proxy_network(str(entry)))
         except ValueError:
             messages.append(
                 Error(

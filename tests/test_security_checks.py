@@ -323,6 +323,9 @@ BAD_CONFIGURATIONS = [
     pytest.param("chat.E007", {"CHAT_TRUSTED_PROXIES": ["127.0.0.1", "*"]}, id="proxy-star"),
     pytest.param("chat.W002", {"CHAT_TRUSTED_PROXIES": ["0.0.0.0/0"]}, id="proxy-all-ipv4"),
     pytest.param("chat.W002", {"CHAT_TRUSTED_PROXIES": ["127.0.0.1", "::/0"]}, id="proxy-all-ipv6"),
+    pytest.param(
+        "chat.W002", {"CHAT_TRUSTED_PROXIES": ["::ffff:0:0/96"]}, id="proxy-all-ipv4-mapped"
+    ),
     pytest.param("chat.E009", {"CHAT_AUDIT_HMAC_KEY": SECRET}, id="audit-key-is-secret-key"),
     pytest.param("chat.E010", {"CHAT_AUDIT_HMAC_KEY": "a" * 31}, id="audit-key-short"),
     pytest.param("chat.E011", {"SIMPLE_JWT": _jwt_key("j" * 31)}, id="jwt-key-short"),

@@ -26,6 +26,11 @@ from accounts.ip import client_ip_from_scope, resolve_client_ip
         # IPv6 peers, and IPv4-mapped peers are their IPv4 address.
         ("2001:DB8::7", None, [], "2001:db8::7"),
         ("::ffff:192.0.2.1", None, [], "192.0.2.1"),
+        # A proxy named as a dual-stack server shows it (IPv4-mapped) is that IPv4 proxy: it
+        # was never trusted, and every client became the proxy's own (loopback) address.
+        ("::ffff:127.0.0.1", "198.51.100.9", ["::ffff:127.0.0.1"], "198.51.100.9"),
+        ("127.0.0.1", "198.51.100.9", ["::ffff:127.0.0.1"], "198.51.100.9"),
+        ("10.0.0.2", "198.51.100.9", ["::ffff:10.0.0.0/104"], "198.51.100.9"),
     ],
 )
 def test_resolve_client_ip(settings, peer, forwarded, trusted, expected):
