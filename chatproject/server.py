@@ -66,6 +66,8 @@ def install_daphne_fixes() -> type:
     - Shutdown: daphne's kill_all_applications raised KeyError on a connection with no
       application yet (a request arriving, an upgrade under a second old), so the sockets were
       dropped (1006) before they could say 1001. Ours skips those connections.
+    - Access log: daphne writes an HTTP request's URI whole, query string included, to its
+      stream (no logging filter sees it). Ours writes the path only, as the proxies do.
     """
     import txaio
     from autobahn.websocket import protocol as autobahn_protocol
@@ -386,6 +388,14 @@ def install_daphne_fixes() -> type:
                 application_instance, loop=asyncio.get_event_loop()
             )
             return inbox
+
+        def log_action(self, protocol, action, details):
+            """daphne's access log (written to its stream as is, past the logging filters), with
+            the path only, as the shipped proxies log $uri: a query string may carry a ticket."""
+            path = details.get("path")
+            if isinstance(path, str) and "?" in path:
+                details = {**details, "path": path.split("?", 1)[0]}
+            super().log_action(protocol, action, details)
 
     ChatWebSocketFactory.server_to_run = ChatServer
     return ChatServer

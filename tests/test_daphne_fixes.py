@@ -244,6 +244,33 @@ async def test_a_posted_body_reaches_the_application_unparsed(
     assert request.args == {}  # no form parsed into it
 
 
+async def test_the_access_log_never_writes_a_query_string(tcp_server, daphne_server):
+    """daphne's access log (stdout, the journal under systemd; not a logging record, so no
+    redaction filter sees it) wrote an HTTP request's URI whole: a ticket presented in
+    `?ticket=` to a request that was not upgraded to a socket went in clear, unused and still
+    valid. As the shipped proxies log $uri: the path, never the query."""
+    import io
+
+    from daphne import server as daphne_server_module
+    from daphne.access import AccessLogGenerator
+
+    async def application(scope, receive, send):
+        await receive()
+        await send({"type": "http.response.start", "status": 404, "headers": []})
+        await send({"type": "http.response.body", "body": b""})
+
+    server, _ = daphne_server(application)
+    server.action_logger = AccessLogGenerator(log := io.StringIO())
+    protocol = daphne_server_module.HTTPFactory(server).buildProtocol(("127.0.0.1", 1))
+    tcp_server(protocol)
+    protocol.dataReceived(
+        f"GET /ws/rooms/lobby/?ticket={TICKET}&x=1 HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n".encode()
+    )
+    await eventually(lambda: "GET" in log.getvalue(), "the request was logged")
+    assert '"GET /ws/rooms/lobby/" 404' in log.getvalue()
+    assert TICKET not in log.getvalue()
+
+
 # --- reading frames (chatproject/server.py) -------------------------------------------------------
 
 MASK = b"\x9a\x01\xfe\x33"
