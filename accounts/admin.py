@@ -11,6 +11,8 @@ from django_otp.plugins.otp_static.admin import StaticDeviceAdmin
 from django_otp.plugins.otp_static.models import StaticDevice
 from django_otp.plugins.otp_totp.admin import TOTPDeviceAdmin
 from django_otp.plugins.otp_totp.models import TOTPDevice
+from rest_framework_simplejwt.token_blacklist import admin as blacklist_admin
+from rest_framework_simplejwt.token_blacklist.models import BlacklistedToken
 
 from accounts.models import Ticket, TicketQuerySet, User
 from accounts.services import tickets_revoke
@@ -196,6 +198,20 @@ class SecondFactorAdminMixin(ActingAsMixin, SuperuserChangesMixin):
 for _model, _admin in ((TOTPDevice, TOTPDeviceAdmin), (StaticDevice, StaticDeviceAdmin)):
     admin.site.unregister(_model)
     admin.site.register(_model, type(_admin.__name__, (SecondFactorAdminMixin, _admin), {}))
+
+
+# --- simplejwt's blacklist ---------------------------------------------------------------------
+# A blacklisted refresh token is a revoked or already rotated one: deleting its row would let it
+# be used again (its rotation's one-time use gone), and no row of it is audited. Read-only for
+# everyone; `manage.py flushexpiredtokens` removes the expired ones.
+
+
+class BlacklistedTokenAdmin(ReadOnlyMixin, blacklist_admin.BlacklistedTokenAdmin):
+    actions = None
+
+
+admin.site.unregister(BlacklistedToken)
+admin.site.register(BlacklistedToken, BlacklistedTokenAdmin)
 
 
 admin.site.unregister(Group)

@@ -9,6 +9,7 @@ from django.test import Client
 from django_otp.oath import totp
 from django_otp.plugins.otp_static.models import StaticToken
 from django_otp.plugins.otp_totp.models import TOTPDevice
+from rest_framework_simplejwt.token_blacklist.models import BlacklistedToken
 
 from chat.models import SecurityEvent
 from tests.factories import PASSWORD, make_user
@@ -203,3 +204,22 @@ def test_enrolling_is_audited_without_the_key_or_the_codes(staff):
     ]
     secrets = [TOTPDevice.objects.get(user=staff).key, *output.split()[-2:]]
     assert not any(secret in str(r.details) for r in rows for secret in secrets)
+
+
+# --- simplejwt's blacklist ---------------------------------------------------------------------
+
+
+def test_no_one_deletes_a_blacklisted_refresh_token_in_the_admin(settings, staff):
+    """Deleting the row would make a revoked or rotated refresh token usable again."""
+    from rest_framework_simplejwt.tokens import RefreshToken
+
+    refresh = RefreshToken.for_user(staff)
+    refresh.blacklist()
+    row = BlacklistedToken.objects.get()
+    client = otp_admin(settings, staff)  # a superuser
+    base = "/admin/token_blacklist/blacklistedtoken/"
+    assert client.get(base).status_code == 200  # still listed
+    assert client.post(f"{base}{row.pk}/delete/", {"post": "yes"}).status_code == 403
+    bulk = {"action": "delete_selected", "_selected_action": [row.pk], "post": "yes"}
+    client.post(base, bulk)
+    assert BlacklistedToken.objects.filter(pk=row.pk).exists()
