@@ -141,10 +141,11 @@ def message_store_many(items: list[SendItem]) -> tuple[list[SendResult], list[Pu
 
     Returns the results and the room events to publish; the caller publishes them (the socket
     writer does so after answering each sender, so a sender sees its ack before the broadcast).
-    Bodies and client ids must already be clean. Permissions are checked again here against
-    rows locked in this transaction, so a ban committed a moment ago stops the next message even
-    if the sender's socket has not heard of it yet. A client_id the author already used returns
-    the stored message's seq and creates nothing.
+    Bodies and client ids must already be clean. Permissions are checked again here, under the
+    lock of the rooms' rows, which every membership change takes too (_lock_room): a ban
+    committed a moment ago stops the next message even if the sender's socket has not heard of
+    it yet, and one committing meanwhile waits for the batch. A client_id the author already
+    used returns the stored message's seq and creates nothing.
     """
     for attempt in range(3):
         try:
@@ -413,6 +414,7 @@ def room_mark_read(*, user, room: Room, seq: int) -> None:
 
 def room_join(*, user, room: Room) -> Membership:
     with transaction.atomic():
+        _lock_room(room.pk)
         membership = _membership(room, user, lock=True)
         if membership is not None and membership.banned_at is None:
             return membership
@@ -433,6 +435,7 @@ def room_join(*, user, room: Room) -> Membership:
 
 def membership_add(*, actor, room: Room, user, role: str = Role.MEMBER) -> Membership:
     with transaction.atomic():
+        _lock_room(room.pk)
         if not permissions.can_add_member(actor, room, _membership(room, actor), role):
             raise Forbidden("you may not add members with this role")
         if not user.is_active:
@@ -460,6 +463,7 @@ def membership_add(*, actor, room: Room, user, role: str = Role.MEMBER) -> Membe
 
 def membership_set_role(*, actor, room: Room, user, role: str) -> Membership:
     with transaction.atomic():
+        _lock_room(room.pk)
         target = _existing_membership(room, user)
         if not permissions.can_set_role(actor, room, _membership(room, actor), user, target, role):
             raise Forbidden("you may not give this role to this member")
@@ -486,6 +490,7 @@ def membership_set_role(*, actor, room: Room, user, role: str) -> Membership:
 def member_mute(*, actor, room: Room, user, until: datetime | None, reason: str = "") -> Membership:
     """Mute `user` until `until` (None: unmute). A mute creates a membership in public rooms."""
     with transaction.atomic():
+        _lock_room(room.pk)
         target = _membership(room, user, lock=True)
         if not permissions.can_moderate(actor, room, _membership(room, actor), user, target):
             raise Forbidden("you may not mute this user")
@@ -512,6 +517,7 @@ def member_mute(*, actor, room: Room, user, until: datetime | None, reason: str 
 
 def member_ban(*, actor, room: Room, user, reason: str = "") -> Membership:
     with transaction.atomic():
+        _lock_room(room.pk)
         target = _membership(room, user, lock=True)
         if not permissions.can_moderate(actor, room, _membership(room, actor), user, target):
             raise Forbidden("you may not ban this user")
@@ -533,6 +539,7 @@ def member_unban(*, actor, room: Room, user) -> Membership | None:
     """Lift `user`'s ban. The membership left, or None when the ban was of someone who never
     joined: its row goes with it."""
     with transaction.atomic():
+        _lock_room(room.pk)
         target = _existing_membership(room, user)
         if not permissions.can_moderate(actor, room, _membership(room, actor), user, target):
             raise Forbidden("you may not unban this user")
@@ -563,6 +570,7 @@ def member_remove(*, actor, room: Room, user, reason: str = "") -> None:
     removed (ban them, or lift the mute first).
     """
     with transaction.atomic():
+        _lock_room(room.pk)
         target = _existing_membership(room, user)
         leaving = actor.pk == user.pk and target.role != Role.OWNER
         sanctioned = target.banned_at is not None or permissions.is_muted(target)
@@ -726,6 +734,15 @@ def membership_state(membership: Membership | None) -> dict[str, Any] | None:
         "muted_until": frames.iso(membership.muted_until),
         "banned_at": frames.iso(membership.banned_at),
     }
+
+
+def _lock_room(room_id: int) -> None:
+    """Lock the room's row for the rest of the transaction, as message_store_many does while it
+    checks its senders' memberships and writes: a membership change then commits wholly before
+    or after each batch of messages. Locking the membership row alone would not do: a sender
+    with no row (an outsider in a public room) has none to lock, and the store reads rows
+    without locking them. Taken before any membership row, in the store's order."""
+    sql.select_in(Room, [], pk=[room_id], for_update=True)
 
 
 def _membership(room: Room, user, *, lock: bool = False) -> Membership | None:

@@ -1,0 +1,136 @@
+"""Writes that race each other on the database: each interleaving is forced (a hook holds one
+writer at the point the race needs), so a test fails every time the code allows the race."""
+
+import threading
+from datetime import timedelta
+
+import pytest
+from django.db import connection
+from django.utils import timezone
+
+from chat import services, sql
+from chat.models import Membership, Message, MessageLog, Room, SecurityEvent
+from tests.factories import make_member, make_room, make_user
+
+pytestmark = pytest.mark.django_db(transaction=True)
+
+WAIT = 10.0
+# How long a held writer waits for the other to commit: long enough for a moderation that is
+# not blocked by the held writer to commit, short enough for one that is to be waited out.
+HOLD = 2.0
+
+
+def in_thread(name: str, target, *args):
+    """Run `target` in a thread (named `name`) with a database connection of its own; the
+    function returned joins it and gives its result."""
+    outcome: dict = {}
+
+    def run():
+        try:
+            outcome["value"] = target(*args)
+        except Exception as error:  # raised again by the join
+            outcome["error"] = error
+        finally:
+            connection.close()
+
+    thread = threading.Thread(target=run, name=name)
+    thread.start()
+
+    def join():
+        thread.join(WAIT)
+        assert not thread.is_alive(), "the thread did not finish"
+        if "error" in outcome:
+            raise outcome["error"]
+        return outcome.get("value")
+
+    return join
+
+
+def ban(room, actor, user):
+    services.member_ban(actor=actor, room=room, user=user)
+
+
+def kick(room, actor, user):
+    services.member_remove(actor=actor, room=room, user=user)
+
+
+def mute(room, actor, user):
+    until = timezone.now() + timedelta(days=1)
+    services.member_mute(actor=actor, room=room, user=user, until=until)
+
+
+def demote(room, actor, user):
+    services.membership_set_role(actor=actor, room=room, user=user, role="member")
+
+
+def make_read_only(room, actor, user):
+    services.room_update(actor=actor, room=room, visibility="read_only")
+
+
+def moderation_event(sanction) -> str:
+    return {
+        ban: SecurityEvent.Event.MEMBER_BANNED,
+        kick: SecurityEvent.Event.MEMBER_REMOVED,
+        mute: SecurityEvent.Event.MEMBER_MUTED,
+        demote: SecurityEvent.Event.ROLE_CHANGED,
+        make_read_only: SecurityEvent.Event.ROOM_UPDATED,
+    }[sanction]
+
+
+@pytest.mark.parametrize(
+    ("visibility", "role", "sanction"),
+    [
+        ("public", "member", ban),
+        ("public", None, ban),  # an outsider posting in a public room: no membership row yet
+        ("private", "member", kick),
+        ("public", "member", mute),
+        ("read_only", "moderator", demote),
+        ("public", "member", make_read_only),
+    ],
+    ids=["ban", "ban-outsider", "kick", "mute", "demote", "read-only"],
+)
+def test_a_message_racing_a_sanction_lands_before_it_or_not_at_all(
+    monkeypatch, visibility, role, sanction
+):
+    """The store checks the sender's membership inside its transaction, so that a sanction
+    committed a moment ago stops the message. The sanction here commits after the store has
+    read the membership and before it writes: the message must then not be stored after it
+    (the sanction waits for the message, or the message sees the sanction)."""
+    owner, bob = make_user("owner"), make_user("bob")
+    room = make_room("lobby", owner=owner, visibility=visibility)
+    if role is not None:
+        make_member(room, bob, role=role)
+    read, sanctioned = threading.Event(), threading.Event()
+    select_pairs = sql.select_pairs
+
+    def held_after_the_membership_read(model, *args, **kwargs):
+        found = select_pairs(model, *args, **kwargs)
+        if model is Membership and threading.current_thread().name == "sender":
+            read.set()
+            sanctioned.wait(HOLD)  # a sanction that need not wait for us commits meanwhile
+        return found
+
+    monkeypatch.setattr(sql, "select_pairs", held_after_the_membership_read)
+
+    def send():
+        return services.message_send(room=room, author=bob, body="hi", client_id="c1")
+
+    sending = in_thread("sender", send)
+    assert read.wait(WAIT)
+
+    def moderate():
+        sanction(Room.objects.get(pk=room.pk), owner, bob)
+        sanctioned.set()
+
+    moderating = in_thread("moderator", moderate)
+    result, _ = sending(), moderating()
+
+    event = SecurityEvent.objects.get(event=moderation_event(sanction))
+    sent = MessageLog.objects.filter(event=MessageLog.Event.SENT).first()
+    if result.error is None:
+        assert sent is not None
+        assert Message.objects.filter(room=room, seq=result.seq).exists()
+        assert sent.chain_seq < event.chain_seq, "a message was stored after the sanction"
+    else:
+        assert sent is None
+        assert not Message.objects.filter(room=room).exists()
