@@ -263,6 +263,7 @@ def message_delete(
     *, actor, room: Room, seq: int, connection_id: UUID | None = None, ip: str | None = None
 ) -> Message:
     with transaction.atomic():
+        _lock_room(room.pk)  # the actor's right to delete is read under it
         message = Message.objects.select_for_update().filter(room=room, seq=seq).first()
         if message is None or message.deleted_at is not None:
             raise NotFound("no such message")
@@ -290,6 +291,7 @@ def message_delete(
 def message_restore(*, actor, message: Message) -> Message:
     """Undo a soft delete (moderators and staff, e.g. from the admin)."""
     with transaction.atomic():
+        _lock_room(message.room_id)  # the actor's right to restore is read under it
         message = (
             # of=self: the author join is an outer join, which PostgreSQL will not lock.
             Message.objects.select_for_update(of=("self",))
@@ -739,9 +741,10 @@ def membership_state(membership: Membership | None) -> dict[str, Any] | None:
 def _lock_room(room_id: int) -> None:
     """Lock the room's row for the rest of the transaction, as message_store_many does while it
     checks its senders' memberships and writes: a membership change then commits wholly before
-    or after each batch of messages. Locking the membership row alone would not do: a sender
-    with no row (an outsider in a public room) has none to lock, and the store reads rows
-    without locking them. Taken before any membership row, in the store's order."""
+    or after each batch of messages, and each deletion or restoration, which read the actor's
+    membership under it. Locking the membership row alone would not do: a sender with no row
+    (an outsider in a public room) has none to lock, and the others read rows without locking
+    them. Taken first, before any membership or message row, in the store's order."""
     sql.select_in(Room, [], pk=[room_id], for_update=True)
 
 

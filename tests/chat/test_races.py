@@ -11,10 +11,10 @@ from django.utils import timezone
 from chat import services, sql
 from chat.models import Membership, Message, MessageLog, Room, SecurityEvent
 from tests.factories import make_member, make_room, make_user
+from tests.ws import WAIT
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
-WAIT = 10.0
 # How long a held writer waits for the other to commit: long enough for a moderation that is
 # not blocked by the held writer to commit, short enough for one that is to be waited out.
 HOLD = 2.0
@@ -134,3 +134,69 @@ def test_a_message_racing_a_sanction_lands_before_it_or_not_at_all(
     else:
         assert sent is None
         assert not Message.objects.filter(room=room).exists()
+
+
+def delete_message(room, actor, seq):
+    services.message_delete(actor=actor, room=room, seq=seq)
+
+
+def restore_message(room, actor, seq):
+    services.message_restore(actor=actor, message=Message.objects.get(room=room, seq=seq))
+
+
+@pytest.mark.parametrize(
+    ("act", "author", "sanction", "refused"),
+    [
+        (delete_message, "owner", demote, services.Forbidden),
+        (restore_message, "owner", demote, services.Forbidden),
+        (delete_message, "bob", ban, services.Forbidden),
+    ],
+    ids=["delete-demoted", "restore-demoted", "delete-own-banned"],
+)
+def test_a_deletion_racing_a_sanction_of_its_actor_lands_before_it_or_not_at_all(
+    monkeypatch, act, author, sanction, refused
+):
+    """bob (a moderator, or the author) deletes or restores a message while the owner demotes
+    or bans him. The sanction commits after bob's permission was read: bob's act must not be
+    stored after it."""
+    owner, bob = make_user("owner"), make_user("bob")
+    room = make_room("lobby", owner=owner)
+    make_member(room, bob, role="moderator")
+    writer = {"owner": owner, "bob": bob}[author]
+    services.message_send(room=room, author=writer, body="hi", client_id="c1")
+    if act is restore_message:
+        services.message_delete(actor=owner, room=room, seq=1)
+    read, sanctioned = threading.Event(), threading.Event()
+    membership = services._membership
+
+    def held_after_bob_s_membership_read(room, user, **kwargs):
+        found = membership(room, user, **kwargs)
+        if user.pk == bob.pk and threading.current_thread().name == "actor":
+            read.set()
+            sanctioned.wait(HOLD)
+        return found
+
+    monkeypatch.setattr(services, "_membership", held_after_bob_s_membership_read)
+    acting = in_thread("actor", act, room, bob, 1)
+    assert read.wait(WAIT)
+
+    def moderate():
+        sanction(room, owner, bob)
+        sanctioned.set()
+
+    moderating = in_thread("moderator", moderate)
+    try:
+        acting()
+    except refused:
+        acted = False
+    else:
+        acted = True
+    moderating()
+    event = SecurityEvent.objects.get(event=moderation_event(sanction))
+    kind = MessageLog.Event.RESTORED if act is restore_message else MessageLog.Event.DELETED
+    done = MessageLog.objects.filter(event=kind, user=bob).first()
+    if acted:
+        assert done is not None
+        assert done.chain_seq < event.chain_seq, "bob's act was stored after his sanction"
+    else:
+        assert done is None
