@@ -13,7 +13,7 @@ from django.db.models import Q
 from django.utils import timezone
 from rest_framework_simplejwt.exceptions import ExpiredTokenError, TokenError
 from rest_framework_simplejwt.settings import api_settings as jwt_settings
-from rest_framework_simplejwt.utils import datetime_from_epoch
+from rest_framework_simplejwt.utils import datetime_from_epoch, get_md5_hash_password
 
 from accounts import second_factor
 from accounts.models import EndedLogin, Ticket
@@ -84,6 +84,10 @@ def ticket_issue(
     token[jwt_settings.USER_ID_CLAIM] = str(user.pk)
     token["room"] = room.slug
     token["ip"] = ip
+    # The password the request was authenticated under, as in access tokens: a password change
+    # committed after that check revoked the user's tickets before this one's row existed, and
+    # still refuses it at redemption.
+    token[jwt_settings.REVOKE_TOKEN_CLAIM] = get_md5_hash_password(user.password)
     device = second_factor.verified_device(user)
     if device is not None:
         token[second_factor.OTP_CLAIM] = device
@@ -106,9 +110,9 @@ def ticket_issue(
 def ticket_redeem(*, token: str, room_slug: str, ip: str | None) -> Redemption:
     """Check a presented ticket, in order, and consume it atomically if everything holds.
 
-    Order: signature, type, expiry (no leeway), room, IP, user, then the single-use UPDATE. Every
-    check before the UPDATE leaves the ticket unused, so a stolen ticket presented from elsewhere
-    does not burn the owner's.
+    Order: signature, type, expiry (no leeway), room, IP, user (active, password unchanged since
+    the ticket was asked for), then the single-use UPDATE. Every check before the UPDATE leaves
+    the ticket unused, so a stolen ticket presented from elsewhere does not burn the owner's.
     """
     if not token.isascii():
         # A JWT is ASCII by its grammar; a first frame's JSON can carry anything (a lone
@@ -138,6 +142,8 @@ def ticket_redeem(*, token: str, room_slug: str, ip: str | None) -> Redemption:
         return Redemption(error=Reason.TICKET_INVALID, jti=jti)
     if not user.is_active:
         return Redemption(error=Reason.USER_INACTIVE, jti=jti)
+    if ticket.get(jwt_settings.REVOKE_TOKEN_CLAIM) != get_md5_hash_password(user.password):
+        return Redemption(error=Reason.TICKET_REVOKED, jti=jti)
     if room is None or room.pk != row.room_id:
         return Redemption(error=Reason.TICKET_INVALID, jti=jti)
     if not Ticket.objects.claim(row.pk, now=timezone.now(), ip=ip):

@@ -8,7 +8,7 @@ from chat.models import ConnectionLog, SecurityEvent
 from chat.runtime import get_runtime
 from tests.chat.helpers import join, sync
 from tests.factories import PASSWORD, make_room, make_user
-from tests.ws import closed_with, communicator, receive_until
+from tests.ws import WAIT, closed_with, communicator, receive_until
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
@@ -238,6 +238,34 @@ async def test_a_ticket_written_after_its_login_ended_opens_no_socket(setup, mon
     assert await sync(SecurityEvent.objects.filter(event="logout").count)() == 1
 
 
+@pytest.mark.parametrize("how", ["password_change", "deactivation"])
+async def test_a_ticket_written_after_a_credential_change_opens_no_socket(setup, monkeypatch, how):
+    """As above, for the changes that end every login of the user (docs/security.md: a
+    password change or deactivation does the same as a logout for a ticket request that had
+    passed its checks): the change revoked the user's tickets before this one's row existed."""
+    from accounts import api
+
+    alice, _ = setup
+    issue = api.services.ticket_issue
+
+    def change_first(**kwargs):
+        _end_login(how, alice, Client(), "")
+        return issue(**kwargs)
+
+    monkeypatch.setattr(api.services, "ticket_issue", change_first)
+    ticket, _ = await sync(jwt_ticket)("alice")
+    comm = communicator("/ws/rooms/lobby/", ticket=ticket)
+    assert (await comm.connect())[0]
+    first = await comm.receive_output(WAIT)
+    assert first["type"] == "websocket.close", f"a socket opened after the {how}: {first}"
+    assert first["code"] == 4401
+    await comm.disconnect()
+    await get_runtime().audit.flush()
+    log = await sync(ConnectionLog.objects.get)()
+    expected = "user_inactive" if how == "deactivation" else "ticket_revoked"
+    assert (log.outcome, log.reason) == ("rejected", expected)
+
+
 def test_access_tokens_of_a_logged_out_login_are_refused_at_once(setup):
     tokens = jwt_login()
     other = jwt_login()
@@ -265,6 +293,7 @@ async def test_a_password_hash_upgrade_at_login_is_not_a_password_change(setup, 
     weak = Weaker()
     stored = make_password(PASSWORD, weak.salt(), hasher=weak)
     await sync(lambda: type(alice).objects.filter(pk=alice.pk).update(password=stored))()
+    await sync(alice.refresh_from_db)()  # as a ticket request loads her (tickets carry the hash)
     comm, _ = await join(alice, room)
     await sync(jwt_login)()  # Django re-hashes with the current iterations and saves
     upgraded = await sync(lambda: type(alice).objects.get(pk=alice.pk).password)()
