@@ -1,6 +1,7 @@
 """Writes that race each other on the database: each interleaving is forced (a hook holds one
 writer at the point the race needs), so a test fails every time the code allows the race."""
 
+import contextlib
 import threading
 from datetime import timedelta
 
@@ -200,3 +201,84 @@ def test_a_deletion_racing_a_sanction_of_its_actor_lands_before_it_or_not_at_all
         assert done.chain_seq < event.chain_seq, "bob's act was stored after his sanction"
     else:
         assert done is None
+
+
+def ban_carol(room, actor, seq):
+    services.member_ban(actor=actor, room=room, user=type(actor).objects.get(username="carol"))
+
+
+def test_a_moderator_s_ban_racing_their_demotion_lands_before_it_or_not_at_all(monkeypatch):
+    """bob, a moderator, bans carol while the owner demotes him: his ban must not be stored
+    after his demotion (his rights are read under the room's lock, which the demotion takes)."""
+    owner, bob, carol = make_user("owner"), make_user("bob"), make_user("carol")
+    room = make_room("lobby", owner=owner)
+    make_member(room, bob, role="moderator")
+    make_member(room, carol)
+    read, demoted = threading.Event(), threading.Event()
+    membership = services._membership
+
+    def held_after_bob_s_membership_read(room, user, **kwargs):
+        found = membership(room, user, **kwargs)
+        if user.pk == bob.pk and threading.current_thread().name == "actor":
+            read.set()
+            demoted.wait(HOLD)
+        return found
+
+    monkeypatch.setattr(services, "_membership", held_after_bob_s_membership_read)
+    acting = in_thread("actor", ban_carol, room, bob, None)
+    assert read.wait(WAIT)
+
+    def moderate():
+        demote(room, owner, bob)
+        demoted.set()
+
+    moderating = in_thread("moderator", moderate)
+    try:
+        acting()
+    except services.Forbidden:
+        banned = None
+    else:
+        banned = SecurityEvent.objects.get(event=SecurityEvent.Event.MEMBER_BANNED)
+    moderating()
+    demotion = SecurityEvent.objects.get(event=SecurityEvent.Event.ROLE_CHANGED)
+    if banned is not None:
+        assert banned.chain_seq < demotion.chain_seq, "bob's ban was stored after his demotion"
+    else:
+        assert Membership.objects.get(room=room, user=carol).banned_at is None
+
+
+@pytest.mark.parametrize("joining", ["room_join", "membership_add"])
+def test_a_ban_of_an_outsider_racing_their_joining_is_one_or_the_other(monkeypatch, joining):
+    """eve joins a public room (or a moderator adds her) while the owner bans her: neither had
+    a row to lock, and both insert one. Each must end cleanly, the ban kept either way."""
+    owner, eve = make_user("owner"), make_user("eve")
+    room = make_room("lobby", owner=owner)
+    read, banned = threading.Event(), threading.Event()
+    membership = services._membership
+
+    def held_after_eve_s_membership_read(room, user, **kwargs):
+        found = membership(room, user, **kwargs)
+        if user.pk == eve.pk and threading.current_thread().name == "joiner":
+            read.set()
+            banned.wait(HOLD)
+        return found
+
+    monkeypatch.setattr(services, "_membership", held_after_eve_s_membership_read)
+
+    def join():
+        if joining == "room_join":
+            return services.room_join(user=eve, room=room)
+        return services.membership_add(actor=owner, room=room, user=eve)
+
+    joined = in_thread("joiner", join)
+    assert read.wait(WAIT)
+
+    def ban_eve():
+        services.member_ban(actor=owner, room=room, user=eve)
+        banned.set()
+
+    banning = in_thread("moderator", ban_eve)
+    with contextlib.suppress(services.Forbidden, services.Conflict):  # the ban came first
+        joined()
+    banning()
+    assert Membership.objects.get(room=room, user=eve).banned_at is not None
