@@ -6,7 +6,8 @@ JSON encodings. Here a process joins each room group once, receives each event o
 the frame text, serialized once by the publisher, to each of its sockets directly.
 
 Message frames are numbered (seq). The hub delivers them to a room's sockets in order and without
-gaps: a late or missing number is awaited briefly, then read from the database. A socket therefore
+gaps: a late or missing number is awaited briefly, then read from the database, and the heartbeat
+reads its rooms' last seq for a last message whose publication never came. A socket therefore
 sees every message after the `last_seq` of its hello exactly once, in order.
 """
 
@@ -71,6 +72,7 @@ class RoomFeed:
     after: dict[int, list[str]] = field(default_factory=dict)
     gap_timer: asyncio.TimerHandle | None = None
     filling: bool = False
+    stored: int = 0  # the room's last_seq as the heartbeat last read it (Hub._catch_up)
     presence_seen: dict[str, int] = field(default_factory=dict)  # last version per username
     slug: str = ""  # the room's, once a socket is ready: for the departures a sweep announces
 
@@ -282,9 +284,29 @@ class Hub:
                         code=CLOSE_UNAUTHORIZED, reason="session expired", user_id=sock.user_id
                     )
                 )
+        try:
+            await self._catch_up()
+        except Exception:
+            logger.exception("hub catch-up failed")
         # Last, after this process's own leases are renewed (and so never swept by it), and so
         # that a failure here (Redis gone) costs none of the above.
         await self._sweep_presence()
+
+    async def _catch_up(self) -> None:
+        """Fill the gaps no later message has shown. A lost publication (dropped by a channel
+        over its capacity, a failed publish, a publisher that died after its commit) is found
+        when a later seq arrives; a room's last message has none, and in a quiet room its
+        sockets would never get it. One read of the rooms' last_seq a heartbeat."""
+        feeds = [feed for feed in self.rooms.values() if feed.started.is_set()]
+        if not feeds:
+            return
+        stored = await database_sync_to_async(selectors.rooms_last_seq)(
+            [feed.room_id for feed in feeds]
+        )
+        for feed in feeds:
+            feed.stored = max(feed.stored, stored.get(feed.room_id, 0))
+            if feed.stored > feed.delivered and not feed.filling and feed.gap_timer is None:
+                self._start_fill(feed)
 
     async def _sweep_presence(self) -> None:
         """Announce the users gone from this process's rooms without a word: their sockets'
@@ -405,7 +427,8 @@ class Hub:
 
     def _start_fill(self, feed: RoomFeed) -> None:
         feed.gap_timer = None
-        if not feed.pending or self.rooms.get(feed.room_id) is not feed:
+        behind = feed.pending or feed.stored > feed.delivered
+        if not behind or self.rooms.get(feed.room_id) is not feed:
             return
         feed.filling = True
         task = asyncio.get_running_loop().create_task(self._fill(feed))
@@ -415,7 +438,8 @@ class Hub:
     async def _fill(self, feed: RoomFeed) -> None:
         """Read the missing messages from the database and deliver everything in order."""
         try:
-            upto = min(feed.pending) - 1
+            # Up to the first message held for the gap, else to what the room has stored.
+            upto = min(feed.pending) - 1 if feed.pending else feed.stored
             missing = await database_sync_to_async(selectors.message_frames_between)(
                 feed.room_id, feed.delivered, upto
             )

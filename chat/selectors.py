@@ -221,6 +221,11 @@ def message_frames_between(room_id: int, after: int, upto: int) -> list[tuple[in
     return [(data["seq"], frames.message(data)) for data in payloads]
 
 
+def rooms_last_seq(room_ids: list[int]) -> dict[int, int]:
+    """Each room's last stored seq (the hub's catch-up), by room id."""
+    return {room.pk: room.last_seq for room in sql.select_in(Room, ["last_seq"], pk=room_ids)}
+
+
 def user_get(*, username: str):
     return User.objects.filter(username=username).first()
 
