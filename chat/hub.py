@@ -16,7 +16,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections import defaultdict
+from collections import Counter, defaultdict
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol, TypeVar
@@ -94,6 +94,8 @@ class Hub:
         self.channel: str | None = None
         self.rooms: dict[int, RoomFeed] = {}
         self.users: dict[int, set[Socket]] = defaultdict(set)
+        # Sockets whose user group_add has not answered yet, by user: they want the group too.
+        self._subscribing: Counter[int] = Counter()
         self._start_lock = asyncio.Lock()
         self._tasks: set[asyncio.Task] = set()
         self._receiver: asyncio.Task | None = None
@@ -122,7 +124,15 @@ class Hub:
 
     async def _attach(self, sock: Socket, read: Callable[[], Awaitable[tuple[T, int]]]) -> T:
         if not self.users.get(sock.user_id):
-            await self.layer.group_add(broadcast.user_group(sock.user_id), self.channel)
+            # Wanted from now on: a detach of the user's last socket here whose group_discard
+            # reaches the layer after this group_add subscribes again (Hub._leave).
+            self._subscribing[sock.user_id] += 1
+            try:
+                await self.layer.group_add(broadcast.user_group(sock.user_id), self.channel)
+            finally:
+                self._subscribing[sock.user_id] -= 1
+                if not self._subscribing[sock.user_id]:
+                    del self._subscribing[sock.user_id]
         self.users[sock.user_id].add(sock)
         feed = self.rooms.get(sock.room_id)
         if feed is None:
@@ -166,7 +176,8 @@ class Hub:
             if not users:
                 del self.users[sock.user_id]
                 await self._leave(
-                    broadcast.user_group(sock.user_id), lambda: bool(self.users.get(sock.user_id))
+                    broadcast.user_group(sock.user_id),
+                    lambda: bool(self.users.get(sock.user_id)) or sock.user_id in self._subscribing,
                 )
         feed = self.rooms.get(sock.room_id)
         if (

@@ -320,3 +320,48 @@ async def test_a_room_s_last_message_whose_publication_was_lost_still_reaches_it
     assert (message["seq"], message["body"]) == (1, "hello?")
     await a.disconnect()
     await b.disconnect()
+
+
+async def test_a_user_s_socket_attaching_while_their_last_one_detaches_hears_their_revocation(
+    people, monkeypatch
+):
+    """alice's last socket here closes (the hub leaves her user group) as her new one attaches
+    (the hub joins it again). Her new socket's group_add reaches the layer first, the old one's
+    group_discard after it, and the discard's answer comes back first (two connections of the
+    layer's pool): the hub looks whether anyone here still wants the group, as it does for a
+    room's group, but registers the new socket only once its own group_add has answered. The
+    process must still be subscribed: a password change closes her new socket."""
+    alice, _, room = people
+    old, _ = await join(alice, room)
+    layer, group = get_runtime().hub.layer, broadcast.user_group(alice.pk)
+    discarding, added, discarded = asyncio.Event(), asyncio.Event(), asyncio.Event()
+    group_add, group_discard = layer.group_add, layer.group_discard
+
+    async def add_answered_late(name, channel):
+        await group_add(name, channel)
+        if name == group:
+            added.set()
+            await asyncio.wait_for(discarded.wait(), WAIT)
+
+    async def discard_landing_second(name, channel):
+        if name == group:
+            discarding.set()
+            await asyncio.wait_for(added.wait(), WAIT)
+        await group_discard(name, channel)
+        if name == group:
+            discarded.set()
+
+    monkeypatch.setattr(layer, "group_add", add_answered_late)
+    monkeypatch.setattr(layer, "group_discard", discard_landing_second)
+    leaving = asyncio.create_task(old.disconnect())
+    await asyncio.wait_for(discarding.wait(), WAIT)
+    new, _ = await join(alice, room)
+    await leaving
+
+    def change_password():
+        alice.set_password("a-new-password-that-is-long")
+        alice.save()
+
+    await sync(change_password)()
+    assert await closed_with(new) == (4401, "password changed")
+    await new.disconnect()
