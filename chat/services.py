@@ -158,6 +158,18 @@ def message_store_many(items: list[SendItem]) -> tuple[list[SendResult], list[Pu
     raise AssertionError("unreachable")
 
 
+# The user fields a socket's rights rest on (permissions: staff powers; an active account).
+AUTHOR_FIELDS = ["is_active", "is_staff", "is_superuser"]
+
+
+def _account_changed(opened_as, now) -> bool:
+    """Whether the author's account, as read now (None: deleted), is no longer the one their
+    socket opened with: deactivated, deleted, or its staff or superuser flag changed."""
+    if now is None or not now.is_active:
+        return True
+    return (now.is_staff, now.is_superuser) != (opened_as.is_staff, opened_as.is_superuser)
+
+
 def _store_batch(items: list[SendItem]) -> tuple[list[SendResult], list[Publication]]:
     now = timezone.now()
     results = [SendResult() for _ in items]
@@ -171,6 +183,15 @@ def _store_batch(items: list[SendItem]) -> tuple[list[SendResult], list[Publicat
         rooms = {
             r.pk: r
             for r in sql.select_in(Room, ROOM_FIELDS, pk=room_ids, for_update=True, order_by="id")
+        }
+        # The authors as they are now, locked after the rooms: a deactivation or a change of
+        # the staff flags commits before this batch reads them (and it sees it) or waits for
+        # it. The sockets' user objects are as they were when each socket opened.
+        authors = {
+            u.pk: u
+            for u in sql.select_in(
+                User, AUTHOR_FIELDS, pk=sorted({a for _, a in keys}), for_update=True, order_by="id"
+            )
         }
         memberships = {
             (m.room_id, m.user_id): m
@@ -202,6 +223,9 @@ def _store_batch(items: list[SendItem]) -> tuple[list[SendResult], list[Publicat
             membership = memberships.get((room_id, author_id))
             if room is None or room.archived_at is not None:
                 result.error, result.detail = "not_found", "room not found"
+            elif _account_changed(item.author, authors.get(author_id)):
+                # Its socket is closing with 4401 (the change's revocation is on its way).
+                result.error, result.detail = "forbidden", "your account changed; sign in again"
             elif refusal := permissions.post_refusal(item.author, room, membership, now):
                 result.error, result.detail = refusal
             if result.error:

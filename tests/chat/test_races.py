@@ -1,17 +1,22 @@
 """Writes that race each other on the database: each interleaving is forced (a hook holds one
 writer at the point the race needs), so a test fails every time the code allows the race."""
 
+import asyncio
 import contextlib
+import json
 import threading
 from datetime import timedelta
 
 import pytest
+from channels.db import database_sync_to_async
 from django.db import connection
 from django.utils import timezone
 
-from chat import services, sql
+from chat import broadcast, services, sql
 from chat.models import Membership, Message, MessageLog, Room, SecurityEvent
+from tests.chat.helpers import join, send, sync
 from tests.factories import make_member, make_room, make_user
+from tests.wait import eventually_sync
 from tests.ws import WAIT
 
 pytestmark = pytest.mark.django_db(transaction=True)
@@ -282,3 +287,58 @@ def test_a_ban_of_an_outsider_racing_their_joining_is_one_or_the_other(monkeypat
         joined()
     banning()
     assert Membership.objects.get(room=room, user=eve).banned_at is not None
+
+
+async def test_a_message_sent_after_its_author_s_deactivation_committed_is_not_stored(
+    people, monkeypatch
+):
+    """alice's account is deactivated (the admin, another process); her socket's close is on
+    its way through the layer when her next message reaches the store. The store re-reads the
+    membership so that a ban committed a moment ago stops the message "even if the sender's
+    socket has not heard of it yet"; a deactivation committed a moment ago must stop it too,
+    but the store judges the author by the user object the socket opened with."""
+    alice, _, room = people
+    a, _ = await join(alice, room)
+    publish, released = broadcast._send, threading.Event()
+
+    def revocation_on_its_way(group, event):
+        if event["type"] == "hub.revoke":
+            released.wait(WAIT)
+        publish(group, event)
+
+    monkeypatch.setattr(broadcast, "_send", revocation_on_its_way)
+    # Its own thread: the deactivation's publication waits for the message below.
+    deactivating = asyncio.ensure_future(
+        database_sync_to_async(services.user_deactivate, thread_sensitive=False)(
+            actor=None, user=await sync(type(alice).objects.get)(pk=alice.pk)
+        )
+    )
+    await sync(eventually_sync)(
+        lambda: not type(alice).objects.get(pk=alice.pk).is_active, "deactivated"
+    )
+    await send(a, type="message", body="still here", client_id="c1")
+    answer = json.loads(await a.receive_from(WAIT))
+    released.set()
+    await deactivating
+    stored = await sync(Message.objects.filter(room=room, client_id="c1").exists)()
+    assert not stored, f"a deactivated user's message was stored: {answer}"
+    await a.disconnect()
+
+
+@pytest.mark.parametrize("change", ["unstaff", "deactivate", "delete"])
+def test_a_message_from_an_author_changed_since_their_socket_opened_is_refused(change):
+    """The socket's user object is the one it opened with; the store reads the account as it
+    is now (a staff member who lost the flag could still post in a read-only room)."""
+    owner = make_user("owner")
+    room = make_room("quiet", visibility=Room.Visibility.READ_ONLY, owner=owner)
+    helper = make_user("helper", is_staff=True)
+    as_opened = type(helper).objects.get(pk=helper.pk)
+    if change == "delete":
+        as_opened.delete()
+        as_opened.pk = helper.pk
+    else:
+        fields = {"is_staff": False} if change == "unstaff" else {"is_active": False}
+        type(helper).objects.filter(pk=helper.pk).update(**fields)
+    result = services.message_send(room=room, author=as_opened, body="hi", client_id="c1")
+    assert result.error == "forbidden"
+    assert not Message.objects.filter(room=room).exists()
