@@ -12,6 +12,7 @@ const byId = (id) => document.getElementById(id);
 
 const ui = {
   title: byId("room-title"),
+  visibility: byId("room-visibility"),
   status: byId("status"),
   statusText: byId("status-text"),
   retry: byId("retry"),
@@ -25,6 +26,7 @@ const ui = {
   stopped: byId("stopped"),
   composer: byId("composer"),
   input: byId("composer-input"),
+  inputLabel: byId("composer-label"),
   send: byId("send"),
   count: byId("composer-count"),
   composerNotice: byId("composer-notice"),
@@ -42,6 +44,7 @@ const ui = {
 };
 
 const RANK = { member: 1, moderator: 2, owner: 3 };
+const VISIBILITY_NAMES = { public: "Public", read_only: "Read-only", private: "Private" };
 const STAFF_RANK = 4;
 const GROUP_WITHIN_MS = 5 * 60 * 1000; // consecutive messages by one author share a header
 const TYPING_SHOWN_MS = 5000;
@@ -159,7 +162,7 @@ function onHello(hello) {
   resync.maxSeqs = hello.limits.resync_max_seqs ?? resync.maxSeqs;
   // History pages and live frames from here on carry the current state of what they bring.
   deletedAhead.clear();
-  showTitle(hello.title);
+  showRoom(hello.title);
   online = new Set(hello.presence);
   state.caughtUp = false;
   state.loadingOlder = false; // an answer the last socket never got will not come
@@ -378,7 +381,7 @@ function onRoomChanged(frame) {
   // An owner changed the title or the mode; losing access closes the socket instead.
   state.visibility = frame.visibility;
   state.canPost = frame.can_post;
-  showTitle(frame.title);
+  showRoom(frame.title);
   updateComposer();
 }
 
@@ -565,8 +568,13 @@ function markRead() {
 
 let unseen = 0;
 
-function showTitle(title) {
+// The header, the labels that name the room and the tab's title: the first paint's until an
+// owner changes the title or the mode (the `room` frame, or the next hello).
+function showRoom(title) {
   ui.title.textContent = title;
+  ui.visibility.textContent = VISIBILITY_NAMES[state.visibility] ?? state.visibility;
+  ui.log.setAttribute("aria-label", `Messages in ${title}`);
+  ui.inputLabel.textContent = `Message ${title}`;
   renderDocumentTitle();
 }
 

@@ -796,6 +796,30 @@ async def test_a_room_made_read_only_stops_the_composer_at_once(open_tab, server
     await expect(tab.page).to_have_title("Quiet lobby · Securechat")
 
 
+async def test_a_room_frame_updates_the_mode_and_the_names_in_the_header(open_tab, server):
+    """The header's Public/Read-only tag and the labels naming the room follow the `room` frame,
+    like the title: a page must not say "Public" over a composer it refuses as read-only."""
+    import json
+
+    tab = await signed_in(open_tab, server, "bob")
+    sockets = []
+
+    def handler(ws):
+        sockets.append(ws)
+        ws.send(json.dumps(scripted_hello(0)))
+
+    await tab.page.route_web_socket(re.compile(r".*/ws/rooms/lobby/"), handler)
+    await tab.page.goto("/rooms/lobby/")
+    await expect(tab.page.locator("#log")).to_have_attribute("aria-busy", "false")
+    await expect(tab.page.locator(".room-heading .tag")).to_have_text("Public")
+    change = {"room": "lobby", "title": "Quiet lobby", "visibility": "read_only", "can_post": False}
+    sockets[0].send(json.dumps({"type": "room", **change}))
+    await expect(tab.page.locator("#composer-input")).to_be_disabled()
+    await expect(tab.page.locator(".room-heading .tag")).to_have_text("Read-only")
+    await expect(tab.page.get_by_role("log")).to_have_accessible_name("Messages in Quiet lobby")
+    await expect(tab.page.get_by_label("Message Quiet lobby")).to_be_disabled()
+
+
 async def test_room_list_badges_follow_new_messages_while_shown(open_tab, garden, server_factory):
     server = server_factory(CHAT_UNREAD_REFRESH_SECONDS="1")
     alice = await signed_in(open_tab, server, "alice")
