@@ -823,12 +823,15 @@ function renderMembers() {
   ui.bannedList.replaceChildren(...banned.map((member) => memberRow(member.username)));
   ui.bannedHeading.hidden = ui.bannedList.hidden = banned.length === 0;
   ui.onlineCount.textContent = String(online.size);
-  if (focused !== undefined) {
-    const rows = [...ui.memberList.children, ...ui.bannedList.children];
-    const row = rows.find((candidate) => candidate.dataset.username === focused);
-    const manage = row?.querySelector(".member-manage");
-    (manage && !manage.hidden ? manage : byId("members-heading")).focus();
-  }
+  if (focused !== undefined) focusMember(focused);
+}
+
+// A member's Manage button as drawn now, or the heading when they have none (or left the list).
+function focusMember(username) {
+  const rows = [...ui.memberList.children, ...ui.bannedList.children];
+  const row = rows.find((candidate) => candidate.dataset.username === username);
+  const manage = row?.querySelector(".member-manage");
+  (manage && !manage.hidden ? manage : byId("members-heading")).focus();
 }
 
 ui.memberList.addEventListener("click", onManageClick);
@@ -888,6 +891,16 @@ function openModeration(username) {
   byId("moderate-error").textContent = "";
   ui.moderateDialog.showModal();
 }
+
+// The dialog gives focus back to the button that opened it, which a redraw of the list while it
+// was open (a presence frame, a member list) has replaced: focus would stay in the closed dialog
+// and then fall to the page.
+ui.moderateDialog.addEventListener("close", () => {
+  const focused = document.activeElement;
+  if (!focused || focused === document.body || ui.moderateDialog.contains(focused)) {
+    focusMember(target);
+  }
+});
 
 const DURATIONS = { 10: "10 minutes", 60: "1 hour", 1440: "1 day" };
 

@@ -276,6 +276,30 @@ async def test_removed_member_sees_why_and_stops_reconnecting(
     await assert_healthy(owner, carol)
 
 
+async def test_closing_the_moderation_dialog_returns_focus_after_the_list_was_redrawn(
+    open_tab, server
+):
+    """docs/pages.md: focus stays on a member's button when the list is redrawn. Someone comes
+    online while the dialog is open: the row it was opened from is redrawn, and Escape must
+    still bring a keyboard user back to that member's button, not to the top of the page."""
+    owner = await signed_in(open_tab, server, "alice")
+    await open_room(owner, "lobby")
+    page = owner.page
+    await page.get_by_role("button", name="Manage carol").focus()
+    await page.keyboard.press("Enter")
+    await expect(page.locator("#moderate-dialog")).to_be_visible()
+    bob = await signed_in(open_tab, server, "bob")
+    await open_room(bob, "lobby")
+    await expect(page.locator("#member-list [data-username='bob']")).to_have_class(
+        re.compile(r"\bonline\b")
+    )
+
+    await page.keyboard.press("Escape")
+    await expect(page.locator("#moderate-dialog")).to_be_hidden()
+    await expect(page.get_by_role("button", name="Manage carol")).to_be_focused()
+    await assert_healthy(owner, bob)
+
+
 @pytest.fixture
 def bob_moderates(lobby):
     Membership.objects.filter(room=lobby, user__username="bob").update(role="moderator")
