@@ -477,7 +477,7 @@ function canDelete(message) {
 
 function renderDeleteControl(entry) {
   const button = entry.el.querySelector(".message-delete");
-  button.hidden = !canDelete(entry.data);
+  hideKeepingFocus(button, !canDelete(entry.data));
 }
 
 function renderMessageControls() {
@@ -535,11 +535,19 @@ function changeLog(mutate, { own = false, prepend = false } = {}) {
 
 function updateLogEdges() {
   const empty = messages.size === 0 && pendingEls.size === 0;
-  ui.loadEarlier.hidden = !(state.loaded && state.hasOlder);
+  hideKeepingFocus(ui.loadEarlier, !(state.loaded && state.hasOlder));
   ui.logStart.hidden = !state.loaded || state.hasOlder;
   ui.logStart.textContent = empty
     ? "No messages yet. Say hello!"
     : "This is the beginning of the room.";
+}
+
+// A control in the log that hides while focused (the delete button of the message it just
+// deleted, "Load earlier" at the first message) would drop a keyboard user at the top of the
+// page: focus stays in the log instead.
+function hideKeepingFocus(element, hidden) {
+  if (hidden && element.contains(document.activeElement)) ui.log.focus({ preventScroll: true });
+  element.hidden = hidden;
 }
 
 function highestSeq() {

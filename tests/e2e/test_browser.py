@@ -357,6 +357,48 @@ async def test_moderator_deletes_a_message_for_everyone(open_tab, server):
     await assert_healthy(owner, bob)
 
 
+async def test_deleting_a_message_by_keyboard_keeps_focus_in_the_log(open_tab, server):
+    """The delete button hides once its message is deleted: a keyboard user who pressed it must
+    not be thrown back to the top of the page."""
+    owner, bob = await two_in_the_lobby(open_tab, server)
+    await send(bob, "something regrettable")
+    page = owner.page
+    message = page.locator("#messages > li", has_text="something regrettable")
+
+    await message.get_by_role("button", name="Delete message").focus()
+    await page.keyboard.press("Enter")
+    await expect(page.locator("#confirm-dialog")).to_be_visible()
+    await page.keyboard.press("Tab")  # from Cancel to Delete message
+    await page.keyboard.press("Enter")
+    await expect(page.locator("#messages .body")).to_have_text(["This message was deleted."])
+    await expect(page.get_by_role("log")).to_be_focused()
+    await assert_healthy(owner, bob)
+
+
+@pytest.fixture
+def long_lobby(lobby):
+    """60 messages: the newest page (50) and one page before it."""
+    bob = lobby.memberships.get(user__username="bob").user
+    for n in range(60):
+        services.message_send(room=lobby, author=bob, body=f"m{n}", client_id=f"c{n}")
+
+
+async def test_loading_the_first_messages_by_keyboard_keeps_focus_in_the_log(
+    open_tab, long_lobby, server
+):
+    """The Load earlier button hides when the first message is in: focus must stay in the log."""
+    alice = await signed_in(open_tab, server, "alice")
+    await open_room(alice, "lobby")
+    page = alice.page
+
+    await page.get_by_role("button", name="Load earlier messages").focus()
+    await page.keyboard.press("Enter")
+    await expect(page.locator("#messages > li")).to_have_count(60)
+    await expect(page.get_by_role("button", name="Load earlier messages")).to_be_hidden()
+    await expect(page.get_by_role("log")).to_be_focused()
+    await assert_healthy(alice)
+
+
 async def test_composer_sends_on_enter_breaks_lines_on_shift_enter_and_counts(open_tab, server):
     alice = await signed_in(open_tab, server, "alice")
     await open_room(alice, "lobby")
