@@ -152,8 +152,8 @@ function onHello(hello) {
   }
   state.role = hello.role;
   state.moderator = hello.moderator;
-  // Staff moderate every room without a room role.
-  state.staff = hello.moderator && !(hello.role === "owner" || hello.role === "moderator");
+  // Staff outrank every room role, also in a room where they hold one (chat.permissions.rank).
+  state.staff = Boolean(hello.staff);
   state.canPost = hello.can_post;
   state.mutedUntil = hello.muted_until;
   state.visibility = hello.visibility;

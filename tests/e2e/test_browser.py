@@ -321,6 +321,35 @@ async def test_demoted_moderator_reconnects_with_a_new_ticket(open_tab, bob_mode
     await assert_healthy(owner, bob)
 
 
+@pytest.fixture
+def root_moderates(lobby):
+    """root, staff, is also a moderator of the lobby."""
+    make_member(lobby, make_user("root", is_staff=True), role=Membership.Role.MODERATOR)
+
+
+async def test_staff_who_moderate_a_room_keep_their_staff_powers_on_its_page(
+    open_tab, bob_moderates, root_moderates, server_factory, lobby
+):
+    """Staff outrank every room role (chat.permissions.rank), also in a room where they hold
+    one, and hello says so in `staff`. A staff moderator of the lobby manages bob, a fellow
+    moderator, and may make him a member; the page must offer it."""
+    server = server_factory(CHAT_ADMIN_REQUIRE_OTP="0")  # staff powers without a second factor
+    root = await signed_in(open_tab, server, "root")
+    await open_room(root, "lobby")
+
+    await root.page.get_by_role("button", name="Manage bob").click()
+    await expect(root.page.get_by_role("button", name="Make member")).to_be_visible()
+    await root.page.get_by_role("button", name="Make member").click()
+    await expect(root.page.locator("#moderate-dialog")).to_be_hidden()
+    bob_row = root.page.locator("#member-list [data-username='bob']")
+    await expect(bob_row.locator(".tag", has_text="moderator")).to_have_count(0)
+    role = await sync_to_async(
+        lambda: Membership.objects.get(room=lobby, user__username="bob").role
+    )()
+    assert role == Membership.Role.MEMBER
+    await assert_healthy(root)
+
+
 async def test_muted_member_cannot_post_until_unmuted(open_tab, server):
     owner, bob = await two_in_the_lobby(open_tab, server)
 
