@@ -964,7 +964,8 @@ ui.moderateDialog.addEventListener("click", async (event) => {
 // --- joining -------------------------------------------------------------------------------------
 
 byId("join")?.addEventListener("click", async (event) => {
-  event.currentTarget.disabled = true;
+  const button = event.currentTarget; // null once the handler has awaited
+  button.disabled = true;
   try {
     const member = await api(`/api/rooms/${ROOM}/join/`, { method: "POST" });
     state.role = member.role;
@@ -973,7 +974,7 @@ byId("join")?.addEventListener("click", async (event) => {
     loadMembers();
     markRead();
   } catch (error) {
-    event.currentTarget.disabled = false;
+    button.disabled = false;
     showToast(error.message);
   }
 });

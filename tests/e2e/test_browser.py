@@ -452,6 +452,33 @@ async def test_composer_sends_on_enter_breaks_lines_on_shift_enter_and_counts(op
 
 
 @pytest.fixture
+def dave(lobby):
+    """dave has an account and reads the public lobby as a guest."""
+    return make_user("dave")
+
+
+async def test_a_failed_join_says_why_and_can_be_tried_again(open_tab, dave, server):
+    guest = await signed_in(open_tab, server, "dave")
+    await open_room(guest, "lobby")
+    page = guest.page
+    await page.route("**/api/rooms/lobby/join/", lambda route: route.abort())  # the network
+
+    join = page.get_by_role("button", name="Join room")
+    await join.click()
+    await expect(page.locator("#toast")).to_have_text(
+        "The server could not be reached. Check your connection."
+    )
+    await expect(join).to_be_enabled()
+    assert guest.page_errors == []
+
+    await page.unroute("**/api/rooms/lobby/join/")
+    await join.click()
+    await expect(page.locator("#join-banner")).to_have_count(0)
+    await expect(page.locator("[data-username='dave'] .tag", has_text="guest")).to_have_count(0)
+    await assert_healthy(guest)
+
+
+@pytest.fixture
 def garden(lobby):
     """Two unread messages in the lobby for alice, and a public room she is not in."""
     bob = lobby.memberships.get(user__username="bob").user
