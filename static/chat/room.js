@@ -186,6 +186,7 @@ function onHello(hello) {
   }
   renderMessageControls();
   updateComposer();
+  renderJoinOffer();
   renderMembers();
   loadMembers();
 }
@@ -393,6 +394,7 @@ function onMembership(frame) {
   state.canPost = state.visibility !== "read_only" || state.moderator;
   if (isMuted(frame.muted_until)) announce(`You are muted until ${formatTime(frame.muted_until)}.`);
   updateComposer();
+  renderJoinOffer();
   renderMessageControls();
   loadMembers();
 }
@@ -962,6 +964,12 @@ ui.moderateDialog.addEventListener("click", async (event) => {
 });
 
 // --- joining -------------------------------------------------------------------------------------
+
+// A member is not offered to join: the page may have been drawn for a guest who joined in
+// another tab, or whom a moderator added, or muted (which makes a member of a public room's guest).
+function renderJoinOffer() {
+  if (state.role) byId("join-banner")?.remove();
+}
 
 byId("join")?.addEventListener("click", async (event) => {
   const button = event.currentTarget; // null once the handler has awaited

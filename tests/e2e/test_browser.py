@@ -478,6 +478,24 @@ async def test_a_failed_join_says_why_and_can_be_tried_again(open_tab, dave, ser
     await assert_healthy(guest)
 
 
+async def test_a_guest_made_a_member_by_a_moderator_is_no_longer_offered_to_join(
+    open_tab, dave, server
+):
+    """Muting a guest of a public room makes them a member (chat.services.member_mute): their
+    page, told by the membership frame, must stop saying they read it as a guest."""
+    owner = await signed_in(open_tab, server, "alice")
+    guest = await signed_in(open_tab, server, "dave")
+    await open_room(owner, "lobby")
+    await open_room(guest, "lobby")
+    await expect(guest.page.locator("#join-banner")).to_be_visible()
+
+    await owner.page.get_by_role("button", name="Manage dave").click()
+    await owner.page.get_by_role("button", name="10 minutes").click()
+    await expect(guest.page.locator("#composer-input")).to_be_disabled()
+    await expect(guest.page.locator("#join-banner")).to_have_count(0)
+    await assert_healthy(owner, guest)
+
+
 @pytest.fixture
 def garden(lobby):
     """Two unread messages in the lobby for alice, and a public room she is not in."""
