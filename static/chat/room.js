@@ -669,10 +669,16 @@ function updateComposer() {
   let notice = "";
   if (!state.canPost) notice = "Only moderators can post in this read-only room.";
   else if (muted) notice = `You are muted until ${formatTime(state.mutedUntil)}.`;
+  // Someone else's action (a mute, the room made read-only) can disable the box being typed in:
+  // focus goes to the notice that says why, and back to the box when it may post again.
+  const blocked = composerBlocked();
+  const focused = document.activeElement;
   ui.composerNotice.textContent = notice;
   ui.composerNotice.hidden = !notice;
   ui.composer.hidden = Boolean(state.stopped);
-  ui.input.disabled = composerBlocked();
+  ui.input.disabled = blocked;
+  if (blocked && notice && focused === ui.input) ui.composerNotice.focus();
+  else if (!blocked && focused === ui.composerNotice) ui.input.focus();
   if (muted) {
     const wait = new Date(state.mutedUntil) - new Date() + 500;
     muteTimer = setTimeout(updateComposer, Math.min(wait, MAX_TIMEOUT_MS));

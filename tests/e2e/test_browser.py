@@ -368,6 +368,29 @@ async def test_muted_member_cannot_post_until_unmuted(open_tab, server):
     await assert_healthy(owner, bob)
 
 
+async def test_a_mute_moves_focus_from_the_composer_to_why_and_back_when_lifted(open_tab, server):
+    """bob is typing when he is muted: the box is disabled under his cursor. Focus must not fall
+    to the top of the page; it goes to the notice that says why, and back to his draft after."""
+    owner, bob = await two_in_the_lobby(open_tab, server)
+    composer = bob.page.locator("#composer-input")
+    await composer.fill("half a thought")
+    await composer.focus()
+
+    await owner.page.get_by_role("button", name="Manage bob").click()
+    await owner.page.get_by_role("button", name="1 hour").click()
+    await expect(composer).to_be_disabled()
+    notice = bob.page.locator("#composer-notice")
+    await expect(notice).to_be_focused()
+    await expect(notice).to_contain_text("You are muted until")
+
+    await owner.page.get_by_role("button", name="Manage bob").click()
+    await owner.page.get_by_role("button", name="Unmute").click()
+    await expect(composer).to_be_focused()
+    await bob.page.keyboard.press("Enter")
+    await expect(owner.page.locator("#messages .body")).to_have_text(["half a thought"])
+    await assert_healthy(owner, bob)
+
+
 async def test_moderator_deletes_a_message_for_everyone(open_tab, server):
     owner, bob = await two_in_the_lobby(open_tab, server)
     await send(bob, "something regrettable")
