@@ -1037,6 +1037,11 @@ function showStopped(reason) {
   state.stopped = reason;
   state.caughtUp = false;
   const [title, detail] = STOPPED_TEXT[reason] ?? STOPPED_TEXT.forbidden;
+  // No connection will come to send what waits: each message says so and may be discarded, or
+  // sent again (on a later visit), rather than go out by itself whenever the room is next open.
+  for (const entry of outbox.entries) {
+    if (entry.state !== "failed") outbox.refuse(entry.clientId, reason, title);
+  }
   ui.statusText.textContent = "Disconnected";
   byId("stopped-title").textContent = title;
   byId("stopped-detail").textContent = detail;

@@ -300,6 +300,39 @@ async def test_closing_the_moderation_dialog_returns_focus_after_the_list_was_re
     await assert_healthy(owner, bob)
 
 
+async def test_a_message_waiting_when_the_page_stops_is_not_sent_and_can_be_discarded(
+    open_tab, server
+):
+    """bob is banned while his message waits for its ack: no connection will come to send it,
+    so it must not say "Waiting for connection…" and go out by itself on a later visit."""
+    import json
+
+    tab = await signed_in(open_tab, server, "bob")
+    sockets = []
+
+    def handler(ws):
+        sockets.append(ws)
+        ws.send(json.dumps(scripted_hello(0)))
+
+    await tab.page.route_web_socket(re.compile(r".*/ws/rooms/lobby/"), handler)
+    await tab.page.goto("/rooms/lobby/")
+    await expect(tab.page.locator("#log")).to_have_attribute("aria-busy", "false")
+    await send(tab, "never acknowledged")
+    pending = tab.page.locator("#pending > li")
+    await expect(pending.locator(".message-state")).to_have_text("Sending…")
+
+    await sockets[0].close(code=4403, reason="banned")
+    await expect(tab.page.locator("#stopped")).to_contain_text("You were banned from this room.")
+    await expect(pending.locator(".message-state")).to_have_text(
+        "Not sent: You were banned from this room."
+    )
+    saved = json.loads(await tab.page.evaluate("sessionStorage.getItem('chat:outbox:bob:lobby')"))
+    assert [entry["state"] for entry in saved] == ["failed"]
+    await pending.get_by_role("button", name="Discard").click()
+    await expect(pending).to_have_count(0)
+    assert await tab.page.evaluate("sessionStorage.length") == 0
+
+
 @pytest.fixture
 def bob_moderates(lobby):
     Membership.objects.filter(room=lobby, user__username="bob").update(role="moderator")
