@@ -13,6 +13,7 @@ from playwright.async_api import expect
 from chat import services
 from chat.models import Membership, Message, Room
 from tests.e2e.browser import (  # noqa: F401  (the *_fixture names are fixtures)
+    DESKTOP,
     PHONE,
     assert_healthy,
     browser_fixture,
@@ -1067,3 +1068,32 @@ async def test_lists_longer_than_a_page_are_shown_whole_and_kept_fresh(
     await page.get_by_role("button", name="Members").click()
     await expect(page.locator(f"[data-username='zz-{LIST_LIMIT:04d}']")).to_have_count(1)
     await assert_healthy(alice, bob)
+
+
+LONG_USERNAME = "christopher.montgomery@example-corp.com"
+
+
+@pytest.fixture
+def long_named_member(lobby):
+    make_member(lobby, make_user(LONG_USERNAME))
+
+
+@pytest.mark.parametrize("viewport", [PHONE, DESKTOP], ids=["phone", "desktop"])
+async def test_a_long_username_does_not_push_the_manage_button_out_of_the_members(
+    open_tab, long_named_member, server, viewport
+):
+    """An e-mail-like username is a valid one: its row ellipsises the name (the CSS says so)
+    and keeps the Manage button in view, in the phone's drawer and the desktop's column."""
+    owner = await signed_in(open_tab, server, "alice", viewport=viewport)
+    await open_room(owner, "lobby")
+    page = owner.page
+    if viewport is PHONE:
+        await page.get_by_role("button", name="Members").click()
+    manage = page.get_by_role("button", name=f"Manage {LONG_USERNAME}")
+    await expect(manage).to_be_visible()
+    await expect(manage).to_be_in_viewport(ratio=1)
+    panel = await page.locator("#members-panel").bounding_box()
+    button = await manage.bounding_box()
+    assert button["x"] + button["width"] <= panel["x"] + panel["width"]
+    await manage.click()
+    await expect(page.locator("#moderate-name")).to_have_text(LONG_USERNAME)
