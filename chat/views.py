@@ -85,6 +85,9 @@ def room_page(request, slug: str):
             "room": room,
             "can_view": can_view,
             "can_join": permissions.can_join(request.user, room, membership),
+            # What hello will say, so that the composer is right before the socket is open.
+            "can_post": can_view and permissions.can_post(request.user, room, membership),
+            "muted_until": membership.muted_until if membership else None,
             "max_length": settings.CHAT_MAX_MESSAGE_LENGTH,
         },
         status=200 if can_view else 403,

@@ -73,8 +73,9 @@ const state = {
   role: null,
   staff: false,
   moderator: false,
-  canPost: true,
-  mutedUntil: null,
+  // As the page was drawn, until hello: a composer that cannot post is closed from the start.
+  canPost: root.dataset.canPost !== "false",
+  mutedUntil: root.dataset.mutedUntil || null,
   visibility: "public",
   maxLength: Number(root.dataset.maxLength) || 4000,
   historyLimit: 100,

@@ -4,10 +4,12 @@ import asyncio
 import itertools
 import re
 import signal
+from datetime import timedelta
 
 import pytest
 from asgiref.sync import sync_to_async
 from django.contrib.auth import get_user_model
+from django.utils import timezone
 from playwright.async_api import expect
 
 from chat import services
@@ -423,6 +425,37 @@ async def test_a_mute_moves_focus_from_the_composer_to_why_and_back_when_lifted(
     await bob.page.keyboard.press("Enter")
     await expect(owner.page.locator("#messages .body")).to_have_text(["half a thought"])
     await assert_healthy(owner, bob)
+
+
+@pytest.fixture
+def bob_cannot_post(request, lobby):
+    """bob is muted for an hour, or the lobby is read-only (he is a plain member)."""
+    if request.param == "muted":
+        until = timezone.now() + timedelta(hours=1)
+        Membership.objects.filter(room=lobby, user__username="bob").update(muted_until=until)
+    else:
+        Room.objects.filter(pk=lobby.pk).update(visibility=Room.Visibility.READ_ONLY)
+    return request.param
+
+
+@pytest.mark.parametrize(
+    ("bob_cannot_post", "notice"),
+    [("muted", "You are muted until"), ("read_only", "Only moderators can post")],
+    indirect=["bob_cannot_post"],
+)
+async def test_a_composer_that_cannot_post_is_closed_before_the_socket_opens(
+    open_tab, bob_cannot_post, server, notice
+):
+    """The server knows when it draws the page that bob may not post: his composer must not
+    take messages (to be refused one by one later) while the socket is not open yet, as when
+    the server cannot give a ticket."""
+    bob = await signed_in(open_tab, server, "bob")
+    await bob.page.route("**/api/tickets/", lambda route: route.abort())
+    await bob.page.goto("/rooms/lobby/")
+    await expect(bob.page.locator("#status")).to_have_attribute("data-state", "waiting")
+    await expect(bob.page.locator("#composer-input")).to_be_disabled()
+    await expect(bob.page.locator("#composer-notice")).to_contain_text(notice)
+    await assert_healthy(bob)
 
 
 async def test_moderator_deletes_a_message_for_everyone(open_tab, server):
