@@ -678,7 +678,8 @@ function updateComposer() {
   ui.composerNotice.hidden = !notice;
   ui.composer.hidden = Boolean(state.stopped);
   ui.input.disabled = blocked;
-  if (blocked && notice && focused === ui.input) ui.composerNotice.focus();
+  if (state.stopped && ui.composer.contains(focused)) ui.stopped.focus();
+  else if (blocked && notice && focused === ui.input) ui.composerNotice.focus();
   else if (!blocked && focused === ui.composerNotice) ui.input.focus();
   if (muted) {
     const wait = new Date(state.mutedUntil) - new Date() + 500;

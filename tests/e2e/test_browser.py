@@ -1130,3 +1130,20 @@ async def test_a_long_username_does_not_push_the_manage_button_out_of_the_member
     assert button["x"] + button["width"] <= panel["x"] + panel["width"]
     await manage.click()
     await expect(page.locator("#moderate-name")).to_have_text(LONG_USERNAME)
+
+
+async def test_a_member_removed_while_typing_is_taken_to_the_explanation(open_tab, server):
+    """The composer hides under carol's cursor when she is removed: focus goes to what says why
+    and offers the way back to the rooms, not to the top of the page."""
+    owner, carol = await two_in_the_lobby(open_tab, server, second="carol")
+    await carol.page.locator("#composer-input").fill("about to say")
+    await carol.page.locator("#composer-input").focus()
+
+    await owner.page.get_by_role("button", name="Manage carol").click()
+    await owner.page.get_by_role("button", name="Remove from room").click()
+    stopped = carol.page.locator("#stopped")
+    await expect(stopped).to_contain_text("You were removed from this room.")
+    await expect(stopped).to_be_focused()
+    await carol.page.keyboard.press("Tab")
+    await expect(carol.page.get_by_role("link", name="Back to rooms")).to_be_focused()
+    await assert_healthy(owner, carol)
