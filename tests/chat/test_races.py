@@ -142,6 +142,25 @@ def test_a_message_racing_a_sanction_lands_before_it_or_not_at_all(
         assert not Message.objects.filter(room=room).exists()
 
 
+def hold_after_reading_membership(
+    monkeypatch, user, *, until: threading.Event, thread: str = "actor"
+) -> threading.Event:
+    """Hold the thread named `thread` just after it reads `user`'s membership, until `until` is
+    set (or HOLD has passed). The event returned is set once it is held."""
+    read = threading.Event()
+    membership = services._membership
+
+    def held(room, member, **kwargs):
+        found = membership(room, member, **kwargs)
+        if member.pk == user.pk and threading.current_thread().name == thread:
+            read.set()
+            until.wait(HOLD)
+        return found
+
+    monkeypatch.setattr(services, "_membership", held)
+    return read
+
+
 def delete_message(room, actor, seq):
     services.message_delete(actor=actor, room=room, seq=seq)
 
@@ -172,17 +191,8 @@ def test_a_deletion_racing_a_sanction_of_its_actor_lands_before_it_or_not_at_all
     services.message_send(room=room, author=writer, body="hi", client_id="c1")
     if act is restore_message:
         services.message_delete(actor=owner, room=room, seq=1)
-    read, sanctioned = threading.Event(), threading.Event()
-    membership = services._membership
-
-    def held_after_bob_s_membership_read(room, user, **kwargs):
-        found = membership(room, user, **kwargs)
-        if user.pk == bob.pk and threading.current_thread().name == "actor":
-            read.set()
-            sanctioned.wait(HOLD)
-        return found
-
-    monkeypatch.setattr(services, "_membership", held_after_bob_s_membership_read)
+    sanctioned = threading.Event()
+    read = hold_after_reading_membership(monkeypatch, bob, until=sanctioned)
     acting = in_thread("actor", act, room, bob, 1)
     assert read.wait(WAIT)
 
@@ -219,17 +229,8 @@ def test_a_moderator_s_ban_racing_their_demotion_lands_before_it_or_not_at_all(m
     room = make_room("lobby", owner=owner)
     make_member(room, bob, role="moderator")
     make_member(room, carol)
-    read, demoted = threading.Event(), threading.Event()
-    membership = services._membership
-
-    def held_after_bob_s_membership_read(room, user, **kwargs):
-        found = membership(room, user, **kwargs)
-        if user.pk == bob.pk and threading.current_thread().name == "actor":
-            read.set()
-            demoted.wait(HOLD)
-        return found
-
-    monkeypatch.setattr(services, "_membership", held_after_bob_s_membership_read)
+    demoted = threading.Event()
+    read = hold_after_reading_membership(monkeypatch, bob, until=demoted)
     acting = in_thread("actor", ban_carol, room, bob, None)
     assert read.wait(WAIT)
 
@@ -258,17 +259,8 @@ def test_a_ban_of_an_outsider_racing_their_joining_is_one_or_the_other(monkeypat
     a row to lock, and both insert one. Each must end cleanly, the ban kept either way."""
     owner, eve = make_user("owner"), make_user("eve")
     room = make_room("lobby", owner=owner)
-    read, banned = threading.Event(), threading.Event()
-    membership = services._membership
-
-    def held_after_eve_s_membership_read(room, user, **kwargs):
-        found = membership(room, user, **kwargs)
-        if user.pk == eve.pk and threading.current_thread().name == "joiner":
-            read.set()
-            banned.wait(HOLD)
-        return found
-
-    monkeypatch.setattr(services, "_membership", held_after_eve_s_membership_read)
+    banned = threading.Event()
+    read = hold_after_reading_membership(monkeypatch, eve, until=banned, thread="joiner")
 
     def join():
         if joining == "room_join":
