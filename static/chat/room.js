@@ -388,12 +388,14 @@ function onRoomChanged(frame) {
 }
 
 function onMembership(frame) {
+  const wasMuted = mutedNow();
   state.role = frame.role;
   state.mutedUntil = frame.muted_until;
   // Promotions take effect live; a demotion closes the socket (4401) and a new hello follows.
   state.moderator = state.staff || frame.role === "owner" || frame.role === "moderator";
   state.canPost = state.visibility !== "read_only" || state.moderator;
-  if (isMuted(frame.muted_until)) announce(`You are muted until ${formatTime(frame.muted_until)}.`);
+  if (mutedNow()) announce(`You are muted until ${formatTime(frame.muted_until)}.`);
+  else if (wasMuted) announce("Your mute was lifted: you may post again.");
   updateComposer();
   renderJoinOffer();
   renderMessageControls();
@@ -647,8 +649,13 @@ function isMuted(until) {
   return Boolean(until) && new Date(until) > new Date();
 }
 
+// Muted in this room as the server applies it: staff post while muted (chat.permissions).
+function mutedNow() {
+  return !state.staff && isMuted(state.mutedUntil);
+}
+
 function composerBlocked() {
-  return Boolean(state.stopped) || !state.canPost || isMuted(state.mutedUntil);
+  return Boolean(state.stopped) || !state.canPost || mutedNow();
 }
 
 function updateCounter() {
@@ -666,7 +673,7 @@ function updateCounter() {
 
 function updateComposer() {
   clearTimeout(muteTimer);
-  const muted = isMuted(state.mutedUntil);
+  const muted = mutedNow();
   let notice = "";
   if (!state.canPost) notice = "Only moderators can post in this read-only room.";
   else if (muted) notice = `You are muted until ${formatTime(state.mutedUntil)}.`;

@@ -422,9 +422,34 @@ async def test_a_mute_moves_focus_from_the_composer_to_why_and_back_when_lifted(
     await owner.page.get_by_role("button", name="Manage bob").click()
     await owner.page.get_by_role("button", name="Unmute").click()
     await expect(composer).to_be_focused()
+    await expect(bob.page.locator("#announcer")).to_have_text(
+        "Your mute was lifted: you may post again."
+    )
     await bob.page.keyboard.press("Enter")
     await expect(owner.page.locator("#messages .body")).to_have_text(["half a thought"])
     await assert_healthy(owner, bob)
+
+
+@pytest.fixture
+def root_muted(lobby):
+    """root, staff, was muted in the lobby (before being made staff, say) for an hour."""
+    until = timezone.now() + timedelta(hours=1)
+    make_member(lobby, make_user("root", is_staff=True), muted_until=until)
+
+
+async def test_staff_with_a_mute_left_over_may_post_as_the_server_lets_them(
+    open_tab, root_muted, server_factory
+):
+    """The server lets staff post while muted (chat.permissions.post_refusal); the page closed
+    their composer with "You are muted until ..." all the same."""
+    server = server_factory(CHAT_ADMIN_REQUIRE_OTP="0")  # staff powers without a second factor
+    root = await signed_in(open_tab, server, "root")
+    await open_room(root, "lobby")
+    await expect(root.page.locator("#composer-input")).to_be_enabled()
+    await expect(root.page.locator("#composer-notice")).to_be_hidden()
+    await send(root, "staff speaking")
+    await expect(root.page.locator("#messages .body")).to_have_text(["staff speaking"])
+    await assert_healthy(root)
 
 
 @pytest.fixture
