@@ -310,16 +310,7 @@ async def test_a_message_waiting_when_the_page_stops_is_not_sent_and_can_be_disc
     so it must not say "Waiting for connection…" and go out by itself on a later visit."""
     import json
 
-    tab = await signed_in(open_tab, server, "bob")
-    sockets = []
-
-    def handler(ws):
-        sockets.append(ws)
-        ws.send(json.dumps(scripted_hello(0)))
-
-    await tab.page.route_web_socket(re.compile(r".*/ws/rooms/lobby/"), handler)
-    await tab.page.goto("/rooms/lobby/")
-    await expect(tab.page.locator("#log")).to_have_attribute("aria-busy", "false")
+    tab, sockets = await lobby_on_a_scripted_socket(open_tab, server)
     await send(tab, "never acknowledged")
     pending = tab.page.locator("#pending > li")
     await expect(pending.locator(".message-state")).to_have_text("Sending…")
@@ -720,6 +711,24 @@ def scripted_message(seq: int) -> dict:
     }
 
 
+async def lobby_on_a_scripted_socket(open_tab, server):
+    """bob's lobby page on sockets the test plays the server of, each greeted with
+    scripted_hello(0): the tab once the page has its hello, and the sockets so far."""
+    import json
+
+    tab = await signed_in(open_tab, server, "bob")
+    sockets = []
+
+    def handler(ws):
+        sockets.append(ws)
+        ws.send(json.dumps(scripted_hello(0)))
+
+    await tab.page.route_web_socket(re.compile(r".*/ws/rooms/lobby/"), handler)
+    await tab.page.goto("/rooms/lobby/")
+    await expect(tab.page.locator("#log")).to_have_attribute("aria-busy", "false")
+    return tab, sockets
+
+
 def scripted_hello(last_seq: int) -> dict:
     return {
         "type": "hello",
@@ -1032,16 +1041,7 @@ async def test_a_reconnected_page_catches_up_on_deletions_and_restorations(open_
 async def test_a_room_made_read_only_stops_the_composer_at_once(open_tab, server):
     import json
 
-    tab = await signed_in(open_tab, server, "bob")
-    sockets = []
-
-    def handler(ws):
-        sockets.append(ws)
-        ws.send(json.dumps(scripted_hello(0)))
-
-    await tab.page.route_web_socket(re.compile(r".*/ws/rooms/lobby/"), handler)
-    await tab.page.goto("/rooms/lobby/")
-    await expect(tab.page.locator("#log")).to_have_attribute("aria-busy", "false")  # hello came
+    tab, sockets = await lobby_on_a_scripted_socket(open_tab, server)
     await expect(tab.page.locator("#composer-input")).to_be_enabled()
     change = {"room": "lobby", "title": "Quiet lobby", "visibility": "read_only", "can_post": False}
     sockets[0].send(json.dumps({"type": "room", **change}))
@@ -1056,16 +1056,7 @@ async def test_a_room_frame_updates_the_mode_and_the_names_in_the_header(open_ta
     like the title: a page must not say "Public" over a composer it refuses as read-only."""
     import json
 
-    tab = await signed_in(open_tab, server, "bob")
-    sockets = []
-
-    def handler(ws):
-        sockets.append(ws)
-        ws.send(json.dumps(scripted_hello(0)))
-
-    await tab.page.route_web_socket(re.compile(r".*/ws/rooms/lobby/"), handler)
-    await tab.page.goto("/rooms/lobby/")
-    await expect(tab.page.locator("#log")).to_have_attribute("aria-busy", "false")
+    tab, sockets = await lobby_on_a_scripted_socket(open_tab, server)
     await expect(tab.page.locator(".room-heading .tag")).to_have_text("Public")
     change = {"room": "lobby", "title": "Quiet lobby", "visibility": "read_only", "can_post": False}
     sockets[0].send(json.dumps({"type": "room", **change}))
