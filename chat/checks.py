@@ -11,6 +11,7 @@ from typing import Any
 from django.conf import settings
 from django.core.checks import CheckMessage, Error, Warning
 from django.utils.module_loading import import_string
+from rest_framework.throttling import SimpleRateThrottle
 
 from accounts.ip import proxy_network
 
@@ -184,12 +185,17 @@ _SOCKET_RATES = (
 )
 
 
+def _positive(value: Any) -> bool:
+    if isinstance(value, timedelta):
+        value = value.total_seconds()
+    return isinstance(value, int | float) and not isinstance(value, bool) and 0 < value < math.inf
+
+
 def check_socket_rates(app_configs=None, **kwargs: Any) -> Messages:
     errors: Messages = []
     for rate_name, burst_name in _SOCKET_RATES:
         rate, burst = getattr(settings, rate_name), getattr(settings, burst_name)
-        rate_ok = isinstance(rate, int | float) and 0 < rate < float("inf")
-        if not rate_ok or not isinstance(burst, int) or burst < 1:
+        if not _positive(rate) or not isinstance(burst, int) or burst < 1:
             errors.append(
                 Error(
                     f"{rate_name} is {rate!r} and {burst_name} is {burst!r}: sockets could "
@@ -207,7 +213,7 @@ def check_leases(app_configs=None, **kwargs: Any) -> Messages:
     heartbeats may lapse while its socket is open (a renewal late by a busy loop, or one that
     failed), and its user be announced gone."""
     heartbeat, lease = settings.CHAT_HEARTBEAT, settings.CHAT_PRESENCE_LEASE
-    if 0 < heartbeat < float("inf") and lease >= 2 * heartbeat:
+    if _positive(heartbeat) and lease >= 2 * heartbeat:
         return []
     return [
         Error(
@@ -243,12 +249,6 @@ _POSITIVE_SETTINGS = (
 )
 
 
-def _positive(value: Any) -> bool:
-    if isinstance(value, timedelta):
-        value = value.total_seconds()
-    return isinstance(value, int | float) and not isinstance(value, bool) and 0 < value < math.inf
-
-
 def check_positive_limits(app_configs=None, **kwargs: Any) -> Messages:
     bad = {name: getattr(settings, name) for name in _POSITIVE_SETTINGS}
     bad = {name: value for name, value in bad.items() if not _positive(value)}
@@ -264,21 +264,13 @@ def check_positive_limits(app_configs=None, **kwargs: Any) -> Messages:
     ]
 
 
-# What DRF reads of a rate's period: its first letter (SimpleRateThrottle.parse_rate).
-_RATE_PERIODS = ("s", "m", "h", "d")
-
-
 def _malformed_rate(rate: Any) -> bool:
-    """Not what DRF's throttles can read: "<requests>/<period>", or None for no limit."""
-    if rate is None:
-        return False
-    if not isinstance(rate, str) or rate.count("/") != 1:
-        return True
-    number, period = rate.split("/")
+    """Not what DRF's throttles can read (its own parser says), or a negative count."""
     try:
-        return int(number) < 0 or period[:1] not in _RATE_PERIODS
-    except ValueError:
+        count, _ = SimpleRateThrottle.parse_rate(None, rate)
+    except (AttributeError, IndexError, KeyError, TypeError, ValueError):
         return True
+    return count is not None and count < 0
 
 
 def check_throttle_rates(app_configs=None, **kwargs: Any) -> Messages:
