@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime, timedelta
+from operator import attrgetter
 from typing import Any
 
 from django.conf import settings
@@ -140,15 +141,18 @@ def room_members(
     return members.order_by("user__username")
 
 
-def page_after(rows: QuerySet, *, limit: int, key: Callable[[Any], str]) -> tuple[list, str | None]:
-    """The first `limit` rows of an ordered list, and the key of the last one if more follow:
-    the `after` of the next page. Pages by key (the slug, the username), not by offset, so a
-    row added or removed meanwhile neither repeats nor skips another."""
+def page_after(rows: QuerySet, *, limit: int, key: Callable[[Any], Any]) -> tuple[list, Any]:
+    """The first `limit` rows of an ordered list, and the key of the last one if more follow
+    (else None): the `after` of the next page. Pages by key (the slug, the username, the seq),
+    not by offset, so a row added or removed meanwhile neither repeats nor skips another."""
     page = list(rows[: limit + 1])
     if len(page) <= limit:
         return page, None
     page = page[:limit]
     return page, key(page[-1])
+
+
+_seq = attrgetter("seq")
 
 
 def messages_page(
@@ -157,14 +161,12 @@ def messages_page(
     """Up to `limit` messages before or after a seq (the newest ones if neither), oldest first."""
     qs = Message.objects.filter(room=room).select_related("author")
     if after is not None:
-        page = list(qs.filter(seq__gt=after).order_by("seq")[: limit + 1])
-        has_more = len(page) > limit
-        return page[:limit], has_more
+        page, more = page_after(qs.filter(seq__gt=after).order_by("seq"), limit=limit, key=_seq)
+        return page, more is not None
     if before is not None:
         qs = qs.filter(seq__lt=before)
-    page = list(qs.order_by("-seq")[: limit + 1])
-    has_more = len(page) > limit
-    return list(reversed(page[:limit])), has_more
+    page, more = page_after(qs.order_by("-seq"), limit=limit, key=_seq)
+    return page[::-1], more is not None
 
 
 def message_payloads(messages: list[Message], *, room: Room) -> list[dict]:
