@@ -87,10 +87,8 @@ class RoomListView(FirstRefusal, APIView):
     def get(self, request):
         """Rooms you can see, with your role and your unread count, by slug, in pages."""
         after, limit = _page_query(request)
-        rooms, next_after = selectors.page_after(
-            selectors.rooms_visible(user=request.user, after=after),
-            limit=limit,
-            key=attrgetter("slug"),
+        rooms, next_after = selectors.rooms_visible_page(
+            user=request.user, after=after, limit=limit
         )
         return Response(
             serializers.RoomSerializer(rooms, many=True).data,

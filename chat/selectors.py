@@ -129,6 +129,12 @@ def rooms_visible(*, user, after: str | None = None) -> QuerySet[Room]:
     ).order_by("slug")
 
 
+def rooms_visible_page(*, user, after: str | None, limit: int) -> tuple[list[Room], str | None]:
+    """A page of `rooms_visible` (the API's and the room list page's), and the slug the next
+    starts after, if any."""
+    return page_after(rooms_visible(user=user, after=after), limit=limit, key=attrgetter("slug"))
+
+
 def room_members(
     *, room: Room, include_banned: bool = True, after: str | None = None
 ) -> QuerySet[Membership]:

@@ -2,7 +2,6 @@
 
 import math
 import re
-from operator import attrgetter
 from urllib.parse import urlsplit
 
 from django.conf import settings
@@ -45,10 +44,8 @@ def room_list(request):
     after = request.GET.get("after")
     if after is not None and not re.fullmatch(SLUG_RE, after):
         after = None  # a link edited by hand: the first page
-    rooms, next_after = selectors.page_after(
-        selectors.rooms_visible(user=request.user, after=after),
-        limit=LIST_LIMIT,
-        key=attrgetter("slug"),
+    rooms, next_after = selectors.rooms_visible_page(
+        user=request.user, after=after, limit=LIST_LIMIT
     )
     for room in rooms:
         room.can_join = permissions.can_join(request.user, room, _membership_from_annotations(room))
