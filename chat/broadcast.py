@@ -54,13 +54,23 @@ def messages_event(room_id: int, items: list[tuple[int, str]]) -> dict[str, Any]
 
 
 def frame_event(
-    room_id: int, text: str, *, exclude_user: int | None = None, seq: int | None = None
+    room_id: int,
+    text: str,
+    *,
+    exclude_user: int | None = None,
+    seq: int | None = None,
+    version: int | None = None,
 ) -> dict[str, Any]:
     """A ready frame for the room's sockets (all, or all but one user's). With `seq`, it is
-    about that message (deleted, restored): each hub sends it only after the message itself."""
+    about that message (deleted, restored): each hub sends it only after the message itself.
+    `version` orders the changes to that message: the chain position of the audit row that
+    recorded the change, which a later change always has higher (both hold the room's lock, and
+    the chain is one sequence). Each hub drops a change older than one it has already sent."""
     event = {"type": "hub.frame", "room": room_id, "text": text, "exclude_user": exclude_user}
     if seq is not None:
         event["seq"] = seq
+        if version is not None:
+            event["version"] = version
     return event
 
 

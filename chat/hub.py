@@ -36,6 +36,10 @@ logger = logging.getLogger("chat.hub")
 
 # How long an out-of-order message waits for the ones before it before they are read from the DB.
 GAP_WAIT = 0.2
+# Deletions and restorations remembered per room to drop one that arrives after a later change to
+# the same message. Two such changes arrive out of order only within moments of each other; a
+# room would need this many other messages changed in between for a late one to be missed.
+CHANGES_KEPT = 1024
 
 T = TypeVar("T")
 
@@ -70,6 +74,9 @@ class RoomFeed:
     pending: dict[int, str] = field(default_factory=dict)  # out-of-order frames by seq
     # Frames about a message not delivered yet (deleted, restored), by its seq, in arrival order.
     after: dict[int, list[str]] = field(default_factory=dict)
+    # The version of the last deletion or restoration taken per message seq (oldest first, at
+    # most CHANGES_KEPT): one that comes after a later one is dropped.
+    changes_seen: dict[int, int] = field(default_factory=dict)
     gap_timer: asyncio.TimerHandle | None = None
     filling: bool = False
     stored: int = 0  # the room's last_seq as the heartbeat last read it (Hub._catch_up)
@@ -360,6 +367,8 @@ class Hub:
                 metrics.DELIVERY_LATENCY.observe(max(0.0, time.time() - event["ts"]))
         elif kind == "hub.frame":
             seq = event.get("seq")
+            if seq is not None and not self._newest_change(feed, seq, event.get("version")):
+                return
             if seq is not None and seq > feed.delivered:
                 # The message it is about is late or parked behind a gap: it goes first.
                 feed.after.setdefault(seq, []).append(event["text"])
@@ -375,6 +384,23 @@ class Hub:
         elif kind == "hub.room":
             for sock in list(feed.sockets.values()):
                 await sock.on_control(event)
+
+    @staticmethod
+    def _newest_change(feed: RoomFeed, seq: int, version: int | None) -> bool:
+        """Whether a deletion or restoration of message `seq` at `version` is newer than the last
+        one taken here (and if so, it becomes the last). Changes to one message made moments
+        apart on two processes can arrive in either order (each publishes after its own commit);
+        sent in arrival order, the older would stay on every screen. Unversioned (an older
+        publisher's): taken, as before."""
+        if version is None:
+            return True
+        if version <= feed.changes_seen.get(seq, 0):
+            return False
+        feed.changes_seen.pop(seq, None)  # to the end: the oldest entries go first
+        feed.changes_seen[seq] = version
+        if len(feed.changes_seen) > CHANGES_KEPT:
+            del feed.changes_seen[next(iter(feed.changes_seen))]
+        return True
 
     async def _on_presence(self, feed: RoomFeed, event: dict[str, Any]) -> None:
         """A join or a leave, to the sockets whose hello's list predates it. Each socket's hello

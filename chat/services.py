@@ -296,19 +296,16 @@ def message_delete(
             raise Forbidden("you may not delete this message")
         message.deleted_at, message.deleted_by = timezone.now(), actor
         message.save(update_fields=["deleted_at", "deleted_by"])
-        audit.append(
-            [
-                audit.message_log(
-                    event=audit.MessageEvent.DELETED,
-                    user=actor,
-                    room=room,
-                    seq=seq,
-                    connection_id=connection_id,
-                    ip=ip,
-                )
-            ]
+        log = audit.message_log(
+            event=audit.MessageEvent.DELETED,
+            user=actor,
+            room=room,
+            seq=seq,
+            connection_id=connection_id,
+            ip=ip,
         )
-        _publish_frame(room, frames.deleted(room.slug, seq), seq=seq)
+        audit.append([log])
+        _publish_frame(room, frames.deleted(room.slug, seq), seq=seq, version=log.chain_seq)
     return message
 
 
@@ -329,18 +326,16 @@ def message_restore(*, actor, message: Message) -> Message:
             raise Forbidden("you may not restore messages in this room")
         message.deleted_at, message.deleted_by = None, None
         message.save(update_fields=["deleted_at", "deleted_by"])
-        audit.append(
-            [
-                audit.message_log(
-                    event=audit.MessageEvent.RESTORED, user=actor, room=room, seq=message.seq
-                )
-            ]
+        log = audit.message_log(
+            event=audit.MessageEvent.RESTORED, user=actor, room=room, seq=message.seq
         )
+        audit.append([log])
         author = message.author.username if message.author else None
         _publish_frame(
             room,
             frames.restored(frames.message_data(message, room_slug=room.slug, author_name=author)),
             seq=message.seq,
+            version=log.chain_seq,
         )
     return message
 
@@ -786,8 +781,13 @@ def _existing_membership(room: Room, user) -> Membership:
     return membership
 
 
-def _publish_frame(room: Room, text: str, *, seq: int | None = None) -> None:
-    broadcast.publish(broadcast.room_group(room.pk), broadcast.frame_event(room.pk, text, seq=seq))
+def _publish_frame(
+    room: Room, text: str, *, seq: int | None = None, version: int | None = None
+) -> None:
+    broadcast.publish(
+        broadcast.room_group(room.pk),
+        broadcast.frame_event(room.pk, text, seq=seq, version=version),
+    )
 
 
 def _publish_membership(

@@ -6,7 +6,9 @@ from dataclasses import dataclass, field
 import pytest
 
 from chat import broadcast, frames, services
+from chat import hub as hub_module
 from chat.hub import Hub, RoomFeed
+from chat.models import MessageLog
 from chat.runtime import get_runtime
 from tests.chat.helpers import sync
 from tests.factories import make_room, make_user
@@ -163,3 +165,108 @@ async def test_a_deleted_or_restored_frame_never_overtakes_its_message(path):
     about = [kind for kind, seq in order if seq == 2]
     assert about == ["message", "deleted", "restored", "deleted"]
     assert feed.after == {}
+
+
+def _change(room_id: int, kind: str, seq: int, version: int | None) -> dict:
+    text = (
+        frames.deleted("lobby", seq)
+        if kind == "deleted"
+        else frames.restored(json.loads(_message(seq)))
+    )
+    return broadcast.frame_event(room_id, text, seq=seq, version=version)
+
+
+def _changes_sent(sock: TextSocket) -> list[tuple[str, int]]:
+    return [
+        (f["type"], f.get("seq") or f["message"]["seq"])
+        for f in map(json.loads, sock.texts)
+        if f["type"] in ("deleted", "restored")
+    ]
+
+
+@pytest.mark.parametrize("parked", [False, True], ids=["delivered", "behind a gap"])
+async def test_a_change_to_a_message_older_than_one_already_sent_is_dropped(parked):
+    """A deletion (version 5) and a restoration (version 9) made moments apart on two processes
+    arrive restoration first: sent in arrival order, every screen would keep the message
+    deleted. The older change is dropped; another message's changes keep their own order."""
+    hub = Hub(get_runtime())
+    feed = RoomFeed(room_id=7, delivered=0)
+    sock = TextSocket("s", user_id=1)
+    feed.sockets = {"s": sock}
+    if not parked:
+        await hub._on_room_event(feed, broadcast.messages_event(7, [(1, _message(1))]))
+        await hub._on_room_event(feed, broadcast.messages_event(7, [(2, _message(2))]))
+    else:
+        await hub._on_room_event(feed, broadcast.messages_event(7, [(2, _message(2))]))
+    for event in (
+        _change(7, "restored", 2, 9),
+        _change(7, "deleted", 2, 5),  # older than the restoration: dropped
+        _change(7, "deleted", 1, 3),  # message 1's own: older version, another message
+        _change(7, "deleted", 2, 12),  # a later deletion: sent
+    ):
+        await hub._on_room_event(feed, event)
+    if parked:
+        feed.gap_timer.cancel()
+        feed.gap_timer = None
+        await hub._on_room_event(feed, broadcast.messages_event(7, [(1, _message(1))]))
+    sent = [("restored", 2), ("deleted", 1), ("deleted", 2)]
+    if parked:  # held for their messages, then sent message by message
+        sent = [("deleted", 1), ("restored", 2), ("deleted", 2)]
+    assert _changes_sent(sock) == sent
+    assert feed.changes_seen == {2: 12, 1: 3}
+
+
+async def test_unversioned_changes_are_sent_in_arrival_order():
+    """A publisher without versions (a process of the previous release, during a rolling
+    upgrade): its changes go out as they come, as they did."""
+    hub = Hub(get_runtime())
+    feed = RoomFeed(room_id=7, delivered=1)
+    sock = TextSocket("s", user_id=1)
+    feed.sockets = {"s": sock}
+    for kind in ("restored", "deleted", "restored"):
+        await hub._on_room_event(feed, _change(7, kind, 1, None))
+    assert _changes_sent(sock) == [("restored", 1), ("deleted", 1), ("restored", 1)]
+    assert feed.changes_seen == {}
+
+
+async def test_the_changes_remembered_per_room_are_bounded(monkeypatch):
+    monkeypatch.setattr(hub_module, "CHANGES_KEPT", 3)
+    hub = Hub(get_runtime())
+    feed = RoomFeed(room_id=7, delivered=10)
+    sock = TextSocket("s", user_id=1)
+    feed.sockets = {"s": sock}
+    for version, seq in enumerate((1, 2, 3, 1, 4), start=1):
+        await hub._on_room_event(feed, _change(7, "deleted", seq, version))
+    # Message 1 was changed again (version 4), so 2, the oldest change, is the one forgotten.
+    assert feed.changes_seen == {3: 3, 1: 4, 4: 5}
+    assert len(sock.texts) == 5
+
+
+@pytest.mark.django_db(transaction=True)
+async def test_each_change_to_a_message_is_published_with_a_later_version(monkeypatch):
+    """The version is the chain position of the change's audit row: a deletion, a restoration
+    and a deletion again of one message carry increasing versions, whatever process makes them."""
+    sent: list[dict] = []
+    monkeypatch.setattr(broadcast, "_send", lambda group, event: sent.append(event))
+
+    def moderate():
+        alice = make_user("alice")
+        room = make_room("lobby", owner=alice)
+        services.message_send(room=room, author=alice, body="hi", client_id="c1")
+        message = services.message_delete(actor=alice, room=room, seq=1)
+        services.message_restore(actor=alice, message=message)
+        services.message_delete(actor=alice, room=room, seq=1)
+
+    await sync(moderate)()
+    changes = [e for e in sent if e["type"] == "hub.frame" and e.get("seq") == 1]
+    assert [json.loads(e["text"])["type"] for e in changes] == ["deleted", "restored", "deleted"]
+    versions = [e["version"] for e in changes]
+    assert versions == sorted(set(versions))  # strictly increasing
+    logged = await sync(
+        lambda: list(
+            MessageLog.objects.filter(event__in=["deleted", "restored"])
+            .order_by("chain_seq")
+            .values_list("chain_seq", flat=True)
+        )
+    )()
+    assert versions == logged
