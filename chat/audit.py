@@ -869,7 +869,8 @@ class PruneResult:
     # Last pruned chain position; None when no row can go.
     seq: int | None = None
     rows: dict[str, int] | None = None
-    checkpoint: AuditCheckpoint | None = None
+    checkpoint: AuditCheckpoint | None = None  # the last one written
+    steps: int = 0  # transactions that pruned, each with its checkpoint
 
     @property
     def rows_pruned(self) -> int:
@@ -912,54 +913,97 @@ def _first_link_since(cutoff: datetime, *, after_seq: int) -> int | None:
     return min(found) if found else None
 
 
-def prune_before(*, cutoff: datetime, dry_run: bool = False) -> PruneResult:
-    """Delete the audit rows of the longest chain prefix older than `cutoff`, under a checkpoint.
+# Chain positions a prune covers per transaction: each holds the chain head's lock, which every
+# audit append (every message sent) waits for, only for the deletes of this many links.
+PRUNE_BATCH = 10_000
+
+
+def prune_before(
+    *, cutoff: datetime, dry_run: bool = False, batch: int = PRUNE_BATCH
+) -> PruneResult:
+    """Delete the audit rows of the longest chain prefix older than `cutoff`, under checkpoints.
 
     The prefix ends at S, the largest position such that every link up to S is older than
     `cutoff`. A row goes when all its links are at or below S: a connection whose close link is
     later stays, and so does one without a close that may still be open (younger than
-    CHAT_MAX_CONNECTION_AGE), or its close would find no row to seal. A signed AuditCheckpoint
-    for S and an AUDIT_PRUNED event are written in the same transaction, so verify_chain()
-    resumes at S.
+    CHAT_MAX_CONNECTION_AGE), or its close would find no row to seal.
 
-    The chain is verified first, without the head lock (writers are held up only by the deletes),
-    and only the verified part can be pruned: a broken chain raises AuditChainBroken and keeps
-    every row, since pruning it would sign a checkpoint over the tampering.
+    The prefix goes in steps of about `batch` positions, one transaction each, so that writers
+    wait for one step's deletes at most, not for a day's. Each step writes a signed
+    AuditCheckpoint at its last position and an AUDIT_PRUNED event in its transaction, so
+    verify_chain() resumes at the newest checkpoint whenever it runs, and a prune stopped midway
+    leaves a verifiable chain (the next one goes on from there).
+
+    The chain is verified first, without the head lock, and only the verified part can be
+    pruned: a broken chain raises AuditChainBroken and keeps every row, since pruning it would
+    sign a checkpoint over the tampering.
     """
-
+    if batch < 1:
+        raise ValueError("batch must be at least 1")
     verified_upto = AuditChainHead.objects.filter(pk=1).values_list("last_seq", flat=True).first()
     verified = verify_chain()
     if not verified.ok:
         raise AuditChainBroken(verified)
+    if dry_run:
+        return _prune_step(cutoff, verified_upto or 0, batch=None, dry_run=True)[0]
+    seq, rows, checkpoint, steps = None, None, None, 0
+    while True:
+        step, last = _prune_step(cutoff, verified_upto or 0, batch=batch, dry_run=False)
+        if step.rows is not None:
+            rows = {name: (rows or {}).get(name, 0) + n for name, n in step.rows.items()}
+        if step.checkpoint is None:
+            break
+        seq, checkpoint, steps = step.seq, step.checkpoint, steps + 1
+        if last:
+            break
+    return PruneResult(
+        cutoff=cutoff, dry_run=False, seq=seq, rows=rows, checkpoint=checkpoint, steps=steps
+    )
+
+
+def _prune_step(
+    cutoff: datetime, verified_upto: int, *, batch: int | None, dry_run: bool
+) -> tuple[PruneResult, bool]:
+    """One transaction of prune_before: up to `batch` positions past the newest checkpoint (all
+    of the prefix when None), fewer when the prefix ends sooner; and whether it reached the
+    prefix's end."""
     with transaction.atomic():
         head = _locked_head()
         previous = AuditCheckpoint.objects.order_by("-seq").first()
         start = previous.seq if previous is not None else 0
         first_recent = _first_link_since(cutoff, after_seq=start)
-        seq = head.last_seq if first_recent is None else first_recent - 1
-        seq = min(seq, verified_upto or 0)
-        if seq <= start:
-            return PruneResult(cutoff=cutoff, dry_run=dry_run)
+        end = head.last_seq if first_recent is None else first_recent - 1
+        end = min(end, verified_upto)
+        if end <= start:
+            return PruneResult(cutoff=cutoff, dry_run=dry_run), True
         live_since = timezone.now() - timedelta(seconds=settings.CHAT_MAX_CONNECTION_AGE)
-        closed = Q(close_chain_seq__lte=seq)
-        dead = Q(close_chain_seq__isnull=True, opened_at__lt=live_since)
-        doomed = {
-            "connection logs": ConnectionLog.objects.filter(closed | dead, chain_seq__lte=seq),
-            "message logs": MessageLog.objects.filter(chain_seq__lte=seq),
-            "security events": SecurityEvent.objects.filter(chain_seq__lte=seq),
-        }
-        if dry_run:
-            rows = {name: qs.count() for name, qs in doomed.items()}
-            would = seq if sum(rows.values()) else None
-            return PruneResult(cutoff=cutoff, dry_run=True, seq=would, rows=rows)
-        row_hash = stored_link_hash(seq)
-        if row_hash is None:  # removed since it was verified a moment ago
-            raise AuditChainBroken(VerifyResult(False, 0, seq, f"link {seq} is missing"))
-        rows = {name: qs.delete()[0] for name, qs in doomed.items()}
-        total = sum(rows.values())
+        span = end - start if batch is None else batch
+        while True:
+            seq = min(end, start + span)
+            closed = Q(close_chain_seq__lte=seq)
+            dead = Q(close_chain_seq__isnull=True, opened_at__lt=live_since)
+            doomed = {
+                "connection logs": ConnectionLog.objects.filter(closed | dead, chain_seq__lte=seq),
+                "message logs": MessageLog.objects.filter(chain_seq__lte=seq),
+                "security events": SecurityEvent.objects.filter(chain_seq__lte=seq),
+            }
+            if dry_run:
+                rows = {name: qs.count() for name, qs in doomed.items()}
+                would = seq if sum(rows.values()) else None
+                return PruneResult(cutoff=cutoff, dry_run=True, seq=would, rows=rows), True
+            row_hash = stored_link_hash(seq)
+            if row_hash is None:  # removed since it was verified a moment ago
+                raise AuditChainBroken(VerifyResult(False, 0, seq, f"link {seq} is missing"))
+            rows = {name: qs.delete()[0] for name, qs in doomed.items()}
+            total = sum(rows.values())
+            if total or seq == end:
+                break
+            # Positions whose links are all kept (closes of connections below the checkpoint,
+            # still-open connections): a wider step, rather than a checkpoint over no row.
+            span *= 2
         if not total:
             # Only connections still open (or closed after the cutoff) reach back that far.
-            return PruneResult(cutoff=cutoff, dry_run=False, rows=rows)
+            return PruneResult(cutoff=cutoff, dry_run=False, rows=rows), True
         created_at = timezone.now()
         checkpoint = AuditCheckpoint.objects.create(
             seq=seq,
@@ -973,7 +1017,8 @@ def prune_before(*, cutoff: datetime, dry_run: bool = False) -> PruneResult:
             reason=f"audit rows up to chain position {seq} older than the cutoff",
             details={"seq": seq, "cutoff": canonical_value(cutoff), "rows": rows},
         )
-    return PruneResult(cutoff=cutoff, dry_run=False, seq=seq, rows=rows, checkpoint=checkpoint)
+    result = PruneResult(cutoff=cutoff, dry_run=False, seq=seq, rows=rows, checkpoint=checkpoint)
+    return result, seq == end
 
 
 @dataclass(frozen=True, slots=True)

@@ -2,12 +2,14 @@
 
 import hashlib
 import hmac
+import itertools
 from datetime import datetime, timedelta
 from datetime import timezone as dt_timezone
 from uuid import UUID
 
 import pytest
 import time_machine
+from django.db import transaction
 from django.db.models import F
 from django.test import override_settings
 from django.utils import timezone
@@ -329,6 +331,102 @@ def test_second_prune_resumes_from_the_first_checkpoint():
     verified = audit.verify_chain()
     assert verified.ok, verified.problem
     assert verified.links_checked == 2  # the two audit_pruned events
+
+
+@pytest.mark.parametrize("batch", [1, 2, 4])
+def test_a_prune_in_small_steps_prunes_what_one_step_would(batch):
+    """Each step is a transaction with its own checkpoint; together they delete what one step
+    would, and the chain verifies from the last checkpoint. A step over positions whose links
+    are all kept (closes of connections opened before the checkpoint) widens rather than sign
+    a checkpoint over nothing."""
+    with long_ago():
+        never_closed = log_connection()  # its process died
+        closed_then = log_connection()
+        build_chain("old-")
+        log_close(closed_then)
+    kept = build_chain("new-")
+
+    result = audit.prune_before(cutoff=cutoff(), batch=batch)
+
+    old_links = 2 + LINKS + 1
+    assert result.seq == old_links
+    assert result.rows == {"connection logs": 4, "message logs": 3, "security events": 3}
+    checkpoints = list(AuditCheckpoint.objects.order_by("seq"))
+    assert result.steps == len(checkpoints) > 1
+    assert result.checkpoint == checkpoints[-1]
+    assert checkpoints[-1].seq == old_links
+    assert sum(c.rows_pruned for c in checkpoints) == result.rows_pruned == 10
+    assert all(
+        later.seq - earlier.seq <= batch or later.rows_pruned > 0
+        for earlier, later in itertools.pairwise(checkpoints)
+    )
+    events = SecurityEvent.objects.filter(event=SecurityEvent.Event.AUDIT_PRUNED)
+    assert sorted(e.details["seq"] for e in events) == [c.seq for c in checkpoints]
+    assert not ConnectionLog.objects.filter(pk__in=[never_closed.pk, closed_then.pk]).exists()
+    assert ConnectionLog.objects.filter(pk=kept.connection.pk).exists()
+    verified = audit.verify_chain()
+    assert verified.ok, verified.problem
+    assert verified.links_checked == LINKS + len(checkpoints)  # the recent chain, the events
+
+
+@pytest.mark.django_db(transaction=True)
+def test_writers_wait_for_one_step_of_a_prune_at_most(monkeypatch):
+    """Every message sent appends to the chain under its head's lock: a prune of a day's rows
+    must not hold it for all of them. Between two steps no transaction is open, and what is
+    appended then is kept and verifies."""
+    with long_ago():
+        for n in range(3):
+            build_chain(f"old{n}-")
+    step = audit._prune_step
+    between: list[bool] = []
+
+    def step_then_a_writer(*args, **kwargs):
+        outcome = step(*args, **kwargs)
+        between.append(transaction.get_connection().in_atomic_block)
+        audit.security_event(event=audit.Event.LOGIN_FAILED, ip="192.0.2.7")
+        return outcome
+
+    monkeypatch.setattr(audit, "_prune_step", step_then_a_writer)
+
+    result = audit.prune_before(cutoff=cutoff(), batch=LINKS)
+
+    assert result.steps == 3
+    assert between == [False] * 3
+    assert SecurityEvent.objects.filter(ip="192.0.2.7").count() == 3
+    verified = audit.verify_chain()
+    assert verified.ok, verified.problem
+
+
+def test_a_prune_stopped_midway_leaves_a_verifiable_chain_and_the_next_goes_on(monkeypatch):
+    with long_ago():
+        build_chain("old-")
+        build_chain("older-")
+    step, calls = audit._prune_step, []
+
+    def fails_second(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            raise audit.AuditChainBroken(audit.VerifyResult(False, 0, 0, "stopped"))
+        return step(*args, **kwargs)
+
+    monkeypatch.setattr(audit, "_prune_step", fails_second)
+    with pytest.raises(audit.AuditChainBroken):
+        audit.prune_before(cutoff=cutoff(), batch=LINKS)
+    assert list(AuditCheckpoint.objects.values_list("seq", flat=True)) == [LINKS]
+    assert audit.verify_chain().ok
+
+    monkeypatch.setattr(audit, "_prune_step", step)
+    result = audit.prune_before(cutoff=cutoff(), batch=LINKS)
+
+    # The rest of the old rows; the first step's audit_pruned event (19) is recent.
+    assert (result.seq, result.steps) == (2 * LINKS, 1)
+    assert list(AuditCheckpoint.objects.values_list("seq", flat=True)) == [2 * LINKS, LINKS]
+    assert audit.verify_chain().ok
+
+
+def test_a_prune_refuses_an_empty_step():
+    with pytest.raises(ValueError, match="at least 1"):
+        audit.prune_before(cutoff=cutoff(), batch=0)
 
 
 # --- tampering after a prune ---------------------------------------------------------------------

@@ -150,6 +150,22 @@ def test_prune_audit_logs_prunes_and_the_chain_still_verifies(old_and_new_chain)
     assert "Audit chain OK" in verified
 
 
+def test_prune_audit_logs_in_batches_checkpoints_each(old_and_new_chain):
+    out = run("prune_audit_logs", "--days", "30", "--batch-size", "4")
+
+    assert "Pruned 8 audit rows" in out
+    steps = AuditCheckpoint.objects.count()
+    assert steps > 1
+    assert f"Checkpoint at position 9 (the last of {steps})" in out
+    assert "Audit chain OK" in run("verify_audit_log")
+
+
+def test_prune_audit_logs_refuses_an_empty_batch(old_and_new_chain):
+    with pytest.raises(CommandError, match="--batch-size must be at least 1"):
+        run("prune_audit_logs", "--days", "30", "--batch-size", "0")
+    assert not AuditCheckpoint.objects.exists()
+
+
 def test_prune_audit_logs_dry_run_deletes_nothing(old_and_new_chain):
     links = AuditChainHead.objects.get().last_seq
 

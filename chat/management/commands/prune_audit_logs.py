@@ -20,16 +20,27 @@ class Command(BaseCommand):
             "--days", type=int, required=True, help="keep this many days of audit rows (>= 1)"
         )
         parser.add_argument("--dry-run", action="store_true", help="count, delete nothing")
+        parser.add_argument(
+            "--batch-size",
+            type=int,
+            default=audit.PRUNE_BATCH,
+            help=(
+                "chain positions per transaction, each with its checkpoint: writers wait for one "
+                f"batch's deletes at most (default {audit.PRUNE_BATCH})"
+            ),
+        )
 
-    def handle(self, *args, days: int, dry_run: bool, **options):
+    def handle(self, *args, days: int, dry_run: bool, batch_size: int, **options):
         if days < 1:
             raise CommandError("--days must be at least 1")
+        if batch_size < 1:
+            raise CommandError("--batch-size must be at least 1")
         try:
             cutoff = timezone.now() - timedelta(days=days)
         except OverflowError:
             raise CommandError(f"--days {days} reaches before year 1") from None
         try:
-            result = audit.prune_before(cutoff=cutoff, dry_run=dry_run)
+            result = audit.prune_before(cutoff=cutoff, dry_run=dry_run, batch=batch_size)
         except audit.AuditChainBroken as exc:
             raise CommandError(
                 f"nothing pruned: {exc}. Investigate (verify_audit_log) before pruning."
@@ -45,7 +56,8 @@ class Command(BaseCommand):
             f"up to chain position {result.seq}."
         )
         if result.checkpoint is not None:
+            steps = f" (the last of {result.steps})" if result.steps > 1 else ""
             self.stdout.write(
-                f"Checkpoint at position {result.checkpoint.seq}, "
+                f"Checkpoint at position {result.checkpoint.seq}{steps}, "
                 f"link hash {result.checkpoint.row_hash}."
             )
