@@ -253,17 +253,34 @@ class MessageDetailView(RoomScopedView):
 
 class MemberListView(RoomScopedView):
     @extend_schema(
-        parameters=_LIST_PAGE,
+        parameters=[
+            *_LIST_PAGE,
+            OpenApiParameter(
+                "username",
+                str,
+                many=True,
+                explode=True,
+                description="Only these users' memberships (repeat it, at most "
+                f"{serializers.LIST_LIMIT_MAX}): those of them who are members",
+            ),
+        ],
         responses={200: serializers.MemberSerializer(many=True), **_ERRORS},
     )
     def get(self, request, slug: str):
-        """The room's members by username, in pages. Bans and mutes are moderation data:
-        moderators only see them."""
+        """The room's members by username, in pages; or those among the given usernames. Bans
+        and mutes are moderation data: moderators only see them (and banned members)."""
         room = self.room_for(request, slug)
-        after, limit = _page_query(request)
+        query = serializers.MemberQuerySerializer(data=request.query_params)
+        query.is_valid(raise_exception=True)
+        after, limit = query.validated_data.get("after"), query.validated_data["limit"]
         moderator = permissions.is_moderator(request.user, room, self.membership)
         members, next_after = selectors.page_after(
-            selectors.room_members(room=room, include_banned=moderator, after=after),
+            selectors.room_members(
+                room=room,
+                include_banned=moderator,
+                after=after,
+                usernames=query.validated_data.get("username"),
+            ),
             limit=limit,
             key=attrgetter("user.username"),
         )

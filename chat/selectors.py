@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from operator import attrgetter
@@ -136,14 +136,21 @@ def rooms_visible_page(*, user, after: str | None, limit: int) -> tuple[list[Roo
 
 
 def room_members(
-    *, room: Room, include_banned: bool = True, after: str | None = None
+    *,
+    room: Room,
+    include_banned: bool = True,
+    after: str | None = None,
+    usernames: Collection[str] | None = None,
 ) -> QuerySet[Membership]:
-    """The room's members by username; those after the username `after` if given."""
+    """The room's members by username; those after the username `after`, and those among
+    `usernames`, if given."""
     members = Membership.objects.filter(room=room).select_related("user")
     if not include_banned:
         members = members.filter(banned_at__isnull=True)
     if after is not None:
         members = members.filter(user__username__gt=after)
+    if usernames is not None:
+        members = members.filter(user__username__in=usernames)
     return members.order_by("user__username")
 
 

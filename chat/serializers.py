@@ -94,6 +94,19 @@ class ListQuerySerializer(serializers.Serializer):
     limit = serializers.IntegerField(min_value=1, max_value=LIST_LIMIT_MAX, default=LIST_LIMIT)
 
 
+class MemberQuerySerializer(ListQuerySerializer):
+    """A page of a room's members, or of those among the given usernames (`username`, repeated):
+    what a page asks about the users its room's presence shows, without every page of a large
+    room."""
+
+    username = serializers.ListField(
+        child=serializers.CharField(max_length=150, trim_whitespace=False),
+        required=False,
+        allow_empty=False,
+        max_length=LIST_LIMIT_MAX,
+    )
+
+
 class MessageSerializer(serializers.Serializer):
     """A message, or a tombstone (deleted: true, no body) if it was deleted."""
 

@@ -24,16 +24,11 @@ export async function api(path, options = {}) {
   return (await request(path, options)).data;
 }
 
-// Every item of a list the API gives in pages (rooms, members): its pages in order, each
-// asked for at the path its predecessor's `Link: <...>; rel="next"` names.
-export async function apiList(path) {
-  const items = [];
-  for (let next = path; next; ) {
-    const { data, response } = await request(next);
-    items.push(...data);
-    next = nextLink(response.headers.get("Link"));
-  }
-  return items;
+// One page of a list the API gives in pages (rooms, members): its items, and the path of the
+// next page (its `Link: <...>; rel="next"`), or null on the last.
+export async function apiPage(path) {
+  const { data, response } = await request(path);
+  return { items: data, next: nextLink(response.headers.get("Link")) };
 }
 
 function nextLink(header) {

@@ -1,7 +1,7 @@
 // The room page: history and live messages merged by seq, the composer and its outbox, typing,
 // members with presence, and moderation. Every user-provided string goes through textContent.
 
-import { api, apiList } from "./api.js";
+import { api, apiPage } from "./api.js";
 import { RoomConnection } from "./connection.js";
 import { Outbox } from "./outbox.js";
 
@@ -34,6 +34,7 @@ const ui = {
   bannedHeading: byId("banned-heading"),
   bannedList: byId("banned-list"),
   onlineCount: byId("online-count"),
+  moreMembers: byId("more-members"),
   membersToggle: byId("members-toggle"),
   announcer: byId("announcer"),
   toast: byId("toast"),
@@ -98,6 +99,7 @@ const messages = new Map(); // seq -> {data, el}
 const deletedAhead = new Set();
 const pendingEls = new Map(); // client_id -> element
 const members = new Map(); // username -> member, as the REST API gives it
+const guests = new Set(); // users the room's presence shows whom the API says are not members
 let online = new Set();
 const typers = new Map(); // username -> timeout id
 
@@ -373,7 +375,7 @@ function onError(frame) {
   }
   if (frame.client_id && outbox.has(frame.client_id)) {
     outbox.refuse(frame.client_id, frame.code, frame.detail);
-    if (frame.code === "muted" || frame.code === "forbidden") loadMembers();
+    if (frame.code === "muted" || frame.code === "forbidden") lookUpMembers([ME]);
     return;
   }
   showToast(frame.detail);
@@ -399,7 +401,7 @@ function onMembership(frame) {
   updateComposer();
   renderJoinOffer();
   renderMessageControls();
-  loadMembers();
+  lookUpMembers([ME]);
 }
 
 // --- messages ------------------------------------------------------------------------------------
@@ -765,23 +767,88 @@ ui.confirmDialog.addEventListener("close", () => {
 
 // --- members -------------------------------------------------------------------------------------
 
-let membersTimer = null;
+// The drawer lists the room's members a page at a time ("Show more members"), and the users its
+// presence shows: those the pages have not brought are asked for by name, a request for up to
+// LOOKUP_BATCH of them, so a room of many thousands costs a request a page the reader asks for,
+// not one per hundred members at every open or join.
+const LOOKUP_BATCH = 100;
+let membersNext = null; // the path of the member list's next page, if any
+let lookupTimer = null;
 
 async function loadMembers() {
-  clearTimeout(membersTimer);
   try {
-    const list = await apiList(`/api/rooms/${ROOM}/members/`);
+    const { items, next } = await apiPage(`/api/rooms/${ROOM}/members/`);
     members.clear();
-    for (const member of list) members.set(member.username, member);
+    guests.clear();
+    for (const member of items) members.set(member.username, member);
+    membersNext = next;
     renderMembers();
+    lookUpMembersSoon();
   } catch {
     // Access lost: the socket's close says why.
   }
 }
 
-function refreshMembersSoon() {
-  clearTimeout(membersTimer);
-  membersTimer = setTimeout(loadMembers, 300);
+let loadingMoreMembers = false;
+
+async function loadMoreMembers() {
+  if (!membersNext || loadingMoreMembers) return;
+  // Not `disabled`: a focused button that becomes disabled drops the focus to the page.
+  loadingMoreMembers = true;
+  ui.moreMembers.setAttribute("aria-disabled", "true");
+  try {
+    const { items, next } = await apiPage(membersNext);
+    const hadFocus = document.activeElement === ui.moreMembers;
+    for (const member of items) {
+      members.set(member.username, member);
+      guests.delete(member.username);
+    }
+    membersNext = next;
+    renderMembers();
+    // The last page hides the button the reader pressed: focus would fall to the page.
+    if (!next && hadFocus) byId("members-heading").focus();
+    announce(`${items.length} more members shown.`);
+  } catch (error) {
+    showToast(error.message);
+  } finally {
+    loadingMoreMembers = false;
+    ui.moreMembers.removeAttribute("aria-disabled");
+  }
+}
+
+// `names` as members (role, mute, ban) or, when the API has no membership for them, as guests.
+async function lookUpMembers(names) {
+  for (let start = 0; start < names.length; start += LOOKUP_BATCH) {
+    const batch = names.slice(start, start + LOOKUP_BATCH);
+    const query = batch.map((name) => `username=${encodeURIComponent(name)}`).join("&");
+    let found;
+    try {
+      ({ items: found } = await apiPage(
+        `/api/rooms/${ROOM}/members/?${query}&limit=${LOOKUP_BATCH}`,
+      ));
+    } catch {
+      return; // access lost (the socket's close says why), or the server is away: next time
+    }
+    const answered = new Map(found.map((member) => [member.username, member]));
+    for (const name of batch) {
+      if (answered.has(name)) {
+        members.set(name, answered.get(name));
+        guests.delete(name);
+      } else {
+        members.delete(name);
+        guests.add(name);
+      }
+    }
+  }
+  if (names.length) renderMembers();
+}
+
+// The users present whom the page knows neither as members nor as guests.
+function lookUpMembersSoon() {
+  clearTimeout(lookupTimer);
+  lookupTimer = setTimeout(() => {
+    lookUpMembers([...online].filter((name) => !members.has(name) && !guests.has(name)));
+  }, 300);
 }
 
 function onPresence(frame) {
@@ -791,7 +858,7 @@ function onPresence(frame) {
     stopTyping(frame.left);
   }
   renderMembers();
-  if (frame.joined && !members.has(frame.joined)) refreshMembersSoon();
+  if (frame.joined && !members.has(frame.joined)) lookUpMembersSoon();
 }
 
 function myRank() {
@@ -814,7 +881,7 @@ function memberRow(username) {
   if (username === ME) tags.push(["you", ""]);
   if (member?.banned) tags.push(["banned", "tag-danger"]);
   else if (member && member.role !== "member") tags.push([member.role, "tag-accent"]);
-  else if (!member) tags.push(["guest", ""]);
+  else if (!member && guests.has(username)) tags.push(["guest", ""]);
   if (member && isMuted(member.muted_until)) tags.push(["muted", "tag-warn"]);
   const tagBox = li.querySelector(".member-tags");
   const presence = document.createElement("span");
@@ -847,6 +914,7 @@ function renderMembers() {
   const banned = state.moderator ? [...members.values()].filter((member) => member.banned) : [];
   ui.bannedList.replaceChildren(...banned.map((member) => memberRow(member.username)));
   ui.bannedHeading.hidden = ui.bannedList.hidden = banned.length === 0;
+  ui.moreMembers.hidden = !membersNext;
   ui.onlineCount.textContent = String(online.size);
   if (focused !== undefined) focusMember(focused);
 }
@@ -860,6 +928,7 @@ function focusMember(username) {
 }
 
 ui.memberList.addEventListener("click", onManageClick);
+ui.moreMembers.addEventListener("click", loadMoreMembers);
 ui.bannedList.addEventListener("click", onManageClick);
 
 function onManageClick(event) {
@@ -967,10 +1036,11 @@ ui.moderateDialog.addEventListener("click", async (event) => {
   const buttons = ui.moderateDialog.querySelectorAll("button[data-action]");
   for (const b of buttons) b.disabled = true;
   try {
-    await api(`/api/rooms/${ROOM}/members/${encodeURIComponent(target)}/`, request);
+    const who = target;
+    await api(`/api/rooms/${ROOM}/members/${encodeURIComponent(who)}/`, request);
     ui.moderateDialog.close();
     showToast(done, "info");
-    loadMembers();
+    lookUpMembers([who]);
   } catch (error) {
     byId("moderate-error").textContent = error.message;
   } finally {
@@ -994,7 +1064,7 @@ byId("join")?.addEventListener("click", async (event) => {
     state.role = member.role;
     byId("join-banner").remove();
     announce("You joined the room.");
-    loadMembers();
+    lookUpMembers([ME]);
     markRead();
   } catch (error) {
     button.disabled = false;

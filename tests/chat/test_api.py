@@ -563,3 +563,39 @@ def test_member_list_link_encodes_the_username(alice):
     assert [m["username"] for m in client_for(alice).get(link[1 : link.index(">")]).json()] == [
         "carol"
     ]
+
+
+def test_member_list_of_given_usernames_answers_those_who_are_members(alice):
+    """What a page asks about the users its room's presence shows: one request for many of
+    them, not every page of the room. Guests and unknown names are left out; banned members,
+    as in the list, only for moderators."""
+    room = make_room("lobby", owner=alice)
+    for name in ["bob", "carol", "dave"]:
+        make_member(room, make_user(name))
+    make_member(room, make_user("banned-bo"), banned_at=timezone.now())
+    make_user("guest-gil")  # an account, not a member
+    query = "username=dave&username=guest-gil&username=bob&username=nobody&username=banned-bo"
+    path = f"/api/rooms/{room.slug}/members/?{query}"
+    as_member = client_for(make_user("zed"))
+    response = as_member.get(path)
+    assert response.status_code == 200
+    assert [m["username"] for m in response.json()] == ["bob", "dave"]
+    assert "muted_until" not in response.json()[0]  # moderation data: moderators only
+    answer = client_for(alice).get(path).json()
+    assert [m["username"] for m in answer] == ["banned-bo", "bob", "dave"]
+    assert answer[0]["banned"] is True
+    pages, links = _pages(as_member, f"{path}&limit=1")
+    assert pages == [["bob"], ["dave"]]
+    assert links[0] == f'</api/rooms/{room.slug}/members/?{query}&limit=1&after=bob>; rel="next"'
+
+
+@pytest.mark.parametrize(
+    "query",
+    ["username=", "username=" + "u" * 151, "&".join(["username=u"] * 501)],
+    ids=["empty", "too long", "too many"],
+)
+def test_member_list_username_filter_is_validated(alice, query):
+    room = make_room("lobby", owner=alice)
+    response = client_for(alice).get(f"/api/rooms/{room.slug}/members/?{query}")
+    assert response.status_code == 400
+    assert "username" in response.json()["errors"]

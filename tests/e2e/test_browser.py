@@ -1080,11 +1080,12 @@ async def test_room_list_badges_follow_new_messages_while_shown(open_tab, garden
     await assert_healthy(alice, bob)
 
 
-async def test_lists_longer_than_a_page_are_shown_whole_and_kept_fresh(
+async def test_lists_longer_than_a_page_are_shown_in_pages_and_kept_fresh(
     open_tab, garden, server_factory
 ):
-    """A page of rooms past the first keeps its own badges fresh; the members drawer follows
-    the member list's Link headers to its last page."""
+    """A page of rooms past the first keeps its own badges fresh. The members drawer shows the
+    member list's first page and the next on request; the users present that no page brought
+    are asked for by name, in one request, never by loading every page."""
     from chat.serializers import LIST_LIMIT
 
     @sync_to_async
@@ -1097,6 +1098,9 @@ async def test_lists_longer_than_a_page_are_shown_whole_and_kept_fresh(
             get_user_model()(username=f"zz-{i:04d}") for i in range(LIST_LIMIT + 1)
         )
         Membership.objects.bulk_create(Membership(room=garden, user=u) for u in users)
+        # Past the first page, by name: known to alice's page only once present.
+        make_member(garden, make_user("zzz-mod"), role=Membership.Role.MODERATOR)
+        make_user("zzz-guest")
 
     await crowd()
     server = server_factory(CHAT_UNREAD_REFRESH_SECONDS="1")
@@ -1113,10 +1117,34 @@ async def test_lists_longer_than_a_page_are_shown_whole_and_kept_fresh(
     await send(bob, "three")
     await expect(badge).to_have_text("3 unread")  # the second page's refresh asks for it
 
+    asked: list[str] = []
+    page.on("request", lambda r: asked.append(r.url) if "/members/" in r.url else None)
     await open_room(alice, "garden")
     await page.get_by_role("button", name="Members").click()
+    more = page.get_by_role("button", name="Show more members")
+    await expect(more).to_be_visible()
+    await expect(page.locator("[data-username='zz-0098']")).to_have_count(1)
+    await expect(page.locator(f"[data-username='zz-{LIST_LIMIT:04d}']")).to_have_count(0)
+    assert len(asked) == 1  # the first page only
+    await more.focus()
+    await page.keyboard.press("Enter")
     await expect(page.locator(f"[data-username='zz-{LIST_LIMIT:04d}']")).to_have_count(1)
-    await assert_healthy(alice, bob)
+    await expect(more).to_be_hidden()
+    await expect(page.locator("#members-heading")).to_be_focused()
+    assert len(asked) == 2
+
+    moderator = await signed_in(open_tab, server, "zzz-mod")
+    guest = await signed_in(open_tab, server, "zzz-guest")
+    for tab in (moderator, guest):
+        await open_room(tab, "garden")
+    mod_row = page.locator("[data-username='zzz-mod']")
+    guest_row = page.locator("[data-username='zzz-guest']")
+    await expect(mod_row.locator(".tag")).to_have_text(["moderator"])
+    await expect(guest_row.locator(".tag")).to_have_text(["guest"])
+    lookups = [url for url in asked[2:] if "username=" in url]
+    assert lookups
+    assert all("after=" not in url for url in asked[2:])  # no page of the list again
+    await assert_healthy(alice, bob, moderator, guest)
 
 
 LONG_USERNAME = "christopher.montgomery@example-corp.com"
