@@ -27,6 +27,16 @@ class PlainTextField(serializers.CharField):
         return value
 
 
+class StringField(serializers.CharField):
+    """A CharField that takes a JSON string only: DRF's reads a number as its digits (5 as "5"),
+    where the socket refuses a `message` whose body or client_id is not a string."""
+
+    def to_internal_value(self, data):
+        if not isinstance(data, str):
+            self.fail("invalid")
+        return super().to_internal_value(data)
+
+
 class RoomSerializer(serializers.ModelSerializer):
     role = serializers.SerializerMethodField()
     unread = serializers.SerializerMethodField()
@@ -125,8 +135,8 @@ class MessagePageSerializer(serializers.Serializer):
 
 
 class MessageCreateSerializer(serializers.Serializer):
-    body = serializers.CharField(trim_whitespace=False, max_length=100_000)
-    client_id = serializers.CharField(max_length=64)
+    body = StringField(trim_whitespace=False, max_length=100_000)
+    client_id = StringField(max_length=64)
 
 
 class MessageAckSerializer(serializers.Serializer):

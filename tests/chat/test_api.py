@@ -6,7 +6,7 @@ import pytest
 from django.utils import timezone
 from rest_framework.test import APIClient
 
-from chat import services
+from chat import broadcast, services
 from chat.models import Membership, Message, Room, SecurityEvent
 from tests.factories import make_member, make_room, make_user
 
@@ -156,6 +156,51 @@ def test_post_message_validation(alice):
         "/api/rooms/lobby/messages/", {"body": "x", "client_id": "no spaces"}, format="json"
     )
     assert bad_id.status_code == 400
+
+
+@pytest.fixture
+def broadcasts(monkeypatch):
+    """Every event the services publish to the rooms' sockets, as (group, event)."""
+    published = []
+    monkeypatch.setattr(broadcast, "publish", lambda group, event: published.append((group, event)))
+    return published
+
+
+def test_post_message_with_a_string_body_is_stored_and_broadcast(alice, broadcasts):
+    make_room("lobby", owner=alice)
+    response = client_for(alice).post(
+        "/api/rooms/lobby/messages/", {"body": "5", "client_id": "k"}, format="json"
+    )
+    assert response.status_code == 201
+    assert Message.objects.get(client_id="k").body == "5"
+    assert [event["type"] for _, event in broadcasts] == ["hub.messages"]
+
+
+@pytest.mark.parametrize("field", ["body", "client_id"])
+@pytest.mark.parametrize(
+    ("value", "error"),
+    [
+        (5, ("invalid", "Not a valid string.")),
+        (1.5, ("invalid", "Not a valid string.")),
+        (True, ("invalid", "Not a valid string.")),
+        (["hi"], ("invalid", "Not a valid string.")),
+        ({"text": "hi"}, ("invalid", "Not a valid string.")),
+        (None, ("null", "This field may not be null.")),
+    ],
+    ids=["int", "float", "bool", "list", "object", "null"],
+)
+def test_post_message_refuses_a_field_that_is_not_a_string(alice, broadcasts, field, value, error):
+    """As the socket refuses such a frame: DRF's CharField read 5 as "5" and stored it."""
+    make_room("lobby", owner=alice)
+    data = {"body": "hi", "client_id": "k", field: value}
+    response = client_for(alice).post("/api/rooms/lobby/messages/", data, format="json")
+    code, text = error
+    assert (response.status_code, response.json()) == (
+        400,
+        {"detail": f"{field}: {text}", "code": code, "errors": {field: [text]}},
+    )
+    assert not Message.objects.exists()
+    assert broadcasts == []
 
 
 def test_deleted_message_is_a_tombstone_in_the_api(alice):
