@@ -212,7 +212,10 @@ def tickets_revoke(*, actor, tickets) -> int:
     """Revoke unused tickets (admin action); each revocation is audited."""
     now = timezone.now()
     with transaction.atomic():
-        rows = list(tickets.select_for_update().unused().select_related("user", "room"))
+        # of=self: the user and room rows come along for the audit rows, unlocked. A plain FOR
+        # UPDATE locks every joined row on PostgreSQL, and users and rooms are locked room first
+        # everywhere else (chat.services), so locking them here could deadlock.
+        rows = list(tickets.select_for_update(of=("self",)).unused().select_related("user", "room"))
         Ticket.objects.filter(pk__in=[row.pk for row in rows]).update(revoked_at=now)
         # One append for all of them: one lock of the chain head, not one per ticket.
         audit.append(

@@ -567,6 +567,43 @@ def test_revoke_action_revokes_unused_tickets_and_audits(admin_client, admin_use
     assert event.details == {"jti": unused.jti}
 
 
+def test_revoke_action_locks_the_ticket_rows_only(admin_client, admin_user):
+    """The tickets are read with their users and rooms (the audit rows name them), but a plain
+    FOR UPDATE on that join locked the user and room rows too on PostgreSQL, out of the order
+    every other writer takes (room, then users, then the audit chain head)."""
+    alice, room = make_user("alice"), make_room("lobby")
+    tickets = [
+        account_services.ticket_issue(user=alice, room=room, ip="127.0.0.1").row for _ in range(2)
+    ]
+    ticket_table, user_table, room_table = (
+        connection.ops.quote_name(model._meta.db_table) for model in (Ticket, type(alice), Room)
+    )
+
+    with CaptureQueriesContext(connection) as queries:
+        admin_client.post(
+            admin_url(Ticket, "changelist"),
+            {"action": "revoke", "_selected_action": [t.pk for t in tickets]},
+        )
+
+    [read] = [q["sql"] for q in queries if f"FROM {ticket_table} INNER JOIN" in q["sql"]]
+    # The audit rows' users and rooms come in the same statement, not a query per ticket.
+    assert f"INNER JOIN {user_table}" in read
+    assert f"INNER JOIN {room_table}" in read
+    locking = [q["sql"] for q in queries if "FOR UPDATE" in q["sql"]]
+    if connection.features.has_select_for_update:
+        assert read.endswith(f"FOR UPDATE OF {ticket_table}"), read
+        # Single-table locks (the audit chain head's) lock their own row; a join, the tickets.
+        assert [sql for sql in locking if " JOIN " in sql] == [read]
+    else:
+        assert locking == []  # SQLite: the transaction's write lock is the only lock
+    assert Ticket.objects.filter(revoked_at__isnull=False).count() == 2
+    events = SecurityEvent.objects.filter(event=SecurityEvent.Event.TICKET_REVOKED)
+    assert sorted(e.details["jti"] for e in events) == sorted(t.jti for t in tickets)
+    assert {(e.actor_id, e.target_name, e.room_slug) for e in events} == {
+        (admin_user.pk, "alice", "lobby")
+    }
+
+
 @pytest.mark.parametrize("state", ["issued", "used", "expired", "revoked"])
 def test_ticket_state_filter(admin_client, state):
     alice, room = make_user("alice"), make_room("lobby")
