@@ -419,6 +419,15 @@ STATIC_ROOT = Path(env.str("DJANGO_STATIC_ROOT", default=str(BASE_DIR / "staticf
 # Logging: secrets never reach a log line (see chatproject/logging.py)
 # ---------------------------------------------------------------------------------------------
 
+# DJANGO_LOG_LEVEL is the level of the project's loggers (chat.*, accounts.*, chatproject.*, which
+# have none of their own), of Django's (which Django's defaults would keep at INFO) and of any
+# library's left unset. Two floors: chat.security's warnings (refused logins, rejections from
+# one address) are written at any level, and daphne says nothing below WARNING (its INFO and
+# DEBUG are start-up and per-frame chatter; its access log is `manage.py serve -v`'s).
+LOG_LEVEL = env.str("DJANGO_LOG_LEVEL", default="INFO").upper()
+_LOG_LEVELS = ["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"]
+if LOG_LEVEL not in _LOG_LEVELS:
+    raise ImproperlyConfigured(f"DJANGO_LOG_LEVEL must be one of {', '.join(_LOG_LEVELS)}")
 LOGGING = {
     "version": 1,
     "disable_existing_loggers": False,
@@ -433,10 +442,11 @@ LOGGING = {
             "filters": ["redact"],
         },
     },
-    "root": {"handlers": ["console"], "level": env.str("DJANGO_LOG_LEVEL", default="INFO")},
+    # Every logger's records reach the root's handler, and its filter: no logger has its own.
+    "root": {"handlers": ["console"], "level": LOG_LEVEL},
     "loggers": {
-        "django": {"level": "INFO"},
-        "daphne": {"level": "WARNING"},
-        "chat.security": {"level": "INFO"},
+        "django": {"level": LOG_LEVEL},
+        "daphne": {"level": max(LOG_LEVEL, "WARNING", key=_LOG_LEVELS.index)},
+        "chat.security": {"level": min(LOG_LEVEL, "WARNING", key=_LOG_LEVELS.index)},
     },
 }
