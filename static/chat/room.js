@@ -410,8 +410,13 @@ function newMessageElement() {
   return ui.messageTemplate.content.firstElementChild.cloneNode(true);
 }
 
+// A message whose author's account was deleted keeps no name.
+function authorName(message) {
+  return message.author ?? "deleted user";
+}
+
 function renderMessageInto(li, message) {
-  const author = message.author ?? "deleted user";
+  const author = authorName(message);
   const avatar = li.querySelector(".avatar");
   avatar.textContent = initial(author);
   avatar.className = `avatar avatar-${colorIndex(author)}`;
@@ -441,6 +446,10 @@ function upsertMessage(message) {
   }
   const li = newMessageElement();
   li.dataset.seq = String(message.seq);
+  // The delete button's description is the body it would delete (a tombstone's has no button).
+  const body = li.querySelector(".body");
+  body.id = `message-${message.seq}-body`;
+  li.querySelector(".message-delete").setAttribute("aria-describedby", body.id);
   const entry = { data: message, el: li };
   messages.set(message.seq, entry);
   renderMessageInto(li, message);
@@ -482,8 +491,13 @@ function canDelete(message) {
   return !message.deleted && (state.moderator || message.author === ME);
 }
 
+// Tabbing through the log, a screen reader user hears each button: its name says whose message
+// it deletes and when it was sent, also where a run of messages by one author shows no header.
 function renderDeleteControl(entry) {
   const button = entry.el.querySelector(".message-delete");
+  const sent = formatTime(entry.data.created_at);
+  button.querySelector(".visually-hidden").textContent =
+    `Delete message from ${authorName(entry.data)}${sent ? ` at ${sent}` : ""}`;
   hideKeepingFocus(button, !canDelete(entry.data));
 }
 

@@ -510,6 +510,48 @@ async def test_deleting_a_message_by_keyboard_keeps_focus_in_the_log(open_tab, s
     await assert_healthy(owner, bob)
 
 
+async def test_each_delete_button_says_which_message_it_deletes(open_tab, server):
+    """Tabbing through the log, a screen reader user hears every delete button: "Delete message"
+    over and over does not say which. The name says whose message and when, the description
+    its body: also for the message of a deleted account, and again after a restoration."""
+    import json
+
+    tab = await signed_in(open_tab, server, "bob")
+    sockets = []
+    orphan = {**scripted_message(2), "author": None}
+
+    def handler(ws):
+        sockets.append(ws)
+
+        def on_message(text):
+            if json.loads(text)["type"] == "history":
+                page = [scripted_message(1), orphan, scripted_message(3)]
+                ws.send(json.dumps({"type": "history", "messages": page, "has_more": False}))
+
+        ws.on_message(on_message)
+        ws.send(json.dumps({**scripted_hello(3), "role": "moderator", "moderator": True}))
+
+    await tab.page.route_web_socket(re.compile(r".*/ws/rooms/lobby/"), handler)
+    await tab.page.goto("/rooms/lobby/")
+    await expect(tab.page.locator("#log")).to_have_attribute("aria-busy", "false")
+    sent = await tab.page.locator("[data-seq='1'] .time").text_content()
+    buttons = tab.page.locator("#messages .message-delete")
+    await expect(buttons).to_have_count(3)
+    for button, author, body in zip(
+        await buttons.all(), ["alice", "deleted user", "alice"], ["m1", "m2", "m3"], strict=True
+    ):
+        await expect(button).to_have_accessible_name(f"Delete message from {author} at {sent}")
+        await expect(button).to_have_accessible_description(body)
+
+    first = tab.page.locator("[data-seq='1'] .message-delete")
+    sockets[0].send(json.dumps({"type": "deleted", "room": "lobby", "seq": 1}))
+    await expect(first).to_be_hidden()
+    sockets[0].send(json.dumps({"type": "restored", "message": scripted_message(1)}))
+    await expect(first).to_be_visible()
+    await expect(first).to_have_accessible_name(f"Delete message from alice at {sent}")
+    await expect(first).to_have_accessible_description("m1")
+
+
 @pytest.fixture
 def long_lobby(lobby):
     """60 messages: the newest page (50) and one page before it."""
