@@ -563,11 +563,11 @@ function updateLogEdges() {
     : "This is the beginning of the room.";
 }
 
-// A control in the log that hides while focused (the delete button of the message it just
-// deleted, "Load earlier" at the first message) would drop a keyboard user at the top of the
-// page: focus stays in the log instead.
-function hideKeepingFocus(element, hidden) {
-  if (hidden && element.contains(document.activeElement)) ui.log.focus({ preventScroll: true });
+// A control that hides while focused (the delete button of the message it just deleted, "Load
+// earlier" at the first message, "Retry now" once it has been pressed) would drop a keyboard
+// user at the top of the page: focus goes to `next` instead, the log unless said otherwise.
+function hideKeepingFocus(element, hidden, next = ui.log) {
+  if (hidden && element.contains(document.activeElement)) next.focus({ preventScroll: true });
   element.hidden = hidden;
 }
 
@@ -1093,7 +1093,6 @@ let countdown = null;
 function onState(status) {
   clearInterval(countdown);
   ui.status.dataset.state = status.state;
-  ui.retry.hidden = true;
   switch (status.state) {
     case "connecting":
       ui.statusText.textContent = state.everOpen ? "Reconnecting…" : "Connecting…";
@@ -1114,7 +1113,6 @@ function onState(status) {
       };
       tick();
       countdown = setInterval(tick, 1000);
-      ui.retry.hidden = Boolean(status.rateLimited);
       break;
     }
     case "stopped":
@@ -1123,6 +1121,10 @@ function onState(status) {
     default:
       break;
   }
+  // Pressed, it hides as the page connects: whoever pressed it goes on to write, or else to the
+  // explanation of a stop, or the log.
+  const next = state.stopped ? ui.stopped : composerBlocked() ? ui.log : ui.input;
+  hideKeepingFocus(ui.retry, status.state !== "waiting" || Boolean(status.rateLimited), next);
   for (const entry of outbox.entries) renderPending(entry);
 }
 

@@ -957,6 +957,42 @@ async def test_a_catch_up_answered_unavailable_is_asked_again(open_tab, server):
     assert "unavailable" not in (await tab.page.locator("#toast").text_content() or "")
 
 
+@pytest.mark.parametrize(
+    ("can_post", "focused"),
+    [(True, "#composer-input"), (False, "#log")],
+    ids=["to-the-composer", "to-the-log-in-a-read-only-room"],
+)
+async def test_retry_now_pressed_by_keyboard_hands_focus_on_as_it_hides(
+    open_tab, server, can_post, focused
+):
+    """Retry now hides as the page connects again: a keyboard user who pressed it must not be
+    thrown back to the top of the page, but go on writing (or to the log if they cannot)."""
+    import json
+
+    tab = await signed_in(open_tab, server, "bob", clock=True)
+    sockets = []
+
+    def handler(ws):
+        sockets.append(ws)
+        ws.send(json.dumps({**scripted_hello(0), "can_post": can_post}))
+
+    await tab.page.route_web_socket(re.compile(r".*/ws/rooms/lobby/"), handler)
+    await tab.page.goto("/rooms/lobby/")
+    await expect(tab.page.locator("#log")).to_have_attribute("aria-busy", "false")
+    # Paused: the backoff's own reconnect waits for the test, so only the button reconnects.
+    await tab.page.clock.pause_at(await tab.page.evaluate("Date.now() / 1000 + 1"))
+    await sockets[0].close(code=1001, reason="restart")
+    retry = tab.page.get_by_role("button", name="Retry now")
+    await retry.focus()
+    await tab.page.keyboard.press("Enter")
+
+    await expect(tab.page.locator("#status")).to_have_attribute("data-state", "open")
+    await expect(retry).to_be_hidden()
+    await expect(tab.page.locator(focused)).to_be_focused()
+    assert len(sockets) == 2
+    await assert_healthy(tab)
+
+
 async def test_a_server_that_fails_right_after_hello_is_retried_with_growing_delays(
     open_tab, server
 ):
