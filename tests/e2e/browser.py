@@ -35,9 +35,31 @@ CHROMIUM_ARGS = [
 DESKTOP = {"width": 1280, "height": 800}
 PHONE = {"width": 360, "height": 740}
 
-# Runs in every page before its own scripts: records CSP violations as the page sees them, and
-# counts ticket requests (synchronously, so a test can ask "has it tried again?" at any moment).
+# Runs in every page before its own scripts: records CSP violations as the page sees them,
+# counts ticket requests (synchronously, so a test can ask "has it tried again?" at any moment),
+# and records what live regions would give a screen reader to say: the text of every node added
+# inside one (aria-relevant="additions", the default), unless the region is aria-live="off" or
+# busy, or the node hidden. A model of the ARIA rules, not a screen reader.
 WATCH_SCRIPT = """
+window.__heard = [];
+const IMPLICIT_LIVE = { log: "polite", status: "polite", alert: "assertive" };
+function heardIn(node) {
+  for (let el = node instanceof Element ? node : null; el; el = el.parentElement) {
+    if (el.hidden || el.getAttribute("aria-hidden") === "true") return false;
+    if (el.getAttribute("aria-busy") === "true") return false;
+    const live = el.getAttribute("aria-live") ?? IMPLICIT_LIVE[el.getAttribute("role")];
+    if (live) return live !== "off";
+  }
+  return false;
+}
+new MutationObserver((records) => {
+  for (const record of records) {
+    for (const node of record.addedNodes) {
+      const text = (node.textContent ?? "").trim();
+      if (text && heardIn(record.target)) window.__heard.push(text);
+    }
+  }
+}).observe(document, { childList: true, subtree: true });
 window.__csp = [];
 document.addEventListener("securitypolicyviolation", (e) => {
   window.__csp.push(`${e.effectiveDirective} ${e.blockedURI}`);
@@ -98,6 +120,11 @@ class Tab:
 
     async def ticket_requests(self) -> int:
         return await self.page.evaluate("window.__ticketRequests")
+
+    async def heard(self, containing: str = "") -> list[str]:
+        """What live regions gave to say so far (WATCH_SCRIPT): the lines with `containing`."""
+        heard = await self.page.evaluate("window.__heard")
+        return [text for text in heard if containing in text]
 
 
 @pytest_asyncio.fixture(loop_scope="module", name="open_tab")
