@@ -37,6 +37,7 @@ const ui = {
   moreMembers: byId("more-members"),
   membersToggle: byId("members-toggle"),
   announcer: byId("announcer"),
+  arrivals: byId("arrivals"),
   toast: byId("toast"),
   confirmDialog: byId("confirm-dialog"),
   moderateDialog: byId("moderate-dialog"),
@@ -52,6 +53,7 @@ const TYPING_SHOWN_MS = 5000;
 const TYPING_SENT_EVERY_MS = 3000; // the server accepts one typing frame per 2 s
 const READ_MARK_DELAY_MS = 1500;
 const NEWEST_PAGE = 50;
+const ARRIVALS_KEPT = 20; // a burst of new messages is read out from its newest 20
 const CONTROL_CHARACTERS = /[\u0000-\u0008\u000b\u000c\u000e-\u001f\u007f]/g;
 const MAX_TIMEOUT_MS = 2 ** 31 - 1;
 // `unavailable` without a client_id: the database could not answer a request; it is asked again
@@ -286,18 +288,24 @@ function onHistory(frame) {
   const older = "before" in frame;
   // A request asked again can be answered twice: only the awaited answer moves the catch-up on.
   if (!older && (catchUp.awaited === null || frame.after !== catchUp.awaited.after)) return;
+  let shown = 0;
   changeLog(
     () => {
-      let added = false;
-      // Pages after a seq, and the newest page, run without holes up to their last message.
-      for (const message of frame.messages) added = receive(message, !older) || added;
-      return added;
+      for (const message of frame.messages) {
+        // Pages after a seq, and the newest page, run without holes up to their last message.
+        if (!receive(message, !older)) continue;
+        shown += 1;
+        if (!older) announceArrival(message); // missed while away: new to the reader
+      }
+      return shown > 0;
     },
     { prepend: older },
   );
   if (older) {
     state.hasOlder = frame.has_more;
     state.loadingOlder = false;
+    const count = shown === 1 ? "1 earlier message" : `${shown} earlier messages`;
+    announce(`${count} loaded.${frame.has_more ? "" : " This is the beginning of the room."}`);
   } else if ("after" in frame && frame.has_more) {
     requestMissed();
     return;
@@ -312,6 +320,7 @@ function onHistory(frame) {
 function onLiveMessage(message) {
   const added = changeLog(() => receive(message, state.caughtUp), { own: message.author === ME });
   if (!added) return;
+  announceArrival(message);
   stopTyping(message.author);
   if (message.author !== ME) noteUnseen();
   updateLogEdges();
@@ -405,6 +414,20 @@ function onMembership(frame) {
 }
 
 // --- messages ------------------------------------------------------------------------------------
+
+// New messages are read out from #arrivals, not from the log, which is no live region: the log
+// also grows when a page of older messages comes in, and when one's own message moves from the
+// pending list to the stored ones; neither is news. Messages from others are read once; one's
+// own are not read back, only said when they fail (renderPending). The first page is not read
+// out, as the log was busy while it loaded.
+function announceArrival(message) {
+  if (!state.loaded || message.author === ME || messages.get(message.seq)?.data.deleted) return;
+  const line = document.createElement("p");
+  line.textContent = `${authorName(message)}: ${message.body}`;
+  ui.arrivals.append(line);
+  // Lines removed are not read (additions only): the region stays short for a reader browsing it.
+  while (ui.arrivals.childElementCount > ARRIVALS_KEPT) ui.arrivals.firstElementChild.remove();
+}
 
 function newMessageElement() {
   return ui.messageTemplate.content.firstElementChild.cloneNode(true);
@@ -528,13 +551,19 @@ function renderPending(entry) {
     );
     updateLogEdges();
   }
+  // The log is no live region: a message that fails is said (not one that had failed before the
+  // page loaded).
+  const failed = entry.state === "failed";
+  if (failed && li.dataset.state && li.dataset.state !== "failed") {
+    announce(`Not sent: ${entry.error}`);
+  }
   li.dataset.state = entry.state;
-  li.classList.toggle("failed", entry.state === "failed");
+  li.classList.toggle("failed", failed);
   let label = "Waiting for connection…";
-  if (entry.state === "failed") label = `Not sent: ${entry.error}`;
+  if (failed) label = `Not sent: ${entry.error}`;
   else if (connection.isOpen) label = "Sending…";
   li.querySelector(".message-state").textContent = label;
-  li.querySelector(".message-actions").hidden = entry.state !== "failed";
+  li.querySelector(".message-actions").hidden = !failed;
 }
 
 // Keep the newest message in view when the reader was already at the bottom; otherwise leave the
@@ -718,6 +747,9 @@ function submit() {
   ui.input.value = "";
   updateCounter();
   outbox.pump();
+  if (!connection.isOpen) {
+    announce("Waiting for connection: your message will be sent when it is back.");
+  }
 }
 
 ui.composer.addEventListener("submit", (event) => {

@@ -154,6 +154,9 @@ async def test_messages_survive_a_server_crash_exactly_once_in_order(open_tab, s
     await expect(alice.page.locator("#status")).to_have_attribute("data-state", "waiting")
     await send(alice, "four")  # typed while offline
     await expect(pending).to_have_count(2)
+    await expect(alice.page.locator("#announcer")).to_have_text(
+        "Waiting for connection: your message will be sent when it is back."
+    )
     await expect(pending.nth(1).locator(".message-state")).to_have_text("Waiting for connection…")
 
     await asyncio.to_thread(server.start)  # same port
@@ -318,6 +321,10 @@ async def test_a_message_waiting_when_the_page_stops_is_not_sent_and_can_be_disc
     await sockets[0].close(code=4403, reason="banned")
     await expect(tab.page.locator("#stopped")).to_contain_text("You were banned from this room.")
     await expect(pending.locator(".message-state")).to_have_text(
+        "Not sent: You were banned from this room."
+    )
+    # The log is no live region: the status says it.
+    await expect(tab.page.locator("#announcer")).to_have_text(
         "Not sent: You were banned from this room."
     )
     saved = json.loads(await tab.page.evaluate("sessionStorage.getItem('chat:outbox:bob:lobby')"))
@@ -574,6 +581,41 @@ async def test_loading_the_first_messages_by_keyboard_keeps_focus_in_the_log(
     await expect(page.get_by_role("button", name="Load earlier messages")).to_be_hidden()
     await expect(page.get_by_role("log")).to_be_focused()
     await assert_healthy(alice)
+
+
+async def test_loading_earlier_messages_is_told_as_a_count_not_read_as_new_ones(
+    open_tab, long_lobby, server
+):
+    """A page of older messages is not news: a screen reader must not read it out as messages
+    that just arrived, but hear how many came in."""
+    alice = await signed_in(open_tab, server, "alice")
+    await open_room(alice, "lobby")
+    page = alice.page
+
+    await page.get_by_role("button", name="Load earlier messages").click()
+    await expect(page.locator("#messages > li")).to_have_count(60)
+    assert [text for text in await alice.heard() if re.search(r"\bm\d\b", text)] == []
+    await expect(page.locator("#announcer")).to_have_text(
+        "10 earlier messages loaded. This is the beginning of the room."
+    )
+    assert await alice.heard("earlier") == [
+        "10 earlier messages loaded. This is the beginning of the room."
+    ]
+    await assert_healthy(alice)
+
+
+async def test_a_new_message_is_read_out_once_and_not_back_to_its_author(open_tab, server):
+    """bob's message went from the pending list to the stored ones: two new nodes in the log,
+    which read it out to him twice. Others hear it once; he typed it and is not read it back."""
+    alice, bob = await two_in_the_lobby(open_tab, server)
+
+    await send(bob, "hello there")
+    for tab in (alice, bob):
+        await expect(tab.page.locator("#messages .body")).to_have_text(["hello there"])
+    await expect(bob.page.locator("#pending > li")).to_have_count(0)
+    assert await bob.heard("hello there") == []
+    assert await alice.heard("hello there") == ["bob: hello there"]
+    await assert_healthy(alice, bob)
 
 
 async def test_composer_sends_on_enter_breaks_lines_on_shift_enter_and_counts(open_tab, server):
