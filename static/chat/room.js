@@ -593,8 +593,9 @@ function updateLogEdges() {
 }
 
 // A control that hides while focused (the delete button of the message it just deleted, "Load
-// earlier" at the first message, "Retry now" once it has been pressed) would drop a keyboard
-// user at the top of the page: focus goes to `next` instead, the log unless said otherwise.
+// earlier" at the first message, "Retry now" once it has been pressed, "Show more members" at
+// the last page) would drop a keyboard user at the top of the page: focus goes to `next`
+// instead, the log unless said otherwise.
 function hideKeepingFocus(element, hidden, next = ui.log) {
   if (hidden && element.contains(document.activeElement)) next.focus({ preventScroll: true });
   element.hidden = hidden;
@@ -844,15 +845,12 @@ async function loadMoreMembers() {
   ui.moreMembers.setAttribute("aria-disabled", "true");
   try {
     const { items, next } = await apiPage(membersNext);
-    const hadFocus = document.activeElement === ui.moreMembers;
     for (const member of items) {
       members.set(member.username, member);
       guests.delete(member.username);
     }
     membersNext = next;
     renderMembers();
-    // The last page hides the button the reader pressed: focus would fall to the page.
-    if (!next && hadFocus) byId("members-heading").focus();
     announce(`${items.length} more members shown.`);
   } catch (error) {
     showToast(error.message);
@@ -960,7 +958,8 @@ function renderMembers() {
   const banned = state.moderator ? [...members.values()].filter((member) => member.banned) : [];
   ui.bannedList.replaceChildren(...banned.map((member) => memberRow(member.username)));
   ui.bannedHeading.hidden = ui.bannedList.hidden = banned.length === 0;
-  ui.moreMembers.hidden = !membersNext;
+  // The last page hides the button the reader pressed: focus goes to the heading.
+  hideKeepingFocus(ui.moreMembers, !membersNext, byId("members-heading"));
   ui.onlineCount.textContent = String(online.size);
   if (focused !== undefined) focusMember(focused);
 }
