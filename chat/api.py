@@ -263,12 +263,16 @@ class MemberListView(RoomScopedView):
                 description="Only these users' memberships (repeat it, at most "
                 f"{serializers.LIST_LIMIT_MAX}): those of them who are members",
             ),
+            OpenApiParameter(
+                "q", str, description="Only members whose username starts with this, in any case"
+            ),
         ],
         responses={200: serializers.MemberSerializer(many=True), **_ERRORS},
     )
     def get(self, request, slug: str):
-        """The room's members by username, in pages; or those among the given usernames. Bans
-        and mutes are moderation data: moderators only see them (and banned members)."""
+        """The room's members by username, in pages; or those among the given usernames, or
+        whose username starts with `q`. Bans and mutes are moderation data: moderators only see
+        them (and banned members)."""
         room = self.room_for(request, slug)
         query = serializers.MemberQuerySerializer(data=request.query_params)
         query.is_valid(raise_exception=True)
@@ -280,6 +284,7 @@ class MemberListView(RoomScopedView):
                 include_banned=moderator,
                 after=after,
                 usernames=query.validated_data.get("username"),
+                starting=query.validated_data.get("q"),
             ),
             limit=limit,
             key=attrgetter("user.username"),

@@ -141,9 +141,10 @@ def room_members(
     include_banned: bool = True,
     after: str | None = None,
     usernames: Collection[str] | None = None,
+    starting: str | None = None,
 ) -> QuerySet[Membership]:
-    """The room's members by username; those after the username `after`, and those among
-    `usernames`, if given."""
+    """The room's members by username; those after the username `after`, those among
+    `usernames`, and those whose username starts with `starting` (in any case), if given."""
     members = Membership.objects.filter(room=room).select_related("user")
     if not include_banned:
         members = members.filter(banned_at__isnull=True)
@@ -151,6 +152,8 @@ def room_members(
         members = members.filter(user__username__gt=after)
     if usernames is not None:
         members = members.filter(user__username__in=usernames)
+    if starting:
+        members = members.filter(user__username__istartswith=starting)
     return members.order_by("user__username")
 
 

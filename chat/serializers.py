@@ -115,6 +115,7 @@ class MemberQuerySerializer(ListQuerySerializer):
         allow_empty=False,
         max_length=LIST_LIMIT_MAX,
     )
+    q = serializers.CharField(max_length=150, required=False)  # a username's start, any case
 
 
 class MessageSerializer(serializers.Serializer):

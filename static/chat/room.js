@@ -35,6 +35,8 @@ const ui = {
   bannedList: byId("banned-list"),
   onlineCount: byId("online-count"),
   moreMembers: byId("more-members"),
+  memberSearch: byId("member-search"),
+  membersEmpty: byId("members-empty"),
   membersToggle: byId("members-toggle"),
   announcer: byId("announcer"),
   arrivals: byId("arrivals"),
@@ -818,28 +820,63 @@ ui.confirmDialog.addEventListener("close", () => {
 // presence shows: those the pages have not brought are asked for by name, a request for up to
 // LOOKUP_BATCH of them, so a room of many thousands costs a request a page the reader asks for,
 // not one per hundred members at every open or join.
+// The search box asks for the members whose name starts with what it holds (`?q=`), in the same
+// pages; the members already known stay known (the moderation dialog and the presence tags read
+// them) and are shown when they match.
 const LOOKUP_BATCH = 100;
 let membersNext = null; // the path of the member list's next page, if any
 let lookupTimer = null;
+let memberQuery = ""; // the search box's text, trimmed
+let searchTimer = null;
 
-async function loadMembers() {
+function matchesQuery(username) {
+  return !memberQuery || username.toLowerCase().startsWith(memberQuery.toLowerCase());
+}
+
+// The first page of the list (of the search's, if any); from scratch after a hello.
+async function loadMembers({ reset = true } = {}) {
+  const query = memberQuery;
+  const path = `/api/rooms/${ROOM}/members/${query ? `?q=${encodeURIComponent(query)}` : ""}`;
   try {
-    const { items, next } = await apiPage(`/api/rooms/${ROOM}/members/`);
-    members.clear();
-    guests.clear();
-    for (const member of items) members.set(member.username, member);
+    const { items, next } = await apiPage(path);
+    if (query !== memberQuery) return; // a later search has its own answer coming
+    if (reset) {
+      members.clear();
+      guests.clear();
+    }
+    for (const member of items) {
+      members.set(member.username, member);
+      guests.delete(member.username);
+    }
     membersNext = next;
     renderMembers();
-    lookUpMembersSoon();
+    if (reset) lookUpMembersSoon();
+    if (query) {
+      const shown = ui.memberList.children.length;
+      announce(`${shown} ${shown === 1 ? "member matches" : "members match"}.`);
+    }
   } catch {
     // Access lost: the socket's close says why.
   }
 }
 
+ui.memberSearch.addEventListener("input", () => {
+  clearTimeout(searchTimer);
+  searchTimer = setTimeout(() => {
+    const query = ui.memberSearch.value.trim();
+    if (query === memberQuery) return;
+    memberQuery = query;
+    membersNext = null; // the last list's next page is not this one's
+    renderMembers(); // at once, from the members known
+    loadMembers({ reset: false });
+  }, 300);
+});
+
 let loadingMoreMembers = false;
 
 async function loadMoreMembers() {
   if (!membersNext || loadingMoreMembers) return;
+  const query = memberQuery;
   // Not `disabled`: a focused button that becomes disabled drops the focus to the page.
   loadingMoreMembers = true;
   ui.moreMembers.setAttribute("aria-disabled", "true");
@@ -849,6 +886,7 @@ async function loadMoreMembers() {
       members.set(member.username, member);
       guests.delete(member.username);
     }
+    if (query !== memberQuery) return; // the list it continued is gone
     membersNext = next;
     renderMembers();
     announce(`${items.length} more members shown.`);
@@ -951,11 +989,15 @@ function renderMembers() {
     [...members.values()].filter((member) => !member.banned).map((member) => member.username),
   );
   for (const name of online) names.add(name);
-  const sorted = [...names].sort(
-    (a, b) => Number(online.has(b)) - Number(online.has(a)) || a.localeCompare(b),
-  );
+  const sorted = [...names]
+    .filter(matchesQuery)
+    .sort((a, b) => Number(online.has(b)) - Number(online.has(a)) || a.localeCompare(b));
   ui.memberList.replaceChildren(...sorted.map(memberRow));
-  const banned = state.moderator ? [...members.values()].filter((member) => member.banned) : [];
+  ui.membersEmpty.hidden = !(memberQuery && sorted.length === 0);
+  ui.membersEmpty.textContent = `No member's name starts with “${memberQuery}”.`;
+  const banned = state.moderator
+    ? [...members.values()].filter((member) => member.banned && matchesQuery(member.username))
+    : [];
   ui.bannedList.replaceChildren(...banned.map((member) => memberRow(member.username)));
   ui.bannedHeading.hidden = ui.bannedList.hidden = banned.length === 0;
   // The last page hides the button the reader pressed: focus goes to the heading.

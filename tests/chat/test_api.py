@@ -644,3 +644,22 @@ def test_member_list_username_filter_is_validated(alice, query):
     response = client_for(alice).get(f"/api/rooms/{room.slug}/members/?{query}")
     assert response.status_code == 400
     assert "username" in response.json()["errors"]
+
+
+def test_member_list_finds_members_by_the_start_of_their_name(alice):
+    room = make_room("lobby", owner=alice)
+    for name in ["bob", "bobby", "carol", "abob"]:
+        make_member(room, make_user(name))
+    make_member(room, make_user("bob-banned"), banned_at=timezone.now())
+    make_user("boris")  # not a member
+    path = f"/api/rooms/{room.slug}/members/?q=BO"  # in any case
+    found = client_for(make_user("zed")).get(path).json()
+    assert [m["username"] for m in found] == ["bob", "bobby"]
+    pages, links = _pages(client_for(alice), f"{path}&limit=2")
+    assert pages == [["bob", "bob-banned"], ["bobby"]]
+    assert links[0] == (
+        f'</api/rooms/{room.slug}/members/?q=BO&limit=2&after=bob-banned>; rel="next"'
+    )
+    too_long = client_for(alice).get(f"/api/rooms/{room.slug}/members/?q={'b' * 151}")
+    assert too_long.status_code == 400
+    assert "q" in too_long.json()["errors"]
