@@ -307,7 +307,9 @@ function onHistory(frame) {
     state.hasOlder = frame.has_more;
     state.loadingOlder = false;
     const count = shown === 1 ? "1 earlier message" : `${shown} earlier messages`;
-    announce(`${count} loaded.${frame.has_more ? "" : " This is the beginning of the room."}`);
+    const start = frame.has_more ? "" : "This is the beginning of the room.";
+    // A page the log already held (a reconnect's history got there first) adds nothing to say.
+    announce(shown ? `${count} loaded. ${start}`.trim() : start || "No earlier messages.");
   } else if ("after" in frame && frame.has_more) {
     requestMissed();
     return;
@@ -1290,7 +1292,8 @@ function showToast(text, kind = "error") {
 let pinned = true;
 ui.log.addEventListener("scroll", () => {
   pinned = ui.log.scrollHeight - ui.log.scrollTop - ui.log.clientHeight < 48;
-  if (pinned) ui.jump.hidden = true;
+  // Scrolled down by keys while "New messages" has focus: it hides, the reader stays in the log.
+  if (pinned) hideKeepingFocus(ui.jump, true);
 });
 new ResizeObserver(() => {
   if (pinned) ui.log.scrollTop = ui.log.scrollHeight;

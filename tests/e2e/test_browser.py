@@ -583,6 +583,24 @@ async def test_loading_the_first_messages_by_keyboard_keeps_focus_in_the_log(
     await assert_healthy(alice)
 
 
+async def test_new_messages_button_hiding_under_focus_leaves_the_reader_in_the_log(
+    open_tab, long_lobby, server
+):
+    """ "New messages" shows for a reader scrolled up; scrolled down to them (the wheel, the
+    scrollbar) while it has focus, it hides: focus stays in the log, not on the page."""
+    alice, bob = await two_in_the_lobby(open_tab, server)
+    page = alice.page
+    await page.locator("#log").evaluate("log => { log.scrollTop = 0; }")
+    await send(bob, "fresh news")
+    jump = page.get_by_role("button", name="New messages ↓")
+    await expect(jump).to_be_visible()
+    await jump.focus()
+    await page.locator("#log").evaluate("log => { log.scrollTop = log.scrollHeight; }")
+    await expect(jump).to_be_hidden()
+    await expect(page.get_by_role("log")).to_be_focused()
+    await assert_healthy(alice, bob)
+
+
 async def test_loading_earlier_messages_is_told_as_a_count_not_read_as_new_ones(
     open_tab, long_lobby, server
 ):
@@ -873,6 +891,38 @@ async def test_a_live_message_during_a_long_catch_up_does_not_skip_the_gap(open_
     await expect(tab.page.locator("#log")).to_have_attribute("aria-busy", "false")
     assert await message_seqs(tab) == list(range(1, 252))
     assert [r.get("after") for r in history_requests[1:]] == [3, 103, 203]
+
+
+async def test_an_earlier_page_the_log_already_held_is_not_told_as_zero_messages(open_tab, server):
+    """A page of earlier messages the page already shows (a reconnect's history got there
+    first) adds nothing: "0 earlier messages loaded" would be noise; the beginning of the room,
+    when it is, is still said."""
+    import json
+
+    tab = await signed_in(open_tab, server, "bob")
+
+    def handler(ws):
+        def on_message(text):
+            frame = json.loads(text)
+            if frame["type"] != "history":
+                return
+            if "before" in frame:  # the messages it shows already, and the room starts there
+                answer = {"messages": [scripted_message(s) for s in (2, 3)], "has_more": False}
+                answer["before"] = frame["before"]
+            else:
+                answer = {"messages": [scripted_message(s) for s in (2, 3)], "has_more": True}
+            ws.send(json.dumps({"type": "history", **answer}))
+
+        ws.on_message(on_message)
+        ws.send(json.dumps(scripted_hello(3)))
+
+    await tab.page.route_web_socket(re.compile(r".*/ws/rooms/lobby/"), handler)
+    await tab.page.goto("/rooms/lobby/")
+    await expect(tab.page.locator("#log")).to_have_attribute("aria-busy", "false")
+    await tab.page.get_by_role("button", name="Load earlier messages").click()
+    await expect(tab.page.locator("#announcer")).to_have_text("This is the beginning of the room.")
+    assert await tab.heard("earlier") == []
+    await assert_healthy(tab)
 
 
 UNAVAILABLE = {"type": "error", "code": "unavailable", "detail": "temporarily unavailable"}
