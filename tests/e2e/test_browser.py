@@ -813,9 +813,10 @@ def scripted_message(seq: int) -> dict:
     }
 
 
-async def lobby_on_a_scripted_socket(open_tab, server):
+async def lobby_on_a_scripted_socket(open_tab, server, *, last_seq=0, on_frame=None):
     """bob's lobby page on sockets the test plays the server of, each greeted with
-    scripted_hello(0): the tab once the page has its hello, and the sockets so far."""
+    scripted_hello(last_seq), each frame the page sends handed to on_frame(ws, frame) if given:
+    the tab once the page has its hello, and the sockets so far."""
     import json
 
     tab = await signed_in(open_tab, server, "bob")
@@ -823,7 +824,9 @@ async def lobby_on_a_scripted_socket(open_tab, server):
 
     def handler(ws):
         sockets.append(ws)
-        ws.send(json.dumps(scripted_hello(0)))
+        if on_frame is not None:
+            ws.on_message(lambda text: on_frame(ws, json.loads(text)))
+        ws.send(json.dumps(scripted_hello(last_seq)))
 
     await tab.page.route_web_socket(re.compile(r".*/ws/rooms/lobby/"), handler)
     await tab.page.goto("/rooms/lobby/")
@@ -899,26 +902,15 @@ async def test_an_earlier_page_the_log_already_held_is_not_told_as_zero_messages
     when it is, is still said."""
     import json
 
-    tab = await signed_in(open_tab, server, "bob")
-
-    def handler(ws):
-        def on_message(text):
-            frame = json.loads(text)
-            if frame["type"] != "history":
-                return
-            if "before" in frame:  # the messages it shows already, and the room starts there
-                answer = {"messages": [scripted_message(s) for s in (2, 3)], "has_more": False}
-                answer["before"] = frame["before"]
-            else:
-                answer = {"messages": [scripted_message(s) for s in (2, 3)], "has_more": True}
+    def on_frame(ws, frame):
+        if frame["type"] == "history":
+            # The newest page, then again the messages it shows, where the room starts.
+            answer = {"messages": [scripted_message(s) for s in (2, 3)], "has_more": True}
+            if "before" in frame:
+                answer.update(has_more=False, before=frame["before"])
             ws.send(json.dumps({"type": "history", **answer}))
 
-        ws.on_message(on_message)
-        ws.send(json.dumps(scripted_hello(3)))
-
-    await tab.page.route_web_socket(re.compile(r".*/ws/rooms/lobby/"), handler)
-    await tab.page.goto("/rooms/lobby/")
-    await expect(tab.page.locator("#log")).to_have_attribute("aria-busy", "false")
+    tab, _ = await lobby_on_a_scripted_socket(open_tab, server, last_seq=3, on_frame=on_frame)
     await tab.page.get_by_role("button", name="Load earlier messages").click()
     await expect(tab.page.locator("#announcer")).to_have_text("This is the beginning of the room.")
     assert await tab.heard("earlier") == []
@@ -1168,31 +1160,21 @@ async def test_a_reconnected_page_catches_up_on_deletions_and_restorations(open_
     on its way, a live `restored` for 1 comes first: newer, so the answer leaves 1 alone."""
     import json
 
-    tab = await signed_in(open_tab, server, "bob")
-    sockets, resyncs = [], []
+    resyncs = []
     tombstone = {**scripted_message(2), "deleted": True}
     del tombstone["body"], tombstone["client_id"]
 
-    def handler(ws):
-        sockets.append(ws)
+    def on_frame(ws, frame):
+        if frame["type"] == "history":
+            page = [scripted_message(1), tombstone, scripted_message(3)]
+            ws.send(json.dumps({"type": "history", "messages": page, "has_more": False}))
+        elif frame["type"] == "resync":
+            resyncs.append(frame)
+            ws.send(json.dumps({"type": "restored", "message": scripted_message(1)}))
+            answer = {"from": 1, "to": 3, "deleted": [1, 3], "restored": [scripted_message(2)]}
+            ws.send(json.dumps({"type": "resync", **answer}))
 
-        def on_message(text):
-            frame = json.loads(text)
-            if frame["type"] == "history":
-                page = [scripted_message(1), tombstone, scripted_message(3)]
-                ws.send(json.dumps({"type": "history", "messages": page, "has_more": False}))
-            elif frame["type"] == "resync":
-                resyncs.append(frame)
-                ws.send(json.dumps({"type": "restored", "message": scripted_message(1)}))
-                answer = {"from": 1, "to": 3, "deleted": [1, 3], "restored": [scripted_message(2)]}
-                ws.send(json.dumps({"type": "resync", **answer}))
-
-        ws.on_message(on_message)
-        ws.send(json.dumps(scripted_hello(3)))
-
-    await tab.page.route_web_socket(re.compile(r".*/ws/rooms/lobby/"), handler)
-    await tab.page.goto("/rooms/lobby/")
-    await expect(tab.page.locator("#log")).to_have_attribute("aria-busy", "false")
+    tab, sockets = await lobby_on_a_scripted_socket(open_tab, server, last_seq=3, on_frame=on_frame)
     await expect(tab.page.locator("[data-seq='2']")).to_have_class(re.compile(r"\bdeleted\b"))
     assert resyncs == []  # a first load has nothing to resync
     await sockets[0].close(code=1001, reason="restart")
