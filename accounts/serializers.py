@@ -14,6 +14,7 @@ from rest_framework_simplejwt.utils import get_md5_hash_password
 
 from accounts import second_factor, services
 from accounts.tokens import FAMILY_CLAIM, ChatRefreshToken
+from chatproject.rest import StringField
 
 User = get_user_model()
 
@@ -99,17 +100,17 @@ class TokenRefreshSerializer(jwt_serializers.TokenRefreshSerializer):
 
 
 class LogoutSerializer(serializers.Serializer):
-    refresh = serializers.CharField()
+    refresh = StringField()
 
 
 class TicketRequestSerializer(serializers.Serializer):
-    room = serializers.CharField(max_length=50)
+    room = StringField(max_length=50)
 
     @classmethod
     def room_of(cls, data) -> str:
         """`validated_data["room"]` of `data`, or the serializer's own ValidationError.
 
-        A JSON object's `room` goes through the field's own validation (the declared CharField:
+        A JSON object's `room` goes through the field's own validation (the declared field:
         stripped, its length and characters checked), as the serializer would run it, without
         making a serializer (see TicketSerializer.body). Anything else, and a room the field
         refuses, goes through the serializer, for its exact errors. Tests hold the two equal,

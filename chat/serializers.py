@@ -6,6 +6,7 @@ from django.conf import settings
 from rest_framework import serializers
 
 from chat.models import MAX_SEQ, SLUG_RE, Membership, Room
+from chatproject.rest import StringField, StringRegexField
 
 # Control characters and bidi overrides/isolates: names and reasons shown to others are one
 # line of text that reads as it is stored ("Trojan Source" reordering included).
@@ -17,7 +18,7 @@ LIST_LIMIT_MAX = 500
 _NOT_PLAIN = re.compile(r"[\x00-\x1f\x7f-\x9f\u202a-\u202e\u2066-\u2069]")
 
 
-class PlainTextField(serializers.CharField):
+class PlainTextField(StringField):
     default_error_messages = {"not_plain": "Use plain text: no control or bidi characters."}
 
     def to_internal_value(self, data):
@@ -25,16 +26,6 @@ class PlainTextField(serializers.CharField):
         if _NOT_PLAIN.search(value):
             self.fail("not_plain")
         return value
-
-
-class StringField(serializers.CharField):
-    """A CharField that takes a JSON string only: DRF's reads a number as its digits (5 as "5"),
-    where the socket refuses a `message` whose body or client_id is not a string."""
-
-    def to_internal_value(self, data):
-        if not isinstance(data, str):
-            self.fail("invalid")
-        return super().to_internal_value(data)
 
 
 class RoomSerializer(serializers.ModelSerializer):
@@ -63,7 +54,7 @@ class RoomSerializer(serializers.ModelSerializer):
 
 
 class RoomCreateSerializer(serializers.Serializer):
-    slug = serializers.RegexField(SLUG_RE, max_length=50)
+    slug = StringRegexField(SLUG_RE, max_length=50)
     title = PlainTextField(max_length=120)
     visibility = serializers.ChoiceField(Room.Visibility.choices, default=Room.Visibility.PUBLIC)
 
@@ -177,7 +168,7 @@ class PublicMemberSerializer(serializers.ModelSerializer):
 
 
 class MemberAddSerializer(serializers.Serializer):
-    username = serializers.CharField(max_length=150)
+    username = StringField(max_length=150)
     role = serializers.ChoiceField(Membership.Role.choices, default=Membership.Role.MEMBER)
 
 

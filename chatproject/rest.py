@@ -1,10 +1,10 @@
-"""DRF's JSON parser and renderer for input theirs answer with a 500, the API's 404, and the
-Link header of a list's pages."""
+"""DRF's JSON parser and renderer for input theirs answer with a 500, string fields that take
+strings only, the API's 404, and the Link header of a list's pages."""
 
 from django.http import JsonResponse, QueryDict
 from django.utils.encoding import escape_uri_path
 from django.views import defaults
-from rest_framework import parsers, renderers
+from rest_framework import parsers, renderers, serializers
 from rest_framework.exceptions import NotFound, ParseError
 
 
@@ -18,6 +18,25 @@ class JSONParser(parsers.JSONParser):
             return super().parse(stream, media_type, parser_context)
         except RecursionError:
             raise ParseError("JSON parse error - nested too deeply") from None
+
+
+_NOT_A_STRING = serializers.CharField.default_error_messages["invalid"]
+
+
+class StringField(serializers.CharField):
+    """A CharField that takes a JSON string only: DRF's reads a number as its digits (5 as "5"),
+    where the socket refuses a `message` whose body or client_id is not a string. Every free
+    text the API reads is one: a name, a title, a reason, a room, a token."""
+
+    def to_internal_value(self, data):
+        if not isinstance(data, str):
+            # CharField's own words and code, whatever a subclass calls `invalid` (a pattern).
+            raise serializers.ValidationError(_NOT_A_STRING, code="invalid")
+        return super().to_internal_value(data)
+
+
+class StringRegexField(StringField, serializers.RegexField):
+    """A RegexField that takes a JSON string only (a slug)."""
 
 
 class JSONRenderer(renderers.JSONRenderer):

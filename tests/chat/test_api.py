@@ -203,6 +203,44 @@ def test_post_message_refuses_a_field_that_is_not_a_string(alice, broadcasts, fi
     assert broadcasts == []
 
 
+@pytest.mark.parametrize(
+    ("method", "path", "data", "field"),
+    [
+        ("post", "/api/rooms/", {"slug": 5, "title": "t"}, "slug"),
+        ("post", "/api/rooms/", {"slug": "new-room", "title": 5}, "title"),
+        ("patch", "/api/rooms/lobby/", {"title": 5}, "title"),
+        ("post", "/api/rooms/lobby/archive/", {"reason": 5}, "reason"),
+        ("post", "/api/rooms/lobby/members/", {"username": 5}, "username"),
+        ("patch", "/api/rooms/lobby/members/bob/", {"banned": True, "reason": 5}, "reason"),
+        ("post", "/api/tickets/", {"room": 5}, "room"),
+        ("post", "/api/auth/logout/", {"refresh": 5}, "refresh"),
+    ],
+    ids=[
+        "room slug",
+        "room title",
+        "new title",
+        "archive reason",
+        "member to add",
+        "ban reason",
+        "ticket room",
+        "refresh token",
+    ],
+)
+def test_every_text_field_refuses_a_number(alice, method, path, data, field):
+    """DRF's CharField reads 5 as "5": a room titled "5", a ticket for a room named "5". Each
+    free-text field of the API takes a JSON string only, and changes nothing otherwise."""
+    room = make_room("lobby", owner=alice)
+    make_member(room, make_user("bob"))
+    rooms, audit_rows = Room.objects.count(), SecurityEvent.objects.count()
+    response = getattr(client_for(alice), method)(path, data, format="json")
+    assert response.status_code == 400
+    assert response.json()["errors"] == {field: ["Not a valid string."]}
+    assert Room.objects.count() == rooms
+    assert Room.objects.get(slug="lobby").title == room.title
+    assert room.memberships.get(user__username="bob").banned_at is None
+    assert SecurityEvent.objects.count() == audit_rows
+
+
 def test_deleted_message_is_a_tombstone_in_the_api(alice):
     room = make_room("lobby", owner=alice)
     services.message_send(room=room, author=alice, body="secret", client_id="k")
