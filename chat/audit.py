@@ -607,12 +607,15 @@ def verify_chain() -> VerifyResult:
     look (at or below its start), and a connection without a close link has no close data.
 
     A prune that commits during the walk (another process) removes rows the walk was about to
-    read: a walk that failed is made once more if a newer checkpoint has appeared since it
-    began, from that checkpoint, whose signature it checks as any other.
+    read: a walk that failed is made again if a newer checkpoint has appeared since it began,
+    from that checkpoint, whose signature it checks as any other. A batched prune commits a
+    checkpoint per step, so this repeats for as long as the checkpoint moves (each time it has
+    moved forward, so a prune's end ends it).
     """
     began_after = _newest_checkpoint_seq()
     result = _verify_walk()
-    if not result.ok and _newest_checkpoint_seq() != began_after:
+    while not result.ok and (newest := _newest_checkpoint_seq()) != began_after:
+        began_after = newest
         result = _verify_walk()
     return result
 

@@ -549,6 +549,27 @@ def test_a_prune_committing_while_verifying_is_not_called_tampering(monkeypatch,
         assert result.links_checked == LINKS + 1  # from the checkpoint: the recent chain, the prune
 
 
+def test_a_batched_prune_committing_steps_while_verifying_is_not_called_tampering(monkeypatch):
+    """A batched prune commits a checkpoint every step: a long walk sees several. Each walk that
+    failed because a newer checkpoint appeared is made again, not only the first."""
+    with long_ago():
+        for n in range(3):
+            build_chain(f"old{n}-")
+    build_chain("new-")
+    walk, steps = audit.iter_links, []
+
+    def a_step_commits_meanwhile(*args, **kwargs):
+        if len(steps) < 2:  # one step of another process's prune during each of two walks
+            steps.append(audit._prune_step(cutoff(), 3 * LINKS, batch=LINKS, dry_run=False))
+        return walk(*args, **kwargs)
+
+    monkeypatch.setattr(audit, "iter_links", a_step_commits_meanwhile)
+    result = audit.verify_chain()
+
+    assert AuditCheckpoint.objects.count() == 2
+    assert result.ok, result.problem
+
+
 def test_a_pruned_connection_restored_from_a_backup_is_caught():
     """Its hashes are genuine, but it belongs below the checkpoint, where nothing may be."""
     with long_ago():
