@@ -941,6 +941,9 @@ function onPresence(frame) {
     online.delete(frame.left);
     stopTyping(frame.left);
   }
+  // A guest may have joined the room since they were asked about (nobody else's page is told):
+  // one who comes back is asked about again, as one the page has never seen.
+  if (frame.joined) guests.delete(frame.joined);
   renderMembers();
   if (frame.joined && !members.has(frame.joined)) lookUpMembersSoon();
 }

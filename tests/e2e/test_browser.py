@@ -686,6 +686,28 @@ async def test_a_failed_join_says_why_and_can_be_tried_again(open_tab, dave, ser
     await assert_healthy(guest)
 
 
+async def test_a_guest_who_joins_and_comes_back_is_shown_as_a_member_to_others(
+    open_tab, dave, server
+):
+    """Others' pages remember who the API said is no member, so as not to ask again at every
+    presence frame; a guest who has joined since and comes back (a reload, another tab) is
+    asked about again, not tagged a guest until the next reconnect."""
+    owner = await signed_in(open_tab, server, "alice")
+    guest = await signed_in(open_tab, server, "dave")
+    await open_room(owner, "lobby")
+    await open_room(guest, "lobby")
+    dave_tags = owner.page.locator("[data-username='dave'] .tag")
+    await expect(dave_tags).to_have_text(["guest"])
+
+    await guest.page.get_by_role("button", name="Join room").click()
+    await expect(guest.page.locator("#join-banner")).to_have_count(0)
+    await open_room(guest, "lobby")  # a reload: dave leaves and is present again
+
+    await expect(owner.page.locator("#online-count")).to_have_text("2")
+    await expect(dave_tags).to_have_count(0)
+    await assert_healthy(owner, guest)
+
+
 async def test_a_guest_made_a_member_by_a_moderator_is_no_longer_offered_to_join(
     open_tab, dave, server
 ):
