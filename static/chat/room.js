@@ -931,7 +931,7 @@ async function lookUpMembers(names) {
 function lookUpMembersSoon() {
   clearTimeout(lookupTimer);
   lookupTimer = setTimeout(() => {
-    lookUpMembers([...online].filter((name) => !members.has(name) && !guests.has(name)));
+    lookUpMembers([...online].filter((name) => !known(name)));
   }, 300);
 }
 
@@ -1053,7 +1053,19 @@ document.addEventListener("keydown", (event) => {
 
 let target = null;
 
-function openModeration(username) {
+// Whether the API has said what `username` is here (a member, or a guest).
+function known(username) {
+  return members.has(username) || guests.has(username);
+}
+
+async function openModeration(username) {
+  // Present past the pages loaded, and not looked up yet (or the lookup failed): ask first, or
+  // the dialog would call a member a guest and offer a guest's actions only.
+  if (!known(username)) await lookUpMembers([username]);
+  if (!known(username)) {
+    showToast(`Could not find out whether ${username} is a member. Try again.`);
+    return;
+  }
   const member = members.get(username);
   target = username;
   byId("moderate-name").textContent = username;

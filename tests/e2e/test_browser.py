@@ -708,6 +708,45 @@ async def test_a_guest_who_joins_and_comes_back_is_shown_as_a_member_to_others(
     await assert_healthy(owner, guest)
 
 
+async def test_managing_a_present_user_not_looked_up_yet_says_what_they_are(open_tab, server):
+    """In a large room the users present past the first page of members are looked up by name.
+    A moderator who opens one of them before the answer is in must not be told "Not a member:
+    reading as a guest" about a member (nor be offered a guest's actions): the page asks first."""
+    import json
+
+    owner = await signed_in(open_tab, server, "alice")
+    held = []
+
+    async def first_page_without_bob_and_lookups_held(route):
+        if "username=" in route.request.url and not held:
+            held.append(route)  # the first lookup: not answered yet
+            return
+        response = await route.fetch()
+        items = await response.json()
+        if "username=" not in route.request.url:  # bob is on a page not loaded
+            items = [member for member in items if member["username"] != "bob"]
+        await route.fulfill(response=response, body=json.dumps(items))
+
+    await owner.page.route("**/api/rooms/lobby/members/?*", first_page_without_bob_and_lookups_held)
+    await owner.page.route("**/api/rooms/lobby/members/", first_page_without_bob_and_lookups_held)
+    bob = await signed_in(open_tab, server, "bob")
+    await open_room(bob, "lobby")
+    await open_room(owner, "lobby")
+    page = owner.page
+    await expect(page.locator("#online-count")).to_have_text("2")
+    for _ in range(100):
+        if held:
+            break
+        await asyncio.sleep(0.05)
+    assert len(held) == 1
+
+    await page.get_by_role("button", name="Manage bob").click()
+    await expect(page.locator("#moderate-summary")).to_have_text("Member")
+    await expect(page.locator("#moderate-kick")).to_be_visible()
+    await held[0].abort()
+    await assert_healthy(owner, bob)
+
+
 async def test_a_guest_made_a_member_by_a_moderator_is_no_longer_offered_to_join(
     open_tab, dave, server
 ):
