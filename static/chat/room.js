@@ -828,6 +828,7 @@ ui.confirmDialog.addEventListener("close", () => {
 const LOOKUP_BATCH = 100;
 let membersNext = null; // the path of the member list's next page, if any
 let lookupTimer = null;
+const lookingUp = new Set(); // names whose lookup is under way
 let memberQuery = ""; // the search box's text, trimmed
 let searchTimer = null;
 
@@ -902,27 +903,33 @@ async function loadMoreMembers() {
 
 // `names` as members (role, mute, ban) or, when the API has no membership for them, as guests.
 async function lookUpMembers(names) {
-  for (let start = 0; start < names.length; start += LOOKUP_BATCH) {
-    const batch = names.slice(start, start + LOOKUP_BATCH);
-    const query = batch.map((name) => `username=${encodeURIComponent(name)}`).join("&");
-    let found;
-    try {
-      ({ items: found } = await apiPage(
-        `/api/rooms/${ROOM}/members/?${query}&limit=${LOOKUP_BATCH}`,
-      ));
-    } catch {
-      return; // access lost (the socket's close says why), or the server is away: next time
-    }
-    const answered = new Map(found.map((member) => [member.username, member]));
-    for (const name of batch) {
-      if (answered.has(name)) {
-        members.set(name, answered.get(name));
-        guests.delete(name);
-      } else {
-        members.delete(name);
-        guests.add(name);
+  for (const name of names) lookingUp.add(name);
+  try {
+    for (let start = 0; start < names.length; start += LOOKUP_BATCH) {
+      const batch = names.slice(start, start + LOOKUP_BATCH);
+      const query = batch.map((name) => `username=${encodeURIComponent(name)}`).join("&");
+      let found;
+      try {
+        ({ items: found } = await apiPage(
+          `/api/rooms/${ROOM}/members/?${query}&limit=${LOOKUP_BATCH}`,
+        ));
+      } catch {
+        return; // access lost (the socket's close says why), or the server is away: next time
+      }
+      const answered = new Map(found.map((member) => [member.username, member]));
+      for (const name of batch) {
+        lookingUp.delete(name);
+        if (answered.has(name)) {
+          members.set(name, answered.get(name));
+          guests.delete(name);
+        } else {
+          members.delete(name);
+          guests.add(name);
+        }
       }
     }
+  } finally {
+    for (const name of names) lookingUp.delete(name);
   }
   if (names.length) renderMembers();
 }
@@ -931,7 +938,9 @@ async function lookUpMembers(names) {
 function lookUpMembersSoon() {
   clearTimeout(lookupTimer);
   lookupTimer = setTimeout(() => {
-    lookUpMembers([...online].filter((name) => !known(name)));
+    // Not those asked about already: at each join of a burst, a room of thousands would be
+    // asked about again, a hundred a request, while the first run is still under way.
+    lookUpMembers([...online].filter((name) => !known(name) && !lookingUp.has(name)));
   }, 300);
 }
 

@@ -913,6 +913,48 @@ def scripted_hello(last_seq: int) -> dict:
     }
 
 
+async def test_users_present_are_each_asked_about_once_while_others_keep_joining(open_tab, server):
+    """A big room's hello lists hundreds present past the first page: they are looked up 100 a
+    request, one after another. Users joining meanwhile (a presence burst) are looked up too,
+    without asking again about those whose lookup is still under way: that would start a new
+    run of requests over the whole room at each join."""
+    import json
+    from urllib.parse import parse_qs, urlsplit
+
+    tab = await signed_in(open_tab, server, "bob")
+    present = [f"u-{n:04d}" for n in range(300)]
+    sockets, asked = [], []
+
+    def handler(ws):
+        sockets.append(ws)
+        ws.send(json.dumps({**scripted_hello(0), "presence": ["bob", *present]}))
+
+    async def slow_lookups(route):
+        names = parse_qs(urlsplit(route.request.url).query).get("username")
+        if not names:
+            await route.continue_()
+            return
+        asked.extend(names)
+        await asyncio.sleep(0.5)  # a busy server
+        await route.fulfill(status=200, content_type="application/json", body="[]")
+
+    await tab.page.route("**/api/rooms/lobby/members/?*", slow_lookups)
+    await tab.page.route_web_socket(re.compile(r".*/ws/rooms/lobby/"), handler)
+    await tab.page.goto("/rooms/lobby/")
+    await expect(tab.page.locator("#log")).to_have_attribute("aria-busy", "false")
+    joined = [f"new-{n}" for n in range(4)]
+    for name in joined:
+        await asyncio.sleep(0.4)
+        sockets[0].send(json.dumps({"type": "presence", "room": "lobby", "joined": name}))
+    await expect(tab.page.locator(".member[data-username='new-3'] .tag")).to_have_text(["guest"])
+    await expect(tab.page.locator(".member[data-username='u-0299'] .tag")).to_have_text(["guest"])
+
+    repeated = sorted({name for name in asked if asked.count(name) > 1})
+    assert repeated == []
+    assert sorted(asked) == sorted(present + joined)
+    await assert_healthy(tab)
+
+
 async def test_a_live_message_during_a_long_catch_up_does_not_skip_the_gap(open_tab, server):
     """Reconnect to a room 247 messages further on; the first live message (251) arrives before
     the first catch-up page. The catch-up must page on from its own pages, not from 251."""
