@@ -842,7 +842,12 @@ async function loadMembers({ reset = true } = {}) {
   const path = `/api/rooms/${ROOM}/members/${query ? `?q=${encodeURIComponent(query)}` : ""}`;
   try {
     const { items, next } = await apiPage(path);
-    if (query !== memberQuery) return; // a later search has its own answer coming
+    if (query !== memberQuery) {
+      // A later search has its own answer coming; a hello's start-over is still owed (the users
+      // present since are asked about after it), for the list shown now.
+      if (reset) loadMembers();
+      return;
+    }
     if (reset) {
       members.clear();
       guests.clear();

@@ -955,6 +955,54 @@ async def test_users_present_are_each_asked_about_once_while_others_keep_joining
     await assert_healthy(tab)
 
 
+async def test_a_search_typed_while_a_hello_reloads_the_members_does_not_undo_the_reload(
+    open_tab, server
+):
+    """A hello (a reconnect) starts the drawer over: the first page again, and the users
+    present asked about. A search typed before that page is in drops the page's answer as
+    stale; the start-over must still happen, or the users present since the reconnect are never
+    asked about (dave stays untagged, neither member nor guest)."""
+    import json
+
+    tab = await signed_in(open_tab, server, "bob")
+    sockets = []
+
+    def handler(ws):
+        sockets.append(ws)
+        ws.send(json.dumps(scripted_hello(0)))
+
+    first_pages = []
+
+    async def hold_the_second_first_page(route):
+        if "?" not in route.request.url:  # the list's first page, as a hello asks for it
+            first_pages.append(route)
+            if len(first_pages) == 2:
+                return  # held
+        await route.continue_()
+
+    await tab.page.route("**/api/rooms/lobby/members/**", hold_the_second_first_page)
+    await tab.page.route_web_socket(re.compile(r".*/ws/rooms/lobby/"), handler)
+    await tab.page.goto("/rooms/lobby/")
+    await expect(tab.page.locator("#log")).to_have_attribute("aria-busy", "false")
+    await expect(tab.page.locator(".member[data-username='carol']")).to_have_count(1)
+    await asyncio.sleep(0.5)  # the first hello's lookups are done with
+
+    sockets[0].send(json.dumps({**scripted_hello(0), "presence": ["bob", "dave"]}))
+    for _ in range(100):
+        if len(first_pages) == 2:
+            break
+        await asyncio.sleep(0.05)
+    assert len(first_pages) == 2
+    search = tab.page.get_by_role("searchbox", name="Find a member by the start of their name")
+    await search.fill("d")
+    await expect(tab.page.locator("#members-empty")).to_be_hidden()
+    await expect(tab.page.locator("#member-list .member")).to_have_count(1)  # dave, present
+    await first_pages[1].continue_()
+
+    await expect(tab.page.locator(".member[data-username='dave'] .tag")).to_have_text(["guest"])
+    await assert_healthy(tab)
+
+
 async def test_a_live_message_during_a_long_catch_up_does_not_skip_the_gap(open_tab, server):
     """Reconnect to a room 247 messages further on; the first live message (251) arrives before
     the first catch-up page. The catch-up must page on from its own pages, not from 251."""
