@@ -826,6 +826,9 @@ ui.confirmDialog.addEventListener("close", () => {
 // pages; the members already known stay known (the moderation dialog and the presence tags read
 // them) and are shown when they match.
 const LOOKUP_BATCH = 100;
+// A lookup's query stays this short: a username is up to 150 letters of any script, each up to 9
+// characters in a URL, and nginx refuses a request line over 8 KB by default (daphne over 16 KB).
+const LOOKUP_QUERY_MAX = 6000;
 let membersNext = null; // the path of the member list's next page, if any
 let lookupTimer = null;
 const lookingUp = new Set(); // names whose lookup is under way
@@ -907,11 +910,30 @@ async function loadMoreMembers() {
 }
 
 // `names` as members (role, mute, ban) or, when the API has no membership for them, as guests.
+// `names` in batches of at most LOOKUP_BATCH names and LOOKUP_QUERY_MAX characters of query.
+function lookupBatches(names) {
+  const batches = [];
+  let batch = [];
+  let length = 0;
+  for (const name of names) {
+    const param = `username=${encodeURIComponent(name)}`;
+    const full = batch.length === LOOKUP_BATCH || length + param.length > LOOKUP_QUERY_MAX;
+    if (batch.length && full) {
+      batches.push(batch);
+      batch = [];
+      length = 0;
+    }
+    batch.push(name);
+    length += param.length + 1;
+  }
+  if (batch.length) batches.push(batch);
+  return batches;
+}
+
 async function lookUpMembers(names) {
   for (const name of names) lookingUp.add(name);
   try {
-    for (let start = 0; start < names.length; start += LOOKUP_BATCH) {
-      const batch = names.slice(start, start + LOOKUP_BATCH);
+    for (const batch of lookupBatches(names)) {
       const query = batch.map((name) => `username=${encodeURIComponent(name)}`).join("&");
       let found;
       try {

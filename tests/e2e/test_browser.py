@@ -1003,6 +1003,26 @@ async def test_a_search_typed_while_a_hello_reloads_the_members_does_not_undo_th
     await assert_healthy(tab)
 
 
+async def test_users_present_with_long_names_in_any_script_are_looked_up(open_tab, server):
+    """A username is up to 150 letters of any script, and a URL carries each non-ASCII one as
+    up to 9 characters: 100 names a request can make a request line over what the servers take
+    (nginx 8 KB by default, daphne 16 KB). The lookups must still go through."""
+    import json
+
+    tab = await signed_in(open_tab, server, "bob")
+    present = [f"用户{n:03d}" + "名" * 18 for n in range(100)]  # 21 letters each
+
+    def handler(ws):
+        ws.send(json.dumps({**scripted_hello(0), "presence": ["bob", *present]}))
+
+    await tab.page.route_web_socket(re.compile(r".*/ws/rooms/lobby/"), handler)
+    await tab.page.goto("/rooms/lobby/")
+    await expect(tab.page.locator("#log")).to_have_attribute("aria-busy", "false")
+    guests = tab.page.locator("#member-list .member .tag", has_text="guest")
+    await expect(guests).to_have_count(100)
+    await assert_healthy(tab)
+
+
 async def test_a_live_message_during_a_long_catch_up_does_not_skip_the_gap(open_tab, server):
     """Reconnect to a room 247 messages further on; the first live message (251) arrives before
     the first catch-up page. The catch-up must page on from its own pages, not from 251."""
