@@ -1353,7 +1353,9 @@ new ResizeObserver(() => {
 ui.jump.addEventListener("click", () => {
   ui.log.scrollTop = ui.log.scrollHeight;
   ui.jump.hidden = true;
-  ui.input.focus();
+  // On to write a reply; to the log for a reader who cannot (muted, read-only): a disabled
+  // composer takes no focus, which would fall to the page with the button hidden.
+  (composerBlocked() ? ui.log : ui.input).focus();
 });
 
 ui.loadEarlier.addEventListener("click", () => {

@@ -601,6 +601,34 @@ async def test_new_messages_button_hiding_under_focus_leaves_the_reader_in_the_l
     await assert_healthy(alice, bob)
 
 
+async def test_new_messages_pressed_by_a_reader_who_cannot_post_keeps_focus_in_the_log(
+    open_tab, long_lobby, server
+):
+    """ "New messages" hands focus to the composer, to write a reply: a muted member (or a
+    reader of a read-only room) has a disabled composer, which takes no focus, and would be
+    dropped at the top of the page as the button hides. They go to the log instead."""
+    from chat.models import Membership
+
+    await sync_to_async(Membership.objects.filter(user__username="carol").update)(
+        muted_until=timezone.now() + timedelta(hours=1)
+    )
+    guest = await signed_in(open_tab, server, "carol")
+    bob = await signed_in(open_tab, server, "bob")
+    for tab in (guest, bob):
+        await open_room(tab, "lobby")
+    page = guest.page
+    await expect(page.locator("#composer-input")).to_be_disabled()
+    await page.locator("#log").evaluate("log => { log.scrollTop = 0; }")
+    await send(bob, "fresh news")
+    jump = page.get_by_role("button", name="New messages ↓")
+    await expect(jump).to_be_visible()
+    await jump.focus()
+    await page.keyboard.press("Enter")
+    await expect(jump).to_be_hidden()
+    await expect(page.get_by_role("log")).to_be_focused()
+    await assert_healthy(guest, bob)
+
+
 async def test_loading_earlier_messages_is_told_as_a_count_not_read_as_new_ones(
     open_tab, long_lobby, server
 ):
