@@ -861,6 +861,8 @@ class AuditChainBroken(RuntimeError):
             f"the audit chain is broken at position {result.first_bad_seq}: {result.problem}"
         )
         self.result = result
+        # The last checkpoint the refused prune had written in its earlier batches, if any.
+        self.pruned_upto: int | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -951,7 +953,11 @@ def prune_before(
         return _prune_step(cutoff, verified_upto or 0, batch=None, dry_run=True)[0]
     seq, rows, checkpoint, steps = None, None, None, 0
     while True:
-        step, last = _prune_step(cutoff, verified_upto or 0, batch=batch, dry_run=False)
+        try:
+            step, last = _prune_step(cutoff, verified_upto or 0, batch=batch, dry_run=False)
+        except AuditChainBroken as exc:
+            exc.pruned_upto = seq  # the batches before this one have committed
+            raise
         if step.rows is not None:
             rows = {name: (rows or {}).get(name, 0) + n for name, n in step.rows.items()}
         if step.checkpoint is None:

@@ -160,6 +160,27 @@ def test_prune_audit_logs_in_batches_checkpoints_each(old_and_new_chain):
     assert "Audit chain OK" in run("verify_audit_log")
 
 
+def test_prune_audit_logs_stopped_midway_says_what_it_pruned(old_and_new_chain, monkeypatch):
+    """A batch that finds the chain broken stops the prune, but the batches before it have
+    committed: "nothing pruned" would send the investigator looking at the wrong chain."""
+    step, calls = audit._prune_step, []
+
+    def broken_at_the_second(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            raise audit.AuditChainBroken(audit.VerifyResult(False, 0, 7, "link 7 is missing"))
+        return step(*args, **kwargs)
+
+    monkeypatch.setattr(audit, "_prune_step", broken_at_the_second)
+    with pytest.raises(CommandError) as refused:
+        run("prune_audit_logs", "--days", "30", "--batch-size", "4")
+
+    checkpoint = AuditCheckpoint.objects.get()
+    assert "nothing pruned" not in str(refused.value)
+    assert f"pruned up to chain position {checkpoint.seq}" in str(refused.value)
+    assert "link 7 is missing" in str(refused.value)
+
+
 def test_prune_audit_logs_refuses_an_empty_batch(old_and_new_chain):
     with pytest.raises(CommandError, match="--batch-size must be at least 1"):
         run("prune_audit_logs", "--days", "30", "--batch-size", "0")

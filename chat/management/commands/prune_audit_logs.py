@@ -42,8 +42,11 @@ class Command(BaseCommand):
         try:
             result = audit.prune_before(cutoff=cutoff, dry_run=dry_run, batch=batch_size)
         except audit.AuditChainBroken as exc:
+            done = "nothing pruned"
+            if exc.pruned_upto is not None:
+                done = f"stopped, pruned up to chain position {exc.pruned_upto} (its checkpoint)"
             raise CommandError(
-                f"nothing pruned: {exc}. Investigate (verify_audit_log) before pruning."
+                f"{done}: {exc}. Investigate (verify_audit_log) before pruning."
             ) from exc
         when = f"older than {cutoff:%Y-%m-%d %H:%M:%S} UTC"
         if result.seq is None:
