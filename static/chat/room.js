@@ -1080,6 +1080,8 @@ root.addEventListener("click", (event) => {
 byId("members-close").addEventListener("click", () => setMembersOpen(false));
 document.addEventListener("keydown", (event) => {
   const drawerOpen = root.classList.contains("members-open");
+  // Escape in the search box clears it (the browser's part); only in an empty one does it close.
+  if (event.target === ui.memberSearch && ui.memberSearch.value) return;
   if (event.key === "Escape" && drawerOpen && !document.querySelector("dialog[open]")) {
     setMembersOpen(false);
   }

@@ -1543,6 +1543,29 @@ async def test_a_long_username_does_not_push_the_manage_button_out_of_the_member
     await expect(page.locator("#moderate-name")).to_have_text(LONG_USERNAME)
 
 
+async def test_escape_in_the_member_search_clears_it_and_keeps_the_drawer_open(open_tab, server):
+    """Escape in a search box clears it (the browser's own behaviour): the phone's drawer must
+    not close under the reader at the same time and throw them back to the Members button. A
+    second Escape, in the empty box, closes the drawer as from anywhere in it."""
+    alice = await signed_in(open_tab, server, "alice", viewport=PHONE)
+    await open_room(alice, "lobby")
+    page = alice.page
+    await page.get_by_role("button", name="Members").click()
+    search = page.get_by_role("searchbox", name="Find a member by the start of their name")
+    await search.fill("ca")
+    await expect(page.locator("#member-list .member")).to_have_count(1)
+
+    await search.press("Escape")
+    await expect(search).to_have_value("")
+    await expect(search).to_be_focused()
+    await expect(page.locator("#members-toggle")).to_have_attribute("aria-expanded", "true")
+    await expect(page.locator("#member-list .member")).to_have_count(3)
+
+    await search.press("Escape")
+    await expect(page.locator("#members-toggle")).to_have_attribute("aria-expanded", "false")
+    await assert_healthy(alice)
+
+
 async def test_a_member_removed_while_typing_is_taken_to_the_explanation(open_tab, server):
     """The composer hides under carol's cursor when she is removed: focus goes to what says why
     and offers the way back to the rooms, not to the top of the page."""
