@@ -425,6 +425,8 @@ STATIC_ROOT = Path(env.str("DJANGO_STATIC_ROOT", default=str(BASE_DIR / "staticf
 # one address) are written at any level, and daphne says nothing below WARNING (its INFO and
 # DEBUG are start-up and per-frame chatter; its access log is `manage.py serve -v`'s).
 LOG_LEVEL = env.str("DJANGO_LOG_LEVEL", default="INFO").upper()
+# Python's own aliases, which logging took as they are before the names were checked here.
+LOG_LEVEL = {"WARN": "WARNING", "FATAL": "CRITICAL"}.get(LOG_LEVEL, LOG_LEVEL)
 _LOG_LEVELS = ["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"]
 if LOG_LEVEL not in _LOG_LEVELS:
     raise ImproperlyConfigured(f"DJANGO_LOG_LEVEL must be one of {', '.join(_LOG_LEVELS)}")

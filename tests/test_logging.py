@@ -93,6 +93,7 @@ def django_setup(code: str, log_level: str) -> subprocess.CompletedProcess:
         ("debug", "DEBUG", "DEBUG", "WARNING"),
         ("INFO", "INFO", "INFO", "WARNING"),
         ("WARNING", "WARNING", "WARNING", "WARNING"),
+        ("WARN", "WARNING", "WARNING", "WARNING"),  # Python's alias, which worked before
         ("ERROR", "ERROR", "WARNING", "ERROR"),
     ],
 )
