@@ -833,6 +833,7 @@ let membersNext = null; // the path of the member list's next page, if any
 let lookupTimer = null;
 const lookingUp = new Set(); // names whose lookup is under way
 let memberQuery = ""; // the search box's text, trimmed
+let answeredQuery = ""; // the search whose first page the server has answered
 let searchTimer = null;
 
 function matchesQuery(username) {
@@ -860,6 +861,7 @@ async function loadMembers({ reset = true } = {}) {
       guests.delete(member.username);
     }
     membersNext = next;
+    answeredQuery = query;
     renderMembers();
     if (reset) lookUpMembersSoon();
     if (query) {
@@ -1034,7 +1036,9 @@ function renderMembers() {
     .filter(matchesQuery)
     .sort((a, b) => Number(online.has(b)) - Number(online.has(a)) || a.localeCompare(b));
   ui.memberList.replaceChildren(...sorted.map(memberRow));
-  ui.membersEmpty.hidden = !(memberQuery && sorted.length === 0);
+  // Only once the server has answered: none of the members known matching proves nothing.
+  const noMatch = memberQuery && answeredQuery === memberQuery && sorted.length === 0;
+  ui.membersEmpty.hidden = !noMatch;
   ui.membersEmpty.textContent = `No member's name starts with “${memberQuery}”.`;
   const banned = state.moderator
     ? [...members.values()].filter((member) => member.banned && matchesQuery(member.username))

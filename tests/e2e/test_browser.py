@@ -1566,6 +1566,48 @@ async def test_escape_in_the_member_search_clears_it_and_keeps_the_drawer_open(o
     await assert_healthy(alice)
 
 
+async def test_a_search_says_no_member_matches_only_once_the_server_has_said_so(open_tab, server):
+    """The search shows the members known that match at once, then asks the server for the
+    rest (a big room's pages not loaded). While it asks, that none of the members known matches
+    proves nothing: "No member's name starts with …" waits for the answer."""
+    import json
+
+    from chat.models import Room
+
+    await sync_to_async(lambda: make_member(Room.objects.get(slug="lobby"), make_user("zed")))()
+    alice = await signed_in(open_tab, server, "alice")
+    answered = []
+
+    async def zed_on_a_later_page_and_a_slow_search(route):
+        response = await route.fetch()
+        items = await response.json()
+        if "q=ze" in route.request.url:
+            await asyncio.sleep(1.5)
+            answered.append(route.request.url)
+        else:
+            items = [member for member in items if member["username"] != "zed"]
+        await route.fulfill(response=response, body=json.dumps(items))
+
+    await alice.page.route("**/api/rooms/lobby/members/", zed_on_a_later_page_and_a_slow_search)
+    await alice.page.route("**/api/rooms/lobby/members/?q=*", zed_on_a_later_page_and_a_slow_search)
+    await open_room(alice, "lobby")
+    page = alice.page
+    await expect(page.locator(".member[data-username='carol']")).to_have_count(1)
+    search = page.get_by_role("searchbox", name="Find a member by the start of their name")
+    await search.fill("ze")
+    await asyncio.sleep(0.8)  # the search is asked and not answered yet
+    assert answered == []
+    assert await page.locator("#member-list .member").count() == 0
+    assert await page.locator("#members-empty").is_hidden()  # now, not eventually
+
+    await expect(page.locator(".member[data-username='zed']")).to_have_count(1)
+    await expect(page.locator("#members-empty")).to_be_hidden()
+    await search.fill("zz")
+    await expect(page.locator("#members-empty")).to_have_text("No member's name starts with “zz”.")
+    await page.unroute_all(behavior="wait")
+    await assert_healthy(alice)
+
+
 async def test_a_member_removed_while_typing_is_taken_to_the_explanation(open_tab, server):
     """The composer hides under carol's cursor when she is removed: focus goes to what says why
     and offers the way back to the rooms, not to the top of the page."""
