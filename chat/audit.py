@@ -976,12 +976,18 @@ def _prune_step(
     """One transaction of prune_before: up to `batch` positions past the newest checkpoint (all
     of the prefix when None), fewer when the prefix ends sooner; and whether it reached the
     prefix's end."""
-    with transaction.atomic():
-        head = _locked_head()
+    # A dry run only counts: no transaction, so no writer waits for it (on SQLite a transaction
+    # takes the write lock at its start; on PostgreSQL the head's row lock would).
+    with contextlib.nullcontext() if dry_run else transaction.atomic():
+        if dry_run:
+            last_seq = AuditChainHead.objects.filter(pk=1).values_list("last_seq", flat=True)
+            last_seq = last_seq.first() or 0
+        else:
+            last_seq = _locked_head().last_seq
         previous = AuditCheckpoint.objects.order_by("-seq").first()
         start = previous.seq if previous is not None else 0
         first_recent = _first_link_since(cutoff, after_seq=start)
-        end = head.last_seq if first_recent is None else first_recent - 1
+        end = last_seq if first_recent is None else first_recent - 1
         end = min(end, verified_upto)
         if end <= start:
             return PruneResult(cutoff=cutoff, dry_run=dry_run), True

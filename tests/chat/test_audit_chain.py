@@ -9,9 +9,10 @@ from uuid import UUID
 
 import pytest
 import time_machine
-from django.db import transaction
+from django.db import connection, transaction
 from django.db.models import F
 from django.test import override_settings
+from django.test.utils import CaptureQueriesContext
 from django.utils import timezone
 
 from chat import audit
@@ -292,6 +293,20 @@ def test_prune_dry_run_changes_nothing():
     assert head().last_seq == before
     assert not AuditCheckpoint.objects.exists()
     assert ConnectionLog.objects.count() + MessageLog.objects.count() == 5
+
+
+@pytest.mark.django_db(transaction=True)
+def test_a_dry_run_prune_holds_up_no_writer():
+    """It only counts: no transaction (on SQLite one takes the write lock at its start, which
+    every message sent waits for) and no row lock, however long the prefix it counts."""
+    with long_ago():
+        build_chain("old-")
+    with CaptureQueriesContext(connection) as queries:
+        result = audit.prune_before(cutoff=cutoff(), dry_run=True)
+    assert (result.seq, result.rows_pruned) == (LINKS, 8)
+    statements = [query["sql"].upper() for query in queries.captured_queries]
+    assert statements
+    assert not [s for s in statements if "FOR UPDATE" in s or s.startswith(("BEGIN", "SAVEPOINT"))]
 
 
 def test_prune_without_old_rows_does_nothing():
