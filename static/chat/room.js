@@ -965,8 +965,11 @@ async function lookUpMembers(names) {
 
 // The users present whom the page knows neither as members nor as guests.
 function lookUpMembersSoon() {
-  clearTimeout(lookupTimer);
+  // Once per 300 ms at most, from the first join of a burst: a timer restarted at every join
+  // never fires while a busy room's joins come faster than that.
+  if (lookupTimer !== null) return;
   lookupTimer = setTimeout(() => {
+    lookupTimer = null;
     // Not those asked about already: at each join of a burst, a room of thousands would be
     // asked about again, a hundred a request, while the first run is still under way.
     lookUpMembers([...online].filter((name) => !known(name) && !lookingUp.has(name)));

@@ -983,6 +983,36 @@ async def test_users_present_are_each_asked_about_once_while_others_keep_joining
     await assert_healthy(tab)
 
 
+async def test_users_who_keep_joining_faster_than_the_lookup_wait_are_still_asked_about(
+    open_tab, server
+):
+    """In a busy room a join comes every 100 ms: a lookup that waited for a quiet 300 ms never
+    ran. The first join of a burst starts the wait; the lookup then asks about every user
+    present not yet known, and the next joins start the next."""
+    import json
+    from urllib.parse import parse_qs, urlsplit
+
+    asked = []
+
+    async def lookups(route):
+        names = parse_qs(urlsplit(route.request.url).query).get("username")
+        if not names:
+            await route.continue_()
+            return
+        asked.extend(names)
+        await route.fulfill(status=200, content_type="application/json", body="[]")
+
+    tab, sockets = await lobby_on_a_scripted_socket(open_tab, server)
+    await tab.page.route("**/api/rooms/lobby/members/?*", lookups)
+    for n in range(20):  # two seconds of joins, 100 ms apart
+        sockets[0].send(json.dumps({"type": "presence", "room": "lobby", "joined": f"j-{n}"}))
+        await asyncio.sleep(0.1)
+    assert asked, "no lookup while the joins kept coming"
+    await expect(tab.page.locator(".member[data-username='j-19'] .tag")).to_have_text(["guest"])
+    assert sorted(set(asked)) == sorted(f"j-{n}" for n in range(20))
+    await assert_healthy(tab)
+
+
 async def test_a_search_typed_while_a_hello_reloads_the_members_does_not_undo_the_reload(
     open_tab, server
 ):
