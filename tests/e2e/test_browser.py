@@ -941,13 +941,29 @@ def scripted_hello(last_seq: int) -> dict:
     }
 
 
+async def answer_lookups_with_guests(tab, asked: list[str], *, delay: float = 0.0) -> None:
+    """The lobby's member lookups by name (`?username=`) answered "none of them is a member"
+    after `delay` seconds, each name asked recorded in `asked`; other member requests pass."""
+    from urllib.parse import parse_qs, urlsplit
+
+    async def lookups(route):
+        names = parse_qs(urlsplit(route.request.url).query).get("username")
+        if not names:
+            await route.continue_()
+            return
+        asked.extend(names)
+        await asyncio.sleep(delay)
+        await route.fulfill(status=200, content_type="application/json", body="[]")
+
+    await tab.page.route("**/api/rooms/lobby/members/?*", lookups)
+
+
 async def test_users_present_are_each_asked_about_once_while_others_keep_joining(open_tab, server):
     """A big room's hello lists hundreds present past the first page: they are looked up 100 a
     request, one after another. Users joining meanwhile (a presence burst) are looked up too,
     without asking again about those whose lookup is still under way: that would start a new
     run of requests over the whole room at each join."""
     import json
-    from urllib.parse import parse_qs, urlsplit
 
     tab = await signed_in(open_tab, server, "bob")
     present = [f"u-{n:04d}" for n in range(300)]
@@ -957,16 +973,7 @@ async def test_users_present_are_each_asked_about_once_while_others_keep_joining
         sockets.append(ws)
         ws.send(json.dumps({**scripted_hello(0), "presence": ["bob", *present]}))
 
-    async def slow_lookups(route):
-        names = parse_qs(urlsplit(route.request.url).query).get("username")
-        if not names:
-            await route.continue_()
-            return
-        asked.extend(names)
-        await asyncio.sleep(0.5)  # a busy server
-        await route.fulfill(status=200, content_type="application/json", body="[]")
-
-    await tab.page.route("**/api/rooms/lobby/members/?*", slow_lookups)
+    await answer_lookups_with_guests(tab, asked, delay=0.5)  # a busy server
     await tab.page.route_web_socket(re.compile(r".*/ws/rooms/lobby/"), handler)
     await tab.page.goto("/rooms/lobby/")
     await expect(tab.page.locator("#log")).to_have_attribute("aria-busy", "false")
@@ -990,20 +997,10 @@ async def test_users_who_keep_joining_faster_than_the_lookup_wait_are_still_aske
     ran. The first join of a burst starts the wait; the lookup then asks about every user
     present not yet known, and the next joins start the next."""
     import json
-    from urllib.parse import parse_qs, urlsplit
 
     asked = []
-
-    async def lookups(route):
-        names = parse_qs(urlsplit(route.request.url).query).get("username")
-        if not names:
-            await route.continue_()
-            return
-        asked.extend(names)
-        await route.fulfill(status=200, content_type="application/json", body="[]")
-
     tab, sockets = await lobby_on_a_scripted_socket(open_tab, server)
-    await tab.page.route("**/api/rooms/lobby/members/?*", lookups)
+    await answer_lookups_with_guests(tab, asked)
     for n in range(20):  # two seconds of joins, 100 ms apart
         sockets[0].send(json.dumps({"type": "presence", "room": "lobby", "joined": f"j-{n}"}))
         await asyncio.sleep(0.1)
