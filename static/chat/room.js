@@ -55,7 +55,8 @@ const TYPING_SHOWN_MS = 5000;
 const TYPING_SENT_EVERY_MS = 3000; // the server accepts one typing frame per 2 s
 const READ_MARK_DELAY_MS = 1500;
 const NEWEST_PAGE = 50;
-const ARRIVALS_KEPT = 20; // a burst of new messages is read out from its newest 20
+const ARRIVALS_KEPT = 20; // the lines #arrivals keeps for a reader browsing it
+const MISSED_READ_OUT = 3; // a catch-up bringing more from others is told as a count
 const CONTROL_CHARACTERS = /[\u0000-\u0008\u000b\u000c\u000e-\u001f\u007f]/g;
 const MAX_TIMEOUT_MS = 2 ** 31 - 1;
 // `unavailable` without a client_id: the database could not answer a request; it is asked again
@@ -276,6 +277,7 @@ function requestMissed() {
 function caughtUp() {
   clearTimeout(catchUp.retry);
   catchUp.awaited = null;
+  tellMissed();
   // The hub sends every message after hello's last_seq, in order, and the catch-up has reached
   // last_seq: nothing below what we have seen is missing now.
   state.resumeSeq = Math.max(state.resumeSeq, state.seenSeq);
@@ -297,7 +299,7 @@ function onHistory(frame) {
         // Pages after a seq, and the newest page, run without holes up to their last message.
         if (!receive(message, !older)) continue;
         shown += 1;
-        if (!older) announceArrival(message); // missed while away: new to the reader
+        if (!older) noteMissed(message); // missed while away: new to the reader
       }
       return shown > 0;
     },
@@ -431,6 +433,24 @@ function announceArrival(message) {
   ui.arrivals.append(line);
   // Lines removed are not read (additions only): the region stays short for a reader browsing it.
   while (ui.arrivals.childElementCount > ARRIVALS_KEPT) ui.arrivals.firstElementChild.remove();
+}
+
+// What a catch-up after a reconnect brought from others, told once it is complete: each read
+// out if they are few, else their count (a long absence would read out a page at a time).
+let missed = [];
+
+function noteMissed(message) {
+  if (state.loaded && message.author !== ME) missed.push(message);
+}
+
+function tellMissed() {
+  const shown = missed.filter((message) => !messages.get(message.seq)?.data.deleted);
+  missed = [];
+  if (shown.length <= MISSED_READ_OUT) {
+    for (const message of shown) announceArrival(message);
+  } else {
+    announce(`${shown.length} new messages while you were away.`);
+  }
 }
 
 function newMessageElement() {

@@ -904,18 +904,20 @@ def scripted_message(seq: int) -> dict:
 
 async def lobby_on_a_scripted_socket(open_tab, server, *, last_seq=0, on_frame=None):
     """bob's lobby page on sockets the test plays the server of, each greeted with
-    scripted_hello(last_seq), each frame the page sends handed to on_frame(ws, frame) if given:
-    the tab once the page has its hello, and the sockets so far."""
+    scripted_hello(last_seq) (last_seq(n) for the n-th socket if it is a function), each frame
+    the page sends handed to on_frame(ws, frame) if given: the tab once the page has its hello,
+    and the sockets so far."""
     import json
 
     tab = await signed_in(open_tab, server, "bob")
     sockets = []
 
     def handler(ws):
+        top = last_seq(len(sockets)) if callable(last_seq) else last_seq
         sockets.append(ws)
         if on_frame is not None:
             ws.on_message(lambda text: on_frame(ws, json.loads(text)))
-        ws.send(json.dumps(scripted_hello(last_seq)))
+        ws.send(json.dumps(scripted_hello(top)))
 
     await tab.page.route_web_socket(re.compile(r".*/ws/rooms/lobby/"), handler)
     await tab.page.goto("/rooms/lobby/")
@@ -1075,6 +1077,42 @@ async def test_users_present_with_long_names_in_any_script_are_looked_up(open_ta
     await expect(tab.page.locator("#log")).to_have_attribute("aria-busy", "false")
     guests = tab.page.locator("#member-list .member .tag", has_text="guest")
     await expect(guests).to_have_count(100)
+    await assert_healthy(tab)
+
+
+@pytest.mark.parametrize("missed", [2, 40], ids=["a few", "many"])
+async def test_messages_missed_while_away_are_read_out_if_few_else_counted(
+    open_tab, server, missed
+):
+    """After a reconnect the page fetches what it missed, a page at a time. Read out one by one,
+    a long absence would be a flood of lines; more than three from others are told as a count,
+    once the catch-up is complete."""
+    import json
+
+    def on_frame(ws, frame):
+        if frame["type"] != "history":
+            return
+        first = frame.get("after", 0) + 1
+        last = min(3 + missed, first + frame["limit"] - 1) if "after" in frame else 3
+        page = [scripted_message(seq) for seq in range(first, last + 1)]
+        answer = {"messages": page, "has_more": "after" in frame and last < 3 + missed}
+        if "after" in frame:
+            answer["after"] = frame["after"]
+        ws.send(json.dumps({"type": "history", **answer}))
+
+    tab, sockets = await lobby_on_a_scripted_socket(
+        open_tab, server, last_seq=lambda n: 3 if n == 0 else 3 + missed, on_frame=on_frame
+    )
+    await sockets[0].close(code=1001, reason="restart")
+    await expect(tab.page.locator(f"[data-seq='{3 + missed}']")).to_have_count(1, timeout=10_000)
+    lines = [text for text in await tab.heard() if text.startswith("alice: m")]
+    if missed <= 3:
+        assert lines == [f"alice: m{seq}" for seq in range(4, 4 + missed)]
+    else:
+        await expect(tab.page.locator("#announcer")).to_have_text(
+            f"{missed} new messages while you were away."
+        )
+        assert lines == []
     await assert_healthy(tab)
 
 
