@@ -931,7 +931,6 @@ async function loadMoreMembers() {
   }
 }
 
-// `names` as members (role, mute, ban) or, when the API has no membership for them, as guests.
 // `names` in batches of at most LOOKUP_BATCH names and LOOKUP_QUERY_MAX characters of query.
 function lookupBatches(names) {
   const batches = [];
@@ -952,6 +951,7 @@ function lookupBatches(names) {
   return batches;
 }
 
+// `names` as members (role, mute, ban) or, when the API has no membership for them, as guests.
 async function lookUpMembers(names) {
   for (const name of names) lookingUp.add(name);
   try {
