@@ -252,12 +252,14 @@ class RoomConsumer(AsyncWebsocketConsumer):
             await self._publish(self._presence(self.presence_version, joined=True))
         return None
 
-    async def _context(self, jti: str) -> tuple[selectors.SocketContext, int]:
-        """The socket's state, and its room's last_seq (for the hub, chat.hub.Hub.attach)."""
+    async def _context(self, jti: str) -> tuple[selectors.SocketContext, int, int]:
+        """The socket's state, its room's last_seq and the audit chain's (for the hub,
+        chat.hub.Hub.attach)."""
         context = await database_sync_to_async(selectors.socket_context)(
             room_id=self.room_id, user_id=self.user_id, jti=jti, credential=self.credential
         )
-        return context, context.room.last_seq if context.room is not None else 0
+        last_seq = context.room.last_seq if context.room is not None else 0
+        return context, last_seq, context.audit_seq
 
     def _hello(self, last_seq: int, online: list[str]) -> dict[str, Any]:
         room, membership = self.room, self.membership

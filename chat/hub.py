@@ -75,8 +75,10 @@ class RoomFeed:
     # Frames about a message not delivered yet (deleted, restored), by its seq, in arrival order.
     after: dict[int, list[str]] = field(default_factory=dict)
     # The version of the last deletion or restoration taken per message seq (oldest first, at
-    # most CHANGES_KEPT): one that comes after a later one is dropped.
+    # most CHANGES_KEPT): one that comes after a later one is dropped. So is one at or before
+    # changes_floor, the audit chain's position when the feed started: its sockets read after it.
     changes_seen: dict[int, int] = field(default_factory=dict)
+    changes_floor: int = 0
     gap_timer: asyncio.TimerHandle | None = None
     filling: bool = False
     stored: int = 0  # the room's last_seq as the heartbeat last read it (Hub._catch_up)
@@ -110,14 +112,16 @@ class Hub:
 
     # --- sockets ---------------------------------------------------------------------------------
 
-    async def attach(self, sock: Socket, read: Callable[[], Awaitable[tuple[T, int]]]) -> T:
+    async def attach(self, sock: Socket, read: Callable[[], Awaitable[tuple[T, int, int]]]) -> T:
         """Subscribe this process to the socket's room and user, register the socket, then
         `read()` its state and return it.
 
         The read comes after the subscriptions, so a change committed after it reaches the socket
-        as an event. It returns (state, the room's last_seq); for the room's first socket here,
-        that last_seq is where the room's feed starts: one read for both (a thread hop and a
-        statement fewer on such a handshake). Until `ready()` the socket gets control events
+        as an event. It returns (state, the room's last_seq, the audit chain's last position);
+        for the room's first socket here, that last_seq is where the room's feed starts, and
+        every deletion or restoration at or before that position is in what its sockets read,
+        so an older change frame still on its way is dropped: one read for all (a thread hop and
+        a statement fewer on such a handshake). Until `ready()` the socket gets control events
         (revocation, membership changes), which the consumer holds until it has loaded its
         state, but no frames.
         """
@@ -129,7 +133,7 @@ class Hub:
             await self.detach(sock)
             raise
 
-    async def _attach(self, sock: Socket, read: Callable[[], Awaitable[tuple[T, int]]]) -> T:
+    async def _attach(self, sock: Socket, read: Callable[[], Awaitable[tuple[T, int, int]]]) -> T:
         if not self.users.get(sock.user_id):
             # Wanted from now on: a detach of the user's last socket here whose group_discard
             # reaches the layer after this group_add subscribes again (Hub._leave).
@@ -148,7 +152,7 @@ class Hub:
             try:
                 await self.layer.group_add(broadcast.room_group(sock.room_id), self.channel)
                 # Read after subscribing: every message numbered above this will reach us.
-                state, feed.delivered = await read()
+                state, feed.delivered, feed.changes_floor = await read()
             except BaseException:
                 # Whoever waits on this feed finds it gone and fails; detach will find no feed.
                 feed.started.set()
@@ -166,7 +170,7 @@ class Hub:
         await feed.started.wait()
         if self.rooms.get(sock.room_id) is not feed:
             raise RuntimeError("could not subscribe to the room")
-        state, _ = await read()
+        state, _, _ = await read()
         return state
 
     def ready(self, sock: Socket) -> int:
@@ -390,11 +394,12 @@ class Hub:
         """Whether a deletion or restoration of message `seq` at `version` is newer than the last
         one taken here (and if so, it becomes the last). Changes to one message made moments
         apart on two processes can arrive in either order (each publishes after its own commit);
-        sent in arrival order, the older would stay on every screen. Unversioned (an older
-        publisher's): taken, as before."""
+        sent in arrival order, the older would stay on every screen. One at or before the feed's
+        start (changes_floor) is in what its sockets read. Unversioned (an older publisher's):
+        taken, as before."""
         if version is None:
             return True
-        if version <= feed.changes_seen.get(seq, 0):
+        if version <= max(feed.changes_floor, feed.changes_seen.get(seq, 0)):
             return False
         feed.changes_seen.pop(seq, None)  # to the end: the oldest entries go first
         feed.changes_seen[seq] = version

@@ -27,7 +27,7 @@ from django.utils import timezone
 
 from accounts.models import EndedLogin, Ticket
 from chat import frames, permissions, sql
-from chat.models import ConnectionLog, Membership, Message, Room, SecurityEvent
+from chat.models import AuditChainHead, ConnectionLog, Membership, Message, Room, SecurityEvent
 
 User = get_user_model()
 
@@ -65,12 +65,15 @@ class SocketContext:
     membership: Membership | None
     user_active: bool
     ticket_revoked: bool = False
+    # The audit chain's last position as read: every deletion or restoration at or before it
+    # is in what the socket reads from here on (chat.hub: older change frames are dropped).
+    audit_seq: int = 0
 
 
 def socket_context(
     *, room_id: int, user_id: int, jti: str = "", credential: str = ""
 ) -> SocketContext:
-    """Fresh state for a socket that has just subscribed to its room's events: up to five
+    """Fresh state for a socket that has just subscribed to its room's events: up to six
     lookups by key in one statement (chat.sql.get_each).
 
     `ticket_revoked`: the login that obtained ticket `jti` (`credential`) ended while the socket
@@ -82,12 +85,13 @@ def socket_context(
         (Room, None, {"pk": room_id}),
         (Membership, None, {"room": room_id, "user": user_id}),
         (User, ["is_active"], {"pk": user_id}),
+        (AuditChainHead, ["last_seq"], {"pk": 1}),
     ]
     if jti:
         lookups.append((Ticket, ["revoked_at"], {"jti": jti}))
     if credential:
         lookups.append((EndedLogin, [], {"credential": credential}))
-    room, membership, user, *login = sql.get_each(*lookups)
+    room, membership, user, head, *login = sql.get_each(*lookups)
     if room is None:
         return SocketContext(None, None, False)
     ticket = login.pop(0) if jti else None
@@ -97,6 +101,7 @@ def socket_context(
         membership,
         user is not None and user.is_active,
         (ticket is not None and ticket.revoked_at is not None) or ended,
+        head.last_seq if head is not None else 0,
     )
 
 

@@ -216,6 +216,49 @@ async def test_a_change_to_a_message_older_than_one_already_sent_is_dropped(park
     assert feed.changes_seen == {2: 12, 1: 3}
 
 
+async def test_a_change_older_than_the_feeds_start_is_dropped():
+    """A process starting to serve a room reads its first socket's state and the audit chain's
+    position in one statement: a change at or before that position is in what its sockets
+    read, so its frame, still on its way from another process, is stale."""
+    hub = Hub(get_runtime())
+    feed = RoomFeed(room_id=7, delivered=2, changes_floor=10)
+    sock = TextSocket("s", user_id=1)
+    feed.sockets = {"s": sock}
+    for event in (_change(7, "deleted", 2, 8), _change(7, "restored", 2, 12)):
+        await hub._on_room_event(feed, event)
+    assert _changes_sent(sock) == [("restored", 2)]
+
+
+@dataclass(eq=False)
+class AttachingSocket(TextSocket):
+    room_id: int = 7
+    ready: bool = False
+
+    async def on_control(self, event) -> None:
+        pass
+
+
+async def test_a_feed_starts_from_the_audit_position_its_first_read_gives():
+    hub = Hub(get_runtime())
+    first, second = AttachingSocket("a", user_id=1), AttachingSocket("b", user_id=2)
+
+    async def read_first():
+        return "state a", 5, 42
+
+    async def read_second():
+        return "state b", 9, 60  # a later socket's read: the feed keeps its start
+
+    try:
+        assert await hub.attach(first, read_first) == "state a"
+        assert await hub.attach(second, read_second) == "state b"
+        feed = hub.rooms[7]
+        assert (feed.delivered, feed.changes_floor) == (5, 42)
+    finally:
+        for sock in (first, second):
+            await hub.detach(sock)
+        await hub.stop()
+
+
 async def test_unversioned_changes_are_sent_in_arrival_order():
     """A publisher without versions (a process of the previous release, during a rolling
     upgrade): its changes go out as they come, as they did."""

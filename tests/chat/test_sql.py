@@ -11,7 +11,15 @@ from django.test.utils import CaptureQueriesContext
 
 from accounts import services as accounts_services
 from chat import audit, selectors, sql
-from chat.models import ConnectionLog, Membership, Message, MessageLog, Room, SecurityEvent
+from chat.models import (
+    AuditChainHead,
+    ConnectionLog,
+    Membership,
+    Message,
+    MessageLog,
+    Room,
+    SecurityEvent,
+)
 from tests.factories import make_member, make_room, make_user
 
 pytestmark = pytest.mark.django_db
@@ -455,9 +463,12 @@ def test_a_socket_s_context_and_a_ticket_s_redemption_read_in_one_statement(
         )
     assert (context.room, context.membership.user_id, context.user_active) == (room, user.pk, True)
     assert context.ticket_revoked is False
+    assert context.audit_seq == AuditChainHead.objects.get().last_seq
     accounts_services.login_end(user=user, credential="jwt:none", jwt=True)
+    audit.security_event(event=audit.Event.LOGIN_FAILED, ip="192.0.2.1")  # the chain moves on
     ended = selectors.socket_context(room_id=room.pk, user_id=user.pk, credential="jwt:none")
     assert ended.ticket_revoked is True
+    assert ended.audit_seq == AuditChainHead.objects.get().last_seq > context.audit_seq
     issued = accounts_services.ticket_issue(user=user, room=room, ip="127.0.0.1", credential="c")
     with django_assert_num_queries(2):  # the reads, then the single-use claim
         redeemed = accounts_services.ticket_redeem(
