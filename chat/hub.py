@@ -36,10 +36,11 @@ logger = logging.getLogger("chat.hub")
 
 # How long an out-of-order message waits for the ones before it before they are read from the DB.
 GAP_WAIT = 0.2
-# Deletions and restorations remembered per room to drop one that arrives after a later change to
-# the same message. Two such changes arrive out of order only within moments of each other; a
-# room would need this many other messages changed in between for a late one to be missed.
-CHANGES_KEPT = 1024
+# Versions remembered per room and kind (a message's deletions and restorations, a user's joins
+# and leaves) to drop an event that arrives after a later one about the same thing (_newer). Two
+# such events arrive out of order only within moments of each other; a room would need this many
+# other messages changed (or users come and gone) in between for a late one to be missed.
+VERSIONS_KEPT = 1024
 
 T = TypeVar("T")
 
@@ -74,9 +75,9 @@ class RoomFeed:
     pending: dict[int, str] = field(default_factory=dict)  # out-of-order frames by seq
     # Frames about a message not delivered yet (deleted, restored), by its seq, in arrival order.
     after: dict[int, list[str]] = field(default_factory=dict)
-    # The version of the last deletion or restoration taken per message seq (oldest first, at
-    # most CHANGES_KEPT): one that comes after a later one is dropped. So is one at or before
-    # changes_floor, the audit chain's position when the feed started: its sockets read after it.
+    # The version of the last deletion or restoration taken per message seq (_newer). One at or
+    # before changes_floor, the audit chain's position when the feed started, is dropped too:
+    # its sockets read after it.
     changes_seen: dict[int, int] = field(default_factory=dict)
     changes_floor: int = 0
     gap_timer: asyncio.TimerHandle | None = None
@@ -84,6 +85,21 @@ class RoomFeed:
     stored: int = 0  # the room's last_seq as the heartbeat last read it (Hub._catch_up)
     presence_seen: dict[str, int] = field(default_factory=dict)  # last version per username
     slug: str = ""  # the room's, once a socket is ready: for the departures a sweep announces
+
+
+def _newer(seen: dict[Any, int], key: Any, version: int, *, floor: int = 0) -> bool:
+    """Whether an event about `key` at `version` is newer than the last one taken (and above
+    `floor`); if so, it becomes the last. Events about one thing (a message's deletion and
+    restoration, a user's join and leave) made moments apart on two processes can arrive in
+    either order, each published after its own commit: sent in arrival order, the older would
+    stay on every screen. `seen` keeps its VERSIONS_KEPT most recently taken keys."""
+    if version <= max(floor, seen.get(key, 0)):
+        return False
+    seen.pop(key, None)  # to the end: the oldest entries go first
+    seen[key] = version
+    if len(seen) > VERSIONS_KEPT:
+        del seen[next(iter(seen))]
+    return True
 
 
 def _is_timeout(error: BaseException) -> bool:
@@ -371,7 +387,11 @@ class Hub:
                 metrics.DELIVERY_LATENCY.observe(max(0.0, time.time() - event["ts"]))
         elif kind == "hub.frame":
             seq = event.get("seq")
-            if seq is not None and not self._newest_change(feed, seq, event.get("version")):
+            version = event.get("version")
+            # Unversioned (an older publisher's, during an upgrade): taken, as before.
+            if version is not None and not _newer(
+                feed.changes_seen, seq, version, floor=feed.changes_floor
+            ):
                 return
             if seq is not None and seq > feed.delivered:
                 # The message it is about is late or parked behind a gap: it goes first.
@@ -389,24 +409,6 @@ class Hub:
             for sock in list(feed.sockets.values()):
                 await sock.on_control(event)
 
-    @staticmethod
-    def _newest_change(feed: RoomFeed, seq: int, version: int | None) -> bool:
-        """Whether a deletion or restoration of message `seq` at `version` is newer than the last
-        one taken here (and if so, it becomes the last). Changes to one message made moments
-        apart on two processes can arrive in either order (each publishes after its own commit);
-        sent in arrival order, the older would stay on every screen. One at or before the feed's
-        start (changes_floor) is in what its sockets read. Unversioned (an older publisher's):
-        taken, as before."""
-        if version is None:
-            return True
-        if version <= max(feed.changes_floor, feed.changes_seen.get(seq, 0)):
-            return False
-        feed.changes_seen.pop(seq, None)  # to the end: the oldest entries go first
-        feed.changes_seen[seq] = version
-        if len(feed.changes_seen) > CHANGES_KEPT:
-            del feed.changes_seen[next(iter(feed.changes_seen))]
-        return True
-
     async def _on_presence(self, feed: RoomFeed, event: dict[str, Any]) -> None:
         """A join or a leave, to the sockets whose hello's list predates it. Each socket's hello
         lists the room's users at a presence version (chat.state); an announcement made at that
@@ -417,9 +419,8 @@ class Hub:
         # Announcements from different processes can arrive out of order (channels_redis orders
         # a group's messages by each publisher's clock): one older than the last of its user's
         # that came is dropped for every socket.
-        if version <= feed.presence_seen.get(event["user"], 0):
+        if not _newer(feed.presence_seen, event["user"], version):
             return
-        feed.presence_seen[event["user"]] = version
         behind = []
         for sock in list(feed.sockets.values()):
             if sock.closing or sock.user_id == excluded:

@@ -273,7 +273,7 @@ async def test_unversioned_changes_are_sent_in_arrival_order():
 
 
 async def test_the_changes_remembered_per_room_are_bounded(monkeypatch):
-    monkeypatch.setattr(hub_module, "CHANGES_KEPT", 3)
+    monkeypatch.setattr(hub_module, "VERSIONS_KEPT", 3)
     hub = Hub(get_runtime())
     feed = RoomFeed(room_id=7, delivered=10)
     sock = TextSocket("s", user_id=1)
