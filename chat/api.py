@@ -61,11 +61,14 @@ _LIST_PAGE = [
 ]
 
 
-def _page_query(request) -> tuple[str | None, int]:
-    """`after` and `limit` of a list page, or a 400 naming the bad one."""
-    query = serializers.ListQuerySerializer(data=request.query_params)
+def _page_query(
+    request, serializer_class=serializers.ListQuerySerializer
+) -> tuple[str | None, int, dict]:
+    """`after` and `limit` of a list page, and all the query's values (a list's own filters),
+    or a 400 naming the bad one."""
+    query = serializer_class(data=request.query_params)
     query.is_valid(raise_exception=True)
-    return query.validated_data.get("after"), query.validated_data["limit"]
+    return query.validated_data.get("after"), query.validated_data["limit"], query.validated_data
 
 
 class RoomScopedView(APIView):
@@ -86,7 +89,7 @@ class RoomListView(FirstRefusal, APIView):
     @extend_schema(parameters=_LIST_PAGE, responses={200: serializers.RoomSerializer(many=True)})
     def get(self, request):
         """Rooms you can see, with your role and your unread count, by slug, in pages."""
-        after, limit = _page_query(request)
+        after, limit, _ = _page_query(request)
         rooms, next_after = selectors.rooms_visible_page(
             user=request.user, after=after, limit=limit
         )
@@ -274,17 +277,15 @@ class MemberListView(RoomScopedView):
         whose username starts with `q`. Bans and mutes are moderation data: moderators only see
         them (and banned members)."""
         room = self.room_for(request, slug)
-        query = serializers.MemberQuerySerializer(data=request.query_params)
-        query.is_valid(raise_exception=True)
-        after, limit = query.validated_data.get("after"), query.validated_data["limit"]
+        after, limit, query = _page_query(request, serializers.MemberQuerySerializer)
         moderator = permissions.is_moderator(request.user, room, self.membership)
         members, next_after = selectors.page_after(
             selectors.room_members(
                 room=room,
                 include_banned=moderator,
                 after=after,
-                usernames=query.validated_data.get("username"),
-                starting=query.validated_data.get("q"),
+                usernames=query.get("username"),
+                starting=query.get("q"),
             ),
             limit=limit,
             key=attrgetter("user.username"),
