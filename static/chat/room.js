@@ -724,6 +724,14 @@ function mutedNow() {
   return !state.staff && isMuted(state.mutedUntil);
 }
 
+// Where a reader goes on from a control that is done (Retry now, New messages): to write, or
+// where the page has stopped, to why; or to the log for a reader who cannot write (muted,
+// read-only): a disabled composer takes no focus, which would fall to the page.
+function goOnTo() {
+  if (state.stopped) return ui.stopped;
+  return composerBlocked() ? ui.log : ui.input;
+}
+
 function composerBlocked() {
   return Boolean(state.stopped) || !state.canPost || mutedNow();
 }
@@ -856,6 +864,21 @@ let memberQuery = ""; // the search box's text, trimmed
 let answeredQuery = ""; // the search whose first page the server has answered
 let searchTimer = null;
 
+// What the API said of these users: members (role, mute, ban), or, for `asked` names it gave no
+// membership for, guests.
+function learnMembers(found, asked = []) {
+  for (const member of found) {
+    members.set(member.username, member);
+    guests.delete(member.username);
+  }
+  const answered = new Set(found.map((member) => member.username));
+  for (const name of asked) {
+    if (answered.has(name)) continue;
+    members.delete(name);
+    guests.add(name);
+  }
+}
+
 function matchesQuery(username) {
   return !memberQuery || username.toLowerCase().startsWith(memberQuery.toLowerCase());
 }
@@ -876,10 +899,7 @@ async function loadMembers({ reset = true } = {}) {
       members.clear();
       guests.clear();
     }
-    for (const member of items) {
-      members.set(member.username, member);
-      guests.delete(member.username);
-    }
+    learnMembers(items);
     membersNext = next;
     answeredQuery = query;
     renderMembers();
@@ -915,10 +935,7 @@ async function loadMoreMembers() {
   ui.moreMembers.setAttribute("aria-disabled", "true");
   try {
     const { items, next } = await apiPage(membersNext);
-    for (const member of items) {
-      members.set(member.username, member);
-      guests.delete(member.username);
-    }
+    learnMembers(items);
     if (query !== memberQuery) return; // the list it continued is gone
     membersNext = next;
     renderMembers();
@@ -965,17 +982,8 @@ async function lookUpMembers(names) {
       } catch {
         return; // access lost (the socket's close says why), or the server is away: next time
       }
-      const answered = new Map(found.map((member) => [member.username, member]));
-      for (const name of batch) {
-        lookingUp.delete(name);
-        if (answered.has(name)) {
-          members.set(name, answered.get(name));
-          guests.delete(name);
-        } else {
-          members.delete(name);
-          guests.add(name);
-        }
-      }
+      learnMembers(found, batch);
+      for (const name of batch) lookingUp.delete(name);
     }
   } finally {
     for (const name of names) lookingUp.delete(name);
@@ -1276,10 +1284,9 @@ function onState(status) {
     default:
       break;
   }
-  // Pressed, it hides as the page connects: whoever pressed it goes on to write, or else to the
-  // explanation of a stop, or the log.
-  const next = state.stopped ? ui.stopped : composerBlocked() ? ui.log : ui.input;
-  hideKeepingFocus(ui.retry, status.state !== "waiting" || Boolean(status.rateLimited), next);
+  // Pressed, it hides as the page connects: whoever pressed it goes on.
+  const hidden = status.state !== "waiting" || Boolean(status.rateLimited);
+  hideKeepingFocus(ui.retry, hidden, goOnTo());
   for (const entry of outbox.entries) renderPending(entry);
 }
 
@@ -1382,9 +1389,7 @@ new ResizeObserver(() => {
 ui.jump.addEventListener("click", () => {
   ui.log.scrollTop = ui.log.scrollHeight;
   ui.jump.hidden = true;
-  // On to write a reply; to the log for a reader who cannot (muted, read-only): a disabled
-  // composer takes no focus, which would fall to the page with the button hidden.
-  (composerBlocked() ? ui.log : ui.input).focus();
+  goOnTo().focus();
 });
 
 ui.loadEarlier.addEventListener("click", () => {
