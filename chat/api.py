@@ -267,7 +267,11 @@ class MemberListView(RoomScopedView):
                 f"{serializers.LIST_LIMIT_MAX}): those of them who are members",
             ),
             OpenApiParameter(
-                "q", str, description="Only members whose username starts with this, in any case"
+                "q",
+                str,
+                description=(
+                    "Only members whose username starts with this, in any case; blank: all"
+                ),
             ),
         ],
         responses={200: serializers.MemberSerializer(many=True), **_ERRORS},
@@ -285,7 +289,7 @@ class MemberListView(RoomScopedView):
                 include_banned=moderator,
                 after=after,
                 usernames=query.get("username"),
-                starting=query.get("q"),
+                starting=query.get("q") or None,
             ),
             limit=limit,
             key=attrgetter("user.username"),

@@ -106,7 +106,9 @@ class MemberQuerySerializer(ListQuerySerializer):
         allow_empty=False,
         max_length=LIST_LIMIT_MAX,
     )
-    q = serializers.CharField(max_length=150, required=False)  # a username's start, any case
+    # A username's start, any case. Blank (or only spaces) is no filter, as a search box that was
+    # cleared would send it.
+    q = serializers.CharField(max_length=150, required=False, allow_blank=True)
 
 
 class MessageSerializer(serializers.Serializer):

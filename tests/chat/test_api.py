@@ -701,3 +701,13 @@ def test_member_list_finds_members_by_the_start_of_their_name(alice):
     too_long = client_for(alice).get(f"/api/rooms/{room.slug}/members/?q={'b' * 151}")
     assert too_long.status_code == 400
     assert "q" in too_long.json()["errors"]
+
+
+@pytest.mark.parametrize("blank", ["", "%20%20", "%09"], ids=["empty", "spaces", "tab"])
+def test_member_list_blank_search_is_no_filter(alice, blank):
+    room = make_room("lobby", owner=alice)
+    for name in ["bob", "carol"]:
+        make_member(room, make_user(name))
+    response = client_for(alice).get(f"/api/rooms/{room.slug}/members/?q={blank}")
+    assert response.status_code == 200, response.json()
+    assert [m["username"] for m in response.json()] == ["alice", "bob", "carol"]
