@@ -196,7 +196,7 @@ function onHello(hello) {
   updateComposer();
   renderJoinOffer();
   renderMembers();
-  loadMembers();
+  restartMembers();
 }
 
 // --- resync: what changed among the messages shown while the socket was away ---------------------
@@ -416,7 +416,8 @@ function onMembership(frame) {
   updateComposer();
   renderJoinOffer();
   renderMessageControls();
-  lookUpMembers([ME]);
+  if (state.moderator !== membersReadAs) restartMembers();
+  else lookUpMembers([ME]);
 }
 
 // --- messages ------------------------------------------------------------------------------------
@@ -863,6 +864,8 @@ const lookingUp = new Set(); // names whose lookup is under way
 let memberQuery = ""; // the search box's text, trimmed
 let answeredQuery = ""; // the search whose first page the server has answered
 let searchTimer = null;
+let restartOwed = false; // a hello's start-over, done when a first page comes in
+let membersReadAs = null; // state.moderator when the members known were asked for
 
 // What the API said of these users: members (role, mute, ban), or, for `asked` names it gave no
 // membership for, guests.
@@ -883,35 +886,82 @@ function matchesQuery(username) {
   return !memberQuery || username.toLowerCase().startsWith(memberQuery.toLowerCase());
 }
 
-// The first page of the list (of the search's, if any); from scratch after a hello.
-async function loadMembers({ reset = true } = {}) {
+// After a hello the drawer starts over: the list's first page again, then the users present
+// whom the page does not know are asked about. What it knows of the users present is kept: after a
+// server restart every page of a busy room says hello at once, and asking each about everyone
+// present again would be a request per hundred of them from every page. A moderator's answers
+// carry mutes and bans that others' do not, so a change of standing starts from nothing.
+function restartMembers() {
+  if (state.moderator !== membersReadAs) {
+    members.clear();
+    guests.clear();
+    membersReadAs = state.moderator;
+  }
+  restartOwed = true;
+  loadMembers();
+}
+
+// The first page of the list (of the search's, if any).
+async function loadMembers() {
   const query = memberQuery;
   const path = `/api/rooms/${ROOM}/members/${query ? `?q=${encodeURIComponent(query)}` : ""}`;
+  let page;
   try {
-    const { items, next } = await apiPage(path);
-    if (query !== memberQuery) {
-      // A later search has its own answer coming; a hello's start-over is still owed (the users
-      // present since are asked about after it), for the list shown now.
-      if (reset) loadMembers();
-      return;
-    }
-    if (reset) {
-      members.clear();
-      guests.clear();
-    }
-    learnMembers(items);
-    membersNext = next;
-    answeredQuery = query;
-    renderMembers();
-    if (reset) lookUpMembersSoon();
-    if (query) {
-      const shown = ui.memberList.children.length;
-      announce(`${shown} ${shown === 1 ? "member matches" : "members match"}.`);
-    }
-  } catch {
-    // Access lost: the socket's close says why.
+    page = await apiPage(path);
+  } catch (error) {
+    firstPageRetry.failed(error);
+    return;
+  }
+  firstPageRetry.succeeded();
+  // A later search has its own answer coming, which does the start-over if it is still owed.
+  if (query !== memberQuery) return;
+  if (restartOwed) {
+    // Members the earlier pages brought are asked for again with those pages; the users
+    // present stay known.
+    for (const name of members.keys()) if (!online.has(name)) members.delete(name);
+    for (const name of guests) if (!online.has(name)) guests.delete(name);
+  }
+  learnMembers(page.items);
+  membersNext = page.next;
+  answeredQuery = query;
+  renderMembers();
+  if (restartOwed) {
+    restartOwed = false;
+    lookUpMembersSoon();
+  }
+  if (query) {
+    const shown = ui.memberList.children.length;
+    announce(`${shown} ${shown === 1 ? "member matches" : "members match"}.`);
   }
 }
+
+// A member request the server could not answer now (unreachable, busy or failing) is made again
+// later: 2 s, then twice as late each time up to a minute (or when a 429 says), each wait cut
+// by up to half at random so that a room's pages do not all come back at once. One refused for
+// lost access is not: the socket's close says why.
+function retrying(run) {
+  let failures = 0;
+  let timer = null;
+  return {
+    failed(error) {
+      const transient = error.status === 0 || error.status === 429 || error.status >= 500;
+      if (!transient || timer !== null) return;
+      const backoff = Math.min(60_000, 2000 * 2 ** failures) * (1 - Math.random() / 2);
+      const wait = error.retryAfter != null ? error.retryAfter * 1000 : backoff;
+      failures += 1;
+      timer = setTimeout(() => {
+        timer = null;
+        run();
+      }, wait);
+    },
+    succeeded() {
+      failures = 0;
+    },
+  };
+}
+
+const firstPageRetry = retrying(() => loadMembers());
+const lookupRetry = retrying(() => lookUpMembersSoon());
 
 ui.memberSearch.addEventListener("input", () => {
   clearTimeout(searchTimer);
@@ -921,7 +971,7 @@ ui.memberSearch.addEventListener("input", () => {
     memberQuery = query;
     membersNext = null; // the last list's next page is not this one's
     renderMembers(); // at once, from the members known
-    loadMembers({ reset: false });
+    loadMembers();
   }, 300);
 });
 
@@ -979,9 +1029,11 @@ async function lookUpMembers(names) {
         ({ items: found } = await apiPage(
           `/api/rooms/${ROOM}/members/?${query}&limit=${LOOKUP_BATCH}`,
         ));
-      } catch {
-        return; // access lost (the socket's close says why), or the server is away: next time
+      } catch (error) {
+        lookupRetry.failed(error); // the names not asked about yet are asked for with the rest
+        return;
       }
+      lookupRetry.succeeded();
       learnMembers(found, batch);
       for (const name of batch) lookingUp.delete(name);
     }

@@ -1688,3 +1688,145 @@ async def test_a_member_removed_while_typing_is_taken_to_the_explanation(open_ta
     await carol.page.keyboard.press("Tab")
     await expect(carol.page.get_by_role("link", name="Back to rooms")).to_be_focused()
     await assert_healthy(owner, carol)
+
+
+async def count_first_pages(tab) -> list:
+    """Each request for the lobby's member list's first page (no query), recorded and passed on."""
+    first_pages = []
+
+    async def record(route):
+        first_pages.append(route.request.url)
+        await route.continue_()
+
+    await tab.page.route("**/api/rooms/lobby/members/", record)
+    return first_pages
+
+
+async def test_a_reconnect_asks_only_about_the_users_who_came_meanwhile(open_tab, server):
+    """After a server restart every page of a busy room says hello again at once. A page keeps
+    what it knows of the users present: it asks for the list's first page again and about those
+    who came while it was away, not about all 300 present again (three lookups from each page)."""
+    import json
+
+    tab = await signed_in(open_tab, server, "bob")
+    present = [f"u-{n:04d}" for n in range(300)]
+    sockets, asked = [], []
+
+    def handler(ws):
+        came = ["late-1", "late-2"] if sockets else []
+        sockets.append(ws)
+        ws.send(json.dumps({**scripted_hello(0), "presence": ["bob", *present, *came]}))
+
+    await answer_lookups_with_guests(tab, asked)
+    first_pages = await count_first_pages(tab)
+    await tab.page.route_web_socket(re.compile(r".*/ws/rooms/lobby/"), handler)
+    await tab.page.goto("/rooms/lobby/")
+    await expect(tab.page.locator(".member[data-username='u-0299'] .tag")).to_have_text(["guest"])
+    assert sorted(asked) == present
+    asked.clear()
+
+    await sockets[0].close(code=1001, reason="restart")
+    await expect(tab.page.locator(".member[data-username='late-2'] .tag")).to_have_text(["guest"])
+    await expect(tab.page.locator(".member[data-username='u-0000'] .tag")).to_have_text(["guest"])
+    await expect(tab.page.locator(".member[data-username='carol']")).to_have_count(1)
+    await asyncio.sleep(0.5)  # a lookup the page would make of the others has gone out by now
+    assert len(sockets) == 2
+    assert sorted(asked) == ["late-1", "late-2"]
+    assert len(first_pages) == 2
+    await assert_healthy(tab)
+
+
+@pytest.mark.parametrize(
+    ("failure", "retried"),
+    [
+        ({"status": 503, "body": '{"detail": "down"}'}, True),
+        ({"status": 429, "body": '{"detail": "slow down"}', "headers": {"Retry-After": "1"}}, True),
+        (None, True),  # the request never reaches the server
+        ({"status": 403, "body": '{"detail": "no"}'}, False),  # access lost: the socket says
+    ],
+    ids=["unavailable", "throttled", "unreachable", "forbidden"],
+)
+async def test_a_lookup_that_fails_is_made_again_later(open_tab, server, failure, retried):
+    """zed is present past the first page; the server fails the lookup of him. Without a join
+    to prompt another, the page used to leave him untagged until its next reconnect: it asks
+    again after a short backoff (a 429's Retry-After), except when access is refused."""
+    import json
+    from urllib.parse import parse_qs, urlsplit
+
+    tab = await signed_in(open_tab, server, "bob")
+    asked = []
+
+    async def fail_once(route):
+        names = parse_qs(urlsplit(route.request.url).query).get("username")
+        if not names:
+            await route.continue_()
+            return
+        asked.append(names)
+        if len(asked) > 1:
+            await route.fulfill(status=200, content_type="application/json", body="[]")
+        elif failure is None:
+            await route.abort()
+        else:
+            await route.fulfill(content_type="application/json", **failure)
+
+    def handler(ws):
+        ws.send(json.dumps({**scripted_hello(0), "presence": ["bob", "zed"]}))
+
+    await tab.page.route("**/api/rooms/lobby/members/?*", fail_once)
+    await tab.page.route_web_socket(re.compile(r".*/ws/rooms/lobby/"), handler)
+    await tab.page.goto("/rooms/lobby/")
+    zed_tags = tab.page.locator(".member[data-username='zed'] .tag")
+    if retried:
+        await expect(zed_tags).to_have_text(["guest"])
+        assert asked == [["zed"], ["zed"]]
+    else:
+        await asyncio.sleep(3)  # longer than the first backoff (2 s at most)
+        assert asked == [["zed"]]
+        await expect(zed_tags).to_have_count(0)
+    await assert_healthy(tab)
+
+
+async def test_a_first_page_of_members_that_fails_is_asked_for_again(open_tab, server):
+    """The members list's first page fails once (the server is busy): the drawer used to stay
+    without carol, a member not present, until the next reconnect."""
+    tab = await signed_in(open_tab, server, "bob")
+    failed = []
+
+    async def fail_once(route):
+        if not failed:
+            failed.append(route.request.url)
+            await route.fulfill(status=503, content_type="application/json", body="{}")
+            return
+        await route.continue_()
+
+    await tab.page.route("**/api/rooms/lobby/members/", fail_once)
+    await open_room(tab, "lobby")
+    await expect(tab.page.locator(".member[data-username='carol']")).to_have_count(1)
+    assert len(failed) == 1
+    await assert_healthy(tab)
+
+
+async def test_a_member_made_moderator_sees_the_members_as_a_moderator_does(
+    open_tab, server, lobby
+):
+    """bob is promoted while his page is open (the `membership` frame; no new hello): the
+    members his page knows were asked for as a member's, without bans. It asks for them again,
+    so the banned member shows in his drawer as it does for every moderator's."""
+    await sync_to_async(
+        lambda: make_member(lobby, make_user("mallory"), banned_at=timezone.now())
+    )()
+    bob = await signed_in(open_tab, server, "bob")
+    first_pages = await count_first_pages(bob)
+    owner = await signed_in(open_tab, server, "alice")
+    await open_room(bob, "lobby")
+    await open_room(owner, "lobby")
+    await expect(bob.page.locator(".member[data-username='carol']")).to_have_count(1)
+    banned = bob.page.locator("#banned-list .member[data-username='mallory']")
+    await expect(banned).to_have_count(0)
+
+    await owner.page.get_by_role("button", name="Manage bob").click()
+    await owner.page.get_by_role("button", name="Make moderator").click()
+    await expect(banned).to_have_count(1)
+    assert len(first_pages) == 2
+    assert len(bob.sockets) == 1  # live, not through a reconnect's hello
+    await assert_healthy(owner, bob)
