@@ -936,9 +936,9 @@ async function loadMembers() {
 }
 
 // A member request the server could not answer now (unreachable, busy or failing) is made again
-// later: 2 s, then twice as late each time up to a minute (or when a 429 says), each wait cut
-// by up to half at random so that a room's pages do not all come back at once. One refused for
-// lost access is not: the socket's close says why.
+// later: after 2 s, then twice as long each time up to a minute (or when a 429 says), each wait
+// cut by up to half at random so that a room's pages do not all come back at once. One refused
+// for lost access is not: the socket's close says why.
 function retrying(run) {
   let failures = 0;
   let timer = null;
@@ -951,7 +951,7 @@ function retrying(run) {
       failures += 1;
       timer = setTimeout(() => {
         timer = null;
-        run();
+        if (!state.stopped) run(); // a stopped page shows nobody present
       }, wait);
     },
     succeeded() {
