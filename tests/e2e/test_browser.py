@@ -1830,3 +1830,58 @@ async def test_a_member_made_moderator_sees_the_members_as_a_moderator_does(
     assert len(first_pages) == 2
     assert len(bob.sockets) == 1  # live, not through a reconnect's hello
     await assert_healthy(owner, bob)
+
+
+async def test_room_list_shows_rooms_that_came_or_went_elsewhere_without_a_reload(
+    open_tab, garden, lobby, server_factory
+):
+    """alice is added to a private room, loses another, and the garden is renamed while her list
+    is open: the list shows it at its next refresh, says which rooms came and went, and keeps
+    her focus on the lobby's link."""
+
+    @sync_to_async
+    def private_room(slug, title):
+        room = make_room(slug, owner=make_user(f"{slug}-owner"), title=title, visibility="private")
+        make_member(room, lobby.memberships.get(user__username="alice").user)
+        return room
+
+    attic = await private_room("attic", "Attic")
+    server = server_factory(CHAT_UNREAD_REFRESH_SECONDS="1")
+    alice = await signed_in(open_tab, server, "alice")
+    page = alice.page
+    await page.goto("/")
+    await expect(page.locator(".room-row")).to_have_count(3)  # attic, garden, lobby
+    lobby_link = page.locator(".room-row[data-slug='lobby'] .room-link")
+    await lobby_link.focus()
+
+    await private_room("den", "Den")
+    await sync_to_async(Membership.objects.filter(room=attic).delete)()
+    await sync_to_async(Room.objects.filter(slug="garden").update)(title="Walled garden")
+
+    await expect(page.locator(".room-row .room-title")).to_have_text(
+        ["Den", "Walled garden", "Lobby"]
+    )
+    await expect(page.get_by_role("status").filter(has_text="added")).to_have_text(
+        "Den added to the list. Attic no longer in the list."
+    )
+    await expect(lobby_link).to_be_focused()
+    await expect(page.locator(".room-row[data-slug='lobby'] .unread")).to_have_text("2 unread")
+    await assert_healthy(alice)
+
+
+async def test_room_list_keeps_focus_on_a_room_joined_elsewhere(open_tab, garden, server_factory):
+    """alice's focus is on Join Garden when she joins it in another tab: the redrawn row has no
+    Join button, and focus goes to the garden's link, not to the page."""
+    server = server_factory(CHAT_UNREAD_REFRESH_SECONDS="1")
+    alice = await signed_in(open_tab, server, "alice")
+    page = alice.page
+    await page.goto("/")
+    await page.get_by_role("button", name="Join Garden").focus()
+
+    await sync_to_async(
+        lambda: make_member(garden, get_user_model().objects.get(username="alice"))
+    )()
+
+    await expect(page.get_by_role("button", name="Join Garden")).to_have_count(0)
+    await expect(page.locator(".room-row[data-slug='garden'] .room-link")).to_be_focused()
+    await assert_healthy(alice)
