@@ -2,7 +2,7 @@
 // members with presence, and moderation. Every user-provided string goes through textContent.
 
 import { api, apiPage } from "./api.js";
-import { RoomConnection } from "./connection.js";
+import { RoomConnection, backoffDelay } from "./connection.js";
 import { Outbox } from "./outbox.js";
 
 const root = document.getElementById("room");
@@ -936,8 +936,8 @@ async function loadMembers() {
 }
 
 // A member request the server could not answer now (unreachable, busy or failing) is made again
-// later: after 2 s, then twice as long each time up to a minute (or when a 429 says), each wait
-// cut by up to half at random so that a room's pages do not all come back at once. One refused
+// later, on the socket's backoff from its second step (1-2 s, then twice as long each time up to
+// 15-30 s; or when a 429 says), so that a room's pages do not all come back at once. One refused
 // for lost access is not: the socket's close says why.
 function retrying(run) {
   let failures = 0;
@@ -946,9 +946,8 @@ function retrying(run) {
     failed(error) {
       const transient = error.status === 0 || error.status === 429 || error.status >= 500;
       if (!transient || timer !== null) return;
-      const backoff = Math.min(60_000, 2000 * 2 ** failures) * (1 - Math.random() / 2);
-      const wait = error.retryAfter != null ? error.retryAfter * 1000 : backoff;
       failures += 1;
+      const wait = error.retryAfter != null ? error.retryAfter * 1000 : backoffDelay(failures);
       timer = setTimeout(() => {
         timer = null;
         if (!state.stopped) run(); // a stopped page shows nobody present
