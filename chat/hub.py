@@ -14,6 +14,7 @@ sees every message after the `last_seq` of its hello exactly once, in order.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from collections import Counter, defaultdict
@@ -119,8 +120,10 @@ class Hub:
         self.channel: str | None = None
         self.rooms: dict[int, RoomFeed] = {}
         self.users: dict[int, set[Socket]] = defaultdict(set)
-        # Sockets whose user group_add has not answered yet, by user: they want the group too.
-        self._subscribing: Counter[int] = Counter()
+        # Groups being subscribed to or left (_changing_group): a lock each, and how many tasks
+        # hold or await it.
+        self._changing: dict[str, asyncio.Lock] = {}
+        self._waiting: Counter[str] = Counter()
         self._start_lock = asyncio.Lock()
         self._tasks: set[asyncio.Task] = set()
         self._receiver: asyncio.Task | None = None
@@ -151,22 +154,14 @@ class Hub:
 
     async def _attach(self, sock: Socket, read: Callable[[], Awaitable[tuple[T, int, int]]]) -> T:
         if not self.users.get(sock.user_id):
-            # Wanted from now on: a detach of the user's last socket here whose group_discard
-            # reaches the layer after this group_add subscribes again (Hub._leave).
-            self._subscribing[sock.user_id] += 1
-            try:
-                await self.layer.group_add(broadcast.user_group(sock.user_id), self.channel)
-            finally:
-                self._subscribing[sock.user_id] -= 1
-                if not self._subscribing[sock.user_id]:
-                    del self._subscribing[sock.user_id]
+            await self._join(broadcast.user_group(sock.user_id))
         self.users[sock.user_id].add(sock)
         feed = self.rooms.get(sock.room_id)
         if feed is None:
             feed = self.rooms[sock.room_id] = RoomFeed(sock.room_id)
             feed.sockets[sock.socket_id] = sock
             try:
-                await self.layer.group_add(broadcast.room_group(sock.room_id), self.channel)
+                await self._join(broadcast.room_group(sock.room_id))
                 # Read after subscribing: every message numbered above this will reach us.
                 state, feed.delivered, feed.changes_floor = await read()
             except BaseException:
@@ -202,10 +197,7 @@ class Hub:
             users.discard(sock)
             if not users:
                 del self.users[sock.user_id]
-                await self._leave(
-                    broadcast.user_group(sock.user_id),
-                    lambda: bool(self.users.get(sock.user_id)) or sock.user_id in self._subscribing,
-                )
+                await self._leave(broadcast.user_group(sock.user_id))
         feed = self.rooms.get(sock.room_id)
         if (
             feed is not None
@@ -215,12 +207,12 @@ class Hub:
             await self._end_feed(feed)
 
     async def _end_feed(self, feed: RoomFeed) -> None:
-        """Forget the room's feed and leave its group (joined again if a socket of the room
-        attached meanwhile and started a new feed)."""
+        """Forget the room's feed and leave its group (a socket of the room that attaches
+        meanwhile starts a new feed, which joins the group once this has left it)."""
         del self.rooms[feed.room_id]
         if feed.gap_timer is not None:
             feed.gap_timer.cancel()
-        await self._leave(broadcast.room_group(feed.room_id), lambda: feed.room_id in self.rooms)
+        await self._leave(broadcast.room_group(feed.room_id))
 
     def local_sockets(self) -> list[Socket]:
         return [s for feed in self.rooms.values() for s in feed.sockets.values()]
@@ -253,15 +245,35 @@ class Hub:
         await cancel_and_wait([t for t in tasks if t is not None], within=10, grace=0.05)
         self._receiver = self._heartbeat = None
 
-    async def _leave(self, group: str, wanted_again: Callable[[], bool]) -> None:
-        """Unsubscribe from `group`, then subscribe again if `wanted_again()`: a socket that
-        attached while we unsubscribed may have had its group_add land before our discard."""
+    @contextlib.asynccontextmanager
+    async def _changing_group(self, group: str):
+        """Held while this process subscribes to `group` or leaves it: one change at a time,
+        each sent once the one before has been answered. Two at once go on two connections of
+        the layer's pool, and a group_discard can land after a group_add answered first: the
+        socket that subscribed has read its state, and a ban or revocation published before
+        anything subscribes again passes this process by, leaving the socket open on the room."""
+        lock = self._changing.setdefault(group, asyncio.Lock())
+        self._waiting[group] += 1
         try:
-            await self.layer.group_discard(group, self.channel)
-        except Exception:
-            logger.exception("group_discard %s failed", group)
-        if wanted_again():
+            async with lock:
+                yield
+        finally:
+            self._waiting[group] -= 1
+            if not self._waiting[group]:
+                del self._waiting[group], self._changing[group]
+
+    async def _join(self, group: str) -> None:
+        async with self._changing_group(group):
             await self.layer.group_add(group, self.channel)
+
+    async def _leave(self, group: str) -> None:
+        """Unsubscribe from `group`. A socket that attaches meanwhile and wants it subscribes
+        again once this has been answered (_changing_group)."""
+        async with self._changing_group(group):
+            try:
+                await self.layer.group_discard(group, self.channel)
+            except Exception:
+                logger.exception("group_discard %s failed", group)
 
     async def _receive_loop(self) -> None:
         while True:
