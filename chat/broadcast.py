@@ -101,7 +101,11 @@ def membership_event(
     state: dict[str, Any] | None,
     text: str | None,
     close: tuple[int, str] | None = None,
+    *,
+    version: int | None = None,
 ) -> dict[str, Any]:
+    """`version`: the chain position of the change's audit row, as for a message's changes
+    (frame_event): a socket drops a membership change older than its state."""
     return {
         "type": "hub.membership",
         "room": room_id,
@@ -109,12 +113,16 @@ def membership_event(
         "state": state,
         "text": text,
         "close": list(close) if close else None,
+        "version": version,
     }
 
 
-def room_state_event(room_id: int, state: dict[str, Any], texts: list[str]) -> dict[str, Any]:
-    """`texts`: the room frame for sockets that may not post, then for those that may."""
-    return {"type": "hub.room", "room": room_id, "state": state, "texts": texts}
+def room_state_event(
+    room_id: int, state: dict[str, Any], texts: list[str], *, version: int | None = None
+) -> dict[str, Any]:
+    """`texts`: the room frame for sockets that may not post, then for those that may.
+    `version`: as for a membership change."""
+    return {"type": "hub.room", "room": room_id, "state": state, "texts": texts, "version": version}
 
 
 def revoke_event(

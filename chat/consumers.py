@@ -99,6 +99,7 @@ class RoomConsumer(AsyncWebsocketConsumer):
         "finished",
         "joined",
         "membership",
+        "membership_version",
         "opened_at",
         "presence_version",
         "ready",
@@ -106,6 +107,7 @@ class RoomConsumer(AsyncWebsocketConsumer):
         "record",
         "room",
         "room_id",
+        "room_version",
         "runtime",
         "scope",
         "sent",
@@ -130,6 +132,9 @@ class RoomConsumer(AsyncWebsocketConsumer):
         scope.pop("headers", None)
         self.attached = self.ready = self.closing = False
         self.presence_version = 0
+        # The chain positions of the membership and room state this socket has (chat.services:
+        # each change's audit row): an older change arriving after it is dropped.
+        self.membership_version = self.room_version = 0
         self.close_code: int | None = None
         self.received = self.sent = 0
         self.opened_at = time.monotonic()
@@ -208,6 +213,9 @@ class RoomConsumer(AsyncWebsocketConsumer):
         if context.ticket_revoked:
             return await self._reject(Reason.TICKET_REVOKED)
         self.room, self.membership = context.room, context.membership
+        # What the read shows includes every change at or before the chain position read with
+        # it: such a change's event, come while the socket joined, is not applied again.
+        self.membership_version = self.room_version = context.audit_seq
         if not permissions.can_view(user, self.room, self.membership):
             return await self._reject(Reason.FORBIDDEN)
         self.joined = True
@@ -561,6 +569,8 @@ class RoomConsumer(AsyncWebsocketConsumer):
                 await self._close(event["code"], event.get("reason"))
             return
         if kind == "hub.membership":
+            if not self._newer(event, "membership_version"):
+                return
             self.membership = _membership(self.room_id, self.user_id, event["state"])
             # A ban, a removal or a lower role closes a member's socket; staff powers pass over
             # them (with the second factor required, they bind a staff account's password-only
@@ -570,6 +580,8 @@ class RoomConsumer(AsyncWebsocketConsumer):
                 await self._close(code, reason)
                 return
         elif kind == "hub.room":
+            if not self._newer(event, "room_version"):
+                return
             state = event["state"]
             self.room.visibility, self.room.title = state["visibility"], state["title"]
             self.room.archived_at = _dt(state["archived_at"])
@@ -583,6 +595,18 @@ class RoomConsumer(AsyncWebsocketConsumer):
         elif notify and kind == "hub.room":
             can_post = permissions.can_post(self.user, self.room, self.membership)
             await self.send_text(event["texts"][1 if can_post else 0])
+
+    def _newer(self, event: dict[str, Any], attribute: str) -> bool:
+        """Whether a membership or room change is newer than the state this socket has (the
+        version in `attribute`); if so, its version becomes the socket's. Two changes made
+        moments apart on two processes can arrive in either order (chat.hub._newer)."""
+        version = event.get("version")
+        if version is None:  # an older publisher's, during an upgrade: taken, as before
+            return True
+        if version <= getattr(self, attribute):
+            return False
+        setattr(self, attribute, version)
+        return True
 
     # --- close ---------------------------------------------------------------------------------
 

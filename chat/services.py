@@ -381,7 +381,7 @@ def room_update(
         if not changes:
             return room
         room.save(update_fields=["title", "visibility"])
-        audit.security_event(
+        record = audit.security_event(
             event=audit.Event.ROOM_UPDATED, actor=actor, room=room, details=changes
         )
         # Sockets re-check access against the new visibility (private: non-members are closed)
@@ -392,7 +392,7 @@ def room_update(
         ]
         broadcast.publish(
             broadcast.room_group(room.pk),
-            broadcast.room_state_event(room.pk, room_state(room), texts),
+            broadcast.room_state_event(room.pk, room_state(room), texts, version=record.chain_seq),
         )
     return room
 
@@ -442,7 +442,7 @@ def room_join(*, user, room: Room) -> Membership:
         if not permissions.can_join(user, room, membership):
             raise Forbidden("you may not join this room")
         membership = Membership.objects.create(room=room, user=user, role=Role.MEMBER)
-        audit.security_event(
+        record = audit.security_event(
             event=audit.Event.MEMBER_ADDED,
             actor=user,
             target=user,
@@ -450,7 +450,7 @@ def room_join(*, user, room: Room) -> Membership:
             details={"role": "member"},
         )
         # A visitor's open sockets in a public or read-only room learn the role they now have.
-        _publish_membership(room, user, membership)
+        _publish_membership(room, user, membership, version=record.chain_seq)
     return membership
 
 
@@ -469,7 +469,7 @@ def membership_add(*, actor, room: Room, user, role: str = Role.MEMBER) -> Membe
                 else "this user is banned"
             )
         membership = Membership.objects.create(room=room, user=user, role=role)
-        audit.security_event(
+        record = audit.security_event(
             event=audit.Event.MEMBER_ADDED,
             actor=actor,
             target=user,
@@ -478,7 +478,7 @@ def membership_add(*, actor, room: Room, user, role: str = Role.MEMBER) -> Membe
         )
         # Takes effect live, as a promotion does: a visitor's open sockets in a public or
         # read-only room (a moderator added there may post at once).
-        _publish_membership(room, user, membership)
+        _publish_membership(room, user, membership, version=record.chain_seq)
     return membership
 
 
@@ -493,7 +493,7 @@ def membership_set_role(*, actor, room: Room, user, role: str) -> Membership:
             return target
         target.role = role
         target.save(update_fields=["role"])
-        audit.security_event(
+        record = audit.security_event(
             event=audit.Event.ROLE_CHANGED,
             actor=actor,
             target=user,
@@ -504,7 +504,7 @@ def membership_set_role(*, actor, room: Room, user, role: str) -> Membership:
         # A demotion ends the sockets opened under the old role: the client reconnects with a new
         # ticket and a fresh hello. A promotion takes effect live.
         close = (CLOSE_UNAUTHORIZED, "role changed") if demoted else None
-        _publish_membership(room, user, target, close=close)
+        _publish_membership(room, user, target, close=close, version=record.chain_seq)
     return target
 
 
@@ -524,7 +524,7 @@ def member_mute(*, actor, room: Room, user, until: datetime | None, reason: str 
             target = Membership(room=room, user=user, role=Role.MEMBER)
         target.muted_until = until
         target.save()
-        audit.security_event(
+        record = audit.security_event(
             event=audit.Event.MEMBER_MUTED if until else audit.Event.MEMBER_UNMUTED,
             actor=actor,
             target=user,
@@ -532,7 +532,7 @@ def member_mute(*, actor, room: Room, user, until: datetime | None, reason: str 
             reason=reason,
             details={"until": frames.iso(until)} if until else {},
         )
-        _publish_membership(room, user, target)
+        _publish_membership(room, user, target, version=record.chain_seq)
     return target
 
 
@@ -549,10 +549,12 @@ def member_ban(*, actor, room: Room, user, reason: str = "") -> Membership:
             return target
         target.banned_at, target.banned_by, target.ban_reason = timezone.now(), actor, reason[:200]
         target.save()
-        audit.security_event(
+        record = audit.security_event(
             event=audit.Event.MEMBER_BANNED, actor=actor, target=user, room=room, reason=reason
         )
-        _publish_membership(room, user, target, close=(CLOSE_FORBIDDEN, "banned"))
+        _publish_membership(
+            room, user, target, close=(CLOSE_FORBIDDEN, "banned"), version=record.chain_seq
+        )
     return target
 
 
@@ -613,7 +615,7 @@ def member_remove(*, actor, room: Room, user, reason: str = "") -> None:
             )
         role = target.role
         target.delete()
-        audit.security_event(
+        record = audit.security_event(
             event=audit.Event.MEMBER_REMOVED,
             actor=actor,
             target=user,
@@ -621,7 +623,9 @@ def member_remove(*, actor, room: Room, user, reason: str = "") -> None:
             reason=reason,
             details={"role": role, "left": leaving},
         )
-        _publish_membership(room, user, None, close=(CLOSE_FORBIDDEN, "removed"))
+        _publish_membership(
+            room, user, None, close=(CLOSE_FORBIDDEN, "removed"), version=record.chain_seq
+        )
 
 
 # --- users ---------------------------------------------------------------------------------------
@@ -791,8 +795,15 @@ def _publish_frame(
 
 
 def _publish_membership(
-    room: Room, user, membership: Membership | None, close: tuple[int, str] | None = None
+    room: Room,
+    user,
+    membership: Membership | None,
+    close: tuple[int, str] | None = None,
+    *,
+    version: int,
 ) -> None:
+    """`version`: the chain position of the change's audit row (a later change of the user's
+    membership, under the room's lock, has a higher one)."""
     text = None
     if membership is not None and close is None:
         text = frames.membership(
@@ -800,5 +811,7 @@ def _publish_membership(
         )
     broadcast.publish(
         broadcast.room_group(room.pk),
-        broadcast.membership_event(room.pk, user.pk, membership_state(membership), text, close),
+        broadcast.membership_event(
+            room.pk, user.pk, membership_state(membership), text, close, version=version
+        ),
     )

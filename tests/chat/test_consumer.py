@@ -805,6 +805,67 @@ async def test_mute_refuses_messages_until_unmuted(people):
     await b.disconnect()
 
 
+def _mute_then_unmute(alice, bob, room) -> None:
+    until = timezone.now() + timedelta(minutes=10)
+    services.member_mute(actor=alice, room=room, user=bob, until=until)
+    services.member_mute(actor=alice, room=room, user=bob, until=None)
+
+
+def _read_only_then_public(alice, bob, room) -> None:
+    services.room_update(actor=alice, room=room, visibility=Room.Visibility.READ_ONLY)
+    services.room_update(actor=alice, room=room, visibility=Room.Visibility.PUBLIC)
+
+
+@pytest.mark.parametrize("changes", [_mute_then_unmute, _read_only_then_public])
+async def test_a_membership_or_room_change_older_than_one_applied_is_dropped_on_arrival(
+    people, monkeypatch, changes
+):
+    """Two changes made moments apart on two processes, each published after its own commit,
+    can reach a third process in the other order (channels_redis orders a group's messages by
+    each publisher's clock). Applied in arrival order, the older would stay: bob's socket would
+    refuse his messages as muted, or the room as read-only, when he may post, and his page
+    would say so. Each change carries the chain position of its audit row; an older one is
+    dropped."""
+    alice, bob, room = people
+    b, _ = await join(bob, room)
+    published: list[tuple[str, dict]] = []
+    monkeypatch.setattr(broadcast, "_send", lambda group, event: published.append((group, event)))
+    await sync(changes)(alice, bob, room)
+    monkeypatch.undo()
+    assert len(published) == 2
+    for group, event in reversed(published):  # the later change arrives first
+        await broadcast.apublish(group, event)
+    await send(b, type="message", body="may I?", client_id="c1")
+    answer = json.loads(await b.receive_from())
+    while answer["type"] not in ("ack", "error"):
+        answer = json.loads(await b.receive_from())
+    assert (answer["type"], answer.get("seq")) == ("ack", 1)
+    await b.disconnect()
+
+
+async def test_a_change_a_joining_socket_read_is_not_applied_again_after_it(people, monkeypatch):
+    """The room was made private and public again while carol's socket joined: after it had
+    subscribed, before it read. Its read shows the room public; the changes' events, held
+    until hello, must not close it as if the room were still private."""
+    alice, _, room = people
+    carol = await sync(make_user)("carol")
+    load = selectors.socket_context
+    changed = []
+
+    def context_after_two_changes(**kwargs):
+        if not changed:
+            for visibility in (Room.Visibility.PRIVATE, Room.Visibility.PUBLIC):
+                changed.append(services.room_update(actor=alice, room=room, visibility=visibility))
+        return load(**kwargs)
+
+    monkeypatch.setattr(selectors, "socket_context", context_after_two_changes)
+    c, hello = await join(carol, room)
+    assert hello["visibility"] == "public"
+    frames_after = await drain(c, 0.5)
+    assert "__close__" not in [f["type"] for f in frames_after]
+    await c.disconnect()
+
+
 async def test_promotion_takes_effect_live(people):
     alice, bob, room = people
     b, hello = await join(bob, room)
