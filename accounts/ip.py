@@ -68,6 +68,23 @@ def resolve_client_ip(peer: str | None, forwarded_for: str | None) -> str | None
     return str(hop)
 
 
+# The per-address limits (sign-in, the anonymous API, connection attempts) count an IPv6 client
+# by its /64: a provider gives each subscriber at least that network (RFC 6177), any of whose
+# 2**64 addresses the subscriber may use, a new one for every request.
+LIMIT_PREFIX_V6 = 64
+
+
+def limit_key(ip: str | None) -> str | None:
+    """Who `ip` (as resolve_client_ip gives it) is to the per-address limits: the IPv4 address
+    itself, or the /64 network of an IPv6 address. A ticket stays bound to the whole address."""
+    if ip is None:
+        return None
+    address = ipaddress.ip_address(ip)
+    if address.version == 4:
+        return str(address)
+    return str(ipaddress.ip_network((address, LIMIT_PREFIX_V6), strict=False))
+
+
 def client_ip_from_request(request) -> str | None:
     return resolve_client_ip(
         request.META.get("REMOTE_ADDR"), request.META.get("HTTP_X_FORWARDED_FOR")

@@ -13,7 +13,7 @@ from django.conf import settings
 from django.contrib.auth.models import AnonymousUser
 
 from accounts import services
-from accounts.ip import client_ip_from_scope
+from accounts.ip import client_ip_from_scope, limit_key
 from chat import audit
 from chat.protocol import TICKET_SUBPROTOCOL_PREFIX, chosen_subprotocol, handshake_header
 from chat.routing import room_slug_from_path
@@ -172,7 +172,7 @@ class TicketAuthMiddleware:
 
         try:
             allowed = not scope["client_ip"] or await runtime.state.take_token(
-                f"connect:{scope['client_ip']}",
+                f"connect:{limit_key(scope['client_ip'])}",
                 settings.CHAT_CONNECT_RATE_PER_IP / 60.0,
                 settings.CHAT_CONNECT_RATE_PER_IP,
             )

@@ -20,7 +20,7 @@ from rest_framework import status
 from rest_framework.exceptions import APIException, Throttled
 from rest_framework.throttling import SimpleRateThrottle, UserRateThrottle
 
-from accounts.ip import client_ip_from_request
+from accounts.ip import client_ip_from_request, limit_key
 from chat import audit
 
 logger = logging.getLogger("accounts.throttling")
@@ -181,7 +181,8 @@ class LoginIPThrottle(FailClosed, AuditedRefusals, AtomicRateThrottle):
 
     def get_cache_key(self, request, view):
         # Not DRF's get_ident: that trusts X-Forwarded-For by position, not by proxy.
-        return self.cache_format % {"scope": self.scope, "ident": client_ip_from_request(request)}
+        ident = limit_key(client_ip_from_request(request))
+        return self.cache_format % {"scope": self.scope, "ident": ident}
 
 
 class LoginUsernameThrottle(FailClosed, AuditedRefusals, AtomicRateThrottle):
@@ -265,7 +266,7 @@ class ApiThrottle(AtomicRateThrottle):
         if not self.by_address and request.user and request.user.is_authenticated:
             ident = f"user-{request.user.pk}"
         else:
-            ident = f"ip-{client_ip_from_request(request)}"
+            ident = f"ip-{limit_key(client_ip_from_request(request))}"
         return self.cache_format % {"scope": self.scope, "ident": ident}
 
 

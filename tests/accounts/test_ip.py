@@ -1,6 +1,6 @@
 import pytest
 
-from accounts.ip import client_ip_from_scope, resolve_client_ip
+from accounts.ip import client_ip_from_scope, limit_key, resolve_client_ip
 
 
 @pytest.mark.parametrize(
@@ -74,3 +74,20 @@ def test_forwarded_proto_is_believed_only_from_trusted_proxies(settings, rf, pee
     )
     assert seen["secure"] is secure
     assert ("HTTP_X_FORWARDED_HOST" in seen["meta"]) is secure
+
+
+@pytest.mark.parametrize(
+    ("ip", "key"),
+    [
+        ("203.0.113.7", "203.0.113.7"),
+        # Any address of one IPv6 /64 (a subscriber's, all of it theirs to pick from) is one.
+        ("2001:db8::1", "2001:db8::/64"),
+        ("2001:db8::ffff:ffff:ffff:ffff", "2001:db8::/64"),
+        ("2001:db8:0:1::1", "2001:db8:0:1::/64"),
+        ("::1", "::/64"),
+        ("fe80::1%eth0", "fe80::/64"),
+        (None, None),
+    ],
+)
+def test_limit_key_is_the_ipv4_address_or_the_ipv6_network(ip, key):
+    assert limit_key(ip) == key

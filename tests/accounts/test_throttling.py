@@ -351,6 +351,47 @@ def test_refused_credentials_take_their_place_in_the_addresss_budget(
 
 
 @pytest.mark.django_db
+@pytest.mark.parametrize("way", ["api", "page", "anonymous api"])
+@pytest.mark.parametrize(
+    ("addresses", "refused"),
+    [
+        # One client, a new address of its IPv6 /64 for every request: still one client.
+        (["2001:db8::1", "2001:db8::2", "2001:db8::a:3"], True),
+        (["198.51.100.1", "198.51.100.2", "198.51.100.3"], False),
+        (["2001:db8:0:1::1", "2001:db8:0:2::1", "2001:db8:0:3::1"], False),
+    ],
+    ids=["ipv6-one-network", "ipv4-addresses", "ipv6-networks"],
+)
+def test_address_limits_count_an_ipv6_network_once(store, monkeypatch, way, addresses, refused):
+    """A subscriber is given an IPv6 /64 (or more) and may use any of its 2**64 addresses: a
+    limit per address was a limit on nobody. Sign-in per address and the anonymous API budget
+    count the /64."""
+    from django.test import Client
+    from rest_framework.test import APIClient
+
+    from accounts import throttling
+
+    make_user("alice")
+    for cls, scope in [(throttling.LoginIPThrottle, "login_ip"), (throttling.ApiThrottle, "api")]:
+        monkeypatch.setattr(cls, "THROTTLE_RATES", {**cls.THROTTLE_RATES, scope: "2/min"})
+
+    def attempt(n, ip):
+        if way == "anonymous api":
+            return APIClient().post(
+                "/api/auth/logout/", {"refresh": "x"}, format="json", REMOTE_ADDR=ip
+            )
+        # A different account each time: the per-username limit is not the one tested.
+        form = {"username": f"user{n}", "password": "wrong"}
+        if way == "api":
+            return APIClient().post("/api/auth/token/", form, format="json", REMOTE_ADDR=ip)
+        return Client().post("/login/", form, REMOTE_ADDR=ip)
+
+    codes = [attempt(n, ip).status_code for n, ip in enumerate(addresses)]
+    assert codes[:2] == [attempt(9, "192.0.2.1").status_code] * 2
+    assert (codes[2] == 429) is refused
+
+
+@pytest.mark.django_db
 def test_a_refusal_that_cannot_be_audited_still_refuses(store, monkeypatch, caplog):
     """The audit row of a refusal failing (the database, say) leaves the refusal a 429, not a
     500; the security log still says it, once, and a database that keeps failing is not asked

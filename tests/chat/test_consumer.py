@@ -1043,6 +1043,31 @@ async def test_connection_attempts_per_ip_are_limited(people, settings):
     assert codes == [4401, 4401, 4401, 4429]
 
 
+@pytest.mark.parametrize(
+    ("addresses", "last_code"),
+    [
+        # One client, a new address of its IPv6 /64 for every attempt: still one client.
+        (["2001:db8::1", "2001:db8::2", "2001:db8::a:3", "2001:db8::ffff:4"], 4429),
+        (["198.51.100.1", "198.51.100.2", "198.51.100.3", "198.51.100.4"], 4401),
+        (["2001:db8:0:1::1", "2001:db8:0:2::1", "2001:db8:0:3::1", "2001:db8:0:4::1"], 4401),
+    ],
+    ids=["ipv6-one-network", "ipv4-addresses", "ipv6-networks"],
+)
+async def test_connection_attempts_are_limited_per_ipv6_network(
+    people, settings, addresses, last_code
+):
+    settings.CHAT_CONNECT_RATE_PER_IP = 3
+    from tests.ws import communicator
+
+    codes = []
+    for address in addresses:
+        comm = communicator("/ws/rooms/lobby/", ticket="garbage", ip=address)
+        await comm.connect()
+        codes.append((await closed_with(comm))[0])
+        await comm.disconnect()
+    assert codes == [4401, 4401, 4401, last_code]
+
+
 async def test_connections_older_than_the_maximum_age_close_4401(people, settings):
     alice, _, room = people
     a, _ = await join(alice, room)
