@@ -202,6 +202,42 @@ async def test_sending_lifts_the_payload_limit_for_the_call_only(tcp_server, dap
     assert protocol.maxMessagePayloadSize == 4321
 
 
+@pytest.mark.parametrize(
+    "offered",
+    [
+        pytest.param(b"chat.v1, ticket.\xe9", id="latin-1-ticket"),
+        pytest.param(b"chat.v1\xff", id="byte-ff"),
+        pytest.param(b"chat.v1, ticket.\xc3\xa9", id="utf-8-ticket"),
+    ],
+)
+@pytest.mark.parametrize("origin", [b"http://127.0.0.1", b"http://evil.example"])
+async def test_handshake_with_non_ascii_subprotocols_is_refused_400(
+    tcp_server, daphne_server, caplog, offered, origin
+):
+    """daphne decodes Sec-WebSocket-Protocol as ASCII: one byte over 0x7f, from anyone, before
+    the Origin check and any rate limit, was a 500 and an ERROR with a traceback in the log.
+    Subprotocols are tokens (RFC 6455 4.1), ASCII by their grammar: a 400, and no log line."""
+    seen = []
+
+    async def application(scope, receive, send):
+        seen.append(scope)
+
+    _, factory = daphne_server(application)
+    protocol = factory.buildProtocol(("127.0.0.1", 1))
+    protocol._raw_query_string = b""
+    tcp_server(protocol)
+    handshake = _handshake("/ws/rooms/lobby/", ["chat.v1"])
+    handshake = handshake.replace(b"Origin: http://127.0.0.1", b"Origin: " + origin)
+    protocol.dataReceived(handshake.replace(b"Protocol: chat.v1", b"Protocol: " + offered))
+    protocol.transport.doWrite()
+    peer = protocol.transport.test_peer
+    peer.setblocking(False)
+    answer = await _read(peer, len(b"HTTP/1.1 400"))
+    assert answer.startswith(b"HTTP/1.1 400")
+    assert not seen
+    assert not [r for r in caplog.records if r.levelname in ("ERROR", "CRITICAL")]
+
+
 # --- HTTP requests: Twisted's form parsing is skipped (chatproject/server.py) ---------------------
 
 
