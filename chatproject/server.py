@@ -41,7 +41,8 @@ def install_daphne_fixes() -> type:
       frame itself, code and reason, for open sockets (a handshake refusal stays an HTTP 403).
     - Clean failures: autobahn's default (failByDrop) hangs up on a bad connection, e.g. a frame
       over the size limit, so the client sees 1006 instead of the documented 1009. Ours fails
-      with a close frame.
+      with a close frame. A handshake refused before daphne's onConnect (autobahn's own 400s,
+      a subprotocol that is not ASCII) closes without daphne's onClose, which raised for it.
     - Fan-out: send_prepared() writes a frame the hub framed once (autobahn's PreparedMessage)
       straight to the transport, instead of one ASGI message, one UTF-8 encoding and one framing
       per recipient. Frames a turn of the event loop writes to one socket in a row (a batch's
@@ -189,6 +190,11 @@ def install_daphne_fixes() -> type:
         def onClose(self, wasClean, code, reason):
             if self.watch is not None:
                 self.watch.stopProducing()
+            if "server" not in vars(self):
+                # Refused before daphne's onConnect ran (autobahn's own 400s, onConnect's
+                # above): daphne never registered the connection, and its onClose, reading
+                # `self.server`, raised AttributeError for Twisted to log as unhandled.
+                return
             super().onClose(wasClean, CLOSE_SLOW_READER if self.dropped_as_slow else code, reason)
 
         def send_prepared(self, prepared, cork: bool = False) -> bool:

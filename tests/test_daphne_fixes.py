@@ -238,6 +238,37 @@ async def test_handshake_with_non_ascii_subprotocols_is_refused_400(
     assert not [r for r in caplog.records if r.levelname in ("ERROR", "CRITICAL")]
 
 
+@pytest.mark.parametrize(
+    ("header", "value"),
+    [
+        pytest.param(b"Origin", b"http://127.0.0.1:80x", id="origin-port"),  # autobahn's 400
+        pytest.param(b"Sec-WebSocket-Protocol", b"chat.v1, ticket.\xe9", id="subprotocol"),
+    ],
+)
+async def test_a_handshake_refused_before_daphne_saw_it_closes_without_an_error(
+    tcp_server, daphne_server, header, value
+):
+    """A handshake refused before daphne's onConnect (autobahn's own 400s, ours above) never
+    got daphne's `server`: its onClose raised AttributeError, which Twisted logged as an
+    "Unhandled Error" with a traceback (CRITICAL under `serve -v 2` and above), per request."""
+    from twisted.internet.error import ConnectionDone
+    from twisted.python.failure import Failure
+
+    _, factory = daphne_server(accepting)
+    protocol = factory.buildProtocol(("127.0.0.1", 1))
+    protocol._raw_query_string = b""
+    tcp_server(protocol)
+    handshake = _handshake("/ws/rooms/lobby/", ["chat.v1"])
+    old = b"Origin: http://127.0.0.1" if header == b"Origin" else b"Protocol: chat.v1"
+    new = header + b": " + value if header == b"Origin" else b"Protocol: " + value
+    protocol.dataReceived(handshake.replace(old, new))
+    protocol.transport.doWrite()
+    peer = protocol.transport.test_peer
+    peer.setblocking(False)
+    assert (await _read(peer, len(b"HTTP/1.1 400"))).startswith(b"HTTP/1.1 400")
+    protocol.connectionLost(Failure(ConnectionDone()))  # raised AttributeError
+
+
 # --- HTTP requests: Twisted's form parsing is skipped (chatproject/server.py) ---------------------
 
 
