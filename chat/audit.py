@@ -23,6 +23,7 @@ from django.db.models import Max, Q
 from django.utils import timezone
 from django.utils.ipv6 import clean_ipv6_address
 
+from accounts.ip import limit_key
 from chat import metrics, sql
 from chat.models import (
     AuditChainHead,
@@ -773,31 +774,38 @@ class ConnectionAudit:
 
 
 async def _count_rejection(runtime, ip: str) -> None:
-    """Warn (log + audit) when one IP's rejected attempts cross the threshold within the window.
+    """Warn (log + audit) when one client's rejected attempts cross the threshold within the
+    window: one IPv4 address, or one IPv6 /64, as the per-address limits count them
+    (accounts.ip.limit_key), else a client rotating through its /64 never raised it.
 
     Best effort: with the shared state down (Redis) the rejection is still recorded and the
     client still gets its close code; only the alert counter misses this attempt.
     """
+    client = limit_key(ip)
     try:
         count = await runtime.state.count_hit(
-            f"rejections:{ip}", settings.CHAT_SECURITY_ALERT_WINDOW
+            f"rejections:{client}", settings.CHAT_SECURITY_ALERT_WINDOW
         )
     except StateUnavailable:
         logger.warning("rejection from %s not counted: shared state unavailable", ip)
         return
     if count == settings.CHAT_SECURITY_ALERT_THRESHOLD:
         security_logger.warning(
-            "IP %s had %d rejected WebSocket attempts within %ds",
-            ip,
+            "%s %s had %d rejected WebSocket attempts within %ds",
+            "IP" if client == ip else "network",
+            client,
             count,
             settings.CHAT_SECURITY_ALERT_WINDOW,
         )
+        details = {"count": count, "window_seconds": settings.CHAT_SECURITY_ALERT_WINDOW}
+        if client != ip:
+            details["network"] = client  # the row's IP is the attempt that crossed it
         runtime.audit.add(
             SecurityEvent(
                 event=Event.ALERT,
                 ip=ip,
                 reason="rejected connection attempts over threshold",
-                details={"count": count, "window_seconds": settings.CHAT_SECURITY_ALERT_WINDOW},
+                details=details,
                 created_at=timezone.now(),
             )
         )

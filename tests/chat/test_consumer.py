@@ -1068,6 +1068,46 @@ async def test_connection_attempts_are_limited_per_ipv6_network(
     assert codes == [4401, 4401, 4401, last_code]
 
 
+@pytest.mark.parametrize(
+    ("addresses", "alert"),
+    [
+        (["198.51.100.7"] * 3, ("IP 198.51.100.7", {})),
+        # One client rotating through its /64: one network, as the limits count it.
+        (
+            ["2001:db8::1", "2001:db8::2", "2001:db8::a:3"],
+            ("network 2001:db8::/64", {"network": "2001:db8::/64"}),
+        ),
+        (["198.51.100.1", "198.51.100.2", "198.51.100.3"], None),
+    ],
+    ids=["ipv4-address", "ipv6-one-network", "ipv4-addresses"],
+)
+async def test_rejected_attempts_over_the_threshold_raise_an_alert_per_client(
+    people, settings, caplog, addresses, alert
+):
+    from chat.models import SecurityEvent
+    from tests.ws import communicator
+
+    settings.CHAT_SECURITY_ALERT_THRESHOLD, settings.CHAT_SECURITY_ALERT_WINDOW = 3, 60
+    for address in addresses:
+        comm = communicator("/ws/rooms/lobby/", ticket="garbage", ip=address)
+        await comm.connect()
+        assert (await closed_with(comm))[0] == 4401
+        await comm.disconnect()
+    await get_runtime().audit.flush()
+
+    rows = await sync(
+        lambda: list(SecurityEvent.objects.filter(event="alert").values("ip", "details"))
+    )()
+    warnings = [r.getMessage() for r in caplog.records if r.name == "chat.security"]
+    if alert is None:
+        assert rows == []
+        assert not [w for w in warnings if "rejected WebSocket attempts" in w]
+        return
+    who, extra = alert
+    assert rows == [{"ip": addresses[-1], "details": {"count": 3, "window_seconds": 60, **extra}}]
+    assert f"{who} had 3 rejected WebSocket attempts within 60s" in warnings
+
+
 async def test_connections_older_than_the_maximum_age_close_4401(people, settings):
     alice, _, room = people
     a, _ = await join(alice, room)
