@@ -131,20 +131,28 @@ class LogoutView(APIView):
     def post(self, request):
         data = serializers.LogoutSerializer(data=request.data)
         data.is_valid(raise_exception=True)
+        token = data.validated_data["refresh"]
         try:
-            refresh = RefreshToken(data.validated_data["refresh"])
+            refresh = RefreshToken(token)
         except TokenError as error:
-            raise InvalidToken(str(error)) from error
-        user = selectors.user_by_id(refresh.get("user_id"))
-        family = refresh.get(FAMILY_CLAIM)
+            # One already rotated still ends its login: its owner, whose token a thief rotated
+            # first, must be able to end the thief's access too.
+            rotated = services.rotated_refresh(token)
+            if rotated is None or rotated.family is None:
+                raise InvalidToken(str(error)) from error
+            user, family, refresh = selectors.user_by_id(rotated.user_id), rotated.family, None
+        else:
+            user, family = selectors.user_by_id(refresh.get("user_id")), refresh.get(FAMILY_CLAIM)
         with transaction.atomic():
-            refresh.blacklist()
+            if refresh is not None:
+                refresh.blacklist()
             if user is not None:
                 chat_services.user_logged_out(
                     user=user,
                     credential=services.credential_for_jwt(family) if family else "",
                     method="jwt",
                     ip=client_ip_from_request(request),
+                    rotated=refresh is None,
                 )
         return Response({"detail": "logged out"})
 

@@ -7,13 +7,15 @@ from django.contrib.auth.models import update_last_login
 from rest_framework import serializers
 from rest_framework.exceptions import AuthenticationFailed
 from rest_framework_simplejwt import serializers as jwt_serializers
-from rest_framework_simplejwt.exceptions import InvalidToken
+from rest_framework_simplejwt.exceptions import InvalidToken, TokenError
 from rest_framework_simplejwt.settings import api_settings as jwt_settings
 from rest_framework_simplejwt.tokens import RefreshToken
 from rest_framework_simplejwt.utils import get_md5_hash_password
 
 from accounts import second_factor, services
+from accounts.ip import client_ip_from_request
 from accounts.tokens import FAMILY_CLAIM, ChatRefreshToken
+from chat import services as chat_services
 from chatproject.rest import StringField
 
 User = get_user_model()
@@ -70,7 +72,11 @@ class TokenRefreshSerializer(jwt_serializers.TokenRefreshSerializer):
     change, or of a login that has ended, is refused."""
 
     def validate(self, attrs):
-        refresh = RefreshToken(attrs["refresh"])  # signature, expiry, blacklist
+        try:
+            refresh = RefreshToken(attrs["refresh"])  # signature, expiry, blacklist
+        except TokenError:
+            self._end_a_reused_login(attrs["refresh"])
+            raise
         user = User.objects.filter(
             **{jwt_settings.USER_ID_FIELD: refresh.get(jwt_settings.USER_ID_CLAIM)}
         ).first()
@@ -97,6 +103,23 @@ class TokenRefreshSerializer(jwt_serializers.TokenRefreshSerializer):
         refresh.outstand()
         data["refresh"] = str(refresh)
         return data
+
+    def _end_a_reused_login(self, token: str) -> None:
+        """A refresh token refused as blacklisted, presented past the grace of a race with its
+        rotation, ends its login (chat.services.refresh_token_reused); it is refused either way."""
+        rotated = services.rotated_refresh(token)
+        if rotated is None or not rotated.reused or rotated.family is None:
+            return
+        credential = services.credential_for_jwt(rotated.family)
+        user = User.objects.filter(pk=rotated.user_id).first()
+        if user is None or services.login_has_ended(credential):
+            return  # ended already: one audit row, not one a request
+        request = self.context.get("request")
+        chat_services.refresh_token_reused(
+            user=user,
+            credential=credential,
+            ip=client_ip_from_request(request) if request is not None else None,
+        )
 
 
 class LogoutSerializer(serializers.Serializer):

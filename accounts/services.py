@@ -4,20 +4,22 @@ from __future__ import annotations
 
 import hashlib
 from dataclasses import dataclass
-from datetime import timedelta
+from datetime import datetime, timedelta
 
 from django.conf import settings
 from django.contrib.auth import get_user_model
 from django.db import transaction
 from django.db.models import Q
 from django.utils import timezone
-from rest_framework_simplejwt.exceptions import ExpiredTokenError, TokenError
+from rest_framework_simplejwt.exceptions import ExpiredTokenError, TokenBackendError, TokenError
 from rest_framework_simplejwt.settings import api_settings as jwt_settings
+from rest_framework_simplejwt.state import token_backend
+from rest_framework_simplejwt.token_blacklist.models import BlacklistedToken
 from rest_framework_simplejwt.utils import datetime_from_epoch, get_md5_hash_password
 
 from accounts import second_factor
 from accounts.models import EndedLogin, Ticket
-from accounts.tokens import WebSocketTicket, claimed_user_id
+from accounts.tokens import FAMILY_CLAIM, WebSocketTicket, claimed_user_id
 from chat import audit, sql
 from chat.models import Room
 
@@ -178,18 +180,65 @@ def tickets_revoke_for_login(*, user_id: int, credential: str | None = None) -> 
     return tickets.update(revoked_at=now)
 
 
-def login_end(*, user, credential: str, jwt: bool) -> None:
+def login_end(*, user, credential: str, jwt: bool, refresh: bool = False) -> None:
     """Record a logged-out login: a JWT login until its last access token has expired, any
     login until a ticket it obtained can no longer be joining a room (chat.selectors
     .socket_context: a ticket request that passed its checks before the logout writes its row
-    after the logout revoked the login's tickets)."""
+    after the logout revoked the login's tickets). `refresh`: the login may have a refresh
+    token the logout could not blacklist (it ended by an older, rotated one): kept until that
+    would have expired, since the refresh refuses a token of an ended login."""
     now = timezone.now()
     kept = settings.CHAT_TICKET_LIFETIME + JOINING_GRACE
     if jwt:
         kept = max(kept, jwt_settings.ACCESS_TOKEN_LIFETIME)
+    if refresh:
+        kept = max(kept, jwt_settings.REFRESH_TOKEN_LIFETIME)
     EndedLogin.objects.update_or_create(
         credential=credential,
         defaults={"user": user, "ended_at": now, "expires_at": now + kept},
+    )
+
+
+# A refresh token presented again this long after its rotation is a reuse, not two requests that
+# raced with it (two tabs refreshing at once): two holders of one login, one of them not its
+# owner, and the login is ended (RFC 9700 4.14.2).
+REFRESH_REUSE_GRACE = timedelta(seconds=10)
+
+
+@dataclass(frozen=True)
+class RotatedRefresh:
+    """A genuine, unexpired refresh token that was blacklisted: rotated, or logged out with."""
+
+    user_id: int | None
+    family: str | None
+    blacklisted_at: datetime
+
+    @property
+    def reused(self) -> bool:
+        """Presented past the grace a request racing its rotation could have."""
+        return timezone.now() - self.blacklisted_at > REFRESH_REUSE_GRACE
+
+
+def rotated_refresh(token: str) -> RotatedRefresh | None:
+    """What a refresh token refused as blacklisted was; None for any other refused token
+    (forged, expired, of another type, never issued here)."""
+    try:
+        payload = token_backend.decode(token, verify=True)  # signature and expiry
+    except TokenBackendError:
+        return None
+    if payload.get(jwt_settings.TOKEN_TYPE_CLAIM) != "refresh":
+        return None
+    blacklisted_at = (
+        BlacklistedToken.objects.filter(token__jti=payload.get(jwt_settings.JTI_CLAIM))
+        .values_list("blacklisted_at", flat=True)
+        .first()
+    )
+    if blacklisted_at is None:
+        return None
+    return RotatedRefresh(
+        user_id=claimed_user_id(payload.get(jwt_settings.USER_ID_CLAIM)),
+        family=payload.get(FAMILY_CLAIM) or None,
+        blacklisted_at=blacklisted_at,
     )
 
 

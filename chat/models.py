@@ -367,6 +367,7 @@ class SecurityEvent(ChainedRow):
         LOGIN_FAILED = "login_failed", "Login failed"
         LOGIN_THROTTLED = "login_throttled", "Sign-ins throttled (first refusal of a window)"
         LOGOUT = "logout", "Logout"
+        REFRESH_REUSED = "refresh_reused", "Refresh token reused: its login ended"
         PASSWORD_CHANGED = "password_changed", "Password changed"
         USER_DEACTIVATED = "user_deactivated", "User deactivated"
         USER_REACTIVATED = "user_reactivated", "User reactivated"

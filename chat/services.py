@@ -721,17 +721,35 @@ def user_reactivate(*, actor, user) -> None:
             audit.security_event(event=audit.Event.USER_REACTIVATED, actor=actor, target=user)
 
 
-def user_logged_out(*, user, credential: str, method: str, ip: str | None) -> None:
+def user_logged_out(
+    *, user, credential: str, method: str, ip: str | None, rotated: bool = False
+) -> None:
     """One login ended (session logout, or JWT logout with its refresh token blacklisted):
-    audit it, refuse that login's remaining access tokens (JWT), close its sockets (4401)."""
+    audit it, refuse that login's remaining access tokens (JWT), close its sockets (4401).
+    `rotated`: the JWT logout presented a refresh token already rotated, so the login's newest
+    one, which someone else holds, is refused too (accounts.services.login_end)."""
     with transaction.atomic():
+        details = {"method": method, **({"rotated_token": True} if rotated else {})}
         audit.security_event(
-            event=audit.Event.LOGOUT, actor=user, target=user, ip=ip, details={"method": method}
+            event=audit.Event.LOGOUT, actor=user, target=user, ip=ip, details=details
         )
         if not credential:
             return
-        login_end(user=user, credential=credential, jwt=method == "jwt")
+        login_end(user=user, credential=credential, jwt=method == "jwt", refresh=rotated)
         user_sockets_close(user_id=user.pk, credential=credential, reason="logged out")
+
+
+def refresh_token_reused(*, user, credential: str, ip: str | None) -> None:
+    """A refresh token was presented again after its rotation (accounts.services
+    .REFRESH_REUSE_GRACE): two holders of one login, one of them not its owner, and nothing
+    tells which. The login ends for both, as a logout would, its newest refresh token included;
+    its owner signs in again."""
+    with transaction.atomic():
+        audit.security_event(
+            event=audit.Event.REFRESH_REUSED, target=user, ip=ip, details={"method": "jwt"}
+        )
+        login_end(user=user, credential=credential, jwt=True, refresh=True)
+        user_sockets_close(user_id=user.pk, credential=credential, reason="login ended")
 
 
 def user_sockets_close(*, user_id: int, reason: str, credential: str | None = None) -> None:

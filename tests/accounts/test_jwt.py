@@ -135,6 +135,65 @@ def test_a_refresh_token_of_a_login_that_ended_is_refused(api, monkeypatch):
     assert (answer.status_code, answer.json()["detail"]) == (401, "This login has ended.")
 
 
+def _refresh(api, token):
+    return api.post("/api/auth/token/refresh/", {"refresh": token}, format="json")
+
+
+@pytest.mark.parametrize(
+    ("grace_passed", "login_ended"), [(True, True), (False, False)], ids=["reuse", "race"]
+)
+def test_a_refresh_token_reused_after_its_rotation_ends_the_login(
+    api, monkeypatch, grace_passed, login_ended
+):
+    """A thief rotates alice's refresh token first; alice's own refresh then presents the old
+    one. Past the grace of two requests racing (two tabs), that is two holders of one login:
+    the login ends, the thief's newer tokens with it. Within the grace it is only refused."""
+    from datetime import timedelta
+
+    from accounts import services
+
+    if grace_passed:
+        monkeypatch.setattr(services, "REFRESH_REUSE_GRACE", timedelta(0))
+    make_user("alice")
+    stolen = login(api).json()["refresh"]
+    thief = _refresh(api, stolen).json()
+
+    for _ in range(2):  # the second reuse writes no second row
+        refused = _refresh(api, stolen)
+        assert (refused.status_code, refused.json()["code"]) == (401, "token_not_valid")
+
+    reused = SecurityEvent.objects.filter(event=SecurityEvent.Event.REFRESH_REUSED)
+    assert list(reused.values_list("target_name", "details")) == (
+        [("alice", {"method": "jwt"})] if login_ended else []
+    )
+    api.credentials(HTTP_AUTHORIZATION=f"Bearer {thief['access']}")
+    assert api.get("/api/rooms/").status_code == (401 if login_ended else 200)
+    api.credentials()
+    answer = _refresh(api, thief["refresh"])
+    if login_ended:
+        assert (answer.status_code, answer.json()["detail"]) == (401, "This login has ended.")
+    else:
+        assert answer.status_code == 200
+
+
+def test_logout_with_a_refresh_token_already_rotated_ends_the_login(api):
+    """alice's token was rotated by a thief: her logout with it still ends the login, so the
+    thief's newer refresh token is refused for as long as it would have lived."""
+    make_user("alice")
+    stolen = login(api).json()["refresh"]
+    thief = _refresh(api, stolen).json()
+
+    assert api.post("/api/auth/logout/", {"refresh": stolen}, format="json").status_code == 200
+    answer = _refresh(api, thief["refresh"])
+    assert (answer.status_code, answer.json()["detail"]) == (401, "This login has ended.")
+    logout = SecurityEvent.objects.get(event=SecurityEvent.Event.LOGOUT)
+    assert logout.details == {"method": "jwt", "rotated_token": True}
+    from accounts.models import EndedLogin
+
+    ended = EndedLogin.objects.get()
+    assert ended.expires_at - ended.ended_at >= RefreshToken.lifetime
+
+
 def test_logout_blacklists_the_refresh_token(api):
     make_user("alice")
     refresh = login(api).json()["refresh"]
