@@ -6,7 +6,7 @@ from django.contrib.auth import get_user_model
 from django.contrib.auth.hashers import is_password_usable
 from django.contrib.auth.models import Group, Permission
 from django.contrib.auth.signals import user_logged_in, user_logged_out, user_login_failed
-from django.db.models.signals import m2m_changed, post_delete, post_save, pre_save
+from django.db.models.signals import m2m_changed, post_delete, post_save, pre_delete, pre_save
 from django.dispatch import receiver
 from django_otp.plugins.otp_static.models import StaticDevice
 from django_otp.plugins.otp_totp.models import TOTPDevice
@@ -189,6 +189,24 @@ m2m_changed.connect(
     sender=Group.permissions.through,
     dispatch_uid="group-permissions-changed",
 )
+
+
+# Deleting a group takes it, and its permissions, from its members: the database cascade sends no
+# m2m_changed, so each member is audited as removed from it.
+@receiver(pre_delete, sender=Group, dispatch_uid="group-members-before-delete")
+def remember_group_members(sender, instance, **kwargs):
+    instance._members = list(instance.user_set.all())
+
+
+@receiver(post_delete, sender=Group, dispatch_uid="group-deleted")
+def group_deleted(sender, instance, **kwargs):
+    for user in instance.__dict__.pop("_members", []):
+        audit.security_event(
+            event=audit.Event.PRIVILEGES_CHANGED,
+            actor=audit.acting_user(),
+            target=user,
+            details={"groups": {"removed": [instance.name]}},
+        )
 
 
 @receiver(post_delete, sender=get_user_model(), dispatch_uid="user-deleted")

@@ -842,3 +842,33 @@ def test_grants_of_permissions_and_groups_are_audited(admin_client, admin_user):
         ),
         ("admin", "mallory", {"groups": {"removed": ["helpdesk"]}}),
     ]
+
+
+@pytest.mark.parametrize("how", ["delete_view", "bulk_action"])
+def test_deleting_a_group_in_the_admin_is_audited_for_its_members(admin_client, admin_user, how):
+    """A group's members lose its permissions when it is deleted; the database cascade sends no
+    m2m_changed, so this took privileges from them without an audit row (found by review)."""
+    from django.contrib.auth.models import Group
+
+    helpdesk, other = Group.objects.create(name="helpdesk"), Group.objects.create(name="other")
+    helpdesk.permissions.add(Permission.objects.get(codename="change_user"))
+    mallory, trudy = make_user("mallory", is_staff=True), make_user("trudy", is_staff=True)
+    mallory.groups.add(helpdesk, other)
+    trudy.groups.add(helpdesk)
+    already = set(SecurityEvent.objects.values_list("pk", flat=True))
+
+    if how == "delete_view":
+        admin_client.post(admin_url(Group, "delete", helpdesk.pk), {"post": "yes"})
+    else:
+        admin_client.post(
+            admin_url(Group, "changelist"),
+            {"action": "delete_selected", "_selected_action": [helpdesk.pk], "post": "yes"},
+        )
+
+    assert not Group.objects.filter(pk=helpdesk.pk).exists()
+    rows = SecurityEvent.objects.exclude(pk__in=already).order_by("target_name")
+    assert [(r.event, r.actor_id, r.target_name, r.details) for r in rows] == [
+        ("privileges_changed", admin_user.pk, name, {"groups": {"removed": ["helpdesk"]}})
+        for name in ("mallory", "trudy")
+    ]
+    assert audit.verify_chain().ok
