@@ -627,14 +627,17 @@ def _newest_checkpoint_seq() -> int:
 
 def _verify_walk() -> VerifyResult:
     head = AuditChainHead.objects.filter(pk=1).first()
-    checkpoint = AuditCheckpoint.objects.order_by("-seq").first()
-    expected_seq, prev = 0, GENESIS_HASH
-    if checkpoint is not None:
+    # Every checkpoint, not only the newest the walk starts from: the older ones are the signed
+    # record of what each prune took, and when.
+    checkpoint = None
+    for checkpoint in AuditCheckpoint.objects.order_by("seq").iterator(chunk_size=2000):
         signature = checkpoint_signature(
             checkpoint.seq, checkpoint.row_hash, checkpoint.created_at, checkpoint.rows_pruned
         )
         if not hmac.compare_digest(signature, checkpoint.signature):
             return VerifyResult(False, 0, checkpoint.seq, "checkpoint signature is invalid")
+    expected_seq, prev = 0, GENESIS_HASH
+    if checkpoint is not None:
         expected_seq, prev = checkpoint.seq, checkpoint.row_hash
         # Connections kept across a prune (their close came later) still hold an opening link
         # below the checkpoint: its neighbours are gone, but its own hash must still match.

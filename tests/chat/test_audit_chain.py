@@ -515,6 +515,60 @@ def test_tampering_after_a_prune_is_caught(tamper):
     assert problem in result.problem
 
 
+def edit_older_checkpoint_count(older):
+    AuditCheckpoint.objects.filter(pk=older.pk).update(rows_pruned=F("rows_pruned") + 100)
+
+
+def edit_older_checkpoint_time(older):
+    AuditCheckpoint.objects.filter(pk=older.pk).update(created_at=F("created_at") - timedelta(1))
+
+
+def forge_older_checkpoint_signature(older):
+    AuditCheckpoint.objects.filter(pk=older.pk).update(signature="0" * 64)
+
+
+def forge_an_older_checkpoint(older):
+    AuditCheckpoint.objects.filter(pk=older.pk).delete()
+    created_at = timezone.now() - timedelta(days=365)
+    with override_settings(CHAT_AUDIT_HMAC_KEY="a-guessed-key"):
+        signature = audit.checkpoint_signature(older.seq, older.row_hash, created_at, 1)
+    AuditCheckpoint.objects.create(
+        seq=older.seq,
+        row_hash=older.row_hash,
+        created_at=created_at,
+        rows_pruned=1,
+        signature=signature,
+    )
+
+
+@pytest.mark.parametrize(
+    "tamper",
+    [
+        edit_older_checkpoint_count,
+        edit_older_checkpoint_time,
+        forge_older_checkpoint_signature,
+        forge_an_older_checkpoint,
+    ],
+)
+def test_tampering_with_an_older_checkpoint_is_caught(tamper):
+    """A prune writes a checkpoint per step and verification resumes at the newest: the older
+    ones, the signed record of what was pruned when, were never checked, so editing one went
+    unseen (found by review)."""
+    with long_ago():
+        build_chain("old-")
+    build_chain("new-")
+    audit.prune_before(cutoff=cutoff(), batch=2)
+    older, newest = AuditCheckpoint.objects.order_by("seq")[:2]
+    assert older.seq < newest.seq
+    tamper(older)
+
+    result = audit.verify_chain()
+
+    assert not result.ok
+    assert result.first_bad_seq == older.seq
+    assert "checkpoint signature is invalid" in result.problem
+
+
 def test_rows_appended_while_verifying_are_left_for_the_next_verification(monkeypatch):
     """Writers keep appending under live traffic: a verification must not call that tampering
     (nor refuse a prune for it)."""
