@@ -31,7 +31,7 @@ from chat.models import (
     SecurityEvent,
 )
 from tests.chat.audit_rows import build_chain, log_close, log_connection
-from tests.factories import make_member, make_room, make_user
+from tests.factories import make_member, make_room, make_ticket, make_user
 
 pytestmark = pytest.mark.django_db
 
@@ -694,6 +694,29 @@ def test_deleting_users_in_the_admin_is_audited_with_who(admin_client, admin_use
     )
     assert not type(bob).objects.filter(pk__in=[u.pk for u in gone]).exists()
     assert audit.verify_chain().ok
+
+
+@pytest.mark.parametrize("how", ["delete_view", "bulk_action"])
+def test_deleting_a_user_who_had_a_ticket_works_in_the_admin(admin_client, admin_user, how):
+    """Tickets are read-only in the admin, and Django refuses to delete a user whose rows would
+    cascade into a model one may not delete: anyone who had ever opened a socket could not be
+    deleted, by a superuser either (found by review)."""
+    bob = make_user("bob")
+    make_ticket(bob, make_room("lobby", owner=make_user("alice")))
+
+    if how == "delete_view":
+        response = admin_client.post(admin_url(type(bob), "delete", bob.pk), {"post": "yes"})
+    else:
+        response = admin_client.post(
+            admin_url(type(bob), "changelist"),
+            {"action": "delete_selected", "_selected_action": [bob.pk], "post": "yes"},
+        )
+
+    assert response.status_code == 302
+    assert not type(bob).objects.filter(pk=bob.pk).exists()
+    assert not Ticket.objects.filter(user_id=bob.pk).exists()
+    event = SecurityEvent.objects.get(event=SecurityEvent.Event.USER_DELETED)
+    assert (event.actor_id, event.target_id) == (admin_user.pk, bob.pk)
 
 
 def test_user_form_cannot_flip_is_active_around_the_service(admin_client):
