@@ -18,7 +18,7 @@ from accounts.models import Ticket, TicketQuerySet, User
 from accounts.services import tickets_revoke
 from chat import audit
 from chat import services as chat_services
-from chat.admin import ReadOnlyMixin
+from chat.admin import DateHierarchyMixin, ReadOnlyMixin
 
 # What decides what an account may do: only a superuser grants it (a staff user with
 # "change user", a helpdesk say, could otherwise make themselves a superuser).
@@ -132,7 +132,7 @@ class TicketStateFilter(admin.SimpleListFilter):
 
 
 @admin.register(Ticket)
-class TicketAdmin(ReadOnlyMixin, admin.ModelAdmin):
+class TicketAdmin(DateHierarchyMixin, ReadOnlyMixin, admin.ModelAdmin):
     """Tickets as issued and spent. The ticket string is never stored; its binding stays unshown."""
 
     list_display = (

@@ -9,6 +9,8 @@ from collections.abc import AsyncIterator, Iterable, Iterator
 from datetime import datetime
 
 from django.contrib import admin, messages
+from django.contrib.admin.options import IncorrectLookupParameters
+from django.contrib.admin.views.main import ChangeList
 from django.core.exceptions import PermissionDenied
 from django.core.handlers.asgi import ASGIRequest
 from django.core.paginator import EmptyPage, PageNotAnInteger, Paginator
@@ -104,6 +106,25 @@ def _changelist_link(model, text: str, **filters) -> str:
     return format_html('<a href="{}?{}">{}</a>', url, urlencode(filters), text)
 
 
+class DateHierarchyChangeList(ChangeList):
+    """Django's list, with a date hierarchy link edited past year 9999 taken as a bad filter
+    (the list's error page) rather than a 500: Django checks the first day of the range, not
+    the day after its last, nor a month or day too large to convert."""
+
+    def get_filters(self, request):
+        try:
+            return super().get_filters(request)
+        except (ValueError, OverflowError) as exc:
+            raise IncorrectLookupParameters(exc) from exc
+
+
+class DateHierarchyMixin:
+    """For the admins with a date_hierarchy."""
+
+    def get_changelist(self, request, **kwargs):
+        return DateHierarchyChangeList
+
+
 class ReadOnlyMixin:
     """No add, change or delete, for superusers too: the rows change only through the services.
 
@@ -170,7 +191,7 @@ class EstimatedCountPaginator(Paginator):
         return self._get_page(self.object_list[bottom : bottom + self.per_page], number, self)
 
 
-class AuditAdmin(ReadOnlyMixin, admin.ModelAdmin):
+class AuditAdmin(DateHierarchyMixin, ReadOnlyMixin, admin.ModelAdmin):
     """The audit trail: read-only, as chat.audit is its only writer. Needs the view permission."""
 
     csv_fields: tuple[str, ...] = ()
@@ -498,7 +519,7 @@ class RoomAdmin(admin.ModelAdmin):
 
 
 @admin.register(Message)
-class MessageAdmin(ReadOnlyMixin, admin.ModelAdmin):
+class MessageAdmin(DateHierarchyMixin, ReadOnlyMixin, admin.ModelAdmin):
     """Messages are read here and soft-deleted or restored through the services, never edited."""
 
     list_display = ("room", "seq", "author", "excerpt", "created_at", "deleted_at", "deleted_by")
