@@ -5,10 +5,32 @@ from functools import wraps
 from django.conf import settings
 from django.contrib.admin import AdminSite
 from django.contrib.admin.forms import AdminAuthenticationForm
-from django.core.exceptions import BadRequest
+from django.core.exceptions import BadRequest, ValidationError
 from django_otp.admin import OTPAdminAuthenticationForm, OTPAdminSite
 
+from accounts.ip import client_ip_from_request
 from accounts.throttling import throttle_login
+from chat import audit
+
+
+class SecondFactorSignInForm(OTPAdminAuthenticationForm):
+    """django-otp's sign-in form. A one-time code offered once the password has passed, and
+    refused, is a failed sign-in, audited as the API audits it (accounts.api.LoginView): a
+    wrong password is audited by Django's signal, a wrong code sends none."""
+
+    def clean_otp(self, user):
+        try:
+            super().clean_otp(user)
+        except ValidationError:
+            if user is not None and self.cleaned_data.get("otp_token"):
+                audit.security_event(
+                    event=audit.Event.LOGIN_FAILED,
+                    target=user,
+                    ip=client_ip_from_request(self.request),
+                    reason="bad second factor",
+                    details={"username": user.get_username(), "method": "session"},
+                )
+            raise
 
 
 class ChatAdminSite(OTPAdminSite):
@@ -27,9 +49,7 @@ class ChatAdminSite(OTPAdminSite):
     @property
     def login_form(self):
         return (
-            OTPAdminAuthenticationForm
-            if settings.CHAT_ADMIN_REQUIRE_OTP
-            else AdminAuthenticationForm
+            SecondFactorSignInForm if settings.CHAT_ADMIN_REQUIRE_OTP else AdminAuthenticationForm
         )
 
     @property

@@ -79,6 +79,33 @@ def test_a_backup_code_works_once(settings, staff):
     assert second.get("/admin/").status_code == 302
 
 
+@pytest.mark.parametrize(
+    "code",
+    [
+        pytest.param(lambda device: "000000", id="wrong TOTP code"),
+        pytest.param(lambda device: "not-a-code", id="garbage"),
+    ],
+)
+def test_a_refused_second_factor_at_the_admin_sign_in_is_audited(settings, staff, code):
+    """The API audits a password that passed with a one-time code that did not as a failed
+    sign-in; the admin's sign-in recorded nothing, so guessing codes there with a stolen
+    password left no trace in the trail (found by review)."""
+    settings.CHAT_ADMIN_REQUIRE_OTP = True
+    enroll("root", "--no-qr")
+    device = TOTPDevice.objects.get(user=staff)
+    client = Client()
+
+    refused = login(client, otp_device=device.persistent_id, otp_token=code(device))
+    asked = login(client)  # the first step: the password, and the form asks for a code
+
+    assert (refused.status_code, asked.status_code) == (200, 200)
+    assert client.get("/admin/").status_code == 302
+    rows = SecurityEvent.objects.filter(event=SecurityEvent.Event.LOGIN_FAILED)
+    assert [(r.target_id, r.ip, r.reason, r.details) for r in rows] == [
+        (staff.pk, "127.0.0.1", "bad second factor", {"username": "root", "method": "session"})
+    ]
+
+
 def test_without_the_requirement_a_password_is_enough(settings, staff):
     settings.CHAT_ADMIN_REQUIRE_OTP = False
     client = Client()
