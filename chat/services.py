@@ -23,6 +23,15 @@ from chat.protocol import CLOSE_FORBIDDEN, CLOSE_ROOM_GONE, CLOSE_UNAUTHORIZED
 User = get_user_model()
 Role = Membership.Role
 
+# The changes that close sockets in a room, with the close code and reason: a ban or a removal
+# the member's (not those with staff powers), an archive everyone's. The hub closes a socket
+# whose event was lost the same way (chat.hub.Hub._catch_up_changes).
+ROOM_CLOSES = {
+    audit.Event.MEMBER_BANNED: (CLOSE_FORBIDDEN, "banned"),
+    audit.Event.MEMBER_REMOVED: (CLOSE_FORBIDDEN, "removed"),
+    audit.Event.ROOM_ARCHIVED: (CLOSE_ROOM_GONE, "room archived"),
+}
+
 
 class ServiceError(Exception):
     """A refused action. `code` is what clients see; the HTTP status is the caller's choice."""
@@ -407,9 +416,10 @@ def room_archive(*, actor, room: Room, reason: str = "") -> Room:
         room.archived_at = timezone.now()
         room.save(update_fields=["archived_at"])
         audit.security_event(event=audit.Event.ROOM_ARCHIVED, actor=actor, room=room, reason=reason)
+        code, why = ROOM_CLOSES[audit.Event.ROOM_ARCHIVED]
         broadcast.publish(
             broadcast.room_group(room.pk),
-            broadcast.revoke_event(room_id=room.pk, code=CLOSE_ROOM_GONE, reason="room archived"),
+            broadcast.revoke_event(room_id=room.pk, code=code, reason=why),
         )
     return room
 
@@ -552,9 +562,8 @@ def member_ban(*, actor, room: Room, user, reason: str = "") -> Membership:
         record = audit.security_event(
             event=audit.Event.MEMBER_BANNED, actor=actor, target=user, room=room, reason=reason
         )
-        _publish_membership(
-            room, user, target, close=(CLOSE_FORBIDDEN, "banned"), version=record.chain_seq
-        )
+        close = ROOM_CLOSES[audit.Event.MEMBER_BANNED]
+        _publish_membership(room, user, target, close=close, version=record.chain_seq)
     return target
 
 
@@ -623,12 +632,24 @@ def member_remove(*, actor, room: Room, user, reason: str = "") -> None:
             reason=reason,
             details={"role": role, "left": leaving},
         )
-        _publish_membership(
-            room, user, None, close=(CLOSE_FORBIDDEN, "removed"), version=record.chain_seq
-        )
+        close = ROOM_CLOSES[audit.Event.MEMBER_REMOVED]
+        _publish_membership(room, user, None, close=close, version=record.chain_seq)
 
 
 # --- users ---------------------------------------------------------------------------------------
+
+# The account changes that close the user's sockets (user_sockets_close), with the reason each
+# closes them with: the hub closes a socket whose revocation never reached it with the same
+# (chat.hub.Hub._catch_up_changes). A logout closes only the sockets of its login.
+USER_CLOSE_REASONS = {
+    audit.Event.PASSWORD_CHANGED: "password changed",
+    audit.Event.USER_DEACTIVATED: "account deactivated",
+    audit.Event.PRIVILEGES_CHANGED: "privileges changed",
+    audit.Event.SECOND_FACTOR_REMOVED: "second factor removed",  # with CHAT_ADMIN_REQUIRE_OTP
+    audit.Event.USER_DELETED: "account deleted",
+    audit.Event.LOGOUT: "logged out",  # that login's sockets only (details["credential"])
+    audit.Event.REFRESH_REUSED: "login ended",  # likewise
+}
 
 
 def user_deactivate(*, actor, user, reason: str = "") -> None:
@@ -673,12 +694,12 @@ def user_credentials_changed(
                 event=audit.Event.PRIVILEGES_CHANGED, actor=actor, target=user, details=privileges
             )
         if deactivated:
-            reason = "account deactivated"
+            event = audit.Event.USER_DEACTIVATED
         elif password_changed:
-            reason = "password changed"
+            event = audit.Event.PASSWORD_CHANGED
         else:
-            reason = "privileges changed"
-        user_sockets_close(user_id=user.pk, reason=reason)
+            event = audit.Event.PRIVILEGES_CHANGED
+        user_sockets_close(user_id=user.pk, reason=USER_CLOSE_REASONS[event])
 
 
 def second_factor_changed(*, user, device, added: bool, actor=None) -> None:
@@ -696,7 +717,9 @@ def second_factor_changed(*, user, device, added: bool, actor=None) -> None:
             details={"device": device._meta.model_name, "name": device.name[:64]},
         )
         if not added and settings.CHAT_ADMIN_REQUIRE_OTP:  # else staff powers never needed it
-            user_sockets_close(user_id=user.pk, reason="second factor removed")
+            user_sockets_close(
+                user_id=user.pk, reason=USER_CLOSE_REASONS[audit.Event.SECOND_FACTOR_REMOVED]
+            )
 
 
 def user_deleted(*, user, actor=None) -> None:
@@ -711,7 +734,7 @@ def user_deleted(*, user, actor=None) -> None:
             target=user,
             details={"username": user.get_username()},
         )
-        user_sockets_close(user_id=user.pk, reason="account deleted")
+        user_sockets_close(user_id=user.pk, reason=USER_CLOSE_REASONS[audit.Event.USER_DELETED])
 
 
 def user_reactivate(*, actor, user) -> None:
@@ -727,16 +750,24 @@ def user_logged_out(
     """One login ended (session logout, or JWT logout with its refresh token blacklisted):
     audit it, refuse that login's remaining access tokens (JWT), close its sockets (4401).
     `rotated`: the JWT logout presented a refresh token already rotated, so the login's newest
-    one, which someone else holds, is refused too (accounts.services.login_end)."""
+    one, which someone else holds, is refused too (accounts.services.login_end).
+
+    The row names the login (`credential`: a digest of the session key, or the JWT family id,
+    neither of which signs anyone in), so that a socket whose revocation was lost can be closed
+    by the hub without closing the user's other logins' (chat.hub.Hub._catch_up_changes)."""
     with transaction.atomic():
         details = {"method": method, **({"rotated_token": True} if rotated else {})}
+        if credential:
+            details["credential"] = credential
         audit.security_event(
             event=audit.Event.LOGOUT, actor=user, target=user, ip=ip, details=details
         )
         if not credential:
             return
         login_end(user=user, credential=credential, jwt=method == "jwt", refresh=rotated)
-        user_sockets_close(user_id=user.pk, credential=credential, reason="logged out")
+        user_sockets_close(
+            user_id=user.pk, credential=credential, reason=USER_CLOSE_REASONS[audit.Event.LOGOUT]
+        )
 
 
 def refresh_token_reused(*, user, credential: str, ip: str | None) -> None:
@@ -746,10 +777,17 @@ def refresh_token_reused(*, user, credential: str, ip: str | None) -> None:
     its owner signs in again."""
     with transaction.atomic():
         audit.security_event(
-            event=audit.Event.REFRESH_REUSED, target=user, ip=ip, details={"method": "jwt"}
+            event=audit.Event.REFRESH_REUSED,
+            target=user,
+            ip=ip,
+            details={"method": "jwt", "credential": credential},  # as a logout's row names it
         )
         login_end(user=user, credential=credential, jwt=True, refresh=True)
-        user_sockets_close(user_id=user.pk, credential=credential, reason="login ended")
+        user_sockets_close(
+            user_id=user.pk,
+            credential=credential,
+            reason=USER_CLOSE_REASONS[audit.Event.REFRESH_REUSED],
+        )
 
 
 def user_sockets_close(*, user_id: int, reason: str, credential: str | None = None) -> None:
