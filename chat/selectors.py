@@ -11,8 +11,10 @@ from typing import Any
 from django.conf import settings
 from django.contrib.auth import get_user_model
 from django.db.models import (
+    BooleanField,
     Case,
     Count,
+    ExpressionWrapper,
     F,
     IntegerField,
     OuterRef,
@@ -247,6 +249,52 @@ def message_frames_between(room_id: int, after: int, upto: int) -> list[tuple[in
 def rooms_last_seq(room_ids: list[int]) -> dict[int, int]:
     """Each room's last stored seq (the hub's catch-up), by room id."""
     return {room.pk: room.last_seq for room in sql.select_in(Room, ["last_seq"], pk=room_ids)}
+
+
+@dataclass(frozen=True, slots=True)
+class SocketChange:
+    """An audited change that reaches open sockets as a hub event (chat.services)."""
+
+    seq: int  # its audit row's chain position: the version its hub event carried
+    event: str
+    user_id: int | None
+    room_id: int | None
+    credential: str = ""  # a logout's login
+
+
+def socket_changes_after(
+    *,
+    after: int,
+    room_ids: Collection[int],
+    user_ids: Collection[int],
+    room_events: Collection[str],
+    user_events: Collection[str],
+    limit: int,
+) -> tuple[list[SocketChange], int]:
+    """The changes audited after chain position `after` that concern the given rooms and users
+    (the hub's, chat.hub.Hub._catch_up_changes): `room_events` in the rooms, `user_events` of
+    the users; the first `limit`, in chain order. With the position they are complete up to:
+    the last one's when `limit` cut them short, else the last security event's (the chain may
+    have more rows, of the other audit models).
+
+    One statement, a range scan of the chain_seq index from `after`: the last security event
+    comes along as a row of its own, so a quiet stretch still moves the position on."""
+    change = Q(event__in=room_events, room_id__in=room_ids) | Q(
+        event__in=user_events, target_id__in=user_ids
+    )
+    newest = SecurityEvent.objects.order_by("-chain_seq").values("chain_seq")[:1]
+    rows = list(
+        SecurityEvent.objects.filter(change | Q(chain_seq=Subquery(newest)), chain_seq__gt=after)
+        .annotate(change=ExpressionWrapper(change, output_field=BooleanField()))
+        .order_by("chain_seq")
+        .values_list("chain_seq", "event", "target_id", "room_id", "details", "change")[:limit]
+    )
+    changes = [
+        SocketChange(seq, event, user_id, room_id, details.get("credential", ""))
+        for seq, event, user_id, room_id, details, matched in rows
+        if matched
+    ]
+    return changes, rows[-1][0] if rows else after
 
 
 def user_get(*, username: str):
