@@ -132,8 +132,11 @@ def revoke_event(
     user_id: int | None = None,
     room_id: int | None = None,
     credential: str | None = None,
+    spare_staff: bool = False,
 ) -> dict[str, Any]:
-    return {
+    """`spare_staff`: not for a socket with staff powers, which pass over a ban or a removal
+    (the hub's, for such a change whose live event was lost)."""
+    event = {
         "type": "hub.revoke",
         "user": user_id,
         "room": room_id,
@@ -141,3 +144,6 @@ def revoke_event(
         "code": code,
         "reason": reason,
     }
+    if spare_staff:
+        event["spare_staff"] = True
+    return event

@@ -112,6 +112,7 @@ class RoomConsumer(AsyncWebsocketConsumer):
         "scope",
         "sent",
         "socket_id",
+        "state_version",
         "transport",
         "user",
         "user_id",
@@ -133,8 +134,11 @@ class RoomConsumer(AsyncWebsocketConsumer):
         self.attached = self.ready = self.closing = False
         self.presence_version = 0
         # The chain positions of the membership and room state this socket has (chat.services:
-        # each change's audit row): an older change arriving after it is dropped.
+        # each change's audit row): an older change arriving after it is dropped. And of the
+        # state it read as it joined, None until then: a change audited later that it has not
+        # had (its event lost) closes it at the hub's heartbeat (chat.hub).
         self.membership_version = self.room_version = 0
+        self.state_version: int | None = None
         self.close_code: int | None = None
         self.received = self.sent = 0
         self.opened_at = time.monotonic()
@@ -213,9 +217,6 @@ class RoomConsumer(AsyncWebsocketConsumer):
         if context.ticket_revoked:
             return await self._reject(Reason.TICKET_REVOKED)
         self.room, self.membership = context.room, context.membership
-        # What the read shows includes every change at or before the chain position read with
-        # it: such a change's event, come while the socket joined, is not applied again.
-        self.membership_version = self.room_version = context.audit_seq
         if not permissions.can_view(user, self.room, self.membership):
             return await self._reject(Reason.FORBIDDEN)
         self.joined = True
@@ -266,6 +267,10 @@ class RoomConsumer(AsyncWebsocketConsumer):
         context = await database_sync_to_async(selectors.socket_context)(
             room_id=self.room_id, user_id=self.user_id, jti=jti, credential=self.credential
         )
+        # What the read shows includes every change at or before the chain position read with
+        # it: such a change's event, come while the socket joined, is not applied again, and the
+        # hub's heartbeat, which may look at the socket from now on, does not take it as missed.
+        self.state_version = self.membership_version = self.room_version = context.audit_seq
         last_seq = context.room.last_seq if context.room is not None else 0
         return context, last_seq, context.audit_seq
 
@@ -565,6 +570,8 @@ class RoomConsumer(AsyncWebsocketConsumer):
             return
         kind = event["type"]
         if kind == "hub.revoke":
+            if event.get("spare_staff") and permissions.has_staff_powers(self.user):
+                return
             if not event.get("credential") or event["credential"] == self.credential:
                 await self._close(event["code"], event.get("reason"))
             return

@@ -25,9 +25,10 @@ from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 from channels.layers import get_channel_layer
 from django.conf import settings
 
-from chat import broadcast, frames, metrics, selectors
-from chat.protocol import CLOSE_TRY_AGAIN, CLOSE_UNAUTHORIZED
+from chat import audit, broadcast, frames, metrics, selectors
+from chat.protocol import CLOSE_FORBIDDEN, CLOSE_TRY_AGAIN, CLOSE_UNAUTHORIZED
 from chat.runtime import cancel_and_wait
+from chat.services import ROOM_CLOSES, USER_CLOSE_REASONS
 from chatproject.dbthread import database_sync_to_async
 
 if TYPE_CHECKING:
@@ -42,6 +43,26 @@ GAP_WAIT = 0.2
 # such events arrive out of order only within moments of each other; a room would need this many
 # other messages changed (or users come and gone) in between for a late one to be missed.
 VERSIONS_KEPT = 1024
+
+# Audited changes read a heartbeat at most (_catch_up_changes); more wait for the next one.
+CHANGES_PER_HEARTBEAT = 500
+# The audited changes published to a room (chat.services): of a member, and of the room. A
+# socket that missed one is closed as its live event would have closed it (services.ROOM_CLOSES).
+# One that only alters what the socket shows (a mute, a role, a member added, the room's title or
+# visibility) closes it 4401 too: the client reconnects and its new hello has the state, which is
+# simpler than replaying the change, and only happens when an event was lost.
+MEMBERSHIP_CHANGES = frozenset(
+    {
+        audit.Event.MEMBER_ADDED,
+        audit.Event.ROLE_CHANGED,
+        audit.Event.MEMBER_MUTED,
+        audit.Event.MEMBER_UNMUTED,
+        audit.Event.MEMBER_BANNED,
+        audit.Event.MEMBER_REMOVED,
+    }
+)
+ROOM_CHANGES = frozenset({audit.Event.ROOM_UPDATED, audit.Event.ROOM_ARCHIVED})
+STATE_CHANGED = (CLOSE_UNAUTHORIZED, "state changed")
 
 T = TypeVar("T")
 
@@ -60,6 +81,11 @@ class Socket(Protocol):
     opened_at: float
     ready: bool
     presence_version: int  # of the room's list of users its hello gave (chat.state)
+    # Audit chain positions (chat.consumers): of the state read as it joined (None until read),
+    # and of its membership and room state, moved on by each change event it takes.
+    state_version: int | None
+    membership_version: int
+    room_version: int
     room: Any  # its chat.models.Room, loaded before ready()
 
     async def send_text(self, text: str) -> None: ...
@@ -128,6 +154,9 @@ class Hub:
         self._tasks: set[asyncio.Task] = set()
         self._receiver: asyncio.Task | None = None
         self._heartbeat: asyncio.Task | None = None
+        # The audit chain position up to which lost changes have been looked for
+        # (_catch_up_changes); None while no socket here has read its state.
+        self._changes_checked: int | None = None
 
     # --- sockets ---------------------------------------------------------------------------------
 
@@ -164,6 +193,7 @@ class Hub:
                 await self._join(broadcast.room_group(sock.room_id))
                 # Read after subscribing: every message numbered above this will reach us.
                 state, feed.delivered, feed.changes_floor = await read()
+                self._read_state_at(feed.changes_floor)
             except BaseException:
                 # Whoever waits on this feed finds it gone and fails; detach will find no feed.
                 feed.started.set()
@@ -181,8 +211,17 @@ class Hub:
         await feed.started.wait()
         if self.rooms.get(sock.room_id) is not feed:
             raise RuntimeError("could not subscribe to the room")
-        state, _, _ = await read()
+        state, _, audit_seq = await read()
+        self._read_state_at(audit_seq)
         return state
+
+    def _read_state_at(self, audit_seq: int) -> None:
+        """A socket here read its state at chain position `audit_seq`: the changes to look for
+        start there at the latest. The first such read starts them (nothing before it concerns
+        a socket here); a read older than the position (two sockets reading at once) takes it
+        back, since that socket's state lacks what came after."""
+        if self._changes_checked is None or audit_seq < self._changes_checked:
+            self._changes_checked = audit_seq
 
     def ready(self, sock: Socket) -> int:
         """Start frames for the socket; returns the seq after which it receives every message."""
@@ -316,8 +355,9 @@ class Hub:
                 logger.exception("hub heartbeat failed")
 
     async def heartbeat(self) -> None:
-        """Renew leases and group memberships; close sockets past their maximum age; announce
-        the departures of users whose leases lapsed in this process's rooms."""
+        """Renew leases and group memberships; close sockets past their maximum age; catch up
+        with lost messages and close the sockets that missed a change; announce the departures
+        of users whose leases lapsed in this process's rooms."""
         sockets = self.local_sockets()
         await self.runtime.state.renew(
             [(s.user_id, s.socket_id, s.room_id, s.username) for s in sockets]
@@ -338,6 +378,10 @@ class Hub:
             await self._catch_up()
         except Exception:
             logger.exception("hub catch-up failed")
+        try:
+            await self._catch_up_changes()
+        except Exception:
+            logger.exception("hub catch-up of changes failed")
         # Last, after this process's own leases are renewed (and so never swept by it), and so
         # that a failure here (Redis gone) costs none of the above.
         await self._sweep_presence()
@@ -357,6 +401,87 @@ class Hub:
             feed.stored = max(feed.stored, stored.get(feed.room_id, 0))
             if feed.stored > feed.delivered and not feed.filling and feed.gap_timer is None:
                 self._start_fill(feed)
+
+    async def _catch_up_changes(self) -> None:
+        """Close the sockets that missed a change of their membership, room or account: its
+        event lost (dropped by a channel over its capacity, a failed publish, a publisher that
+        died after its commit), a ban or a revocation would leave the socket open on the room.
+        Every such change is audited (chat.services), its row's chain position the version its
+        event carried; a socket whose state is older missed it. One read of the changes
+        concerning this process's rooms and users a heartbeat, from where the last one ended."""
+        if not self.users:
+            # Nothing to look after: the next socket's read starts afresh (_read_state_at).
+            self._changes_checked = None
+            return
+        checked = self._changes_checked
+        if checked is None:
+            return
+        user_events = set(USER_CLOSE_REASONS)
+        if not settings.CHAT_ADMIN_REQUIRE_OTP:  # then a device removed closes nothing
+            user_events.discard(audit.Event.SECOND_FACTOR_REMOVED)
+        changes, last = await database_sync_to_async(selectors.socket_changes_after)(
+            after=checked,
+            room_ids=list(self.rooms),
+            user_ids=list(self.users),
+            room_events=sorted(MEMBERSHIP_CHANGES | ROOM_CHANGES),
+            user_events=sorted(user_events),
+            limit=CHANGES_PER_HEARTBEAT,
+        )
+        for change in changes:
+            for sock, event in self._missed(change):
+                logger.warning(
+                    "socket %s missed %s (audit %s); closing it",
+                    sock.socket_id,
+                    change.event,
+                    change.seq,
+                )
+                await sock.on_control(event)
+        # A socket that read its state meanwhile may have taken the position back.
+        now = self._changes_checked
+        if now == checked:
+            self._changes_checked = last
+        elif now is not None:
+            self._changes_checked = min(last, now)
+
+    def _missed(self, change: selectors.SocketChange) -> list[tuple[Socket, dict[str, Any]]]:
+        """The sockets here that have not had `change`, each with the event that closes it."""
+        seq = change.seq
+        code, reason = ROOM_CLOSES.get(change.event, STATE_CHANGED)
+        # As live (chat.consumers): staff powers pass over a ban or a removal.
+        spare_staff = code == CLOSE_FORBIDDEN
+        if change.event in MEMBERSHIP_CHANGES:
+            feed = self.rooms.get(change.room_id)
+            sockets = [
+                s
+                for s in (feed.sockets.values() if feed else ())
+                if s.user_id == change.user_id and s.membership_version < seq
+            ]
+        elif change.event in ROOM_CHANGES:
+            feed = self.rooms.get(change.room_id)
+            sockets = [s for s in (feed.sockets.values() if feed else ()) if s.room_version < seq]
+        else:
+            sockets = [
+                s
+                for s in self.users.get(change.user_id, ())
+                if s.state_version is not None and s.state_version < seq
+            ]
+            if change.event == audit.Event.LOGOUT:
+                # Only that login's sockets, as live; a row that does not name it (written
+                # before rows did) closes none.
+                sockets = [
+                    s for s in sockets if change.credential and s.credential == change.credential
+                ]
+            code, reason = CLOSE_UNAUTHORIZED, USER_CLOSE_REASONS[change.event]
+        return [
+            (
+                sock,
+                broadcast.revoke_event(
+                    code=code, reason=reason, user_id=sock.user_id, spare_staff=spare_staff
+                ),
+            )
+            for sock in sockets
+            if sock.state_version is not None and not sock.closing
+        ]
 
     async def _sweep_presence(self) -> None:
         """Announce the users gone from this process's rooms without a word: their sockets'

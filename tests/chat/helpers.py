@@ -7,14 +7,16 @@ from types import SimpleNamespace
 from channels.db import database_sync_to_async
 from django.conf import settings
 
+from chat import broadcast
 from chat import state as state_module
 from tests.factories import make_ticket
 from tests.ws import WAIT, Communicator, communicator, receive_until
 
 
-async def join(user, room, **kwargs) -> tuple[Communicator, dict]:
-    """Open an authenticated socket for `user` in `room` and return it with its hello."""
-    token = await database_sync_to_async(make_ticket)(user, room)
+async def join(user, room, *, credential: str = "test", **kwargs) -> tuple[Communicator, dict]:
+    """Open an authenticated socket for `user` in `room` (with a ticket of the login
+    `credential`) and return it with its hello."""
+    token = await database_sync_to_async(make_ticket)(user, room, credential=credential)
     comm = communicator(f"/ws/rooms/{room.slug}/", ticket=token, **kwargs)
     connected, _ = await comm.connect()
     assert connected
@@ -67,3 +69,15 @@ def state_clock_ahead(monkeypatch, seconds: float) -> None:
             time=lambda: time.time() + seconds, monotonic=lambda: time.monotonic() + seconds
         ),
     )
+
+
+def drop_publications(monkeypatch, *kinds: str) -> None:
+    """Hub events of `kinds` published after a commit never reach the layer, as when a channel
+    over its capacity drops them silently or a failed publish only logs."""
+    publish = broadcast.publish
+
+    def lossy(group, event):
+        if event["type"] not in kinds:
+            publish(group, event)
+
+    monkeypatch.setattr(broadcast, "publish", lossy)

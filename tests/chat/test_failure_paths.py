@@ -12,13 +12,14 @@ from django.db import DataError, OperationalError
 from django.utils import timezone
 
 from chat import broadcast, frames, selectors, services
+from chat import hub as hub_module
 from chat.hub import GAP_WAIT
 from chat.models import Message, Room
 from chat.runtime import get_runtime
 from chat.services import SendItem
 from chat.state import StateUnavailable
-from tests.chat.helpers import drain, join, receive_all, send, sync
-from tests.factories import make_ticket
+from tests.chat.helpers import drain, drop_publications, join, receive_all, send, sync
+from tests.factories import make_member, make_ticket, make_user
 from tests.wait import eventually, eventually_sync
 from tests.ws import WAIT, closed_with, communicator, receive_until
 
@@ -385,3 +386,160 @@ async def test_a_change_published_while_the_hub_leaves_and_rejoins_a_group_still
     await left
     assert (await closed_with(joining))[0] == code
     await joining.disconnect()
+
+
+# --- changes whose live event was lost -----------------------------------------------------------
+
+
+def _ban(owner, user, room) -> None:
+    services.member_ban(actor=owner, room=room, user=user)
+
+
+def _remove(owner, user, room) -> None:
+    services.member_remove(actor=owner, room=room, user=user)
+
+
+def _mute(owner, user, room) -> None:
+    until = timezone.now() + timedelta(minutes=10)
+    services.member_mute(actor=owner, room=room, user=user, until=until)
+
+
+def _change_password(owner, user, room) -> None:
+    user.set_password("a-new-password-that-is-long")
+    user.save()
+
+
+def _archive(owner, user, room) -> None:
+    services.room_archive(actor=owner, room=room)
+
+
+@pytest.mark.parametrize(
+    ("change", "lost", "closed"),
+    [
+        pytest.param(_ban, "hub.membership", (4403, "banned"), id="ban"),
+        pytest.param(_remove, "hub.membership", (4403, "removed"), id="removal"),
+        pytest.param(_change_password, "hub.revoke", (4401, "password changed"), id="password"),
+        pytest.param(_archive, "hub.revoke", (4404, "room archived"), id="archive"),
+        pytest.param(_mute, "hub.membership", (4401, "state changed"), id="mute"),
+    ],
+)
+async def test_a_change_whose_event_was_lost_closes_the_socket_at_the_heartbeat(
+    people, monkeypatch, change, lost, closed
+):
+    """A ban or a revocation reaches a socket only as an event, which the layer may lose; the
+    heartbeat finds the change in the audit trail and closes the socket as the event would
+    have (a change of state only, like a mute, 4401: the client reconnects and reads it)."""
+    alice, bob, room = people
+    b, _ = await join(bob, room)
+    drop_publications(monkeypatch, lost)
+    await sync(change)(alice, bob, room)
+    assert await b.receive_nothing(timeout=0.2)  # the live event never came
+    await get_runtime().hub.heartbeat()
+    assert await closed_with(b) == closed
+    await b.disconnect()
+
+
+async def test_a_socket_closed_for_a_lost_mute_reads_the_mute_as_it_reconnects(people, monkeypatch):
+    alice, bob, room = people
+    b, hello = await join(bob, room)
+    assert hello["muted_until"] is None
+    drop_publications(monkeypatch, "hub.membership")
+    await sync(_mute)(alice, bob, room)
+    await get_runtime().hub.heartbeat()
+    assert await closed_with(b) == (4401, "state changed")
+    await b.disconnect()
+    again, hello = await join(bob, room)
+    assert hello["muted_until"] is not None
+    await again.disconnect()
+
+
+async def _still_open(comm) -> None:
+    await send(comm, type="ping")
+    await receive_until(comm, "pong")  # a close before it fails this
+
+
+async def test_a_change_a_socket_had_live_does_not_close_it_at_the_heartbeat(people, monkeypatch):
+    """bob's mute reaches his socket; carol's is lost: the heartbeat closes hers alone."""
+    alice, bob, room = people
+    carol = await sync(make_user)("carol")
+    await sync(make_member)(room, carol)
+    b, _ = await join(bob, room)
+    c, _ = await join(carol, room)
+    await sync(_mute)(alice, bob, room)
+    assert (await receive_until(b, "membership"))["muted_until"] is not None
+    drop_publications(monkeypatch, "hub.membership")
+    await sync(_mute)(alice, carol, room)
+    await get_runtime().hub.heartbeat()
+    assert await closed_with(c) == (4401, "state changed")
+    await _still_open(b)
+    await get_runtime().hub.heartbeat()
+    await _still_open(b)
+    await b.disconnect()
+    await c.disconnect()
+
+
+async def test_a_socket_opened_after_a_lost_change_is_not_closed_for_it(people, monkeypatch):
+    alice, bob, room = people
+    older, _ = await join(bob, room)
+    drop_publications(monkeypatch, "hub.membership")
+    await sync(_mute)(alice, bob, room)
+    newer, hello = await join(bob, room)
+    assert hello["muted_until"] is not None
+    await get_runtime().hub.heartbeat()
+    assert await closed_with(older) == (4401, "state changed")
+    await _still_open(newer)
+    await older.disconnect()
+    await newer.disconnect()
+
+
+async def test_the_first_socket_here_is_not_closed_for_a_change_lost_before_it(people, monkeypatch):
+    """bob's lost mute, older than the state his socket (the process's first) read, is in his
+    hello and closes nothing; carol's, later, closes hers."""
+    alice, bob, room = people
+    carol = await sync(make_user)("carol")
+    await sync(make_member)(room, carol)
+    drop_publications(monkeypatch, "hub.membership")
+    await sync(_mute)(alice, bob, room)
+    b, _ = await join(bob, room)
+    c, _ = await join(carol, room)
+    await sync(_mute)(alice, carol, room)
+    await get_runtime().hub.heartbeat()
+    assert await closed_with(c) == (4401, "state changed")
+    await _still_open(b)
+    await b.disconnect()
+    await c.disconnect()
+
+
+async def test_a_lost_logout_closes_the_sockets_of_that_login_only(people, monkeypatch):
+    _, bob, room = people
+    ended, _ = await join(bob, room, credential="session:ended")
+    other, _ = await join(bob, room, credential="session:other")
+    drop_publications(monkeypatch, "hub.revoke")
+    await sync(services.user_logged_out)(
+        user=bob, credential="session:ended", method="session", ip=None
+    )
+    await get_runtime().hub.heartbeat()
+    assert await closed_with(ended) == (4401, "logged out")
+    await _still_open(other)
+    await ended.disconnect()
+    await other.disconnect()
+
+
+async def test_changes_beyond_a_heartbeat_s_share_are_read_at_the_next(people, monkeypatch):
+    alice, bob, room = people
+    carol = await sync(make_user)("carol")
+    await sync(make_member)(room, carol)
+    b, _ = await join(bob, room)
+    c, _ = await join(carol, room)
+    monkeypatch.setattr(hub_module, "CHANGES_PER_HEARTBEAT", 1)
+    drop_publications(monkeypatch, "hub.membership")
+    await sync(_mute)(alice, bob, room)
+    await sync(_mute)(alice, carol, room)
+    hub = get_runtime().hub
+    await hub.heartbeat()
+    assert await closed_with(b) == (4401, "state changed")
+    await _still_open(c)
+    await hub.heartbeat()
+    assert await closed_with(c) == (4401, "state changed")
+    await b.disconnect()
+    await c.disconnect()
