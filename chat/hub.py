@@ -465,7 +465,7 @@ class Hub:
                 for s in self.users.get(change.user_id, ())
                 if s.state_version is not None and s.state_version < seq
             ]
-            if change.event == audit.Event.LOGOUT:
+            if change.event in (audit.Event.LOGOUT, audit.Event.REFRESH_REUSED):
                 # Only that login's sockets, as live; a row that does not name it (written
                 # before rows did) closes none.
                 sockets = [

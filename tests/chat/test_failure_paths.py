@@ -510,16 +510,29 @@ async def test_the_first_socket_here_is_not_closed_for_a_change_lost_before_it(p
     await c.disconnect()
 
 
-async def test_a_lost_logout_closes_the_sockets_of_that_login_only(people, monkeypatch):
+def _log_out(user, credential):
+    services.user_logged_out(user=user, credential=credential, method="session", ip=None)
+
+
+def _reuse_a_refresh_token(user, credential):
+    services.refresh_token_reused(user=user, credential=credential, ip=None)
+
+
+@pytest.mark.parametrize(
+    ("end_login", "reason"),
+    [(_log_out, "logged out"), (_reuse_a_refresh_token, "login ended")],
+    ids=["logout", "refresh-reused"],
+)
+async def test_a_lost_end_of_a_login_closes_the_sockets_of_that_login_only(
+    people, monkeypatch, end_login, reason
+):
     _, bob, room = people
     ended, _ = await join(bob, room, credential="session:ended")
     other, _ = await join(bob, room, credential="session:other")
     drop_publications(monkeypatch, "hub.revoke")
-    await sync(services.user_logged_out)(
-        user=bob, credential="session:ended", method="session", ip=None
-    )
+    await sync(end_login)(bob, "session:ended")
     await get_runtime().hub.heartbeat()
-    assert await closed_with(ended) == (4401, "logged out")
+    assert await closed_with(ended) == (4401, reason)
     await _still_open(other)
     await ended.disconnect()
     await other.disconnect()
