@@ -156,6 +156,7 @@ def test_a_refresh_token_reused_after_its_rotation_ends_the_login(
         monkeypatch.setattr(services, "REFRESH_REUSE_GRACE", timedelta(0))
     make_user("alice")
     stolen = login(api).json()["refresh"]
+    login_id = f"jwt:{RefreshToken(stolen)[FAMILY_CLAIM]}"
     thief = _refresh(api, stolen).json()
 
     for _ in range(2):  # the second reuse writes no second row
@@ -164,7 +165,7 @@ def test_a_refresh_token_reused_after_its_rotation_ends_the_login(
 
     reused = SecurityEvent.objects.filter(event=SecurityEvent.Event.REFRESH_REUSED)
     assert list(reused.values_list("target_name", "details")) == (
-        [("alice", {"method": "jwt"})] if login_ended else []
+        [("alice", {"method": "jwt", "credential": login_id})] if login_ended else []
     )
     api.credentials(HTTP_AUTHORIZATION=f"Bearer {thief['access']}")
     assert api.get("/api/rooms/").status_code == (401 if login_ended else 200)
@@ -181,13 +182,14 @@ def test_logout_with_a_refresh_token_already_rotated_ends_the_login(api):
     thief's newer refresh token is refused for as long as it would have lived."""
     make_user("alice")
     stolen = login(api).json()["refresh"]
+    login_id = f"jwt:{RefreshToken(stolen)[FAMILY_CLAIM]}"
     thief = _refresh(api, stolen).json()
 
     assert api.post("/api/auth/logout/", {"refresh": stolen}, format="json").status_code == 200
     answer = _refresh(api, thief["refresh"])
     assert (answer.status_code, answer.json()["detail"]) == (401, "This login has ended.")
     logout = SecurityEvent.objects.get(event=SecurityEvent.Event.LOGOUT)
-    assert logout.details == {"method": "jwt", "rotated_token": True}
+    assert logout.details == {"method": "jwt", "rotated_token": True, "credential": login_id}
     from accounts.models import EndedLogin
 
     ended = EndedLogin.objects.get()
