@@ -111,19 +111,24 @@ def truncate_tail(chain):
     return LINKS - 1, "links were removed from the end"
 
 
+def checkpoint_with_a_guessed_key(*, seq, row_hash, created_at, rows_pruned):
+    with override_settings(CHAT_AUDIT_HMAC_KEY="a-guessed-key"):
+        signature = audit.checkpoint_signature(seq, row_hash, created_at, rows_pruned)
+    AuditCheckpoint.objects.create(
+        seq=seq,
+        row_hash=row_hash,
+        created_at=created_at,
+        rows_pruned=rows_pruned,
+        signature=signature,
+    )
+
+
 def forge_checkpoint(chain):
     # Hide the first three links behind a checkpoint signed with a guessed key.
     third = ConnectionLog.objects.get(pk=chain.connection.pk)
     SecurityEvent.objects.filter(chain_seq__lt=third.chain_seq).delete()
-    created_at = timezone.now()
-    with override_settings(CHAT_AUDIT_HMAC_KEY="a-guessed-key"):
-        signature = audit.checkpoint_signature(third.chain_seq, third.row_hash, created_at, 2)
-    AuditCheckpoint.objects.create(
-        seq=third.chain_seq,
-        row_hash=third.row_hash,
-        created_at=created_at,
-        rows_pruned=2,
-        signature=signature,
+    checkpoint_with_a_guessed_key(
+        seq=third.chain_seq, row_hash=third.row_hash, created_at=timezone.now(), rows_pruned=2
     )
     return third.chain_seq, "checkpoint signature is invalid"
 
@@ -529,15 +534,11 @@ def forge_older_checkpoint_signature(older):
 
 def forge_an_older_checkpoint(older):
     AuditCheckpoint.objects.filter(pk=older.pk).delete()
-    created_at = timezone.now() - timedelta(days=365)
-    with override_settings(CHAT_AUDIT_HMAC_KEY="a-guessed-key"):
-        signature = audit.checkpoint_signature(older.seq, older.row_hash, created_at, 1)
-    AuditCheckpoint.objects.create(
+    checkpoint_with_a_guessed_key(
         seq=older.seq,
         row_hash=older.row_hash,
-        created_at=created_at,
+        created_at=timezone.now() - timedelta(days=365),
         rows_pruned=1,
-        signature=signature,
     )
 
 

@@ -453,6 +453,15 @@ async def test_a_socket_closed_for_a_lost_mute_reads_the_mute_as_it_reconnects(p
     await again.disconnect()
 
 
+async def _bob_and_carol_in(room, bob):
+    """bob's socket and a socket of carol's, a new member, in `room`; and carol."""
+    carol = await sync(make_user)("carol")
+    await sync(make_member)(room, carol)
+    b, _ = await join(bob, room)
+    c, _ = await join(carol, room)
+    return b, c, carol
+
+
 async def _still_open(comm) -> None:
     await send(comm, type="ping")
     await receive_until(comm, "pong")  # a close before it fails this
@@ -461,10 +470,7 @@ async def _still_open(comm) -> None:
 async def test_a_change_a_socket_had_live_does_not_close_it_at_the_heartbeat(people, monkeypatch):
     """bob's mute reaches his socket; carol's is lost: the heartbeat closes hers alone."""
     alice, bob, room = people
-    carol = await sync(make_user)("carol")
-    await sync(make_member)(room, carol)
-    b, _ = await join(bob, room)
-    c, _ = await join(carol, room)
+    b, c, carol = await _bob_and_carol_in(room, bob)
     await sync(_mute)(alice, bob, room)
     assert (await receive_until(b, "membership"))["muted_until"] is not None
     drop_publications(monkeypatch, "hub.membership")
@@ -540,10 +546,7 @@ async def test_a_lost_end_of_a_login_closes_the_sockets_of_that_login_only(
 
 async def test_changes_beyond_a_heartbeat_s_share_are_read_at_the_next(people, monkeypatch):
     alice, bob, room = people
-    carol = await sync(make_user)("carol")
-    await sync(make_member)(room, carol)
-    b, _ = await join(bob, room)
-    c, _ = await join(carol, room)
+    b, c, carol = await _bob_and_carol_in(room, bob)
     monkeypatch.setattr(hub_module, "CHANGES_PER_HEARTBEAT", 1)
     drop_publications(monkeypatch, "hub.membership")
     await sync(_mute)(alice, bob, room)
