@@ -28,7 +28,7 @@ from django.conf import settings
 from chat import audit, broadcast, frames, metrics, selectors
 from chat.protocol import CLOSE_FORBIDDEN, CLOSE_TRY_AGAIN, CLOSE_UNAUTHORIZED
 from chat.runtime import cancel_and_wait
-from chat.services import ROOM_CLOSES, USER_CLOSE_REASONS
+from chat.services import ROOM_CLOSES, SOCKET_PRIVILEGES, USER_CLOSE_REASONS
 from chatproject.dbthread import database_sync_to_async
 
 if TYPE_CHECKING:
@@ -445,6 +445,10 @@ class Hub:
 
     def _missed(self, change: selectors.SocketChange) -> list[tuple[Socket, dict[str, Any]]]:
         """The sockets here that have not had `change`, each with the event that closes it."""
+        if change.event == audit.Event.PRIVILEGES_CHANGED and not (
+            SOCKET_PRIVILEGES & change.details.keys()
+        ):
+            return []  # a group or a permission: it closed nothing live
         seq = change.seq
         code, reason = ROOM_CLOSES.get(change.event, STATE_CHANGED)
         # As live (chat.consumers): staff powers pass over a ban or a removal.

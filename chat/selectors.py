@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Collection
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from operator import attrgetter
 from typing import Any
@@ -260,6 +260,7 @@ class SocketChange:
     user_id: int | None
     room_id: int | None
     credential: str = ""  # a logout's login
+    details: dict[str, Any] = field(default_factory=dict)  # its audit row's
 
 
 def socket_changes_after(
@@ -290,7 +291,7 @@ def socket_changes_after(
         .values_list("chain_seq", "event", "target_id", "room_id", "details", "change")[:limit]
     )
     changes = [
-        SocketChange(seq, event, user_id, room_id, details.get("credential", ""))
+        SocketChange(seq, event, user_id, room_id, details.get("credential", ""), details)
         for seq, event, user_id, room_id, details, matched in rows
         if matched
     ]

@@ -650,6 +650,10 @@ USER_CLOSE_REASONS = {
     audit.Event.LOGOUT: "logged out",  # that login's sockets only (details["credential"])
     audit.Event.REFRESH_REUSED: "login ended",  # likewise
 }
+# The privileges whose change closes the user's sockets (user_credentials_changed): a socket acts
+# with the flags it opened with. Groups and permissions are audited under the same event
+# (accounts.signals) and close nothing: the chat's powers rest on these flags alone.
+SOCKET_PRIVILEGES = frozenset({"is_staff", "is_superuser"})
 
 
 def user_deactivate(*, actor, user, reason: str = "") -> None:

@@ -516,6 +516,40 @@ async def test_the_first_socket_here_is_not_closed_for_a_change_lost_before_it(p
     await c.disconnect()
 
 
+def _add_to_a_group(user):
+    from django.contrib.auth.models import Group
+
+    user.groups.add(Group.objects.create(name="helpdesk"))
+
+
+def _make_staff(user):
+    user.is_staff = True
+    user.save()
+
+
+@pytest.mark.parametrize(
+    ("change", "closed"),
+    [(_add_to_a_group, None), (_make_staff, (4401, "privileges changed"))],
+    ids=["group", "staff-flag"],
+)
+async def test_only_a_lost_privilege_change_that_closes_live_closes_at_the_heartbeat(
+    people, monkeypatch, change, closed
+):
+    """Both are audited as privileges changed; a group (or a permission) closes no socket live,
+    a staff flag does (a socket acts with the flags it opened with). The heartbeat's recovery
+    must close only what the live event would have."""
+    _, bob, room = people
+    b, _ = await join(bob, room)
+    drop_publications(monkeypatch, "hub.revoke")
+    await sync(change)(bob)
+    await get_runtime().hub.heartbeat()
+    if closed is None:
+        await _still_open(b)
+    else:
+        assert await closed_with(b) == closed
+    await b.disconnect()
+
+
 def _log_out(user, credential):
     services.user_logged_out(user=user, credential=credential, method="session", ip=None)
 
