@@ -327,8 +327,9 @@ class RoomConsumer(AsyncWebsocketConsumer):
             if text_data is None:
                 raise FrameError(ERR_INVALID_FRAME, "binary frames are not supported")
             # Daphne refuses bigger frames itself (--websocket-max-message-size); this covers any
-            # other server. Characters first: each is at least one UTF-8 byte.
-            if len(text_data) > settings.CHAT_MAX_FRAME_BYTES and (
+            # other server. Characters first: each is at most four UTF-8 bytes, so a frame of
+            # no more than a quarter of the limit in characters fits without being encoded.
+            if 4 * len(text_data) > settings.CHAT_MAX_FRAME_BYTES and (
                 len(text_data.encode("utf-8", "surrogatepass")) > settings.CHAT_MAX_FRAME_BYTES
             ):
                 await self._audit_rejection(ERR_TOO_LONG)

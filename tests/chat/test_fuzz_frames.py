@@ -167,8 +167,8 @@ def _message(body_length: int, char: str) -> str:
 _EMPTY_MESSAGE = len(_message(0, "a"))
 _FRAME_LIMIT = django_settings.CHAT_MAX_FRAME_BYTES
 _LENGTH_LIMIT = django_settings.CHAT_MAX_MESSAGE_LENGTH
-# Bodies around the length limit, frames around the size limit (in characters, as the server
-# counts first), and one long JSON string.
+# Bodies around the length limit, frames around the size limit (in characters: with "é" or "💬",
+# within it in characters and over it in bytes), and one long JSON string.
 near_limits = (
     st.builds(_message, st.integers(_LENGTH_LIMIT - 2, _LENGTH_LIMIT + 2), st.sampled_from("aé💬"))
     | st.builds(
@@ -189,6 +189,12 @@ frames = weighted(
 )
 
 # --- the socket under fuzz ---------------------------------------------------------------------
+
+
+def _utf8_size(text: str) -> int:
+    """A text frame's size on the wire, which CHAT_MAX_FRAME_BYTES limits (lone surrogates, which
+    no client can send but the ASGI event can carry, as the server counts them)."""
+    return len(text.encode("utf-8", "surrogatepass"))
 
 
 def _frame_type(text: str) -> str | None:
@@ -264,7 +270,7 @@ class FuzzSocket:
     async def exchange(self, kind: str, payload: str | bytes) -> None:
         self.frames += 1
         sent = payload if kind == "text" else f"<binary {payload!r}>"
-        if kind == "text" and len(payload) > django_settings.CHAT_MAX_FRAME_BYTES:
+        if kind == "text" and _utf8_size(payload) > django_settings.CHAT_MAX_FRAME_BYTES:
             await self.settle()  # acks still owed would be lost with the socket
             await self._send(kind, payload)
             await self._expect_close(CLOSE_TOO_BIG, sent)
