@@ -464,7 +464,13 @@ async def test_oversized_frame_closes_1009(people, settings):
     settings.CHAT_MAX_FRAME_BYTES = 1024
     alice, _, room = people
     a, _ = await join(alice, room)
-    await send(a, type="message", body="é" * 600, client_id="big")  # 1,200 bytes in UTF-8
+    # 1,251 bytes in UTF-8 but 651 characters: over the limit in bytes only. Not through send(),
+    # whose json.dumps escapes each "é" as six ASCII characters: too long even counted in
+    # characters, that frame never reached the byte count.
+    body = {"type": "message", "body": "é" * 600, "client_id": "big"}
+    frame = json.dumps(body, ensure_ascii=False)
+    assert len(frame) <= 1024 < len(frame.encode())
+    await a.send_to(text_data=frame)
     assert (await closed_with(a))[0] == 1009
     await a.disconnect()
 
