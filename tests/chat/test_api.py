@@ -283,10 +283,14 @@ def test_members_add_list_update_and_remove(alice):
         as_bob.post("/api/rooms/team/members/", {"username": "carol"}, format="json").status_code
         == 201
     )
+    # Someone not in the room yet: refused for the role, not as a member already (409).
+    dave = make_user("dave")
     refused = as_bob.post(
-        "/api/rooms/team/members/", {"username": "carol", "role": "moderator"}, format="json"
+        "/api/rooms/team/members/", {"username": "dave", "role": "moderator"}, format="json"
     )
-    assert refused.status_code in (403, 409)
+    assert refused.status_code == 403, refused.json()
+    assert refused.json()["detail"] == "you may not add members with this role"
+    assert not Membership.objects.filter(user=dave).exists()
     assert as_bob.delete("/api/rooms/team/members/alice/").status_code == 403
     until = (timezone.now() + timedelta(hours=1)).isoformat()
     muted = as_bob.patch("/api/rooms/team/members/carol/", {"muted_until": until}, format="json")
