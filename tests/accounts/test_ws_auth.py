@@ -14,11 +14,14 @@ import time_machine
 from channels.db import database_sync_to_async
 from django.conf import settings
 from django.utils import timezone
+from rest_framework_simplejwt.settings import api_settings as jwt_settings
 from rest_framework_simplejwt.tokens import AccessToken
+from rest_framework_simplejwt.utils import get_md5_hash_password
 
 from accounts import services
 from accounts.middleware import TicketAuthMiddleware, chosen_subprotocol
 from accounts.models import Ticket
+from accounts.tokens import WebSocketTicket
 from chat.models import ConnectionLog
 from chat.runtime import get_runtime
 from tests.conftest import ORIGIN
@@ -535,3 +538,33 @@ def test_redemption_claims_exactly_the_tickets_the_queryset_calls_usable(
     assert (result.user == alice) is (reason is None)
     ticket.refresh_from_db()
     assert (ticket.used_ip == "127.0.0.1") is (reason is None)  # only a claim writes it
+
+
+def resigned(token: str, **claims) -> str:
+    """`token` with `claims` changed and signed again with the server's own key (what someone
+    holding the signing key could present). Its jti still names the original's row."""
+    ticket = WebSocketTicket(token)
+    for name, value in claims.items():
+        ticket[name] = value
+    return str(ticket)
+
+
+@pytest.mark.parametrize("claim", ["user", "room"])
+def test_a_re_signed_ticket_does_not_redeem_its_row_for_another_user_or_room(alice, lobby, claim):
+    """The signature is not all that binds a ticket: its row says whom and which room it was
+    issued for. A valid signature over another user (with that user's password claim) or another
+    room must not redeem alice's row for them."""
+    bob, other = make_user("bob"), make_room("other")
+    token = make_ticket(alice, lobby)
+    if claim == "user":
+        changes = {
+            jwt_settings.USER_ID_CLAIM: str(bob.pk),
+            jwt_settings.REVOKE_TOKEN_CLAIM: get_md5_hash_password(bob.password),
+        }
+    else:
+        changes = {"room": other.slug}
+    forged = resigned(token, **changes)
+    room_slug = other.slug if claim == "room" else lobby.slug
+    result = services.ticket_redeem(token=forged, room_slug=room_slug, ip="127.0.0.1")
+    assert (result.error, result.user, result.grant) == ("ticket_invalid", None, None)
+    assert Ticket.objects.get().used_at is None
