@@ -187,23 +187,32 @@ async def test_an_unused_ticket_dies_with_the_login_that_obtained_it(setup, how)
     assert await refusal(ticket) == (4401, "rejected", expected)
 
 
-async def test_a_socket_still_joining_when_its_login_ends_is_closed(setup, monkeypatch):
+@pytest.mark.parametrize(
+    ("how", "reason"), [("jwt_logout", "ticket_revoked"), ("deactivation", "user_inactive")]
+)
+async def test_a_socket_still_joining_when_its_login_ends_is_closed(
+    setup, monkeypatch, how, reason
+):
     """Revoked between the ticket's redemption and the socket's subscription to the revocation
-    broadcast: the broadcast cannot reach it, the ticket row does."""
+    broadcast: the broadcast cannot reach it, the ticket row (or the account) does."""
     from chat.hub import Hub
 
+    alice, _ = setup
     ticket, refresh = await sync(jwt_ticket)("alice")
     attach = Hub.attach
 
-    async def logout_then_attach(hub, sock, read):
-        await sync(jwt_logout)(refresh)
+    async def end_then_attach(hub, sock, read):
+        await sync(_end_login)(how, alice, Client(), refresh)
         return await attach(hub, sock, read)
 
-    monkeypatch.setattr(Hub, "attach", logout_then_attach)
+    monkeypatch.setattr(Hub, "attach", end_then_attach)
     comm = communicator("/ws/rooms/lobby/", ticket=ticket)
     assert (await comm.connect())[0]
     assert (await closed_with(comm))[0] == 4401
     await comm.disconnect()
+    await get_runtime().audit.flush()
+    log = await sync(ConnectionLog.objects.get)()
+    assert (log.outcome, log.reason) == ("rejected", reason)
 
 
 @pytest.mark.parametrize("how", ["jwt_logout", "session_logout"])
