@@ -581,6 +581,23 @@ def test_restore_action_restores_and_audits(admin_client, posted):
     assert MessageLog.objects.filter(event=MessageLog.Event.RESTORED, username="admin").count() == 1
 
 
+@pytest.mark.parametrize("who", ["author", "member"])
+def test_a_member_may_not_restore_a_message(posted, who):
+    """The service behind the admin's restore action checks its actor, as deletion does: a
+    member, the author included, may not bring back what a moderator removed."""
+    room = posted.room
+    moderator = make_user("mod")
+    make_member(room, moderator, Membership.Role.MODERATOR)
+    services.message_delete(actor=moderator, room=room, seq=posted.seq)
+    actor = posted.author if who == "author" else make_user("bob")
+    make_member(room, actor)
+    with pytest.raises(services.Forbidden, match="may not restore"):
+        services.message_restore(actor=actor, message=posted)
+    posted.refresh_from_db()
+    assert posted.deleted_at is not None
+    assert not MessageLog.objects.filter(event=MessageLog.Event.RESTORED).exists()
+
+
 def test_moderation_actions_need_the_change_permission(client, posted):
     staff = make_user("reader", is_staff=True)
     grant(staff, "view_message")
