@@ -80,6 +80,28 @@ async def test_resent_client_id_acks_the_original_and_creates_nothing(people):
     await b.disconnect()
 
 
+async def test_a_client_id_used_in_another_room_is_refused_not_acked_as_a_resend(people):
+    """A resend is matched by author and client_id, and a client_id is its author's in one room
+    only: sent to another room it is refused, never acked with the first room's seq (the client
+    would drop its new message as stored)."""
+    alice, _, room = people
+    other = await sync(make_room)("other", owner=alice)
+    a, _ = await join(alice, room)
+    o, _ = await join(alice, other)
+    await send(a, type="message", body="in the lobby", client_id="same-id")
+    assert (await receive_until(a, "ack"))["seq"] == 1
+    await send(o, type="message", body="elsewhere", client_id="same-id")
+    answer = json.loads(await o.receive_from())
+    assert (answer["type"], answer.get("code"), answer["client_id"]) == (
+        "error",
+        "invalid_frame",
+        "same-id",
+    )
+    assert await sync(Message.objects.filter(room=other).count)() == 0
+    await a.disconnect()
+    await o.disconnect()
+
+
 async def test_seq_is_gap_free_per_room(people):
     alice, _, room = people
     other = await sync(make_room)("other", owner=alice)
