@@ -87,6 +87,29 @@ def test_unmuting_an_outsider_does_not_make_them_a_member_of_a_private_room():
     assert client_for(eve).get("/api/rooms/vault/messages/").status_code == 403
 
 
+@pytest.mark.parametrize(
+    ("method", "data"),
+    [
+        ("patch", {"muted_until": (timezone.now() + timedelta(hours=1)).isoformat()}),
+        ("patch", {"banned": True}),
+        ("patch", {"role": "member"}),
+        ("delete", None),
+    ],
+    ids=["mute", "ban", "demote", "remove"],
+)
+def test_a_moderator_may_not_sanction_another_moderator(lobby, method, data):
+    """Moderators act only on lower ranks: a fellow moderator is out of their reach."""
+    room, _, mod, _ = lobby
+    peer = make_user("peer")
+    make_member(room, peer, role="moderator")
+    response = getattr(client_for(mod), method)(
+        "/api/rooms/lobby/members/peer/", data, format="json"
+    )
+    assert response.status_code == 403, response.content
+    row = Membership.objects.get(room=room, user=peer)
+    assert (row.role, row.muted_until, row.banned_at) == ("moderator", None, None)
+
+
 def test_a_refused_part_of_a_member_update_applies_nothing(lobby):
     room, _, mod, bob = lobby
     until = (timezone.now() + timedelta(hours=1)).isoformat()
