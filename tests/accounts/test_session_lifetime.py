@@ -80,6 +80,16 @@ async def test_jwt_logout_closes_the_sockets_of_that_login_only(setup):
     await second.disconnect()
 
 
+async def test_jwt_logout_revokes_the_unused_tickets_of_that_login_only(setup):
+    first_ticket, first_refresh = await sync(jwt_ticket)("alice")
+    second_ticket, _ = await sync(jwt_ticket)("alice")
+    assert (await sync(jwt_logout)(first_refresh)).status_code == 200
+    assert await refusal(first_ticket) == (4401, "rejected", "ticket_revoked")
+    # The other login's ticket, not yet used either, still opens its socket.
+    comm = await open_socket(second_ticket)
+    await comm.disconnect()
+
+
 async def test_session_logout_closes_the_sockets_of_that_session(setup):
     browser = Client()
     ticket = await sync(session_ticket)(browser)
