@@ -414,6 +414,21 @@ async def test_malformed_first_frame_is_refused_4401_and_audited(alice, lobby, f
     assert (row.outcome, row.reason, row.close_code) == ("rejected", reason, 4401)
 
 
+async def test_a_first_frame_over_8_kib_is_not_read_for_a_ticket(alice, lobby):
+    """The first frame comes before anyone is authenticated: one over 8 KiB is refused unparsed
+    (ticket_missing), a valid ticket in it included, which stays unused."""
+    token = await database_sync_to_async(make_ticket)(alice, lobby)
+    frame = json.dumps({"type": "auth", "ticket": token, "padding": "x" * 8192})
+    comm = communicator(LOBBY, transport="first_frame", ticket=None)
+    assert (await comm.connect())[0]
+    await comm.send_to(text_data=frame)
+    assert (await closed_with(comm))[0] == 4401
+    await comm.disconnect()
+    [row] = await audit_rows()
+    assert (row.outcome, row.reason) == ("rejected", "ticket_missing")
+    assert (await ticket_state(token)).used_at is None
+
+
 async def test_no_ticket_within_the_time_limit_closes_4408(alice, lobby, settings):
     settings.CHAT_AUTH_TIMEOUT = 0.2
     comm = communicator(LOBBY, transport="first_frame", ticket=None)
