@@ -405,26 +405,28 @@ async def test_no_ticket_in_first_frame_is_refused(alice, lobby):
     ids=["nested", "nested-ticket", "lone-surrogate", "non-ascii"],
 )
 async def test_malformed_first_frame_is_refused_4401_and_audited(alice, lobby, frame, reason):
+    row = await refused_first_frame(frame)
+    assert (row.outcome, row.reason, row.close_code) == ("rejected", reason, 4401)
+
+
+async def refused_first_frame(frame: str):
+    """The audit row of a socket closed 4401 for the first frame it sent, `frame`."""
     comm = communicator(LOBBY, transport="first_frame", ticket=None)
     assert (await comm.connect())[0]
     await comm.send_to(text_data=frame)
     assert (await closed_with(comm))[0] == 4401
     await comm.disconnect()
     [row] = await audit_rows()
-    assert (row.outcome, row.reason, row.close_code) == ("rejected", reason, 4401)
+    return row
 
 
 async def test_a_first_frame_over_8_kib_is_not_read_for_a_ticket(alice, lobby):
     """The first frame comes before anyone is authenticated: one over 8 KiB is refused unparsed
     (ticket_missing), a valid ticket in it included, which stays unused."""
     token = await database_sync_to_async(make_ticket)(alice, lobby)
-    frame = json.dumps({"type": "auth", "ticket": token, "padding": "x" * 8192})
-    comm = communicator(LOBBY, transport="first_frame", ticket=None)
-    assert (await comm.connect())[0]
-    await comm.send_to(text_data=frame)
-    assert (await closed_with(comm))[0] == 4401
-    await comm.disconnect()
-    [row] = await audit_rows()
+    row = await refused_first_frame(
+        json.dumps({"type": "auth", "ticket": token, "padding": "x" * 8192})
+    )
     assert (row.outcome, row.reason) == ("rejected", "ticket_missing")
     assert (await ticket_state(token)).used_at is None
 
