@@ -75,7 +75,13 @@ class TokenRefreshSerializer(jwt_serializers.TokenRefreshSerializer):
         try:
             refresh = RefreshToken(attrs["refresh"])  # signature, expiry, blacklist
         except TokenError:
-            self._end_a_reused_login(attrs["refresh"])
+            # Refused either way; one presented past the grace of a race with its rotation ends
+            # its login.
+            request = self.context.get("request")
+            chat_services.refresh_token_refused(
+                token=attrs["refresh"],
+                ip=client_ip_from_request(request) if request is not None else None,
+            )
             raise
         user = User.objects.filter(
             **{jwt_settings.USER_ID_FIELD: refresh.get(jwt_settings.USER_ID_CLAIM)}
@@ -103,23 +109,6 @@ class TokenRefreshSerializer(jwt_serializers.TokenRefreshSerializer):
         refresh.outstand()
         data["refresh"] = str(refresh)
         return data
-
-    def _end_a_reused_login(self, token: str) -> None:
-        """A refresh token refused as blacklisted, presented past the grace of a race with its
-        rotation, ends its login (chat.services.refresh_token_reused); it is refused either way."""
-        rotated = services.rotated_refresh(token)
-        if rotated is None or not rotated.reused or rotated.family is None:
-            return
-        credential = services.credential_for_jwt(rotated.family)
-        user = User.objects.filter(pk=rotated.user_id).first()
-        if user is None or services.login_has_ended(credential):
-            return  # ended already: one audit row, not one a request
-        request = self.context.get("request")
-        chat_services.refresh_token_reused(
-            user=user,
-            credential=credential,
-            ip=client_ip_from_request(request) if request is not None else None,
-        )
 
 
 class LogoutSerializer(serializers.Serializer):

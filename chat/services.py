@@ -15,7 +15,13 @@ from django.db.models import Subquery, Value
 from django.db.models.functions import Least
 from django.utils import timezone
 
-from accounts.services import login_end, tickets_revoke_for_login
+from accounts.services import (
+    credential_for_jwt,
+    login_end,
+    login_has_ended,
+    rotated_refresh,
+    tickets_revoke_for_login,
+)
 from chat import audit, broadcast, frames, permissions, sql
 from chat.models import Membership, Message, Room
 from chat.protocol import CLOSE_FORBIDDEN, CLOSE_ROOM_GONE, CLOSE_UNAUTHORIZED
@@ -772,6 +778,20 @@ def user_logged_out(
         user_sockets_close(
             user_id=user.pk, credential=credential, reason=USER_CLOSE_REASONS[audit.Event.LOGOUT]
         )
+
+
+def refresh_token_refused(*, token: str, ip: str | None) -> None:
+    """A refresh request was refused: if `token` is a genuine refresh token blacklisted more than
+    accounts.services.REFRESH_REUSE_GRACE ago (a reuse, not a race with its rotation), its login
+    ends (refresh_token_reused), once."""
+    rotated = rotated_refresh(token)
+    if rotated is None or not rotated.reused or rotated.family is None:
+        return
+    credential = credential_for_jwt(rotated.family)
+    user = User.objects.filter(pk=rotated.user_id).first()
+    if user is None or login_has_ended(credential):
+        return  # ended already: one audit row, not one a request
+    refresh_token_reused(user=user, credential=credential, ip=ip)
 
 
 def refresh_token_reused(*, user, credential: str, ip: str | None) -> None:
