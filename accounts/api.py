@@ -1,6 +1,5 @@
 """Accounts API: JWT login, refresh and logout, and WebSocket tickets."""
 
-from django.db import transaction
 from drf_spectacular.utils import OpenApiResponse, extend_schema
 from rest_framework import status
 from rest_framework.exceptions import NotFound, PermissionDenied, ValidationError
@@ -11,7 +10,6 @@ from rest_framework.views import APIView
 from rest_framework.views import exception_handler as drf_exception_handler
 from rest_framework_simplejwt import views as jwt_views
 from rest_framework_simplejwt.exceptions import InvalidToken, TokenError
-from rest_framework_simplejwt.tokens import RefreshToken
 
 from accounts import serializers, services
 from accounts.ip import client_ip_from_request
@@ -131,29 +129,12 @@ class LogoutView(APIView):
     def post(self, request):
         data = serializers.LogoutSerializer(data=request.data)
         data.is_valid(raise_exception=True)
-        token = data.validated_data["refresh"]
         try:
-            refresh = RefreshToken(token)
+            chat_services.jwt_logout(
+                token=data.validated_data["refresh"], ip=client_ip_from_request(request)
+            )
         except TokenError as error:
-            # One already rotated still ends its login: its owner, whose token a thief rotated
-            # first, must be able to end the thief's access too.
-            rotated = services.rotated_refresh(token)
-            if rotated is None or rotated.family is None:
-                raise InvalidToken(str(error)) from error
-            user, family, refresh = selectors.user_by_id(rotated.user_id), rotated.family, None
-        else:
-            user, family = selectors.user_by_id(refresh.get("user_id")), refresh.get(FAMILY_CLAIM)
-        with transaction.atomic():
-            if refresh is not None:
-                refresh.blacklist()
-            if user is not None:
-                chat_services.user_logged_out(
-                    user=user,
-                    credential=services.credential_for_jwt(family) if family else "",
-                    method="jwt",
-                    ip=client_ip_from_request(request),
-                    rotated=refresh is None,
-                )
+            raise InvalidToken(str(error)) from error
         return Response({"detail": "logged out"})
 
 

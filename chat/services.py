@@ -14,6 +14,8 @@ from django.db import IntegrityError, transaction
 from django.db.models import Subquery, Value
 from django.db.models.functions import Least
 from django.utils import timezone
+from rest_framework_simplejwt.exceptions import TokenError
+from rest_framework_simplejwt.tokens import RefreshToken
 
 from accounts.services import (
     credential_for_jwt,
@@ -22,7 +24,8 @@ from accounts.services import (
     rotated_refresh,
     tickets_revoke_for_login,
 )
-from chat import audit, broadcast, frames, permissions, sql
+from accounts.tokens import FAMILY_CLAIM
+from chat import audit, broadcast, frames, permissions, selectors, sql
 from chat.models import Membership, Message, Room
 from chat.protocol import CLOSE_FORBIDDEN, CLOSE_ROOM_GONE, CLOSE_UNAUTHORIZED
 
@@ -780,6 +783,33 @@ def user_logged_out(
         )
 
 
+def jwt_logout(*, token: str, ip: str | None) -> None:
+    """Log out with refresh token `token`: blacklist it and end its login (user_logged_out).
+    One already rotated still ends its login: its owner, whose token a thief rotated first, must
+    be able to end the thief's access too. TokenError for any other refused token."""
+    try:
+        refresh = RefreshToken(token)
+    except TokenError:
+        rotated = rotated_refresh(token)
+        if rotated is None or rotated.family is None:
+            raise
+        user_id, family, refresh = rotated.user_id, rotated.family, None
+    else:
+        user_id, family = refresh.get("user_id"), refresh.get(FAMILY_CLAIM)
+    user = selectors.user_by_id(user_id)
+    with transaction.atomic():
+        if refresh is not None:
+            refresh.blacklist()
+        if user is not None:
+            user_logged_out(
+                user=user,
+                credential=credential_for_jwt(family) if family else "",
+                method="jwt",
+                ip=ip,
+                rotated=refresh is None,
+            )
+
+
 def refresh_token_refused(*, token: str, ip: str | None) -> None:
     """A refresh request was refused: if `token` is a genuine refresh token blacklisted more than
     accounts.services.REFRESH_REUSE_GRACE ago (a reuse, not a race with its rotation), its login
@@ -788,7 +818,7 @@ def refresh_token_refused(*, token: str, ip: str | None) -> None:
     if rotated is None or not rotated.reused or rotated.family is None:
         return
     credential = credential_for_jwt(rotated.family)
-    user = User.objects.filter(pk=rotated.user_id).first()
+    user = selectors.user_by_id(rotated.user_id)
     if user is None or login_has_ended(credential):
         return  # ended already: one audit row, not one a request
     refresh_token_reused(user=user, credential=credential, ip=ip)
